@@ -1,0 +1,81 @@
+# The C-level contract of the fastgw core. Other Cython code may cimport it.
+#
+# One proxied WebSocket connection is a Relay with two Legs: the client leg
+# (fastgw is the server of the client's connection) and the backend leg
+# (fastgw is the client of the backend's connection). Each Leg is a picows
+# WSListener: picows parses frames and calls Leg.on_ws_frame through the C
+# vtable; the Leg forwards the frame to its peer Leg's transport.
+#
+# Frames that arrive in one socket read are encoded into the peer's output
+# buffer and written with one write when picows marks the last frame of the
+# read (frame.last_in_buffer); large frames are sent in place, without a copy.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
+
+
+cdef enum PauseReason:
+    PAUSE_PEER_WRITE = 1      # the peer's write buffer is over its high-water mark
+    PAUSE_PEER_NOT_READY = 2  # the peer leg is not attached yet (client before its 101)
+    PAUSE_EXTERNAL = 4        # paused from Python (policies, admin)
+
+
+cdef class Leg(WSListener):
+    cdef:
+        Relay relay
+        Leg peer
+        WSTransport transport       # None until the leg is connected
+        bint is_client               # the client's side (fastgw is its server)
+        bint masked                  # frames written to this leg are masked (backend leg)
+
+        # Output buffer: encoded frames waiting for one write to this leg.
+        char* out_data
+        Py_ssize_t out_size
+        Py_ssize_t out_cap
+
+        # Close handshake state of this leg.
+        bint close_sent              # a CLOSE frame has been written to this leg
+        bint close_recv              # a CLOSE frame has been received from this leg
+        bint gone                    # the transport is disconnected
+        uint16_t close_code_recv     # code of the CLOSE received (0: none or no code)
+
+        # Message state of what this leg receives.
+        bint in_message              # inside a fragmented message
+        uint64_t msg_bytes           # bytes of the current message so far
+
+        uint32_t pause_flags         # why this leg's reading is paused (PauseReason bits)
+        uint32_t rng                 # xorshift state for mask keys
+
+        readonly uint64_t messages   # whole data messages received from this leg
+        readonly uint64_t frames     # data frames received from this leg
+        readonly uint64_t bytes      # payload bytes received from this leg
+
+    cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef int queue_frame(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
+    cdef int flush(self) except -1
+    cdef int forward(self, WSFrame frame) except -1
+    cdef int send_gateway_close(self, int code, bytes reason) except -1
+    cdef int _after_close_sent(self) except -1
+    cdef int add_pause(self, uint32_t reason) except -1
+    cdef int remove_pause(self, uint32_t reason) except -1
+    cdef int fail(self, int code, bytes reason, bytes peer_reason) except -1
+    cdef object _end_of_read(self, WSFrame frame)
+    cdef int _on_close_frame(self, WSFrame frame) except -1
+
+
+cdef class Relay:
+    cdef:
+        readonly Leg client
+        readonly Leg backend
+        readonly bint ended
+        readonly bint aborted
+        readonly object info           # Python-side data of the connection (server.py)
+        object _on_end                 # called once, with the relay, when both legs are gone
+        object _loop
+        object _close_timer
+        double _close_timeout
+        uint64_t max_message_size
+        Py_ssize_t max_early_bytes     # bound for backend frames held before the client leg is ready
+
+    cdef int _leg_gone(self) except -1
+    cdef int _arm_close_timer(self) except -1

@@ -1,0 +1,470 @@
+# cython: language_level=3
+"""The fastgw core: the per-frame relay between a client and its backend.
+
+Everything here runs per frame or per connection. It knows picows and nothing
+else of fastgw: no asyncio, no configuration structs, no logging on the frame
+path. See _core.pxd for the layout of the objects.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy
+from libc.time cimport time as c_time
+
+from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
+
+cdef extern from "<endian.h>" nogil:
+    uint64_t htobe64(uint64_t)
+
+
+# Frames at least this large are written in place from picows' read buffer
+# (picows writes the header in front of the payload) instead of being copied
+# into the output buffer.
+cdef enum:
+    ZERO_COPY_MIN = 16384
+    # After a flush, an output buffer larger than this is given back.
+    OUT_KEEP = 65536
+    OUT_INITIAL = 4096
+    OP_CLOSE = 0x8
+    OP_PONG = 0xA
+
+# Close codes used by the gateway itself.
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_TOO_BIG = 1009
+CLOSE_BAD_GATEWAY = 1014
+
+
+cdef inline bint _valid_close_code(uint16_t code) noexcept:
+    # RFC 6455 7.4: codes that may appear on the wire.
+    if 1000 <= code <= 1003 or 1007 <= code <= 1014:
+        return True
+    return 3000 <= code <= 4999
+
+
+cdef inline void _mask_copy(char* dst, const char* src, Py_ssize_t n, uint32_t mask) noexcept nogil:
+    """Copy n bytes from src to dst, XORed with the 4-byte mask key as laid in memory."""
+    cdef uint64_t m64 = (<uint64_t>mask << 32) | <uint64_t>mask
+    cdef uint64_t v
+    cdef Py_ssize_t i = 0
+    cdef const uint8_t* key = <const uint8_t*>&mask
+    while i + 8 <= n:
+        memcpy(&v, src + i, 8)
+        v ^= m64
+        memcpy(dst + i, &v, 8)
+        i += 8
+    while i < n:
+        dst[i] = <char>(<uint8_t>src[i] ^ key[i & 3])
+        i += 1
+
+
+@cython.final
+cdef class Leg(WSListener):
+    """One side of a relayed connection; a picows listener."""
+
+    def __cinit__(self):
+        self.out_data = <char*>malloc(OUT_INITIAL)
+        if self.out_data == NULL:
+            raise MemoryError()
+        self.out_cap = OUT_INITIAL
+        self.out_size = 0
+        self.rng = <uint32_t>(<uint64_t>c_time(NULL) * 2654435761u) | 1u
+
+    def __dealloc__(self):
+        if self.out_data != NULL:
+            free(self.out_data)
+            self.out_data = NULL
+
+    # ---- output ---------------------------------------------------------
+
+    cdef int _reserve(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t need = self.out_size + extra
+        cdef Py_ssize_t cap
+        cdef char* data
+        if need <= self.out_cap:
+            return 0
+        cap = self.out_cap * 2
+        if cap < need:
+            cap = need
+        data = <char*>realloc(self.out_data, cap)
+        if data == NULL:
+            raise MemoryError()
+        self.out_data = data
+        self.out_cap = cap
+        return 0
+
+    cdef int queue_frame(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1:
+        """Encode one frame at the end of the output buffer."""
+        cdef char* p
+        cdef uint16_t len16
+        cdef uint64_t len64
+        cdef uint32_t mask
+        cdef uint8_t mask_bit = 0x80 if self.masked else 0
+        self._reserve(size + 14)
+        p = self.out_data + self.out_size
+        p[0] = <char>first_byte
+        if size < 126:
+            p[1] = <char>(mask_bit | <uint8_t>size)
+            p += 2
+        elif size < 65536:
+            p[1] = <char>(mask_bit | 126)
+            len16 = htons(<uint16_t>size)
+            memcpy(p + 2, &len16, 2)
+            p += 4
+        else:
+            p[1] = <char>(mask_bit | 127)
+            len64 = htobe64(<uint64_t>size)
+            memcpy(p + 2, &len64, 8)
+            p += 10
+        if self.masked:
+            # xorshift32: mask keys need not be secret here, only varied.
+            self.rng ^= self.rng << 13
+            self.rng ^= self.rng >> 17
+            self.rng ^= self.rng << 5
+            mask = self.rng
+            memcpy(p, &mask, 4)
+            p += 4
+            _mask_copy(p, payload, size, mask)
+        elif size:
+            memcpy(p, payload, size)
+        self.out_size = (p - self.out_data) + size
+        return 0
+
+    cdef int flush(self) except -1:
+        """Write the output buffer to this leg's transport in one write."""
+        cdef char* data
+        if self.out_size == 0 or self.transport is None:
+            return 0
+        if self.gone:
+            self.out_size = 0
+            return 0
+        self.transport._fast_write(self.out_data, self.out_size)
+        self.out_size = 0
+        if self.out_cap > OUT_KEEP:
+            data = <char*>realloc(self.out_data, OUT_INITIAL)
+            if data != NULL:
+                self.out_data = data
+                self.out_cap = OUT_INITIAL
+        return 0
+
+    cdef int forward(self, WSFrame frame) except -1:
+        """Send a data frame received from the peer leg to this leg."""
+        cdef uint8_t first_byte
+        if self.close_sent or self.gone:
+            return 0
+        if self.transport is None:
+            # Not connected yet (the client before its 101): hold the frame,
+            # and stop reading the peer once the bound is reached.
+            self.queue_frame(<uint8_t>((frame.fin << 7) | <uint8_t>frame.msg_type),
+                             frame.payload_ptr, frame.payload_size)
+            if self.out_size >= self.relay.max_early_bytes:
+                self.peer.add_pause(PAUSE_PEER_NOT_READY)
+            return 0
+        if frame.payload_size >= ZERO_COPY_MIN:
+            self.flush()
+            self.transport.send_reuse_external_buffer(
+                frame.msg_type, frame.payload_ptr, frame.payload_size, frame.fin)
+            return 0
+        first_byte = <uint8_t>((frame.fin << 7) | <uint8_t>frame.msg_type)
+        self.queue_frame(first_byte, frame.payload_ptr, frame.payload_size)
+        return 0
+
+    # ---- closing --------------------------------------------------------
+
+    cdef int send_gateway_close(self, int code, bytes reason) except -1:
+        """Write a CLOSE frame of the gateway's own to this leg."""
+        cdef char payload[125]
+        cdef uint16_t be_code
+        cdef Py_ssize_t n = 0
+        if self.close_sent or self.gone:
+            return 0
+        be_code = htons(<uint16_t>code)
+        memcpy(payload, &be_code, 2)
+        if reason is not None:
+            n = PyBytes_GET_SIZE(reason)
+            if n > 123:
+                n = 123
+            memcpy(payload + 2, PyBytes_AS_STRING(reason), n)
+        self.queue_frame(0x80 | OP_CLOSE, payload, n + 2)
+        self._after_close_sent()
+        return 0
+
+    cdef int _after_close_sent(self) except -1:
+        self.close_sent = True
+        if self.transport is None:
+            return 0
+        self.transport.is_close_frame_sent = True
+        self.flush()
+        if self.close_recv:
+            # Both CLOSE frames have crossed on this leg: the handshake is done.
+            self.transport.disconnect()
+        self.relay._arm_close_timer()
+        return 0
+
+    cdef int fail(self, int code, bytes reason, bytes peer_reason) except -1:
+        """End the connection because of what this leg sent."""
+        self.send_gateway_close(code, reason)
+        self.peer.send_gateway_close(CLOSE_GOING_AWAY, peer_reason)
+        self.peer.flush()
+        return 0
+
+    # ---- flow control ---------------------------------------------------
+
+    cdef int add_pause(self, uint32_t reason) except -1:
+        cdef uint32_t before = self.pause_flags
+        self.pause_flags |= reason
+        if before == 0 and self.transport is not None and not self.gone:
+            self.transport.underlying_transport.pause_reading()
+        return 0
+
+    cdef int remove_pause(self, uint32_t reason) except -1:
+        if self.pause_flags == 0:
+            return 0
+        self.pause_flags &= ~reason
+        if self.pause_flags == 0 and self.transport is not None and not self.gone:
+            self.transport.underlying_transport.resume_reading()
+        return 0
+
+    cpdef pause_writing(self):
+        # This leg's write buffer is over its high-water mark: stop reading the peer.
+        if self.peer is not None:
+            self.peer.add_pause(PAUSE_PEER_WRITE)
+
+    cpdef resume_writing(self):
+        if self.peer is not None:
+            self.peer.remove_pause(PAUSE_PEER_WRITE)
+
+    # ---- picows callbacks -----------------------------------------------
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        self.transport = transport
+        if self.relay is None or self.relay.aborted or self.peer is None or self.peer.gone:
+            # The other side is gone already (a dial that finished after its
+            # client left, or a client that left during the handshake).
+            self.send_gateway_close(CLOSE_GOING_AWAY, b"peer gone")
+            transport.disconnect()
+            return
+        if self.out_size:
+            # Frames the backend sent before the client's 101.
+            self.flush()
+        self.peer.remove_pause(PAUSE_PEER_NOT_READY)
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef Leg peer = self.peer
+        cdef WSMsgType op = frame.msg_type
+        cdef const char* p
+        cdef uint16_t code
+        if op == WSMsgType.TEXT or op == WSMsgType.BINARY or op == WSMsgType.CONTINUATION:
+            if frame.rsv1 or frame.rsv2 or frame.rsv3:
+                self.fail(CLOSE_PROTOCOL_ERROR, b"reserved bits set without extension",
+                          b"peer protocol error")
+            elif self.close_sent or self.close_recv:
+                pass    # nothing is relayed once a close has started on this leg
+            else:
+                if op == WSMsgType.CONTINUATION:
+                    if not self.in_message:
+                        self.fail(CLOSE_PROTOCOL_ERROR, b"continuation frame without a message",
+                                  b"peer protocol error")
+                        return self._end_of_read(frame)
+                    self.msg_bytes += <uint64_t>frame.payload_size
+                else:
+                    if self.in_message:
+                        self.fail(CLOSE_PROTOCOL_ERROR, b"new message inside a fragmented message",
+                                  b"peer protocol error")
+                        return self._end_of_read(frame)
+                    self.msg_bytes = <uint64_t>frame.payload_size
+                    self.in_message = True
+                if self.msg_bytes > self.relay.max_message_size:
+                    self.fail(CLOSE_TOO_BIG, b"message too big",
+                              b"client message too big" if self.is_client else b"backend message too big")
+                    return self._end_of_read(frame)
+                self.frames += 1
+                self.bytes += <uint64_t>frame.payload_size
+                if frame.fin:
+                    self.in_message = False
+                    self.messages += 1
+                peer.forward(frame)
+        elif op == WSMsgType.PING:
+            # Pings are answered per hop.
+            if not self.close_sent:
+                self.queue_frame(0x80 | OP_PONG, frame.payload_ptr, frame.payload_size)
+        elif op == WSMsgType.CLOSE:
+            self._on_close_frame(frame)
+        # PONG: answers to our own pings only; never relayed.
+        return self._end_of_read(frame)
+
+    cdef object _end_of_read(self, WSFrame frame):
+        if frame.last_in_buffer:
+            self.peer.flush()
+            self.flush()
+        return None
+
+    cdef int _on_close_frame(self, WSFrame frame) except -1:
+        cdef Leg peer = self.peer
+        cdef uint16_t code = 0
+        if frame.payload_size >= 2:
+            memcpy(&code, frame.payload_ptr, 2)
+            code = ntohs(code)
+            if not _valid_close_code(code):
+                self.close_recv = True
+                self.fail(CLOSE_PROTOCOL_ERROR, b"invalid close code", b"peer protocol error")
+                return 0
+        self.close_recv = True
+        self.close_code_recv = code
+        if not peer.close_sent and not peer.gone:
+            # Relay the close frame as it came: code and reason pass through.
+            peer.queue_frame(0x80 | OP_CLOSE, frame.payload_ptr, frame.payload_size)
+            peer._after_close_sent()
+        if self.close_sent:
+            if self.transport is not None:
+                self.flush()
+                self.transport.disconnect()
+        self.relay._arm_close_timer()
+        return 0
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        cdef Leg peer = self.peer
+        self.gone = True
+        self.out_size = 0
+        if peer is not None and not peer.gone:
+            if not peer.close_sent:
+                if self.is_client:
+                    peer.send_gateway_close(CLOSE_GOING_AWAY, b"client connection lost")
+                else:
+                    peer.send_gateway_close(CLOSE_BAD_GATEWAY, b"backend connection lost")
+            elif peer.transport is not None and not peer.close_recv:
+                # Waiting for the peer's answer to a close we relayed: it can no
+                # longer be relayed back, so the timer or the peer ends it.
+                pass
+            if peer.pause_flags & PAUSE_PEER_WRITE:
+                peer.remove_pause(PAUSE_PEER_WRITE)
+        if self.relay is not None:
+            self.relay._leg_gone()
+
+    # ---- introspection (Python) -----------------------------------------
+
+    def abort_transport(self):
+        """Cut this leg's connection without a close handshake."""
+        if self.transport is not None and not self.gone:
+            self.transport.underlying_transport.abort()
+
+    @property
+    def attached(self):
+        """The leg's WebSocket has been established (it may have ended since)."""
+        return self.transport is not None
+
+    @property
+    def connected(self):
+        return self.transport is not None and not self.gone
+
+    @property
+    def closing(self):
+        return self.close_sent or self.close_recv
+
+    @property
+    def paused(self):
+        return self.pause_flags != 0
+
+    @property
+    def pending_bytes(self):
+        return self.out_size
+
+
+cdef class Relay:
+    """A proxied connection: a client leg, a backend leg, and its end of life.
+
+    `on_end(relay)` is called exactly once, when both legs are gone (or when an
+    aborted relay's backend leg is gone). `info` is any Python object the
+    server wants to keep with the connection.
+    """
+
+    def __init__(self, loop, on_end, info=None, *, uint64_t max_message_size=16 * 1024 * 1024,
+                 Py_ssize_t max_early_bytes=256 * 1024, double close_timeout=5.0):
+        self.client = Leg.__new__(Leg)
+        self.backend = Leg.__new__(Leg)
+        self.client.relay = self
+        self.backend.relay = self
+        self.client.peer = self.backend
+        self.backend.peer = self.client
+        self.client.is_client = True
+        self.backend.masked = True
+        self._loop = loop
+        self._on_end = on_end
+        self.info = info
+        self.max_message_size = max_message_size
+        self.max_early_bytes = max_early_bytes
+        self._close_timeout = close_timeout
+        self._close_timer = None
+
+    cdef int _arm_close_timer(self) except -1:
+        if self._close_timer is None and not self.ended:
+            self._close_timer = self._loop.call_later(self._close_timeout, self._on_close_timeout)
+        return 0
+
+    def _on_close_timeout(self):
+        # A close handshake did not finish in time: cut both legs.
+        self._close_timer = None
+        for leg in (self.client, self.backend):
+            if leg.transport is not None and not leg.gone:
+                (<Leg>leg).transport.underlying_transport.abort()
+
+    cdef int _leg_gone(self) except -1:
+        cdef bint client_done = self.client.gone or (self.client.transport is None and self.aborted)
+        cdef bint backend_done = self.backend.gone or self.backend.transport is None
+        if self.ended or not (client_done and backend_done):
+            return 0
+        self._finish()
+        return 0
+
+    def _finish(self):
+        if self.ended:
+            return
+        self.ended = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        on_end = self._on_end
+        self._on_end = None
+        if on_end is not None:
+            on_end(self)
+
+    def close(self, int client_code=CLOSE_GOING_AWAY, reason="", int backend_code=CLOSE_GOING_AWAY):
+        """Gateway-initiated close: `client_code` to the client, 1001 to the backend."""
+        cdef bytes r = reason.encode() if isinstance(reason, str) else reason
+        self.client.send_gateway_close(client_code, r)
+        self.backend.send_gateway_close(backend_code, r)
+
+    def abort(self):
+        """The client will never be attached (failed upgrade): close the backend leg."""
+        self.aborted = True
+        if self.backend.transport is not None and not self.backend.gone:
+            self.backend.send_gateway_close(CLOSE_GOING_AWAY, b"client gone")
+            self.backend.transport.disconnect()
+        else:
+            self._leg_gone()
+
+    def pause_client(self, bint pause):
+        if pause:
+            self.client.add_pause(PAUSE_EXTERNAL)
+        else:
+            self.client.remove_pause(PAUSE_EXTERNAL)
+
+    @property
+    def messages(self):
+        """Data messages relayed: (request flow, response flow)."""
+        return (self.client.messages, self.backend.messages)
+
+    @property
+    def activity(self):
+        """A number that changes whenever a frame crosses the relay."""
+        return self.client.frames + self.backend.frames
+
+    @property
+    def bytes(self):
+        return (self.client.bytes, self.backend.bytes)

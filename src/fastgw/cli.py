@@ -1,0 +1,130 @@
+"""`fastgw run | check | demo`, `fastgw --version`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from importlib import resources
+
+from fastgw import __version__
+
+
+def _load(path: str):
+    from fastgw import config as cfgmod
+    return cfgmod.load(path)
+
+
+def cmd_check(args) -> int:
+    from fastgw.config import ConfigError
+    try:
+        config = _load(args.config)
+        from fastgw.policies import compile_config
+        compile_config(config)      # builds TLS contexts: catches unreadable keys too
+    except ConfigError as exc:
+        print(f"fastgw: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"fastgw: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK ({len(config.apis)} APIs, {len(config.listeners)} listeners)")
+    return 0
+
+
+async def _serve(config, drain_time: float) -> int:
+    from fastgw.server import Gateway
+    gw = Gateway(config)
+    loop = asyncio.get_running_loop()
+    try:
+        addresses = await gw.start()
+    except OSError as exc:
+        print(f"fastgw: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    for scheme, host, port in addresses:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"fastgw: listening on {scheme}://{shown}:{port}", file=sys.stderr, flush=True)
+    stop = loop.create_future()
+
+    def on_signal(signame):
+        if not stop.done():
+            print(f"fastgw: {signame}: draining {len(gw.live)} connections", file=sys.stderr, flush=True)
+            stop.set_result(signame)
+
+    def on_status():
+        print("fastgw: status " + json.dumps(gw.status()), file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGUSR1, on_status)
+    await stop
+    await gw.shutdown(drain_time)
+    print("fastgw: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from fastgw.config import ConfigError
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"fastgw: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="fastgw: %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fastgw.picows").setLevel(logging.ERROR)
+    drain = float(args.drain_time if args.drain_time is not None else config.drain_time)
+    import uvloop
+    try:
+        return uvloop.run(_serve(config, drain))
+    except KeyboardInterrupt:       # a second Ctrl-C during the drain
+        return 130
+
+
+def cmd_demo(args) -> int:
+    """Run the bundled echo backend and the gateway on the bundled example."""
+    example = resources.files("fastgw") / "examples" / "demo.yaml"
+    with resources.as_file(example) as path:
+        backend = subprocess.Popen([sys.executable, "-m", "fastgw.echo", "--port", "9000"],
+                                   stdout=subprocess.DEVNULL)
+        print("fastgw demo: echo backend on ws://127.0.0.1:9000 (pid %d)" % backend.pid, file=sys.stderr)
+        print("fastgw demo: try   python -m websockets ws://127.0.0.1:8080/echo", file=sys.stderr, flush=True)
+        try:
+            args.config = str(path)
+            return cmd_run(args)
+        finally:
+            backend.terminate()
+            try:
+                backend.wait(5)
+            except subprocess.TimeoutExpired:
+                backend.kill()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastgw", description="A WebSocket API gateway.")
+    p.add_argument("--version", action="version", version=f"fastgw {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("-c", "--config", required=True, help="configuration file (.yaml, .toml, .json)")
+    run.add_argument("--log-level", default=os.environ.get("FASTGW_LOG_LEVEL", "warning"),
+                     choices=["debug", "info", "warning", "error"])
+    run.add_argument("--drain-time", type=float, default=None,
+                     help="seconds given to live connections on SIGTERM/SIGINT (default: drain-time of the file)")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate a configuration file")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check)
+    demo = sub.add_parser("demo", help="run the bundled echo backend behind the gateway")
+    demo.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    demo.add_argument("--drain-time", type=float, default=None)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,492 @@
+"""Listeners, the handshake and the upgrade phase, drain.
+
+One accepted connection goes through these steps (see README, "One connection"):
+
+1. `Handshake` (an asyncio.Protocol of ours) reads the HTTP request head, with a
+   size cap (431) and a time limit (handshake timeout).
+2. The head is checked and routed; a refusal is an HTTP answer (400, 404, 405,
+   426, 431), never a 101 followed by a close.
+3. The backend is dialled (`upstream.dial`) while client bytes keep being
+   buffered (reading pauses past a cap). Failure: 502 or 504.
+4. The transport is handed to a fresh picows WSProtocol whose listener factory
+   returns the decided 101 (with the backend's subprotocol) and the client leg
+   of the Relay; the buffered bytes are fed to it. From then on frames flow
+   through the Cython core only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import socket
+import ssl
+import time
+from http import HTTPStatus
+
+from picows import WSAutoPingStrategy, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows.picows import WSProtocol
+
+from fastgw._core import Relay
+from fastgw.policies import Router, compile_config
+from fastgw.upstream import RCVBUF, UpstreamError, dial
+
+log = logging.getLogger("fastgw")
+_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("fastgw.picows"), {})
+
+# Client bytes buffered while the backend is dialled; reading pauses past this.
+EARLY_BUFFER = 64 * 1024
+
+# Headers never copied to the backend: hop-by-hop (RFC 9110 7.6.1), the
+# WebSocket handshake's own (the gateway makes its own handshake), and those
+# the gateway sets itself.
+_NOT_FORWARDED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-accept", "sec-websocket-protocol",
+    "x-forwarded-proto", "x-forwarded-host",
+})
+
+_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class Refusal(Exception):
+    """An HTTP answer instead of the upgrade."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+
+class Request:
+    """A parsed HTTP request head."""
+
+    __slots__ = ("method", "target", "version", "headers")
+
+    def __init__(self, method: str, target: str, version: str, headers: list[tuple[str, str]]):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers          # (lower-case name, value), in order
+
+    def get_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def tokens(self, name: str) -> list[str]:
+        """The comma-separated tokens of every header of that name, lower-cased."""
+        out = []
+        for value in self.get_all(name):
+            out.extend(t.strip().lower() for t in value.split(",") if t.strip())
+        return out
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse a request head (without the final CRLF CRLF). Raises Refusal(400)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
+        raise Refusal(400, "undecodable request head") from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise Refusal(400, "malformed request line")
+    method, target, version = parts
+    if not version.startswith("HTTP/1."):
+        raise Refusal(400, "unsupported HTTP version")
+    if not all(c in _TOKEN_CHARS for c in method.encode("latin-1")):
+        raise Refusal(400, "malformed method")
+    if not target.startswith("/"):
+        raise Refusal(400, "request target must be an absolute path")
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in target):
+        raise Refusal(400, "malformed request target")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name:
+            raise Refusal(400, "malformed header line")
+        if not all(c in _TOKEN_CHARS for c in name.encode("latin-1")):
+            raise Refusal(400, "malformed header name")
+        value = value.strip(" \t")
+        if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+            raise Refusal(400, "malformed header value")
+        headers.append((name.lower(), value))
+    return Request(method, target, version, headers)
+
+
+def check_upgrade(req: Request, router: Router):
+    """Validate and route an upgrade request. Returns (api, rest, offered subprotocols)."""
+    if req.method != "GET":
+        raise Refusal(405, "only GET can be upgraded to a WebSocket", [("Allow", "GET")])
+    if req.version != "HTTP/1.1":
+        raise Refusal(400, "HTTP/1.1 is required for a WebSocket upgrade")
+    hosts = req.get_all("host")
+    if len(hosts) != 1 or not hosts[0]:
+        raise Refusal(400, "exactly one Host header is required")
+    if req.get("transfer-encoding") is not None or req.get("content-length") not in (None, "0"):
+        raise Refusal(400, "an upgrade request has no body")
+    host = hosts[0]
+    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    found = router.route(req.target, hostname.strip("[]"))
+    if found is None:
+        raise Refusal(404, "no API at this path")
+    api, rest = found
+    if "websocket" not in req.tokens("upgrade") or "upgrade" not in req.tokens("connection"):
+        raise Refusal(426, "this endpoint speaks WebSocket only",
+                      [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+    if req.get_all("sec-websocket-version") != ["13"]:
+        raise Refusal(426, "unsupported Sec-WebSocket-Version", [("Sec-WebSocket-Version", "13")])
+    keys = req.get_all("sec-websocket-key")
+    try:
+        if len(keys) != 1 or len(base64.b64decode(keys[0], validate=True)) != 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise Refusal(400, "missing or malformed Sec-WebSocket-Key") from None
+    offered = []
+    for value in req.get_all("sec-websocket-protocol"):
+        offered.extend(p.strip() for p in value.split(",") if p.strip())
+    allowed = api.upgrade.subprotocols
+    if allowed is not None:
+        offered = [p for p in offered if p in allowed]
+    return api, rest, offered
+
+
+def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str]) -> list[tuple[str, str]]:
+    """The client's end-to-end headers plus X-Forwarded-*, for the backend handshake."""
+    dropped = set(_NOT_FORWARDED)
+    dropped.update(req.tokens("connection"))
+    out = []
+    xff = []
+    for name, value in req.headers:
+        if name == "x-forwarded-for":
+            xff.append(value)
+        elif name not in dropped:
+            out.append((name, value))
+    xff.append(peer_ip)
+    out.append(("X-Forwarded-For", ", ".join(xff)))
+    out.append(("X-Forwarded-Proto", "https" if secure else "http"))
+    out.append(("X-Forwarded-Host", req.get("host") or ""))
+    if offered:
+        out.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
+    return out
+
+
+def http_response(status: int, reason: str, headers: list[tuple[str, str]] = ()) -> bytes:
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {reason}\n".encode()
+    lines = [f"HTTP/1.1 {status} {phrase}"]
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    lines += ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}",
+              "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+def _feed(proto, data: bytes) -> None:
+    """Hand bytes already read to a BufferedProtocol (as a memoryview copy, see DESIGN.md)."""
+    view = memoryview(data)
+    while view:
+        buf = proto.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        proto.buffer_updated(n)
+        view = view[n:]
+
+
+class Connection:
+    """What the server keeps about one live relayed connection."""
+
+    __slots__ = ("id", "api", "peer", "started", "subprotocol", "relay", "timers")
+
+    def __init__(self, id_: int, api: str, peer: str, subprotocol: str | None):
+        self.id = id_
+        self.api = api
+        self.peer = peer
+        self.started = time.time()
+        self.subprotocol = subprotocol
+        self.relay = None
+        self.timers = []
+
+
+class Handshake(asyncio.Protocol):
+    """Reads and decides one upgrade, then hands the transport to picows."""
+
+    def __init__(self, gw: "Gateway", secure: bool):
+        self.gw = gw
+        self.secure = secure
+        self.transport = None
+        self.buf = bytearray()
+        self.state = "head"          # head -> upgrading -> done
+        self.paused = False
+        self.timer = None
+        self.task = None
+        self.peer_ip = ""
+
+    # -- asyncio.Protocol ------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            except OSError:
+                pass
+        self.gw.handshakes.add(self)
+        self.timer = self.gw.loop.call_later(self.gw.handshake_timeout, self._timed_out)
+
+    def data_received(self, data):
+        self.buf += data
+        if self.state == "head":
+            end = self.buf.find(b"\r\n\r\n")
+            limit = self.gw.max_header_size
+            if end < 0:
+                if len(self.buf) > limit:
+                    self.refuse(Refusal(431, "request header block too large"))
+                return
+            if end > limit:
+                self.refuse(Refusal(431, "request header block too large"))
+                return
+            self.state = "upgrading"
+            self.task = self.gw.loop.create_task(self._upgrade(end))
+        elif self.state == "upgrading" and not self.paused and len(self.buf) > EARLY_BUFFER:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self._stop_timer()
+        self.gw.handshakes.discard(self)
+        if self.state != "done":
+            self.state = "done"
+            if self.task is not None:
+                self.task.cancel()
+
+    # -- the upgrade -------------------------------------------------------
+    def _stop_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self):
+        self.timer = None
+        if self.state == "head":
+            self.refuse(Refusal(408, "handshake timeout"), count=True)
+
+    def refuse(self, refusal: Refusal, count: bool = True):
+        if self.state == "done":
+            return
+        self.state = "done"
+        self._stop_timer()
+        if count:
+            self.gw.count_refusal(refusal.status)
+        log.info("refused %s: %d %s", self.peer_ip, refusal.status, refusal.reason)
+        self.transport.write(http_response(refusal.status, refusal.reason, refusal.headers))
+        self.transport.close()
+
+    async def _upgrade(self, end: int):
+        gw = self.gw
+        relay = None
+        try:
+            req = parse_head(bytes(self.buf[:end]))
+            api, rest, offered = check_upgrade(req, gw.router)
+            if gw.draining:
+                raise Refusal(503, "gateway is shutting down")
+            up = api.upgrade
+            conn = Connection(gw.next_id(), api.name, self.peer_ip, None)
+            relay = Relay(gw.loop, gw._relay_ended, conn,
+                          max_message_size=up.max_message_size)
+            conn.relay = relay
+            t0 = time.monotonic()
+            try:
+                chosen = await dial(up, up.backend_url(rest),
+                                    backend_headers(req, self.peer_ip, self.secure, offered),
+                                    offered, relay.backend, max_frame_size=up.max_frame_size)
+            except UpstreamError as exc:
+                log.warning("api %s: %s -> %d: %s", api.name, up.backend_url(rest), exc.status, exc.reason)
+                relay.abort()
+                raise Refusal(exc.status, exc.reason) from None
+            if self.state != "upgrading":        # the client left during the dial
+                relay.abort()
+                return
+            conn.subprotocol = chosen
+            self._hand_over(req, end, relay, chosen, up)
+            gw.dial_seconds_total += time.monotonic() - t0
+        except Refusal as refusal:
+            self.refuse(refusal)
+        except asyncio.CancelledError:
+            if relay is not None and not relay.ended:
+                relay.abort()
+            raise
+        except Exception as exc:     # never let a bug take the loop down
+            log.exception("internal error during upgrade")
+            if relay is not None and not relay.ended:
+                relay.abort()
+            self.refuse(Refusal(500, f"internal error: {type(exc).__name__}"))
+
+    def _hand_over(self, req: Request, end: int, relay, chosen, up):
+        self.state = "done"
+        self._stop_timer()
+        self.gw.handshakes.discard(self)
+        extra = {"Sec-WebSocket-Protocol": chosen} if chosen else None
+        decided = WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra), relay.client)
+        proto = WSProtocol(
+            None, None, False, lambda _request: decided, _PICOWS_LOG,
+            True,                   # disconnect_on_exception
+            None,                   # handshake timeout: the head is already here
+            False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,
+            False,                  # enable_auto_pong: the relay answers pings itself
+            up.max_frame_size,
+            None,                   # extra headers (client side only)
+            4096,                   # initial read buffer
+        )
+        # picows re-reads a normalised head: it only has to validate the key.
+        head = (b"GET / HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+                + req.get("sec-websocket-key").encode("latin-1") + b"\r\n\r\n")
+        early = bytes(self.buf[end + 4:])
+        self.buf = bytearray()
+        transport = self.transport
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        self.gw.attach(relay)
+        _feed(proto, head + early)
+        if not relay.client.attached:
+            # picows refused the request after all: the backend leg must go too.
+            relay.abort()
+        if self.paused:
+            transport.resume_reading()
+
+
+class Gateway:
+    """Listeners and live connections of one process."""
+
+    def __init__(self, config):
+        self.config = config
+        self.router: Router = compile_config(config)
+        self.handshake_timeout = float(config.handshake_timeout)
+        self.max_header_size = int(config.max_header_size)
+        self.loop = None
+        self.servers = []
+        self.addresses = []          # (scheme, host, port)
+        self.handshakes: set[Handshake] = set()
+        self.live: dict[int, Connection] = {}
+        self.draining = False
+        self._ids = 0
+        self.accepted = 0
+        self.refused: dict[int, int] = {}
+        self.dial_seconds_total = 0.0
+        self._idle = None
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def count_refusal(self, status: int) -> None:
+        self.refused[status] = self.refused.get(status, 0) + 1
+
+    async def start(self) -> list[tuple[str, str, int]]:
+        self.loop = asyncio.get_running_loop()
+        for lc in self.config.listeners:
+            ctx = None
+            if lc.tls is not None:
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
+            secure = ctx is not None
+            server = await self.loop.create_server(
+                lambda secure=secure: Handshake(self, secure),
+                lc.host, lc.port, ssl=ctx, backlog=self.config.backlog,
+                reuse_address=True, ssl_handshake_timeout=self.handshake_timeout if ctx else None,
+            )
+            self.servers.append(server)
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                self.addresses.append(("wss" if secure else "ws", host, port))
+        return self.addresses
+
+    def attach(self, relay) -> None:
+        conn = relay.info
+        self.live[conn.id] = conn
+        self.accepted += 1
+        up = None
+        for api in self.router.apis:
+            if api.name == conn.api:
+                up = api.upgrade
+                break
+        if up is not None and up.max_lifetime:
+            conn.timers.append(self.loop.call_later(
+                up.max_lifetime, relay.close, 1001, "max lifetime reached"))
+        if up is not None and up.idle_timeout:
+            self._watch_idle(conn, up.idle_timeout, -1, time.monotonic())
+
+    def _watch_idle(self, conn: Connection, timeout: float, seen: int, since: float) -> None:
+        relay = conn.relay
+        if relay.ended:
+            return
+        now = time.monotonic()
+        activity = relay.activity
+        if activity != seen:
+            seen, since = activity, now
+        elif now - since >= timeout:
+            relay.close(1001, "idle timeout")
+            return
+        delay = max(0.05, min(timeout / 4, since + timeout - now))
+        handle = self.loop.call_later(delay, self._watch_idle, conn, timeout, seen, since)
+        conn.timers[:] = [t for t in conn.timers if not t.cancelled()] + [handle]
+
+    def _relay_ended(self, relay) -> None:
+        conn = relay.info
+        for t in conn.timers:
+            t.cancel()
+        conn.timers.clear()
+        conn.relay = None
+        self.live.pop(conn.id, None)
+        if self.draining and not self.live and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def status(self) -> dict:
+        return {
+            "active": len(self.live),
+            "handshakes": len(self.handshakes),
+            "accepted": self.accepted,
+            "refused": {str(k): v for k, v in sorted(self.refused.items())},
+            "draining": self.draining,
+        }
+
+    async def shutdown(self, drain_time: float) -> None:
+        """Stop accepting, close live connections with 1001, wait up to drain_time."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        for hs in list(self.handshakes):
+            if hs.state == "head":
+                hs.refuse(Refusal(503, "gateway is shutting down"))
+        for conn in list(self.live.values()):
+            if conn.relay is not None:
+                conn.relay.close(1001, "gateway shutting down")
+        if self.live:
+            self._idle = self.loop.create_future()
+            try:
+                await asyncio.wait_for(self._idle, drain_time)
+            except TimeoutError:
+                log.warning("drain time over: cutting %d connections", len(self.live))
+        for conn in list(self.live.values()):
+            relay = conn.relay
+            if relay is not None:
+                for leg in (relay.client, relay.backend):
+                    if leg.connected:
+                        leg.abort_transport()
+        for server in self.servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except (TimeoutError, Exception):
+                pass
