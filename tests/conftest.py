@@ -1,0 +1,176 @@
+"""Shared fixtures: uvloop for every async test, a real echo backend, and the
+gateway itself, either in this process (to look at its connection table) or as
+a `fastgw run` subprocess (for signals and memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from fastgw import config as cfgmod
+from fastgw.echo import serve as echo_serve, server_port
+from fastgw.server import Gateway
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Every async test runs on uvloop, as the gateway does."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def echo_backend():
+    """The bundled picows echo backend on a free loopback port; yields its port."""
+    server = await echo_serve("127.0.0.1", 0, subprotocols=["chat.v2", "chat.v1"])
+    yield server_port(server)
+    server.close()
+
+
+def gateway_yaml(target: str, *, path: str = "/", extra_upgrade: str = "", extra_top: str = "",
+                 listener_tls: str = "", tls_profiles: str = "", name: str = "test") -> str:
+    upgrade = "\n".join("        " + line for line in textwrap.dedent(extra_upgrade).strip().splitlines())
+    return textwrap.dedent(f"""\
+        listeners:
+          - host: 127.0.0.1
+            port: 0
+        {listener_tls}
+        {tls_profiles}
+        {extra_top}
+        apis:
+          - name: {name}
+            path: {path}
+            assembly:
+              - policy: websocket-upgrade
+                target-url: {target}
+        """) + upgrade + "\n"
+
+
+class RunningGateway:
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        scheme, host, port = gw.addresses[0]
+        self.scheme, self.host, self.port = scheme, host, port
+
+    def url(self, path: str = "/") -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
+
+    async def wait_idle(self, timeout: float = 5.0) -> None:
+        """Wait until no connection is live or being upgraded."""
+        deadline = time.monotonic() + timeout
+        while (self.gw.live or self.gw.handshakes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def gateway_factory():
+    """Start in-process gateways from YAML text; each must end with an empty table."""
+    started: list[RunningGateway] = []
+
+    async def start(yaml_text: str) -> RunningGateway:
+        config = cfgmod.loads(yaml_text, "yaml", "test.yaml")
+        gw = Gateway(config)
+        await gw.start()
+        rg = RunningGateway(gw)
+        started.append(rg)
+        return rg
+
+    yield start
+    for rg in started:
+        await rg.wait_idle()
+        live, handshakes = dict(rg.gw.live), set(rg.gw.handshakes)
+        await rg.gw.shutdown(1.0)
+        assert not live, f"connections left in the table: {live}"
+        assert not handshakes, "handshakes left open"
+
+
+@pytest.fixture
+async def gateway(gateway_factory, echo_backend):
+    """A gateway routing / to the echo backend."""
+    return await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
+
+
+class GatewayProcess:
+    def __init__(self, proc: subprocess.Popen, port: int, stderr_path: Path):
+        self.proc, self.port, self.stderr_path = proc, port, stderr_path
+
+    def url(self, path: str = "/") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def socket_count(self) -> int:
+        n = 0
+        for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{self.proc.pid}/fd/{fd}").startswith("socket:"):
+                    n += 1
+            except OSError:
+                pass
+        return n
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def status(self, timeout: float = 5.0) -> dict:
+        """Ask the process for its status line (SIGUSR1) and parse it."""
+        import json
+        before = self.stderr().count("fastgw: status ")
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = [l for l in self.stderr().splitlines() if l.startswith("fastgw: status ")]
+            if len(lines) > before:
+                return json.loads(lines[-1][len("fastgw: status "):])
+            time.sleep(0.02)
+        raise TimeoutError("no status line")
+
+
+def start_gateway_process(tmp_path: Path, yaml_text: str, *args: str) -> GatewayProcess:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml_text)
+    err = tmp_path / "gateway.stderr"
+    proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(cfg), *args],
+                            stdout=subprocess.DEVNULL, stderr=err.open("w"))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        m = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", err.read_text())
+        if m:
+            return GatewayProcess(proc, int(m.group(1)), err)
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited: {err.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"gateway did not start: {err.read_text()}")
+
+
+@pytest.fixture
+def gateway_process(tmp_path):
+    procs: list[GatewayProcess] = []
+
+    def start(yaml_text: str, *args: str) -> GatewayProcess:
+        gp = start_gateway_process(tmp_path, yaml_text, *args)
+        procs.append(gp)
+        return gp
+
+    yield start
+    for gp in procs:
+        if gp.proc.poll() is None:
+            gp.proc.send_signal(signal.SIGTERM)
+            try:
+                gp.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                gp.proc.kill()
+                gp.proc.wait()
