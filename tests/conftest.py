@@ -36,22 +36,18 @@ async def echo_backend():
 
 
 def gateway_yaml(target: str, *, path: str = "/", extra_upgrade: str = "", extra_top: str = "",
-                 listener_tls: str = "", tls_profiles: str = "", name: str = "test") -> str:
-    upgrade = "\n".join("        " + line for line in textwrap.dedent(extra_upgrade).strip().splitlines())
-    return textwrap.dedent(f"""\
-        listeners:
-          - host: 127.0.0.1
-            port: 0
-        {listener_tls}
-        {tls_profiles}
-        {extra_top}
-        apis:
-          - name: {name}
-            path: {path}
-            assembly:
-              - policy: websocket-upgrade
-                target-url: {target}
-        """) + upgrade + "\n"
+                 tls_profiles: str = "", name: str = "test") -> str:
+    """A one-API configuration; the extra_* texts are YAML lines added at that level."""
+    def indent(text: str, n: int) -> str:
+        return "".join(" " * n + line + "\n" for line in textwrap.dedent(text).strip().splitlines())
+
+    return (
+        "listeners:\n  - host: 127.0.0.1\n    port: 0\n"
+        + indent(tls_profiles, 0) + indent(extra_top, 0)
+        + f"apis:\n  - name: {name}\n    path: {path}\n    assembly:\n"
+        + f"      - policy: websocket-upgrade\n        target-url: {target}\n"
+        + indent(extra_upgrade, 8)
+    )
 
 
 class RunningGateway:
