@@ -163,7 +163,7 @@ def parse_size(value: object) -> int:
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
-    """msgspec decoding hook for the marker types; its ValueErrors get the field's $.path."""
+    """msgspec decoding hook for Duration and Size; its ValueErrors get the field's $.path."""
     if type_ is Duration:
         return Duration(parse_duration(obj))
     if type_ is Size:
