@@ -244,15 +244,19 @@ cdef class Leg(WSListener):
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
-        if self.relay is None or self.relay.aborted or self.peer is None or self.peer.gone:
-            # The other side is gone already (a dial that finished after its
-            # client left, or a client that left during the handshake).
-            self.send_gateway_close(CLOSE_GOING_AWAY, b"peer gone")
+        if self.relay is None or self.relay.aborted or self.peer is None:
+            # A dial that finished after its client had left.
+            self.send_gateway_close(CLOSE_GOING_AWAY, b"client gone")
             transport.disconnect()
             return
         if self.out_size:
-            # Frames the backend sent before the client's 101.
+            # What the backend sent before the client's 101, its close included.
             self.flush()
+        if self.close_sent:
+            transport.is_close_frame_sent = True
+            if self.close_recv:
+                transport.disconnect()
+            self.relay._arm_close_timer()
         self.peer.remove_pause(PAUSE_PEER_NOT_READY)
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):

@@ -133,3 +133,19 @@ async def test_drain_time_cuts_connections_that_do_not_close(gateway_process, ec
     assert "Traceback" not in gp.stderr()
     assert await asyncio.wait_for(reader.read(), 2) == b""     # the gateway cut the connection
     writer.close()
+
+
+async def test_backend_that_speaks_and_closes_at_once(gateway_factory):
+    async def quick(conn):
+        await conn.send("first and last")
+        await conn.close(4000, "quick")
+
+    async with ws_serve(quick, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{port}/"))
+        for _ in range(20):
+            async with websockets.connect(gw.url("/")) as ws:
+                assert await asyncio.wait_for(ws.recv(), 5) == "first and last"
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert (ws.close_code, ws.close_reason) == (4000, "quick")

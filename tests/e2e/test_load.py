@@ -8,6 +8,7 @@ import os
 import struct
 import time
 
+import pytest
 import websockets
 from websockets.asyncio.server import serve as ws_serve
 
@@ -103,3 +104,50 @@ async def test_thousand_connections_hundred_messages_each(gateway_process, echo_
     assert status["accepted"] == n_conn
     assert status["active"] == 0 and status["handshakes"] == 0
     assert gp.socket_count() == listening, "the gateway still holds sockets"
+
+
+async def test_backend_that_stops_reading_holds_the_client_back(gateway_process):
+    """Backpressure in the request flow: a client flooding a backend that reads slowly."""
+    received = []
+    go = asyncio.Event()
+
+    async def slow_reader(conn):
+        await go.wait()                      # read nothing for a while
+        async for msg in conn:
+            received.append(struct.unpack("!Q", msg[:8])[0])
+            if len(received) == TOTAL_REQ // CHUNK:
+                await conn.close(1000, "got all")
+
+    async with ws_serve(slow_reader, "127.0.0.1", 0, max_size=None, max_queue=4) as server:
+        port = server.sockets[0].getsockname()[1]
+        gp = gateway_process(gateway_yaml(f"ws://127.0.0.1:{port}/"))
+        async with websockets.connect(gp.url("/"), max_size=None, compression=None,
+                                      write_limit=256 * 1024) as ws:
+            idle = gp.rss_kib()
+            block = bytes(CHUNK - 8)
+            sent = 0
+
+            async def sender():
+                nonlocal sent
+                for i in range(TOTAL_REQ // CHUNK):
+                    await ws.send(struct.pack("!Q", i) + block)
+                    sent += 1
+
+            task = asyncio.create_task(sender())
+            peak = idle
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                peak = max(peak, gp.rss_kib())
+            stalled_at = sent
+            assert stalled_at < TOTAL_REQ // CHUNK, "the client was never held back"
+            go.set()
+            await asyncio.wait_for(task, 60)
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 30)
+            peak = max(peak, gp.rss_kib())
+        assert ws.close_code == 1000
+        assert received == list(range(TOTAL_REQ // CHUNK))
+        assert peak - idle < 64 * 1024, f"gateway RSS grew by {(peak - idle) / 1024:.1f} MiB"
+
+
+TOTAL_REQ = 64 * 1024 * 1024
