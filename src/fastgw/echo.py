@@ -155,20 +155,31 @@ class EchoListener(WSListener):  # type: ignore[misc]
     # -- frames ---------------------------------------------------------------------------
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         # Must never raise: picows would answer with close 1011 and log a traceback.
+        # The data path is written out inline: a function call costs ~0.15 µs here.
         try:
-            if self.closing:
-                return
             mt = frame.msg_type
-            if mt == _BINARY or mt == _TEXT or mt == _CONT:
+            if mt <= _BINARY and not self.closing:  # CONTINUATION, TEXT, BINARY
                 n = frame.payload_size
+                byte0 = (mt | _FIN) if frame.fin else mt
                 out = self.out
-                out += _header((_FIN | mt) if frame.fin else mt, n)
-                if n:
+                if n < 126:
+                    out += _HDR_SMALL[(byte0 << 7) | n]
+                    out += frame.get_payload_as_bytes()
+                else:
+                    out += _HDR16.pack(byte0, 126, n) if n < 65536 else _HDR64.pack(byte0, 127, n)
                     if n > _MV_THRESHOLD:
                         out += frame.get_payload_as_memoryview()
                     else:
                         out += frame.get_payload_as_bytes()
-            elif mt == _PING:
+                if frame.last_in_buffer:
+                    # Hand the buffer over and start a new one: uvloop keeps a memoryview of
+                    # what it could not send at once, so the old buffer must not be reused.
+                    self.out = bytearray()
+                    self.write(out)
+                return
+            if self.closing:
+                return
+            if mt == _PING:
                 payload = frame.get_payload_as_bytes()
                 self.out += _header(_FIN | _PONG, len(payload))
                 self.out += payload
@@ -185,9 +196,7 @@ class EchoListener(WSListener):  # type: ignore[misc]
     def _flush(self) -> None:
         out = self.out
         if out:
-            # Hand the buffer over and start a new one: uvloop keeps a memoryview of what it
-            # could not send at once, so the old buffer must not be reused.
-            self.out = bytearray()
+            self.out = bytearray()  # see on_ws_frame
             self.write(out)
 
     def _on_close(self, frame: WSFrame) -> None:
@@ -332,10 +341,11 @@ async def _run(args: argparse.Namespace) -> None:
     await stop.wait()
     server.close()
     close_connections(server)
-    try:
-        await asyncio.wait_for(server.wait_closed(), 2.0)
-    except (asyncio.TimeoutError, Exception):
-        pass
+    # uvloop's wait_closed() does not wait for live connections: give their CLOSE frames a
+    # moment to go out and the peers a moment to hang up.
+    deadline = loop.time() + 2.0
+    while live_listeners(server) and loop.time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
