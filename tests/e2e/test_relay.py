@@ -145,3 +145,19 @@ async def test_no_compression_negotiated(gateway):
         assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
         await ws.send("plain")
         assert await ws.recv() == "plain"
+
+
+async def test_picows_client_pipelined_through_gateway(gateway):
+    """picows (the benchmark's load generator) as the client: every byte checked."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "bench" / "loadgen.py"
+    spec = importlib.util.spec_from_file_location("fastgw_bench_loadgen_e2e", path)
+    loadgen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loadgen)
+    for size in (64, 70_000):
+        res = await loadgen.run_throughput(gateway.url("/"), connections=4, inflight=16, size=size,
+                                           duration=0.5, warmup=0.1, verify="full")
+        assert res["ok"], res
+        assert res["sent_total"] == res["received_total"] > 0
+        assert res["lost"] == res["out_of_order"] == res["bad_payload"] == 0
