@@ -331,6 +331,8 @@ class Handshake(asyncio.Protocol):
             log.exception("internal error during upgrade")
             if relay is not None and not relay.ended:
                 relay.abort()
+            if self.state == "done":        # already handed over: no HTTP answer possible
+                self.transport.abort()
             self.refuse(Refusal(500, f"internal error: {type(exc).__name__}"))
 
     def _hand_over(self, req: Request, end: int, relay, chosen, up):
@@ -358,7 +360,7 @@ class Handshake(asyncio.Protocol):
         transport = self.transport
         transport.set_protocol(proto)
         proto.connection_made(transport)
-        self.gw.attach(relay)
+        self.gw.attach(relay, up)
         _feed(proto, head + early)
         if not relay.client.attached:
             # picows refused the request after all: the backend leg must go too.
@@ -413,19 +415,15 @@ class Gateway:
                 self.addresses.append(("wss" if secure else "ws", host, port))
         return self.addresses
 
-    def attach(self, relay) -> None:
+    def attach(self, relay, up) -> None:
+        """A relay whose client is about to get its 101 joins the live table."""
         conn = relay.info
         self.live[conn.id] = conn
         self.accepted += 1
-        up = None
-        for api in self.router.apis:
-            if api.name == conn.api:
-                up = api.upgrade
-                break
-        if up is not None and up.max_lifetime:
+        if up.max_lifetime:
             conn.timers.append(self.loop.call_later(
                 up.max_lifetime, relay.close, 1001, "max lifetime reached"))
-        if up is not None and up.idle_timeout:
+        if up.idle_timeout:
             self._watch_idle(conn, up.idle_timeout, -1, time.monotonic())
 
     def _watch_idle(self, conn: Connection, timeout: float, seen: int, since: float) -> None:
