@@ -202,7 +202,7 @@ def _feed(proto, data: bytes) -> None:
 class Connection:
     """What the server keeps about one live relayed connection."""
 
-    __slots__ = ("id", "api", "peer", "started", "subprotocol", "relay", "timers")
+    __slots__ = ("id", "api", "peer", "started", "subprotocol", "relay", "lifetime_timer", "idle_timer")
 
     def __init__(self, id_: int, api: str, peer: str, subprotocol: str | None):
         self.id = id_
@@ -211,7 +211,14 @@ class Connection:
         self.started = time.time()
         self.subprotocol = subprotocol
         self.relay = None
-        self.timers = []
+        self.lifetime_timer = None
+        self.idle_timer = None
+
+    def cancel_timers(self) -> None:
+        for t in (self.lifetime_timer, self.idle_timer):
+            if t is not None:
+                t.cancel()
+        self.lifetime_timer = self.idle_timer = None
 
 
 class Handshake(asyncio.Protocol):
@@ -421,8 +428,8 @@ class Gateway:
         self.live[conn.id] = conn
         self.accepted += 1
         if up.max_lifetime:
-            conn.timers.append(self.loop.call_later(
-                up.max_lifetime, relay.close, 1001, "max lifetime reached"))
+            conn.lifetime_timer = self.loop.call_later(
+                up.max_lifetime, relay.close, 1001, "max lifetime reached")
         if up.idle_timeout:
             self._watch_idle(conn, up.idle_timeout, -1, time.monotonic())
 
@@ -438,14 +445,11 @@ class Gateway:
             relay.close(1001, "idle timeout")
             return
         delay = max(0.05, min(timeout / 4, since + timeout - now))
-        handle = self.loop.call_later(delay, self._watch_idle, conn, timeout, seen, since)
-        conn.timers[:] = [t for t in conn.timers if not t.cancelled()] + [handle]
+        conn.idle_timer = self.loop.call_later(delay, self._watch_idle, conn, timeout, seen, since)
 
     def _relay_ended(self, relay) -> None:
         conn = relay.info
-        for t in conn.timers:
-            t.cancel()
-        conn.timers.clear()
+        conn.cancel_timers()
         conn.relay = None
         self.live.pop(conn.id, None)
         if self.draining and not self.live and self._idle is not None and not self._idle.done():
