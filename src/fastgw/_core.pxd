@@ -13,6 +13,8 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
 
+include "limits_decl.pxi"
+
 
 cdef enum PauseReason:
     PAUSE_PEER_WRITE = 1      # the peer's write buffer is over its high-water mark

@@ -34,6 +34,8 @@ cdef enum:
     OP_CLOSE = 0x8
     OP_PONG = 0xA
 
+include "limits.pxi"
+
 # Close codes used by the gateway itself.
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
