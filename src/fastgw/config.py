@@ -16,42 +16,78 @@ Decoding happens in three steps:
    path too;
 3. checks that span several fields (references between sections, uniqueness, order of
    policies, target URLs, files on disk) run on the decoded Structs, and file paths are
-   resolved to absolute ones.
+   resolved to absolute ones;
+4. the ``clients-file``, if any, is read and checked the same way (its errors name that file)
+   and its clients are appended to ``Config.clients``.
 
 Key names in files are kebab-case (``tls-profiles``, ``target-url``); attributes are snake_case.
 This module imports nothing else from fastgw.
+
+Value types of their own (decoded by ``_dec_hook``, so that their errors carry the ``$.path``):
+:class:`Duration`, :class:`Size`, :class:`Rate` ("100/1s"), :class:`ByteRate` ("1MiB/1s") and
+:class:`PerPlan` (one value, or a mapping ``{default: ..., gold: ...}`` of values per plan).
+
+Policies are msgspec Structs tagged on the key ``policy``. Each belongs to one phase:
+``PRE_UPGRADE_POLICY_TYPES`` run in the assembly before the ``websocket-upgrade``,
+``MESSAGE_POLICY_TYPES`` run per message in ``websocket-upgrade.request`` / ``.response``. Every
+policy list decodes the union of all of them, so that a policy in the wrong place gets a message
+saying where it belongs rather than "invalid tag".
 """
 
+import ipaddress
 import json
 import math
 import os
 import re
 import tomllib
-from collections.abc import Callable
-from typing import Annotated, Any, Union
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
 __all__ = [
+    "DEFAULT_PLAN",
+    "IDENTITY_POLICY_TYPES",
+    "MESSAGE_POLICY_TYPES",
     "POLICY_TYPES",
+    "PRE_UPGRADE_POLICY_TYPES",
     "Api",
+    "ApiKey",
+    "ByteRate",
+    "Client",
     "Config",
     "ConfigError",
+    "CountLimit",
     "Duration",
+    "Jwt",
+    "Limits",
     "Listener",
     "ListenerTls",
+    "MessageRateLimit",
+    "MessageSizeLimit",
+    "PerPlan",
     "Policy",
+    "Rate",
+    "RateLimit",
+    "ResolvedClient",
     "Size",
     "Target",
     "TlsProfile",
     "WebsocketUpgrade",
+    "clients_of",
+    "enc_hook",
     "load",
     "loads",
+    "parse_byte_rate",
     "parse_duration",
+    "parse_rate",
     "parse_size",
     "parse_target",
+    "policy_tag",
 ]
 
 
@@ -96,6 +132,10 @@ class Size(int):
     An int subclass, so that msgspec hands these fields to ``_dec_hook``; use the values as
     ints. (msgspec's encoders need ``enc_hook=int`` for them.)
     """
+
+
+class _PositiveSize(Size):
+    """A Size of at least 1 byte (decoded to a plain Size)."""
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -162,13 +202,284 @@ def parse_size(value: object) -> int:
     return size
 
 
-def _dec_hook(type_: type, obj: Any) -> Any:
-    """msgspec decoding hook for Duration and Size; its ValueErrors get the field's $.path."""
+# --------------------------------------------------------------------------------------------
+# Rates
+# --------------------------------------------------------------------------------------------
+
+_NUMBER_RE = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+class _Frozen:
+    """Immutable value object: attributes are set once, in __init__, with object.__setattr__."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+class Rate(_Frozen):
+    """``count`` events per ``period`` seconds. In a file: "100/1s", "5/s", "10/250ms", "1000/1m".
+
+    ``count`` (> 0) is also the default burst of the limits that take a Rate.
+    """
+
+    __slots__ = ("count", "period")
+    count: float
+    period: float
+
+    def __init__(self, count: float, period: float) -> None:
+        object.__setattr__(self, "count", float(count))
+        object.__setattr__(self, "period", float(period))
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.period
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        other_values = (other.count, other.period)  # type: ignore[attr-defined]
+        return (self.count, self.period) == other_values
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.count, self.period))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.count!r}, {self.period!r})"
+
+    def __str__(self) -> str:
+        """The form of a file, which parse_rate reads back: "100/1s"."""
+        return f"{_format_number(self.count)}/{_format_number(self.period)}s"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.count, self.period))
+
+
+class ByteRate(_Frozen):
+    """``size`` bytes per ``period`` seconds. In a file: "1MiB/1s", "64KiB/100ms", "1000/s".
+
+    ``size`` (> 0) is also the default byte burst.
+    """
+
+    __slots__ = ("size", "period")
+    size: int
+    period: float
+
+    def __init__(self, size: int, period: float) -> None:
+        object.__setattr__(self, "size", int(size))
+        object.__setattr__(self, "period", float(period))
+
+    @property
+    def per_second(self) -> float:
+        return self.size / self.period
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        other_values = (other.size, other.period)  # type: ignore[attr-defined]
+        return (self.size, self.period) == other_values
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.size, self.period))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.size!r}, {self.period!r})"
+
+    def __str__(self) -> str:
+        """The form of a file, which parse_byte_rate reads back: "1048576/1s"."""
+        return f"{self.size}/{_format_number(self.period)}s"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.size, self.period))
+
+
+def _parse_period(text: str) -> float | None:
+    """ "1s", "250ms", "2m", "1h", "10" (seconds) or a bare unit "s" -> seconds > 0, else None."""
+    text = text.strip()
+    if text in _DURATION_UNITS:
+        return _DURATION_UNITS[text]
+    try:
+        period = parse_duration(text)
+    except ValueError:
+        return None
+    return period if period > 0 else None
+
+
+def _split_rate(value: object) -> tuple[str, float] | None:
+    if not isinstance(value, str) or value.count("/") != 1:
+        return None
+    amount, _, period_text = value.partition("/")
+    period = _parse_period(period_text)
+    return None if period is None else (amount.strip(), period)
+
+
+def parse_rate(value: object) -> Rate:
+    """Parse "count/period" ("100/1s", "5/s", "0.5/1m"); raise ValueError if it is bad."""
+    if parts := _split_rate(value):
+        amount, period = parts
+        if _NUMBER_RE.fullmatch(amount):
+            count = float(amount)
+            if count > 0 and math.isfinite(count):
+                return Rate(count, period)
+    raise ValueError(f"Invalid rate {value!r} (use count/period, e.g. 100/1s)")
+
+
+def parse_byte_rate(value: object) -> ByteRate:
+    """Parse "size/period" ("1MiB/1s", "512KiB/250ms"); raise ValueError if it is bad."""
+    if parts := _split_rate(value):
+        amount, period = parts
+        try:
+            size = parse_size(amount)
+        except ValueError:
+            size = 0
+        if size > 0:
+            return ByteRate(size, period)
+    raise ValueError(f"Invalid byte rate {value!r} (use size/period, e.g. 1MiB/1s)")
+
+
+# --------------------------------------------------------------------------------------------
+# Values per plan
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_PLAN = "default"
+"""The plan every configuration has; clients without a plan are on it."""
+
+_T = TypeVar("_T")
+
+
+class PerPlan(_Frozen, Generic[_T]):
+    """A value that may differ per plan. In a file either one value (for every plan) or a
+    mapping ``{default: 5, gold: 50}``, which must have a "default" entry.
+
+    ``values`` is a read-only mapping plan -> value that always holds "default";
+    ``for_plan(plan)`` gives the plan's value, or the default one for a plan not listed.
+    """
+
+    __slots__ = ("values",)
+    values: Mapping[str, _T]
+
+    def __init__(self, values: "Mapping[str, _T] | _T") -> None:
+        if not isinstance(values, Mapping):
+            values = {DEFAULT_PLAN: values}
+        if DEFAULT_PLAN not in values:
+            raise ValueError(f"PerPlan values need a {DEFAULT_PLAN!r} entry")
+        object.__setattr__(self, "values", types.MappingProxyType(dict(values)))
+
+    def for_plan(self, plan: str) -> _T:
+        return self.values.get(plan, self.values[DEFAULT_PLAN])
+
+    @property
+    def default(self) -> _T:
+        return self.values[DEFAULT_PLAN]
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when only the default value is given (the same for every plan)."""
+        return len(self.values) == 1
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PerPlan):
+            return NotImplemented
+        return dict(self.values) == dict(other.values)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.values.items()))
+
+    def __repr__(self) -> str:
+        return f"PerPlan({dict(self.values)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PerPlan, (dict(self.values),))
+
+
+class _SubPathError(ValueError):
+    """Raised by _dec_hook for a problem below the field msgspec knows of (a plan's entry).
+
+    msgspec keeps it as the __cause__ of its ValidationError; _split_validation_error adds
+    ``segments`` to the field's path. "{field}" in the message becomes the field's name.
+    """
+
+    def __init__(self, message: str, segments: tuple[str | int, ...], in_key: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.segments = segments
+        self.in_key = in_key
+
+
+def _convert_below(value: Any, value_type: Any, segments: "_Segments") -> Any:
+    """Convert a value found at ``segments`` below the field _dec_hook was called for."""
+    try:
+        return _convert(value, value_type)
+    except msgspec.ValidationError as exc:
+        problem = _split_validation_error(exc)
+        raise _SubPathError(
+            problem.message, (*segments, *problem.segments), problem.in_key
+        ) from None
+
+
+def _decode_per_plan(value_type: Any, obj: Any) -> PerPlan[Any]:
+    if not isinstance(obj, dict):
+        return PerPlan({DEFAULT_PLAN: _convert_below(obj, value_type, ())})
+    values = {}
+    for plan, value in obj.items():
+        if not isinstance(plan, str):
+            got = "null" if plan is None else type(plan).__name__
+            raise _SubPathError(f"Expected `str`, got `{got}`", (), in_key=True)
+        values[plan] = _convert_below(value, value_type, (plan,))
+    if DEFAULT_PLAN not in values:
+        given = ", ".join(values) or "none"
+        raise _SubPathError(
+            f"{{field}} needs a {DEFAULT_PLAN!r} entry when given per plan (plans given: {given})",
+            (),
+        )
+    return PerPlan(values)
+
+
+def _dec_hook(type_: Any, obj: Any) -> Any:
+    """msgspec decoding hook for our value types; its ValueErrors get the field's $.path."""
     if type_ is Duration:
         return Duration(parse_duration(obj))
     if type_ is Size:
         return Size(parse_size(obj))
+    if type_ is _PositiveSize:
+        size = parse_size(obj)
+        if size < 1:
+            raise ValueError(f"Invalid size {obj!r} (must be at least 1 byte)")
+        return _PositiveSize(size)
+    if type_ is Rate:
+        return parse_rate(obj)
+    if type_ is ByteRate:
+        return parse_byte_rate(obj)
+    if typing.get_origin(type_) is PerPlan:
+        (value_type,) = typing.get_args(type_)
+        return _decode_per_plan(value_type, obj)
     raise NotImplementedError(f"Objects of type {type_!r} are not supported")
+
+
+def enc_hook(obj: Any) -> Any:
+    """msgspec encoding hook for our value types (``msgspec.to_builtins(config,
+    enc_hook=enc_hook)``); what it gives decodes back to equal values."""
+    if isinstance(obj, Duration):
+        return float(obj)
+    if isinstance(obj, Size):
+        return int(obj)
+    if isinstance(obj, (Rate, ByteRate)):
+        return str(obj)
+    if isinstance(obj, PerPlan):
+        return {plan: enc_hook(value) for plan, value in obj.values.items()}
+    if isinstance(obj, frozenset):
+        return sorted(obj)
+    if isinstance(obj, (int, float, str)):
+        return obj
+    raise NotImplementedError(f"Objects of type {type(obj)!r} are not supported")
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +529,131 @@ class TlsProfile(_Base, kw_only=True):
     key: NonEmptyStr | None = None
 
 
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+LimitKey = Literal["client-ip", "client-id", "api", "global"]
+"""What a count-limit or rate-limit counts by: the client's address (after trusted-proxies),
+its identity (from an api-key or jwt policy before it), the API, or the whole gateway."""
+
+
+# ---- Policies before the upgrade ----
+
+
+class ApiKey(_Base, kw_only=True, tag_field="policy", tag="api-key"):
+    """Identify the client by an API key (see ``Config.clients``); 401 without a known key."""
+
+    header: NonEmptyStr | None = "X-API-Key"
+    """Request header holding the key (None: only the query parameter)."""
+    query: NonEmptyStr | None = None
+    """Query parameter holding the key (browsers cannot set headers on a WebSocket)."""
+
+
+JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
+
+
+class Jwt(_Base, kw_only=True, tag_field="policy", tag="jwt"):
+    """Identify the client by a JWT: ``Authorization: Bearer`` or the ``query`` parameter.
+
+    Exactly one key source: ``secret-env`` or ``secret-file`` (HS256), ``public-key`` (a PEM
+    file) or ``jwks-file`` (RS256, ES256). Files are absolute paths after loading.
+    """
+
+    algorithms: Annotated[list[JwtAlgorithm], msgspec.Meta(min_length=1)]
+    secret_env: NonEmptyStr | None = None
+    """Name of an environment variable holding the HS256 secret (checked to be set)."""
+    secret_file: NonEmptyStr | None = None
+    public_key: NonEmptyStr | None = None
+    jwks_file: NonEmptyStr | None = None
+    issuer: NonEmptyStr | None = None
+    """When given, the ``iss`` claim must equal it."""
+    audience: NonEmptyStr | None = None
+    """When given, the ``aud`` claim (string or list) must contain it."""
+    client_id_claim: NonEmptyStr = "sub"
+    plan_claim: NonEmptyStr | None = None
+    """Claim holding the client's plan name (absent claim: the default plan)."""
+    required_scopes: list[NonEmptyStr] | None = None
+    """The space-separated ``scope`` claim must hold all of these, else 403."""
+    query: NonEmptyStr | None = None
+    """Query parameter that may carry the token (besides ``Authorization: Bearer``)."""
+    leeway: Duration = Duration(0.0)
+    """Allowed clock skew for exp/nbf/iat."""
+    close_on_expiry: bool = False
+    """Close the connection with 1008 when the token expires."""
+
+    def read_secret(self) -> bytes:
+        """The HS256 secret: the environment variable's value (UTF-8), or the file's bytes
+        without trailing CR/LF. Raises KeyError/OSError when it has gone since loading."""
+        if self.secret_env is not None:
+            return os.environ[self.secret_env].encode()
+        if self.secret_file is not None:
+            with open(self.secret_file, "rb") as file:
+                return file.read().rstrip(b"\r\n")
+        raise ValueError("this jwt policy has no secret (it uses public-key or jwks-file)")
+
+
+class CountLimit(_Base, kw_only=True, tag_field="policy", tag="count-limit"):
+    """At most ``max`` live connections per ``key``; over it the upgrade gets 429."""
+
+    key: LimitKey
+    max: PerPlan[PositiveInt]
+
+
+class RateLimit(_Base, kw_only=True, tag_field="policy", tag="rate-limit"):
+    """At most ``rate`` upgrade attempts per ``key`` (token bucket); over it: 429 + Retry-After."""
+
+    key: LimitKey
+    rate: PerPlan[Rate]
+    burst: PerPlan[PositiveInt] | None = None
+    """Bucket capacity; None: the count of ``rate`` (see burst_for)."""
+
+    def burst_for(self, plan: str) -> float:
+        """The bucket capacity for ``plan``: ``burst``, else the count of the plan's rate
+        (at least 1)."""
+        if self.burst is not None:
+            return float(self.burst.for_plan(plan))
+        return max(1.0, self.rate.for_plan(plan).count)
+
+
+# ---- Policies per message (in websocket-upgrade.request / .response) ----
+
+
+class MessageRateLimit(_Base, kw_only=True, tag_field="policy", tag="message-rate-limit"):
+    """Token buckets on messages and/or bytes of one flow, per connection, client or API."""
+
+    messages: PerPlan[Rate] | None = None
+    bytes: PerPlan[ByteRate] | None = None
+    burst: PerPlan[PositiveInt] | None = None
+    """Capacity of the message bucket; None: the count of ``messages`` (see burst_for)."""
+    byte_burst: PerPlan[_PositiveSize] | None = None
+    """Capacity of the byte bucket; None: the size of ``bytes`` (see byte_burst_for)."""
+    scope: Literal["connection", "client", "api"] = "connection"
+    action: Literal["reject", "delay", "drop"] = "reject"
+    """reject: close 1008; delay: stop reading until tokens return; drop: discard, count."""
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "message-rate-limit"
+    """Label in close reasons and metrics."""
+
+    def burst_for(self, plan: str) -> float | None:
+        """Message bucket capacity for ``plan`` (None when ``messages`` is not set)."""
+        if self.messages is None:
+            return None
+        if self.burst is not None:
+            return float(self.burst.for_plan(plan))
+        return max(1.0, self.messages.for_plan(plan).count)
+
+    def byte_burst_for(self, plan: str) -> int | None:
+        """Byte bucket capacity for ``plan`` (None when ``bytes`` is not set)."""
+        if self.bytes is None:
+            return None
+        if self.byte_burst is not None:
+            return int(self.byte_burst.for_plan(plan))
+        return self.bytes.for_plan(plan).size
+
+
+class MessageSizeLimit(_Base, kw_only=True, tag_field="policy", tag="message-size-limit"):
+    """A larger whole message (fragments included) closes the connection with 1009."""
+
+    max: PerPlan[_PositiveSize]
+
+
 class WebsocketUpgrade(_Base, kw_only=True, tag_field="policy", tag="websocket-upgrade"):
     """The last policy of every assembly: dial the backend and relay frames both ways."""
 
@@ -235,12 +671,32 @@ class WebsocketUpgrade(_Base, kw_only=True, tag_field="policy", tag="websocket-u
     """A larger whole message (fragments included) closes the connection with 1009."""
     subprotocols: list[NonEmptyStr] | None = None
     """Optional allowlist of subprotocols forwarded to the backend."""
+    request: list["Policy"] = []  # type: ignore[valid-type]
+    """Message policies of the request flow (client to backend), in order."""
+    response: list["Policy"] = []  # type: ignore[valid-type]
+    """Message policies of the response flow (backend to client), in order."""
 
 
-# Every policy struct, tagged on the key "policy". To add a policy, define its struct with
-# tag_field="policy" and a tag, and append it here.
-POLICY_TYPES: tuple[type[_Base], ...] = (WebsocketUpgrade,)
+# Every policy struct, tagged on the key "policy", by phase. To add a policy, define its struct
+# with tag_field="policy" and a tag, and append it to the tuple of its phase.
+PRE_UPGRADE_POLICY_TYPES: tuple[type[_Base], ...] = (ApiKey, Jwt, CountLimit, RateLimit)
+"""Allowed in the assembly before the websocket-upgrade."""
+MESSAGE_POLICY_TYPES: tuple[type[_Base], ...] = (MessageRateLimit, MessageSizeLimit)
+"""Allowed only in websocket-upgrade.request / .response."""
+IDENTITY_POLICY_TYPES: tuple[type[_Base], ...] = (ApiKey, Jwt)
+"""Policies that identify the client (at most one per assembly)."""
+POLICY_TYPES: tuple[type[_Base], ...] = (
+    *PRE_UPGRADE_POLICY_TYPES,
+    WebsocketUpgrade,
+    *MESSAGE_POLICY_TYPES,
+)
 Policy = Union[POLICY_TYPES]  # noqa: UP007 - a Union built from a tuple
+
+
+def policy_tag(policy: object) -> str:
+    """The ``policy:`` name of a policy struct or struct type ("count-limit")."""
+    cls = policy if isinstance(policy, type) else type(policy)
+    return cls.__struct_config__.tag  # type: ignore[attr-defined, no-any-return]
 
 
 class Api(_Base, kw_only=True):
@@ -251,8 +707,45 @@ class Api(_Base, kw_only=True):
     """Must start with "/"; the longest matching prefix wins."""
     host: NonEmptyStr | None = None
     """Match the request's Host (without port), case-insensitive; stored in lower case."""
+    origins: list[NonEmptyStr] | None = None
+    """Allowed Origin header values ("https://app.example.com"), stored in lower case; compare
+    the lower-cased header exactly. None: any origin."""
     assembly: list[Policy]  # type: ignore[valid-type]
     """Policies in order; the last one is the websocket-upgrade."""
+
+
+class Client(_Base, kw_only=True):
+    """A client identified by an API key, as written in the configuration or clients-file."""
+
+    id: NonEmptyStr
+    key: NonEmptyStr | None = None
+    keys: Annotated[list[NonEmptyStr], msgspec.Meta(min_length=1)] | None = None
+    """Several keys (rotation); exactly one of ``key`` and ``keys`` is given."""
+    plan: NonEmptyStr = DEFAULT_PLAN
+    apis: list[NonEmptyStr] | None = None
+    """Names of the APIs this client may use; None: all."""
+
+
+class ResolvedClient(msgspec.Struct, frozen=True, kw_only=True):
+    """A client as the gateway uses it (see ``Config.all_clients()``)."""
+
+    id: str
+    keys: tuple[str, ...]
+    plan: str
+    apis: frozenset[str] | None
+    """None: every API."""
+
+    def may_use(self, api_name: str) -> bool:
+        return self.apis is None or api_name in self.apis
+
+
+class Limits(_Base, kw_only=True):
+    """Capacities of the gateway's limit tables."""
+
+    max_keys: Annotated[int, msgspec.Meta(ge=16)] = 65536
+    """Slots of the keyed bucket table and of the connection table."""
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Global cap on live connections (0: none); over it, upgrades get 503."""
 
 
 class Config(_Base, kw_only=True):
@@ -268,6 +761,43 @@ class Config(_Base, kw_only=True):
     drain_time: Duration = Duration(10.0)
     """On SIGTERM/SIGINT, time given to live connections before exit."""
     backlog: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    trusted_proxies: list[NonEmptyStr] = []
+    """Networks whose X-Forwarded-For is believed; normalised to "10.0.0.0/8" form."""
+    plans: list[NonEmptyStr] = []
+    """Plan names besides "default", which always exists."""
+    clients: list[Client] = []
+    """API-key clients. After load(), also those of ``clients_file`` (after the inline ones)."""
+    clients_file: NonEmptyStr | None = None
+    """More clients (YAML, TOML or JSON); an absolute path after loading."""
+    limits: Limits = msgspec.field(default_factory=Limits)
+
+    def known_plans(self) -> tuple[str, ...]:
+        """"default" followed by the declared plans."""
+        return (DEFAULT_PLAN, *(plan for plan in self.plans if plan != DEFAULT_PLAN))
+
+    def all_clients(self) -> tuple[ResolvedClient, ...]:
+        """Every client (inline, then clients-file) with its keys as a tuple."""
+        return tuple(
+            ResolvedClient(
+                id=client.id,
+                keys=(client.key,) if client.key is not None else tuple(client.keys or ()),
+                plan=client.plan,
+                apis=frozenset(client.apis) if client.apis is not None else None,
+            )
+            for client in self.clients
+        )
+
+    def clients_by_key(self) -> dict[str, ResolvedClient]:
+        """API key -> client (keys are unique across clients)."""
+        return {key: client for client in self.all_clients() for key in client.keys}
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(network) for network in self.trusted_proxies)
+
+
+def clients_of(config: Config) -> tuple[ResolvedClient, ...]:
+    """Same as ``config.all_clients()``."""
+    return config.all_clients()
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,11 +870,19 @@ _LineOf = Callable[[_Segments], "int | None"]
 class _Invalid(Exception):
     """A problem found while decoding; turned into a ConfigError by loads()."""
 
-    def __init__(self, message: str, segments: _Segments = (), *, in_key: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        segments: _Segments = (),
+        *,
+        in_key: bool = False,
+        source: "tuple[str, _LineOf | None] | None" = None,
+    ) -> None:
         super().__init__(message, segments)
         self.message = message
         self.segments = segments
         self.in_key = in_key  # msgspec's "at `key` in `$.x`": a bad key of the mapping at $.x
+        self.source = source  # (file name, line_of) when not the main configuration file
 
 
 def _format_path(segments: _Segments) -> str:
@@ -377,10 +915,18 @@ def _split_validation_error(error: msgspec.ValidationError) -> _Invalid:
     """Split msgspec's "message - at `$.path`" into its parts."""
     text = str(error)
     if match := _AT_KEY_RE.fullmatch(text):
-        return _Invalid(match[1], _parse_path(match[2]), in_key=True)
-    if match := _AT_RE.fullmatch(text):
-        return _Invalid(match[1], _parse_path(match[2]))
-    return _Invalid(text)  # an error at the top level has no path
+        problem = _Invalid(match[1], _parse_path(match[2]), in_key=True)
+    elif match := _AT_RE.fullmatch(text):
+        problem = _Invalid(match[1], _parse_path(match[2]))
+    else:
+        problem = _Invalid(text)  # an error at the top level has no path
+    cause = error.__cause__
+    if isinstance(cause, _SubPathError):  # a problem below the field (a plan's entry)
+        field = next((seg for seg in reversed(problem.segments) if isinstance(seg, str)), "value")
+        problem.message = cause.message.replace("{field}", f"`{field}`")
+        problem.segments = (*problem.segments, *cause.segments)
+        problem.in_key = cause.in_key
+    return problem
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,16 +1083,6 @@ def _decode(data: dict[str, Any]) -> Config:
                     found.segments = (segs[0], key, *found.segments)
                     raise found from None
         raise problem from None
-
-    # With a single policy type, msgspec accepts a policy without its "policy" key (a lone
-    # tagged struct has an optional tag). Require it anyway, as a union of several would.
-    for api_index, api in enumerate(data["apis"]):
-        for index, policy in enumerate(api["assembly"]):
-            if "policy" not in policy:
-                raise _Invalid(
-                    "Object missing required field `policy`",
-                    ("apis", api_index, "assembly", index),
-                )
     return config
 
 
@@ -554,8 +1090,9 @@ def _decode(data: dict[str, Any]) -> Config:
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-def _check(config: Config) -> Config:
-    """Checks spanning several fields. Returns the config with api hosts in lower case."""
+def _check(config: Config, name: str) -> Config:
+    """Checks spanning several fields. Returns the config with api hosts and origins in lower
+    case and trusted-proxies in canonical form. ``name`` is the configuration's file name."""
     listeners_seen: dict[tuple[str, int], int] = {}
     for index, listener in enumerate(config.listeners):
         address = (listener.host.lower(), listener.port)
@@ -574,6 +1111,20 @@ def _check(config: Config) -> Config:
                 f"A TLS profile needs both cert and key, or neither ({missing} is missing)",
                 ("tls-profiles", profile_name),
             )
+
+    plans_seen: dict[str, int] = {}
+    for index, plan in enumerate(config.plans):
+        if plan in plans_seen:
+            raise _Invalid(
+                f"Duplicate plan {plan!r} (same as `{_format_path(('plans', plans_seen[plan]))}`)",
+                ("plans", index),
+            )
+        plans_seen[plan] = index
+
+    trusted = [
+        _canonical_network(network, ("trusted-proxies", index))
+        for index, network in enumerate(config.trusted_proxies)
+    ]
 
     apis: list[Api] = []
     names_seen: dict[str, int] = {}
@@ -599,24 +1150,165 @@ def _check(config: Config) -> Config:
                 (*here, "path"),
             )
         routes_seen[route] = index
+        origins = None
+        if api.origins is not None:
+            origins = [
+                _canonical_origin(origin, (*here, "origins", i))
+                for i, origin in enumerate(api.origins)
+            ]
         _check_assembly(config, api, here)
-        apis.append(msgspec.structs.replace(api, host=host) if host != api.host else api)
+        if host != api.host or origins != api.origins:
+            api = msgspec.structs.replace(api, host=host, origins=origins)
+        apis.append(api)
 
-    return msgspec.structs.replace(config, apis=apis)
+    config = msgspec.structs.replace(config, apis=apis, trusted_proxies=trusted)
+    _ClientChecker(config).check(config.clients, ("clients",), name)
+    return config
+
+
+def _canonical_network(value: str, segments: _Segments) -> str:
+    """ "10.0.0.0/8", "127.0.0.1", "::1" -> canonical network text ("127.0.0.1/32")."""
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=True))
+    except ValueError as exc:
+        reason = str(exc)
+        if "host bits" not in reason:
+            reason = "use an address or a network, e.g. 10.0.0.0/8"
+        raise _Invalid(f"Invalid network {value!r} ({reason})", segments) from None
+
+
+_ORIGIN_RE = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.\-]*://(?:\[[0-9A-Fa-f:.]+\]|[^/?#@\s:\[\]]+)(?::(\d{1,5}))?"
+)
+
+
+def _canonical_origin(value: str, segments: _Segments) -> str:
+    """An Origin header value to allow ("https://App.example.com:8443"), in lower case."""
+    if value.strip() == "*":
+        raise _Invalid(
+            "Origin '*' is not allowed (leave out origins to accept any origin)", segments
+        )
+    match = _ORIGIN_RE.fullmatch(value)
+    if match is None or (match[1] is not None and not 0 < int(match[1]) <= 65535):
+        raise _Invalid(
+            f"Invalid origin {value!r} (use scheme://host[:port], e.g. https://app.example.com)",
+            segments,
+        )
+    return value.lower()
+
+
+def _unknown_plan(plan: str, config: Config, segments: _Segments) -> _Invalid:
+    known = ", ".join((DEFAULT_PLAN, *sorted(set(config.plans) - {DEFAULT_PLAN})))
+    return _Invalid(f"Unknown plan {plan!r} (known: {known})", segments)
+
+
+def _encoded_fields(policy: msgspec.Struct) -> Iterator[tuple[str, str, Any]]:
+    """(attribute, name in files, value) of each field of a struct."""
+    for attr, encoded in zip(policy.__struct_fields__, policy.__struct_encode_fields__):
+        yield attr, encoded, getattr(policy, attr)
+
+
+def _check_plans(config: Config, policy: msgspec.Struct, here: _Segments) -> None:
+    """Every plan named in a per-plan value of ``policy`` must exist."""
+    known = set(config.plans) | {DEFAULT_PLAN}
+    for _attr, encoded, value in _encoded_fields(policy):
+        if isinstance(value, PerPlan):
+            for plan in value.values:
+                if plan not in known:
+                    raise _unknown_plan(plan, config, (*here, encoded, plan))
 
 
 def _check_assembly(config: Config, api: Api, here: _Segments) -> None:
-    last = len(api.assembly) - 1
+    # Message policies first: one after the websocket-upgrade is misplaced, not a second end.
     for index, policy in enumerate(api.assembly):
+        if isinstance(policy, MESSAGE_POLICY_TYPES):
+            raise _Invalid(
+                f"{policy_tag(policy)} cannot run before the upgrade;"
+                " put it in websocket-upgrade.request or .response",
+                (*here, "assembly", index),
+            )
+
+    last = len(api.assembly) - 1
+    identity_at: _Segments | None = None
+    for index, policy in enumerate(api.assembly):
+        at: _Segments = (*here, "assembly", index)
         if isinstance(policy, WebsocketUpgrade):
             if index != last:
+                raise _Invalid("websocket-upgrade must be the last policy of the assembly", at)
+            _check_websocket_upgrade(config, policy, at)
+            continue
+        _check_plans(config, policy, at)
+        if isinstance(policy, IDENTITY_POLICY_TYPES):
+            if identity_at is not None:
                 raise _Invalid(
-                    "websocket-upgrade must be the last policy of the assembly",
-                    (*here, "assembly", index),
+                    "An assembly may hold only one api-key or jwt policy"
+                    f" (the first is at `{_format_path(identity_at)}`)",
+                    at,
                 )
-            _check_websocket_upgrade(config, policy, (*here, "assembly", index))
+            identity_at = at
+        if isinstance(policy, ApiKey):
+            _check_api_key(policy, at)
+        elif isinstance(policy, Jwt):
+            _check_jwt(policy, at)
+        elif isinstance(policy, (CountLimit, RateLimit)):
+            if policy.key == "client-id" and identity_at is None:
+                raise _Invalid(
+                    "key client-id needs an api-key or jwt policy before it", (*at, "key")
+                )
     if last < 0 or not isinstance(api.assembly[last], WebsocketUpgrade):
         raise _Invalid("The assembly must end with a websocket-upgrade policy", (*here, "assembly"))
+
+
+def _check_api_key(policy: ApiKey, here: _Segments) -> None:
+    if policy.header is None and policy.query is None:
+        raise _Invalid("An api-key policy needs a header or a query parameter (or both)", here)
+    if policy.header is not None and not _TOKEN_RE.fullmatch(policy.header):
+        raise _Invalid(
+            f"Invalid header name {policy.header!r} (must be an HTTP token)", (*here, "header")
+        )
+
+
+_SECRET_SOURCES = ("secret-env", "secret-file")
+_KEY_SOURCES = ("secret-env", "secret-file", "public-key", "jwks-file")
+
+
+def _check_jwt(policy: Jwt, here: _Segments) -> None:
+    values = {encoded: value for _attr, encoded, value in _encoded_fields(policy)}
+    sources = [field for field in _KEY_SOURCES if values[field] is not None]
+    if not sources:
+        raise _Invalid(
+            "A jwt policy needs a key source: secret-env, secret-file, public-key or jwks-file",
+            here,
+        )
+    if len(sources) > 1:
+        raise _Invalid(
+            f"A jwt policy takes exactly one key source (got {sources[0]} and {sources[1]})",
+            (*here, sources[1]),
+        )
+    secret = sources[0] in _SECRET_SOURCES
+    for index, algorithm in enumerate(policy.algorithms):
+        if algorithm == "HS256" and not secret:
+            raise _Invalid(
+                "Algorithm HS256 needs secret-env or secret-file", (*here, "algorithms", index)
+            )
+        if algorithm != "HS256" and secret:
+            raise _Invalid(
+                f"Algorithm {algorithm} needs public-key or jwks-file",
+                (*here, "algorithms", index),
+            )
+    if policy.secret_env is not None:
+        value = os.environ.get(policy.secret_env)
+        if not value:
+            state = "is not set" if value is None else "is empty"
+            raise _Invalid(
+                f"Environment variable {policy.secret_env!r} {state}", (*here, "secret-env")
+            )
+    for index, scope in enumerate(policy.required_scopes or ()):
+        if any(ch.isspace() for ch in scope):
+            raise _Invalid(
+                f"Invalid scope {scope!r} (scopes cannot contain spaces)",
+                (*here, "required-scopes", index),
+            )
 
 
 def _check_websocket_upgrade(config: Config, policy: WebsocketUpgrade, here: _Segments) -> None:
@@ -642,6 +1334,69 @@ def _check_websocket_upgrade(config: Config, policy: WebsocketUpgrade, here: _Se
                 f"Invalid subprotocol {subprotocol!r} (must be an HTTP token)",
                 (*here, "subprotocols", index),
             )
+    for flow in ("request", "response"):
+        for index, message_policy in enumerate(getattr(policy, flow)):
+            at: _Segments = (*here, flow, index)
+            if isinstance(message_policy, WebsocketUpgrade):
+                raise _Invalid(f"websocket-upgrade cannot be inside websocket-upgrade.{flow}", at)
+            if not isinstance(message_policy, MESSAGE_POLICY_TYPES):
+                raise _Invalid(
+                    f"{policy_tag(message_policy)} runs before the upgrade;"
+                    " put it in the assembly before websocket-upgrade",
+                    at,
+                )
+            _check_plans(config, message_policy, at)
+            if isinstance(message_policy, MessageRateLimit):
+                _check_message_rate_limit(message_policy, at)
+
+
+def _check_message_rate_limit(policy: MessageRateLimit, here: _Segments) -> None:
+    if policy.messages is None and policy.bytes is None:
+        raise _Invalid("message-rate-limit needs messages or bytes (or both)", here)
+    if policy.burst is not None and policy.messages is None:
+        raise _Invalid("burst applies to messages, which is not set", (*here, "burst"))
+    if policy.byte_burst is not None and policy.bytes is None:
+        raise _Invalid("byte-burst applies to bytes, which is not set", (*here, "byte-burst"))
+
+
+class _ClientChecker:
+    """Checks clients one list after another, remembering ids and keys across lists."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.api_names = [api.name for api in config.apis]
+        self.ids: dict[str, tuple[str, _Segments]] = {}  # id -> (file, path of the client)
+        self.keys: dict[str, str] = {}  # key -> client id
+
+    def check(self, clients: list[Client], prefix: _Segments, file: str) -> None:
+        for index, client in enumerate(clients):
+            at: _Segments = (*prefix, index)
+            if client.id in self.ids:
+                other_file, other_at = self.ids[client.id]
+                where = f"`{_format_path(other_at)}`"
+                if other_file != file:
+                    where += f" in {other_file}"
+                raise _Invalid(f"Duplicate client id {client.id!r} (same as {where})", (*at, "id"))
+            self.ids[client.id] = (file, at)
+            if (client.key is None) == (client.keys is None):
+                got = "both" if client.key is not None else "neither"
+                raise _Invalid(f"A client needs exactly one of key or keys (got {got})", at)
+            if client.key is not None:
+                keys: list[tuple[_Segments, str]] = [((*at, "key"), client.key)]
+            else:
+                keys = [((*at, "keys", i), key) for i, key in enumerate(client.keys or ())]
+            for key_at, key in keys:
+                if key in self.keys:  # never show the key itself: it is a secret
+                    raise _Invalid(
+                        f"Duplicate API key (already a key of client {self.keys[key]!r})", key_at
+                    )
+                self.keys[key] = client.id
+            if client.plan != DEFAULT_PLAN and client.plan not in self.config.plans:
+                raise _unknown_plan(client.plan, self.config, (*at, "plan"))
+            for i, api_name in enumerate(client.apis or ()):
+                if api_name not in self.api_names:
+                    known = ", ".join(sorted(self.api_names))
+                    raise _Invalid(f"Unknown API {api_name!r} (known: {known})", (*at, "apis", i))
 
 
 def _resolve_file(value: str, base_dir: str, segments: _Segments) -> str:
@@ -656,8 +1411,32 @@ def _resolve_file(value: str, base_dir: str, segments: _Segments) -> str:
     return path
 
 
+# Attributes of policies that name files: resolved to absolute paths and checked readable.
+_POLICY_FILE_FIELDS: dict[type[_Base], tuple[str, ...]] = {
+    Jwt: ("secret_file", "public_key", "jwks_file"),
+}
+
+
+def _resolve_policy_files(policy: Any, base_dir: str, here: _Segments) -> Any:
+    changes = {}
+    for attr, encoded, value in _encoded_fields(policy):
+        if attr in _POLICY_FILE_FIELDS.get(type(policy), ()) and value is not None:
+            changes[attr] = _resolve_file(value, base_dir, (*here, encoded))
+    if isinstance(policy, WebsocketUpgrade):
+        for flow in ("request", "response"):
+            items = getattr(policy, flow)
+            resolved = [
+                _resolve_policy_files(item, base_dir, (*here, flow, index))
+                for index, item in enumerate(items)
+            ]
+            if resolved != items:
+                changes[flow] = resolved
+    return msgspec.structs.replace(policy, **changes) if changes else policy
+
+
 def _resolve_files(config: Config, base_dir: str) -> Config:
-    """Return ``config`` with every certificate/key/CA path absolute and checked readable."""
+    """Return ``config`` with every file path absolute and checked readable (certificates,
+    keys, CA bundles, jwt keys; the clients-file is read by _load_clients_file)."""
     listeners = []
     for index, listener in enumerate(config.listeners):
         if listener.tls is not None:
@@ -679,7 +1458,83 @@ def _resolve_files(config: Config, base_dir: str) -> Config:
                 changes[field] = _resolve_file(value, base_dir, segments)
         profiles[profile_name] = msgspec.structs.replace(profile, **changes)
 
-    return msgspec.structs.replace(config, listeners=listeners, tls_profiles=profiles)
+    apis = []
+    for api_index, api in enumerate(config.apis):
+        assembly = [
+            _resolve_policy_files(policy, base_dir, ("apis", api_index, "assembly", index))
+            for index, policy in enumerate(api.assembly)
+        ]
+        if assembly != api.assembly:
+            api = msgspec.structs.replace(api, assembly=assembly)
+        apis.append(api)
+
+    return msgspec.structs.replace(
+        config, listeners=listeners, tls_profiles=profiles, apis=apis
+    )
+
+
+class _ClientsFile(_Base, kw_only=True):
+    """A clients-file holding a mapping (the only form TOML can hold)."""
+
+    clients: list[Client] = []
+
+
+def _load_clients_file(config: Config, name: str, base_dir: str) -> Config:
+    """Read ``config.clients_file``, check its clients together with the inline ones, and
+    return the config with both in ``clients``. Problems in the file name that file."""
+    if config.clients_file is None:
+        return config
+    path = _resolve_file(config.clients_file, base_dir, ("clients-file",))
+    fmt = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        extension = os.path.splitext(path)[1]
+        shown = repr(extension) if extension else "no extension"
+        raise _Invalid(
+            f"Unknown clients file type ({shown}; use .yaml, .yml, .toml or .json)",
+            ("clients-file",),
+        )
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise _Invalid(f"Cannot read file {path!r}: {exc.strerror}", ("clients-file",)) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"Not valid UTF-8 (byte {exc.start})") from None
+
+    data, line_of = _PARSERS[fmt](text, path) if text.strip() else (None, None)
+    source = (path, line_of)
+    prefix: _Segments = ()
+    try:
+        if data is None:  # empty, or only comments: no clients
+            clients: list[Client] = []
+        elif isinstance(data, list):
+            clients = _convert(data, list[Client])
+        elif isinstance(data, dict):
+            prefix = ("clients",)
+            clients = _convert(data, _ClientsFile).clients
+        else:
+            raise _Invalid(
+                "The clients file must hold a list of clients or a mapping with `clients`,"
+                f" not a {type(data).__name__}",
+            )
+    except msgspec.ValidationError as exc:
+        problem = _split_validation_error(exc)
+        problem.source = source
+        raise problem from None
+    except _Invalid as problem:
+        problem.source = source
+        raise
+
+    checker = _ClientChecker(config)
+    checker.check(config.clients, ("clients",), name)
+    try:
+        checker.check(clients, prefix, path)
+    except _Invalid as problem:
+        problem.source = source
+        raise
+    return msgspec.structs.replace(config, clients_file=path, clients=[*config.clients, *clients])
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,18 +1573,21 @@ def loads(
             line_of(()) if line_of else None,
         )
 
+    base_dir = base_dir if base_dir is not None else os.getcwd()
     try:
         config = _decode(data)
-        config = _check(config)
-        config = _resolve_files(config, base_dir if base_dir is not None else os.getcwd())
+        config = _check(config, name)
+        config = _resolve_files(config, base_dir)
+        config = _load_clients_file(config, name, base_dir)
     except _Invalid as problem:
+        file, file_line_of = problem.source if problem.source else (name, line_of)
         path = _format_path(problem.segments)
         where = f"`key` in `{path}`" if problem.in_key else f"`{path}`"
         line_segments = problem.segments
         if match := re.fullmatch(r"Object contains unknown field `(.*)`", problem.message):
             line_segments = (*line_segments, match[1])  # point at the unknown key itself
-        line = line_of(line_segments) if line_of else None
-        raise ConfigError(name, f"{problem.message} - at {where}", line, path) from None
+        line = file_line_of(line_segments) if file_line_of else None
+        raise ConfigError(file, f"{problem.message} - at {where}", line, path) from None
     return config
 
 
