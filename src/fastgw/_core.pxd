@@ -10,7 +10,7 @@
 # buffer and written with one write when picows marks the last frame of the
 # read (frame.last_in_buffer); large frames are sent in place, without a copy.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
 
 include "limits_decl.pxi"
@@ -20,6 +20,41 @@ cdef enum PauseReason:
     PAUSE_PEER_WRITE = 1      # the peer's write buffer is over its high-water mark
     PAUSE_PEER_NOT_READY = 2  # the peer leg is not attached yet (client before its 101)
     PAUSE_EXTERNAL = 4        # paused from Python (policies, admin)
+    PAUSE_DELAY = 8           # a message-rate-limit with action delay holds this leg
+
+
+cdef enum LimitAction:
+    ACTION_REJECT = 0
+    ACTION_DELAY = 1
+    ACTION_DROP = 2
+
+
+cdef enum LimitScope:
+    SCOPE_CONNECTION = 0
+    SCOPE_CLIENT = 1
+    SCOPE_API = 2
+
+
+cdef enum Verdict:
+    VERDICT_PASS = 0
+    VERDICT_DROP = 1
+    VERDICT_DELAY = 2
+    VERDICT_REJECT = 3
+
+
+cdef struct MsgRule:
+    # One message-rate-limit of a flow, with the values of the connection's plan.
+    uint8_t action               # LimitAction
+    uint8_t scope                # LimitScope
+    double msg_rate              # messages per second; 0: no message limit
+    double msg_burst
+    double byte_rate             # bytes per second; 0: no byte limit
+    double byte_burst
+    uint64_t msg_key             # LimitZone keys for scope client / api
+    uint64_t byte_key
+    BucketState msg_bucket       # buckets for scope connection
+    BucketState byte_bucket
+    uint64_t limited             # messages this rule rejected, delayed or dropped
 
 
 cdef class Leg(WSListener):
@@ -48,21 +83,54 @@ cdef class Leg(WSListener):
         uint32_t pause_flags         # why this leg's reading is paused (PauseReason bits)
         uint32_t rng                 # xorshift state for mask keys
 
+        # The message policies of the flow this leg reads (request flow on the
+        # client leg, response flow on the backend leg).
+        readonly uint64_t max_message_size
+        MsgRule* rules
+        int n_rules
+        int resume_rule              # where a delayed message resumes its checks
+        bint dropping                # the message being received is dropped
+        LimitZone zone               # shared buckets (scope client / api), or None
+        list rule_names              # for close reasons (reject path only)
+        double now                   # monotonic time, read once per read batch
+        bint now_valid
+        double wait                  # set by _apply_rules on VERDICT_DELAY
+
+        # Frames held by a delay, in arrival order: [first byte][pad][size][payload].
+        char* held_data
+        Py_ssize_t held_size
+        Py_ssize_t held_cap
+        Py_ssize_t held_pos
+        bint holding
+        object delay_timer
+
         readonly uint64_t messages   # whole data messages received from this leg
         readonly uint64_t frames     # data frames received from this leg
         readonly uint64_t bytes      # payload bytes received from this leg
+        readonly uint64_t rejected   # messages refused by an action reject
+        readonly uint64_t delayed    # messages held by an action delay
+        readonly uint64_t dropped    # messages discarded by an action drop
 
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef int queue_frame(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
     cdef int flush(self) except -1
     cdef int forward(self, WSFrame frame) except -1
+    cdef int forward_raw(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
+    cdef double _clock(self) noexcept
+    cdef inline double _take(self, MsgRule* rule, bint of_bytes, double now, double cost) noexcept
+    cdef int _apply_rules(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1
+    cdef int _reject(self, int rule_index) except -1
+    cdef int _hold(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
+    cdef int _start_hold(self, double wait) except -1
+    cdef int _end_hold(self) except -1
+    cdef int _on_close(self, const char* payload, Py_ssize_t size) except -1
+    cdef bint _accept_data(self, WSFrame frame) except -1
     cdef int send_gateway_close(self, int code, bytes reason) except -1
     cdef int _after_close_sent(self) except -1
     cdef int add_pause(self, uint32_t reason) except -1
     cdef int remove_pause(self, uint32_t reason) except -1
     cdef int fail(self, int code, bytes reason, bytes peer_reason) except -1
     cdef object _end_of_read(self, WSFrame frame)
-    cdef int _on_close_frame(self, WSFrame frame) except -1
 
 
 cdef class Relay:
@@ -76,7 +144,6 @@ cdef class Relay:
         object _loop
         object _close_timer
         double _close_timeout
-        uint64_t max_message_size
         Py_ssize_t max_early_bytes     # bound for backend frames held before the client leg is ready
 
     cdef int _leg_gone(self) except -1

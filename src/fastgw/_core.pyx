@@ -8,10 +8,11 @@ path. See _core.pxd for the layout of the objects.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 from libc.time cimport time as c_time
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
 
@@ -39,6 +40,7 @@ include "limits.pxi"
 # Close codes used by the gateway itself.
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_BAD_GATEWAY = 1014
 
@@ -82,6 +84,12 @@ cdef class Leg(WSListener):
         if self.out_data != NULL:
             free(self.out_data)
             self.out_data = NULL
+        if self.rules != NULL:
+            free(self.rules)
+            self.rules = NULL
+        if self.held_data != NULL:
+            free(self.held_data)
+            self.held_data = NULL
 
     # ---- output ---------------------------------------------------------
 
@@ -157,25 +165,234 @@ cdef class Leg(WSListener):
 
     cdef int forward(self, WSFrame frame) except -1:
         """Send a data frame received from the peer leg to this leg."""
-        cdef uint8_t first_byte
-        if self.close_sent or self.gone:
-            return 0
-        if self.transport is None:
-            # Not connected yet (the client before its 101): hold the frame,
-            # and stop reading the peer once the bound is reached.
-            self.queue_frame(<uint8_t>((frame.fin << 7) | <uint8_t>frame.msg_type),
-                             frame.payload_ptr, frame.payload_size)
-            if self.out_size >= self.relay.max_early_bytes:
-                self.peer.add_pause(PAUSE_PEER_NOT_READY)
-            return 0
-        if frame.payload_size >= ZERO_COPY_MIN:
+        if frame.payload_size >= ZERO_COPY_MIN and self.transport is not None \
+                and not self.close_sent and not self.gone:
             self.flush()
             self.transport.send_reuse_external_buffer(
                 frame.msg_type, frame.payload_ptr, frame.payload_size, frame.fin)
             return 0
-        first_byte = <uint8_t>((frame.fin << 7) | <uint8_t>frame.msg_type)
-        self.queue_frame(first_byte, frame.payload_ptr, frame.payload_size)
+        return self.forward_raw(<uint8_t>((frame.fin << 7) | <uint8_t>frame.msg_type),
+                                frame.payload_ptr, frame.payload_size)
+
+    cdef int forward_raw(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1:
+        """Queue a data frame for this leg (copied into the output buffer)."""
+        if self.close_sent or self.gone:
+            return 0
+        self.queue_frame(first_byte, payload, size)
+        if self.transport is None and self.out_size >= self.relay.max_early_bytes:
+            # Not connected yet (the client before its 101): stop reading the
+            # peer once the bound is reached.
+            self.peer.add_pause(PAUSE_PEER_NOT_READY)
         return 0
+
+    # ---- message policies -------------------------------------------------
+
+    def set_policies(self, list rules, LimitZone zone=None, max_message_size=None):
+        """Install the message policies of the flow this leg reads.
+
+        `rules` holds tuples (name, action, scope, msg_rate, msg_burst,
+        byte_rate, byte_burst, msg_key, byte_key) with the values of the
+        connection's plan; rates are per second, 0 for none.
+        """
+        cdef int i
+        cdef MsgRule* r
+        cdef double now = self._clock()
+        if max_message_size is not None:
+            self.max_message_size = max_message_size
+        if self.rules != NULL:
+            free(self.rules)
+            self.rules = NULL
+        self.n_rules = 0
+        self.rule_names = []
+        if not rules:
+            return
+        self.rules = <MsgRule*>malloc(sizeof(MsgRule) * len(rules))
+        if self.rules == NULL:
+            raise MemoryError()
+        for i, (name, action, scope, msg_rate, msg_burst, byte_rate, byte_burst, msg_key, byte_key) in enumerate(rules):
+            r = &self.rules[i]
+            r.action = action
+            r.scope = scope
+            r.msg_rate = msg_rate
+            r.msg_burst = msg_burst
+            r.byte_rate = byte_rate
+            r.byte_burst = byte_burst
+            r.msg_key = msg_key
+            r.byte_key = byte_key
+            r.limited = 0
+            bucket_init(&r.msg_bucket, msg_burst, now)
+            bucket_init(&r.byte_bucket, byte_burst, now)
+            self.rule_names.append(name.encode() if isinstance(name, str) else name)
+        if zone is None:
+            for i in range(len(rules)):
+                if self.rules[i].scope != SCOPE_CONNECTION:
+                    raise ValueError("shared scopes need a LimitZone")
+        self.zone = zone
+        self.n_rules = len(rules)
+
+    def rule_limited(self):
+        """Messages limited so far by each rule, in order."""
+        return [self.rules[i].limited for i in range(self.n_rules)]
+
+    cdef double _clock(self) noexcept:
+        cdef timespec ts
+        if not self.now_valid:
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            self.now = <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+            self.now_valid = True
+        return self.now
+
+    cdef inline double _take(self, MsgRule* rule, bint of_bytes, double now, double cost) noexcept:
+        if of_bytes:
+            if rule.scope == SCOPE_CONNECTION:
+                return bucket_take(&rule.byte_bucket, rule.byte_rate, rule.byte_burst, now, cost)
+            return self.zone.take(rule.byte_key, rule.byte_rate, rule.byte_burst, now, cost)
+        if rule.scope == SCOPE_CONNECTION:
+            return bucket_take(&rule.msg_bucket, rule.msg_rate, rule.msg_burst, now, cost)
+        return self.zone.take(rule.msg_key, rule.msg_rate, rule.msg_burst, now, cost)
+
+    cdef int _apply_rules(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1:
+        """The verdict of the flow's rate limits on one data frame.
+
+        A message is counted once, at its first frame; its bytes are counted
+        frame by frame. A message dropped at its first frame is dropped whole.
+        """
+        cdef bint first = (first_byte & 0x0F) != 0
+        cdef int i = self.resume_rule
+        cdef int end = self.n_rules * 2
+        cdef MsgRule* rule
+        cdef double wait
+        if not first and self.dropping:
+            return VERDICT_DROP
+        if first and not retry:
+            self.dropping = False
+        self.resume_rule = 0
+        while i < end:
+            rule = &self.rules[i >> 1]
+            wait = 0.0
+            if i & 1:
+                if rule.byte_rate > 0.0:
+                    wait = self._take(rule, True, self.now, <double>size)
+            elif first and rule.msg_rate > 0.0:
+                wait = self._take(rule, False, self.now, 1.0)
+            if wait > 0.0:
+                if rule.action == ACTION_DELAY:
+                    self.resume_rule = i
+                    self.wait = wait
+                    if first and not retry:
+                        rule.limited += 1
+                        self.delayed += 1
+                    return VERDICT_DELAY
+                if rule.action == ACTION_DROP:
+                    if first:
+                        rule.limited += 1
+                        self.dropped += 1
+                        self.dropping = True
+                        return VERDICT_DROP
+                    # A later frame of a message already let through: it follows its message.
+                else:
+                    rule.limited += 1
+                    self.rejected += 1
+                    self._reject(i >> 1)
+                    return VERDICT_REJECT
+            i += 1
+        return VERDICT_PASS
+
+    cdef int _reject(self, int rule_index) except -1:
+        cdef bytes reason = b"message rate limit exceeded: " + <bytes>self.rule_names[rule_index]
+        cdef Relay relay = self.relay
+        relay.client.send_gateway_close(CLOSE_POLICY_VIOLATION, reason)
+        relay.backend.send_gateway_close(CLOSE_GOING_AWAY, reason)
+        relay.client.flush()
+        relay.backend.flush()
+        self.held_size = self.held_pos = 0
+        return 0
+
+    cdef int _hold(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1:
+        """Keep a frame, in order, until the delay ends."""
+        cdef Py_ssize_t need = self.held_size + 16 + size
+        cdef Py_ssize_t cap
+        cdef char* data
+        cdef int64_t n = size
+        if need > self.held_cap:
+            cap = self.held_cap * 2
+            if cap < need:
+                cap = need
+            if cap < OUT_INITIAL:
+                cap = OUT_INITIAL
+            data = <char*>realloc(self.held_data, cap)
+            if data == NULL:
+                raise MemoryError()
+            self.held_data = data
+            self.held_cap = cap
+        self.held_data[self.held_size] = <char>first_byte
+        memcpy(self.held_data + self.held_size + 8, &n, 8)
+        if size:
+            memcpy(self.held_data + self.held_size + 16, payload, size)
+        self.held_size = need
+        return 0
+
+    cdef int _start_hold(self, double wait) except -1:
+        self.holding = True
+        self.add_pause(PAUSE_DELAY)
+        if self.delay_timer is None:
+            self.delay_timer = self.relay._loop.call_later(wait, self._release_held)
+        return 0
+
+    cdef int _end_hold(self) except -1:
+        self.holding = False
+        self.held_size = self.held_pos = 0
+        if self.held_cap > OUT_KEEP:
+            free(self.held_data)
+            self.held_data = NULL
+            self.held_cap = 0
+        self.remove_pause(PAUSE_DELAY)
+        return 0
+
+    def _release_held(self):
+        """Timer: let held frames go, in order, as far as the limits allow."""
+        cdef Py_ssize_t pos
+        cdef uint8_t first_byte
+        cdef int64_t size
+        cdef const char* payload
+        cdef int verdict
+        cdef bint retry = True
+        self.delay_timer = None
+        if self.gone or self.relay is None or self.relay.ended:
+            return
+        self.now_valid = False
+        self._clock()
+        pos = self.held_pos
+        while pos < self.held_size and self.holding:
+            first_byte = <uint8_t>self.held_data[pos]
+            memcpy(&size, self.held_data + pos + 8, 8)
+            payload = self.held_data + pos + 16
+            if (first_byte & 0x0F) == OP_CLOSE:
+                pos += 16 + size
+                self.held_pos = pos
+                self._on_close(payload, size)
+                continue
+            if self.close_sent or self.close_recv:
+                pos += 16 + size
+                continue
+            verdict = self._apply_rules(first_byte, size, retry)
+            if verdict == VERDICT_DELAY:
+                self.held_pos = pos
+                self.delay_timer = self.relay._loop.call_later(self.wait, self._release_held)
+                self.peer.flush()
+                self.now_valid = False
+                return
+            if verdict == VERDICT_REJECT:
+                break
+            if verdict == VERDICT_PASS:
+                self.peer.forward_raw(first_byte, payload, size)
+            pos += 16 + size
+            # A frame let through after waiting: the next first frame is new.
+            retry = False
+        self.peer.flush()
+        self.flush()
+        self.now_valid = False
+        self._end_hold()
 
     # ---- closing --------------------------------------------------------
 
@@ -262,60 +479,77 @@ cdef class Leg(WSListener):
         self.peer.remove_pause(PAUSE_PEER_NOT_READY)
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
-        cdef Leg peer = self.peer
         cdef WSMsgType op = frame.msg_type
-        cdef const char* p
-        cdef uint16_t code
+        cdef uint8_t first_byte
+        cdef int verdict
         if op == WSMsgType.TEXT or op == WSMsgType.BINARY or op == WSMsgType.CONTINUATION:
-            if frame.rsv1 or frame.rsv2 or frame.rsv3:
-                self.fail(CLOSE_PROTOCOL_ERROR, b"reserved bits set without extension",
-                          b"peer protocol error")
-            elif self.close_sent or self.close_recv:
-                pass    # nothing is relayed once a close has started on this leg
-            else:
-                if op == WSMsgType.CONTINUATION:
-                    if not self.in_message:
-                        self.fail(CLOSE_PROTOCOL_ERROR, b"continuation frame without a message",
-                                  b"peer protocol error")
-                        return self._end_of_read(frame)
-                    self.msg_bytes += <uint64_t>frame.payload_size
+            if self._accept_data(frame):
+                if self.holding:
+                    self._hold(<uint8_t>((frame.fin << 7) | <uint8_t>op), frame.payload_ptr, frame.payload_size)
+                elif self.n_rules == 0:
+                    self.peer.forward(frame)
                 else:
-                    if self.in_message:
-                        self.fail(CLOSE_PROTOCOL_ERROR, b"new message inside a fragmented message",
-                                  b"peer protocol error")
-                        return self._end_of_read(frame)
-                    self.msg_bytes = <uint64_t>frame.payload_size
-                    self.in_message = True
-                if self.msg_bytes > self.relay.max_message_size:
-                    self.fail(CLOSE_TOO_BIG, b"message too big",
-                              b"client message too big" if self.is_client else b"backend message too big")
-                    return self._end_of_read(frame)
-                self.frames += 1
-                self.bytes += <uint64_t>frame.payload_size
-                if frame.fin:
-                    self.in_message = False
-                    self.messages += 1
-                peer.forward(frame)
+                    first_byte = <uint8_t>((frame.fin << 7) | <uint8_t>op)
+                    self._clock()
+                    verdict = self._apply_rules(first_byte, frame.payload_size, False)
+                    if verdict == VERDICT_PASS:
+                        self.peer.forward(frame)
+                    elif verdict == VERDICT_DELAY:
+                        self._start_hold(self.wait)
+                        self._hold(first_byte, frame.payload_ptr, frame.payload_size)
         elif op == WSMsgType.PING:
             # Pings are answered per hop.
             if not self.close_sent:
                 self.queue_frame(0x80 | OP_PONG, frame.payload_ptr, frame.payload_size)
         elif op == WSMsgType.CLOSE:
-            self._on_close_frame(frame)
+            if self.holding:
+                self._hold(0x80 | OP_CLOSE, frame.payload_ptr, frame.payload_size)
+            else:
+                self._on_close(frame.payload_ptr, frame.payload_size)
         # PONG: answers to our own pings only; never relayed.
         return self._end_of_read(frame)
+
+    cdef bint _accept_data(self, WSFrame frame) except -1:
+        """Check a data frame and count it. False: it is not to be relayed."""
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self.fail(CLOSE_PROTOCOL_ERROR, b"reserved bits set without extension", b"peer protocol error")
+            return False
+        if self.close_sent or self.close_recv:
+            return False        # nothing is relayed once a close has started on this leg
+        if frame.msg_type == WSMsgType.CONTINUATION:
+            if not self.in_message:
+                self.fail(CLOSE_PROTOCOL_ERROR, b"continuation frame without a message", b"peer protocol error")
+                return False
+            self.msg_bytes += <uint64_t>frame.payload_size
+        else:
+            if self.in_message:
+                self.fail(CLOSE_PROTOCOL_ERROR, b"new message inside a fragmented message", b"peer protocol error")
+                return False
+            self.msg_bytes = <uint64_t>frame.payload_size
+            self.in_message = True
+        if self.msg_bytes > self.max_message_size:
+            self.fail(CLOSE_TOO_BIG, b"message too big",
+                      b"client message too big" if self.is_client else b"backend message too big")
+            return False
+        self.frames += 1
+        self.bytes += <uint64_t>frame.payload_size
+        if frame.fin:
+            self.in_message = False
+            self.messages += 1
+        return True
 
     cdef object _end_of_read(self, WSFrame frame):
         if frame.last_in_buffer:
             self.peer.flush()
             self.flush()
+            self.now_valid = False
         return None
 
-    cdef int _on_close_frame(self, WSFrame frame) except -1:
+    cdef int _on_close(self, const char* payload, Py_ssize_t size) except -1:
         cdef Leg peer = self.peer
         cdef uint16_t code = 0
-        if frame.payload_size >= 2:
-            memcpy(&code, frame.payload_ptr, 2)
+        if size >= 2:
+            memcpy(&code, payload, 2)
             code = ntohs(code)
             if not _valid_close_code(code):
                 self.close_recv = True
@@ -325,7 +559,7 @@ cdef class Leg(WSListener):
         self.close_code_recv = code
         if not peer.close_sent and not peer.gone:
             # Relay the close frame as it came: code and reason pass through.
-            peer.queue_frame(0x80 | OP_CLOSE, frame.payload_ptr, frame.payload_size)
+            peer.queue_frame(0x80 | OP_CLOSE, payload, size)
             peer._after_close_sent()
         if self.close_sent:
             if self.transport is not None:
@@ -338,6 +572,10 @@ cdef class Leg(WSListener):
         cdef Leg peer = self.peer
         self.gone = True
         self.out_size = 0
+        self.held_size = self.held_pos = 0
+        if self.delay_timer is not None:
+            self.delay_timer.cancel()
+            self.delay_timer = None
         if peer is not None and not peer.gone:
             if not peer.close_sent:
                 if self.is_client:
@@ -403,7 +641,8 @@ cdef class Relay:
         self._loop = loop
         self._on_end = on_end
         self.info = info
-        self.max_message_size = max_message_size
+        self.client.max_message_size = max_message_size
+        self.backend.max_message_size = max_message_size
         self.max_early_bytes = max_early_bytes
         self._close_timeout = close_timeout
         self._close_timer = None

@@ -1,2 +1,108 @@
 # Declarations of the limit tables (token buckets, keyed bucket table,
 # connection-count table). Included by _core.pxd; defined in limits.pxi.
+#
+# A LimitZone is ONE contiguous memory region (anonymous shared mmap, so a
+# fork already shares it) holding only plain data, with offsets and no
+# pointers, so that a later change can map it into several worker processes:
+#
+#   offset 0                ZoneHeader (128 bytes: 64 of layout, 64 of counters)
+#   bucket_off (= 128)      BucketSlot[bucket_cap]   (32 bytes each)
+#   count_off               CountSlot[count_cap]     (16 bytes each)
+#   region_size             = count_off + count_cap * 16
+#
+# Both tables use open addressing with linear probing from the slot
+# mix64(key) & (cap - 1), at most probe_limit slots (min(32, cap)). Key 0
+# marks a slot never used; a used slot never becomes empty again, so probe
+# chains stay intact. An idle bucket slot (full_at <= now) or a count slot
+# whose count is 0 is equivalent to an absent key and may be taken over in
+# place by another key. Key 0 given by a caller is stored as 2**64 - 1
+# (the two are one key); key_hash() never returns either.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+
+
+cdef struct BucketState:
+    double tokens           # may be negative: debt left by a cost above the burst
+    double stamp            # time of the last refill, seconds (monotonic, passed in)
+
+
+cdef struct BucketSlot:     # 32 bytes: two per cache line
+    uint64_t key            # 0: never used
+    double full_at          # when the bucket is full again: stamp + (burst - tokens) / rate
+    BucketState state
+
+
+cdef struct CountSlot:      # 16 bytes
+    uint64_t key            # 0: never used
+    uint32_t count          # live connections of the key; 0: the slot may be reused
+    uint32_t reserved
+
+
+cdef struct ZoneHeader:     # 128 bytes at offset 0 of the region
+    # Written once, when the region is created.
+    uint64_t magic              # ZONE_MAGIC
+    uint32_t version            # ZONE_VERSION
+    uint32_t header_size        # bytes before the first table (multiple of 64)
+    uint64_t region_size        # bytes of the whole region
+    uint64_t bucket_off         # byte offset of BucketSlot[bucket_cap]
+    uint64_t count_off          # byte offset of CountSlot[count_cap]
+    uint32_t bucket_cap         # slots, a power of two
+    uint32_t count_cap          # slots, a power of two
+    uint32_t probe_limit        # slots looked at from a key's home slot
+    uint32_t bucket_slot_size   # sizeof(BucketSlot), to check the layout
+    uint32_t count_slot_size    # sizeof(CountSlot)
+    uint32_t reserved0
+    # Counters (their own cache line).
+    uint64_t bucket_overflows   # take() found no slot: admitted without a bucket
+    uint64_t count_overflows    # acquire() found no slot: -1
+    uint64_t bucket_reuses      # idle bucket slots taken over by another key
+    uint64_t count_reuses       # zero-count slots taken over by another key
+    uint64_t lease_leaks        # leases released by their deallocation, not by release()
+    uint64_t reserved1
+    uint64_t reserved2
+    uint64_t reserved3
+
+
+cdef class LimitZone:
+    cdef:
+        char* region                # the one block (mmap), header at offset 0
+        size_t region_size
+        ZoneHeader* header          # == <ZoneHeader*>region
+        BucketSlot* buckets         # == region + header.bucket_off (cached)
+        CountSlot* counts           # == region + header.count_off (cached)
+        uint32_t bucket_mask        # bucket_cap - 1
+        uint32_t count_mask         # count_cap - 1
+        uint32_t probe              # header.probe_limit (cached)
+
+    # Find or insert key's bucket, then bucket_take(). 0.0: admitted; > 0:
+    # seconds until `cost` (at most `burst`) would be available, nothing taken.
+    # No slot within the probe bound: counts an overflow and admits (0.0).
+    cdef double take(self, uint64_t key, double rate, double burst, double now, double cost) noexcept
+    # 1: counted; 0: key at its limit; -1: no slot for the key (table full).
+    cdef int acquire(self, uint64_t key, uint32_t limit) noexcept
+    # count -= 1 if > 0; an unknown key is ignored.
+    cdef void release(self, uint64_t key) noexcept
+
+
+cdef class Lease:
+    # Up to 4 keys acquired together (LimitZone.try_acquire); release() gives
+    # each back once, however often it is called.
+    cdef:
+        LimitZone zone
+        uint64_t keys[4]
+        int n
+        readonly bint released
+    cpdef release(self)
+
+
+cdef class TokenBucket:
+    # A lone BucketState with its parameters, for Python (tests, tools).
+    cdef:
+        BucketState state
+        readonly double rate
+        readonly double burst
+
+
+cdef double bucket_take(BucketState* b, double rate, double burst, double now, double cost) noexcept nogil
+cdef void bucket_init(BucketState* b, double burst, double now) noexcept nogil
+cpdef uint64_t key_hash(object key) except 0

@@ -1,15 +1,55 @@
 """The one place that turns configuration into runtime objects.
 
-A configuration is compiled once into a Router holding one CompiledApi per API.
-Nothing on the connection path reads a configuration struct afterwards.
+A configuration is compiled once into a Router holding one CompiledApi per API:
+its pre-upgrade policies in assembly order, and the message policies of its
+request and response flows. Nothing on the connection path reads a
+configuration struct afterwards.
+
+`CompiledApi.admit(zone, request)` is the pre-upgrade phase, sans I/O: it takes
+a parsed request (headers, query, peer address, clocks) and returns an
+Admission (who the client is, the leases it holds, the message rules of its
+plan) or raises Refusal with the HTTP answer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from fastgw import config as cfgmod
+from fastgw import identity
+from fastgw._core import Lease, LimitZone, key_hash
 from fastgw.upstream import make_ssl_context
+
+# Values of the core's enums (see _core.pxd).
+ACTIONS = {"reject": 0, "delay": 1, "drop": 2}
+SCOPES = {"connection": 0, "client": 1, "api": 2}
+
+# Retry-After for a count limit: there is no time at which a slot is due.
+COUNT_LIMIT_RETRY_AFTER = 1
+
+
+class Refusal(Exception):
+    """An HTTP answer instead of the upgrade.
+
+    `kind` names the reason for metrics and events: bad_request, not_found,
+    unauthorized, forbidden, count_limit, rate_limit, capacity, upstream_error,
+    upstream_timeout (or timeout / internal for the gateway's own).
+    """
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None,
+                 kind: str | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+        self.kind = kind or _KIND_OF_STATUS.get(status, "bad_request")
+
+
+_KIND_OF_STATUS = {400: "bad_request", 404: "not_found", 405: "bad_request", 426: "bad_request",
+                   431: "bad_request", 408: "timeout", 401: "unauthorized", 403: "forbidden",
+                   429: "rate_limit", 503: "capacity", 502: "upstream_error", 504: "upstream_timeout",
+                   500: "internal"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +82,172 @@ class Upgrade:
 
 
 @dataclass(frozen=True, slots=True)
+class UpgradeRequest:
+    """What the pre-upgrade policies look at."""
+
+    headers: list[tuple[str, str]]     # lower-case names, in order
+    query: str                         # raw query string, without "?"
+    peer_ip: str
+    now: float                         # monotonic seconds (buckets)
+    wall: float                        # Unix time (token expiry)
+
+    def get(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+@dataclass(slots=True)
+class Admission:
+    """The outcome of the pre-upgrade phase for one connection."""
+
+    client_ip: str
+    client_id: str | None
+    plan: str
+    expires_at: float | None
+    leases: list = field(default_factory=list)
+    request_rules: list = field(default_factory=list)
+    response_rules: list = field(default_factory=list)
+    request_max_size: int = 0
+    response_max_size: int = 0
+
+    @property
+    def client_key(self) -> str:
+        """The identity limits and events use: the client id, else the address."""
+        return self.client_id if self.client_id is not None else self.client_ip
+
+    def release(self) -> None:
+        """Give back every connection slot held (safe to call again)."""
+        for lease in self.leases:
+            lease.release()
+
+
+@dataclass(frozen=True, slots=True)
+class CountLimitRule:
+    index: int
+    key: str                       # client-ip | client-id | api | global
+    max: cfgmod.PerPlan
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    index: int
+    key: str
+    policy: cfgmod.RateLimit
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRules:
+    """The message policies of one flow (request or response)."""
+
+    flow: str                      # "request" | "response"
+    rates: tuple                   # (index, MessageRateLimit)
+    sizes: tuple                   # MessageSizeLimit
+
+    def for_connection(self, api: str, plan: str, client_key: str) -> list[tuple]:
+        """Rule tuples for Leg.set_policies, with the values of the plan."""
+        out = []
+        for index, p in self.rates:
+            rate = p.messages.for_plan(plan) if p.messages is not None else None
+            brate = p.bytes.for_plan(plan) if p.bytes is not None else None
+            base = f"m|{api}|{self.flow}|{index}|" + (client_key if p.scope == "client" else "")
+            out.append((
+                p.name, ACTIONS[p.action], SCOPES[p.scope],
+                rate.per_second if rate else 0.0, p.burst_for(plan) or 1.0,
+                brate.per_second if brate else 0.0, float(p.byte_burst_for(plan) or 1),
+                key_hash(base + "|m"), key_hash(base + "|b"),
+            ))
+        return out
+
+    def max_size(self, plan: str, ceiling: int) -> int:
+        size = ceiling
+        for p in self.sizes:
+            size = min(size, int(p.max.for_plan(plan)))
+        return size
+
+
+def _limit_key(prefix: str, key: str, api: str, client_ip: str, client_id: str | None) -> str:
+    """The table key of a pre-upgrade limit: per policy, except `global`, shared by all APIs."""
+    if key == "global":
+        return f"{prefix[0]}|global"
+    if key == "client-ip":
+        return f"{prefix}|{api}|ip|{client_ip}"
+    if key == "client-id":
+        return f"{prefix}|{api}|id|{client_id}"
+    return f"{prefix}|{api}"        # key: api
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledApi:
     name: str
     prefix: str                    # without trailing slash; "" for "/"
     host: str | None               # lower-case, or None for any host
     upgrade: Upgrade
+    origins: frozenset | None = None
+    auth: object = None            # identity.ApiKeyAuth | identity.JwtAuth | None
+    close_on_expiry: bool = False
+    trusted: tuple = ()            # networks whose X-Forwarded-For is believed
+    pre: tuple = ()                # CountLimitRule | RateLimitRule, in assembly order
+    request: MessageRules | None = None
+    response: MessageRules | None = None
+    max_connections: int = 0       # the gateway's global cap (0: none)
+
+    def admit(self, zone: LimitZone, req: UpgradeRequest) -> Admission:
+        """The pre-upgrade phase: identity, origin, connection and attempt limits."""
+        if self.origins is not None:
+            identity.check_origin(req.get("origin"), self.origins)
+        if self.auth is not None:
+            who = self.auth.authenticate(req.headers, req.query, self.name, now=req.wall)
+        else:
+            who = identity.Identity(None, cfgmod.DEFAULT_PLAN, None)
+        xff = [v for k, v in req.headers if k == "x-forwarded-for"]
+        ip = identity.client_ip(req.peer_ip, xff, self.trusted) if self.trusted else req.peer_ip
+        adm = Admission(ip, who.client_id, who.plan, who.expires_at)
+        try:
+            if self.max_connections:
+                self._acquire(zone, adm, key_hash("cap|global"), self.max_connections,
+                              Refusal(503, "the gateway is at its connection limit", kind="capacity"))
+            for rule in self.pre:
+                kind = "c" if isinstance(rule, CountLimitRule) else "r"
+                k = key_hash(_limit_key(f"{kind}{rule.index}", rule.key, self.name, ip, who.client_id))
+                if isinstance(rule, CountLimitRule):
+                    limit = int(rule.max.for_plan(who.plan))
+                    self._acquire(zone, adm, k, limit, Refusal(
+                        429, f"too many connections ({limit} allowed per {rule.key})",
+                        [("Retry-After", str(COUNT_LIMIT_RETRY_AFTER))], kind="count_limit"))
+                else:
+                    p = rule.policy
+                    rate = p.rate.for_plan(who.plan)
+                    wait = zone.take_py(k, rate.per_second, p.burst_for(who.plan), req.now, 1.0)
+                    if wait > 0.0:
+                        raise Refusal(429, f"too many upgrade attempts ({rate} per {rule.key})",
+                                      [("Retry-After", str(max(1, math.ceil(wait))))], kind="rate_limit")
+        except BaseException:
+            adm.release()
+            raise
+        up = self.upgrade
+        if self.request is not None:
+            adm.request_rules = self.request.for_connection(self.name, who.plan, adm.client_key)
+            adm.request_max_size = self.request.max_size(who.plan, up.max_message_size)
+        else:
+            adm.request_max_size = up.max_message_size
+        if self.response is not None:
+            adm.response_rules = self.response.for_connection(self.name, who.plan, adm.client_key)
+            adm.response_max_size = self.response.max_size(who.plan, up.max_message_size)
+        else:
+            adm.response_max_size = up.max_message_size
+        return adm
+
+    @staticmethod
+    def _acquire(zone: LimitZone, adm: Admission, key: int, limit: int, refusal: Refusal) -> None:
+        got = zone.try_acquire([(key, limit)])
+        if isinstance(got, Lease):
+            adm.leases.append(got)
+            return
+        if got == -1:
+            raise Refusal(503, "the gateway's connection table is full", kind="capacity")
+        raise refusal
 
 
 def compile_upgrade(policy, profiles) -> Upgrade:
@@ -92,15 +293,62 @@ class Router:
         return None
 
 
+def compile_auth(policy, config):
+    """An identity.ApiKeyAuth or identity.JwtAuth from an api-key or jwt policy."""
+    if isinstance(policy, cfgmod.ApiKey):
+        clients = identity.clients_by_key(
+            (identity.Client(c.id, c.plan, c.apis), c.keys) for c in config.all_clients())
+        return identity.ApiKeyAuth(clients, header=policy.header.lower() if policy.header else None,
+                                   query=policy.query)
+    jwks = identity.JwtAuth.load_jwks(policy.jwks_file) if policy.jwks_file else None
+    public = None
+    if policy.public_key:
+        with open(policy.public_key, "rb") as f:
+            public = f.read()
+    secret = policy.read_secret() if (policy.secret_env or policy.secret_file) else None
+    return identity.JwtAuth(
+        policy.algorithms, secret=secret, public_key_pem=public, jwks=jwks,
+        issuer=policy.issuer, audience=policy.audience, client_id_claim=policy.client_id_claim,
+        plan_claim=policy.plan_claim, required_scopes=policy.required_scopes or (),
+        query=policy.query, leeway=float(policy.leeway))
+
+
+def compile_flow(flow: str, policies) -> MessageRules | None:
+    if not policies:
+        return None
+    rates = tuple((i, p) for i, p in enumerate(policies) if isinstance(p, cfgmod.MessageRateLimit))
+    sizes = tuple(p for p in policies if isinstance(p, cfgmod.MessageSizeLimit))
+    return MessageRules(flow, rates, sizes)
+
+
+def compile_api(api, config) -> CompiledApi:
+    upgrade = api.assembly[-1]
+    auth = None
+    close_on_expiry = False
+    pre = []
+    for index, policy in enumerate(api.assembly[:-1]):
+        if isinstance(policy, cfgmod.IDENTITY_POLICY_TYPES):
+            auth = compile_auth(policy, config)
+            close_on_expiry = isinstance(policy, cfgmod.Jwt) and policy.close_on_expiry
+        elif isinstance(policy, cfgmod.CountLimit):
+            pre.append(CountLimitRule(index, policy.key, policy.max))
+        elif isinstance(policy, cfgmod.RateLimit):
+            pre.append(RateLimitRule(index, policy.key, policy))
+    return CompiledApi(
+        name=api.name,
+        prefix=api.path.rstrip("/"),
+        host=api.host.lower() if api.host else None,
+        upgrade=compile_upgrade(upgrade, config.tls_profiles),
+        origins=frozenset(api.origins) if api.origins is not None else None,
+        auth=auth,
+        close_on_expiry=close_on_expiry,
+        trusted=tuple(config.trusted_networks()),
+        pre=tuple(pre),
+        request=compile_flow("request", upgrade.request),
+        response=compile_flow("response", upgrade.response),
+        max_connections=config.limits.max_connections,
+    )
+
+
 def compile_config(config) -> Router:
-    apis = []
-    for api in config.apis:
-        upgrade = api.assembly[-1]
-        prefix = api.path.rstrip("/")
-        apis.append(CompiledApi(
-            name=api.name,
-            prefix=prefix,
-            host=api.host.lower() if api.host else None,
-            upgrade=compile_upgrade(upgrade, config.tls_profiles),
-        ))
-    return Router(apis)
+    return Router([compile_api(api, config) for api in config.apis])

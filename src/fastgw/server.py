@@ -28,8 +28,9 @@ from http import HTTPStatus
 from picows import WSAutoPingStrategy, WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.picows import WSProtocol
 
-from fastgw._core import Relay
-from fastgw.policies import Router, compile_config
+from fastgw._core import LimitZone, Relay
+from fastgw.identity import AuthError
+from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import RCVBUF, UpstreamError, dial
 
 log = logging.getLogger("fastgw")
@@ -50,16 +51,6 @@ _NOT_FORWARDED = frozenset({
 })
 
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-class Refusal(Exception):
-    """An HTTP answer instead of the upgrade."""
-
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers or []
 
 
 class Request:
@@ -202,23 +193,30 @@ def _feed(proto, data: bytes) -> None:
 class Connection:
     """What the server keeps about one live relayed connection."""
 
-    __slots__ = ("id", "api", "peer", "started", "subprotocol", "relay", "lifetime_timer", "idle_timer")
+    __slots__ = ("id", "api", "peer", "started", "subprotocol", "relay", "admission",
+                 "lifetime_timer", "idle_timer", "expiry_timer")
 
-    def __init__(self, id_: int, api: str, peer: str, subprotocol: str | None):
+    def __init__(self, id_: int, api: str, peer: str, admission):
         self.id = id_
         self.api = api
         self.peer = peer
         self.started = time.time()
-        self.subprotocol = subprotocol
+        self.subprotocol = None
         self.relay = None
+        self.admission = admission          # policies.Admission: identity, leases, rules
         self.lifetime_timer = None
         self.idle_timer = None
+        self.expiry_timer = None
+
+    @property
+    def client_key(self) -> str:
+        return self.admission.client_key
 
     def cancel_timers(self) -> None:
-        for t in (self.lifetime_timer, self.idle_timer):
+        for t in (self.lifetime_timer, self.idle_timer, self.expiry_timer):
             if t is not None:
                 t.cancel()
-        self.lifetime_timer = self.idle_timer = None
+        self.lifetime_timer = self.idle_timer = self.expiry_timer = None
 
 
 class Handshake(asyncio.Protocol):
@@ -303,17 +301,24 @@ class Handshake(asyncio.Protocol):
     async def _upgrade(self, end: int):
         gw = self.gw
         relay = None
+        admission = None
         try:
             req = parse_head(bytes(self.buf[:end]))
             api, rest, offered = check_upgrade(req, gw.router)
             if gw.draining:
-                raise Refusal(503, "gateway is shutting down")
+                raise Refusal(503, "gateway is shutting down", kind="capacity")
+            _, _, query = req.target.partition("?")
+            try:
+                admission = api.admit(gw.zone, UpgradeRequest(
+                    req.headers, query, self.peer_ip, time.monotonic(), time.time()))
+            except AuthError as exc:
+                raise Refusal(exc.status, exc.reason, list(exc.headers), kind=exc.kind) from None
             up = api.upgrade
-            conn = Connection(gw.next_id(), api.name, self.peer_ip, None)
-            relay = Relay(gw.loop, gw._relay_ended, conn,
-                          max_message_size=up.max_message_size)
+            conn = Connection(gw.next_id(), api.name, self.peer_ip, admission)
+            relay = Relay(gw.loop, gw._relay_ended, conn, max_message_size=up.max_message_size)
+            relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size)
+            relay.backend.set_policies(admission.response_rules, gw.zone, admission.response_max_size)
             conn.relay = relay
-            t0 = time.monotonic()
             try:
                 chosen = await dial(up, up.backend_url(rest),
                                     backend_headers(req, self.peer_ip, self.secure, offered),
@@ -326,8 +331,8 @@ class Handshake(asyncio.Protocol):
                 relay.abort()
                 return
             conn.subprotocol = chosen
-            self._hand_over(req, end, relay, chosen, up)
-            gw.dial_seconds_total += time.monotonic() - t0
+            self._hand_over(req, end, relay, chosen, up, api)
+            admission = None                     # the relay's end of life releases it now
         except Refusal as refusal:
             self.refuse(refusal)
         except asyncio.CancelledError:
@@ -341,8 +346,11 @@ class Handshake(asyncio.Protocol):
             if self.state == "done":        # already handed over: no HTTP answer possible
                 self.transport.abort()
             self.refuse(Refusal(500, f"internal error: {type(exc).__name__}"))
+        finally:
+            if admission is not None:
+                admission.release()
 
-    def _hand_over(self, req: Request, end: int, relay, chosen, up):
+    def _hand_over(self, req: Request, end: int, relay, chosen, up, api):
         self.state = "done"
         self._stop_timer()
         self.gw.handshakes.discard(self)
@@ -367,7 +375,7 @@ class Handshake(asyncio.Protocol):
         transport = self.transport
         transport.set_protocol(proto)
         proto.connection_made(transport)
-        self.gw.attach(relay, up)
+        self.gw.attach(relay, api)
         _feed(proto, head + early)
         if not relay.client.attached:
             # picows refused the request after all: the backend leg must go too.
@@ -382,6 +390,7 @@ class Gateway:
     def __init__(self, config):
         self.config = config
         self.router: Router = compile_config(config)
+        self.zone = LimitZone(config.limits.max_keys)
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self.loop = None
@@ -422,11 +431,16 @@ class Gateway:
                 self.addresses.append(("wss" if secure else "ws", host, port))
         return self.addresses
 
-    def attach(self, relay, up) -> None:
+    def attach(self, relay, api) -> None:
         """A relay whose client is about to get its 101 joins the live table."""
         conn = relay.info
+        up = api.upgrade
         self.live[conn.id] = conn
         self.accepted += 1
+        expires = conn.admission.expires_at
+        if api.close_on_expiry and expires is not None:
+            conn.expiry_timer = self.loop.call_later(
+                max(0.0, expires - time.time()), relay.close, 1008, "token expired")
         if up.max_lifetime:
             conn.lifetime_timer = self.loop.call_later(
                 up.max_lifetime, relay.close, 1001, "max lifetime reached")
@@ -450,6 +464,7 @@ class Gateway:
     def _relay_ended(self, relay) -> None:
         conn = relay.info
         conn.cancel_timers()
+        conn.admission.release()
         conn.relay = None
         self.live.pop(conn.id, None)
         if self.draining and not self.live and self._idle is not None and not self._idle.done():
