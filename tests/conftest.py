@@ -83,9 +83,11 @@ async def gateway_factory():
     for rg in started:
         await rg.wait_idle()
         live, handshakes = dict(rg.gw.live), set(rg.gw.handshakes)
+        slots = rg.gw.zone.counts_used()
         await rg.gw.shutdown(1.0)
         assert not live, f"connections left in the table: {live}"
         assert not handshakes, "handshakes left open"
+        assert slots == 0, f"{slots} connection-limit slots still held"
 
 
 @pytest.fixture

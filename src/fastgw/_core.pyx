@@ -187,16 +187,17 @@ cdef class Leg(WSListener):
 
     # ---- message policies -------------------------------------------------
 
-    def set_policies(self, list rules, LimitZone zone=None, max_message_size=None):
+    def set_policies(self, list rules, LimitZone zone=None, max_message_size=None, now=None):
         """Install the message policies of the flow this leg reads.
 
         `rules` holds tuples (name, action, scope, msg_rate, msg_burst,
         byte_rate, byte_burst, msg_key, byte_key) with the values of the
-        connection's plan; rates are per second, 0 for none.
+        connection's plan; rates are per second, 0 for none. `now` (monotonic
+        seconds, default: the clock) is when the connection's buckets start full.
         """
         cdef int i
         cdef MsgRule* r
-        cdef double now = self._clock()
+        cdef double start = self._clock() if now is None else now
         if max_message_size is not None:
             self.max_message_size = max_message_size
         if self.rules != NULL:
@@ -220,8 +221,8 @@ cdef class Leg(WSListener):
             r.msg_key = msg_key
             r.byte_key = byte_key
             r.limited = 0
-            bucket_init(&r.msg_bucket, msg_burst, now)
-            bucket_init(&r.byte_bucket, byte_burst, now)
+            bucket_init(&r.msg_bucket, msg_burst, start)
+            bucket_init(&r.byte_bucket, byte_burst, start)
             self.rule_names.append(name.encode() if isinstance(name, str) else name)
         if zone is None:
             for i in range(len(rules)):
@@ -229,6 +230,19 @@ cdef class Leg(WSListener):
                     raise ValueError("shared scopes need a LimitZone")
         self.zone = zone
         self.n_rules = len(rules)
+
+    def decide(self, int opcode, bint fin, Py_ssize_t size, double now, bint retry=False):
+        """Sans-I/O view of the flow's rate limits: the verdict on one data frame
+        (opcode 0 for a continuation) at time `now`, as the relay would reach it.
+        Returns (verdict, wait): verdict "pass", "drop", "delay" or "reject".
+        After "delay", ask again for the same frame with retry=True, as the relay does.
+        """
+        self.now = now
+        self.now_valid = True
+        cdef int verdict = self._apply_rules(<uint8_t>((fin << 7) | opcode), size, retry)
+        self.now_valid = False
+        return (("pass", "drop", "delay", "reject")[verdict],
+                self.wait if verdict == VERDICT_DELAY else 0.0)
 
     def rule_limited(self):
         """Messages limited so far by each rule, in order."""

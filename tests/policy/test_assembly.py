@@ -1,0 +1,277 @@
+"""Assemblies built from YAML, fed with synthetic upgrade requests and
+(opcode, fin, size, time) sequences: the decisions, without sockets."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from fastgw import config as cfgmod
+from fastgw._core import LimitZone, Relay
+from fastgw.policies import Refusal, UpgradeRequest, compile_config
+from fastgw.identity import AuthError
+
+YAML = """
+listeners: [{port: 0}]
+plans: [gold]
+trusted-proxies: [10.0.0.0/8]
+clients:
+  - {id: alice, key: alice-key, plan: gold}
+  - {id: bob, key: bob-key}
+  - {id: carol, key: carol-key, apis: [other]}
+apis:
+  - name: chat
+    path: /chat
+    origins: [https://app.example.com]
+    assembly:
+      - policy: api-key
+        query: api_key
+      - policy: count-limit
+        key: client-id
+        max: {default: 2, gold: 3}
+      - policy: rate-limit
+        key: client-ip
+        rate: 1/10s
+        burst: 4
+      - policy: websocket-upgrade
+        target-url: ws://127.0.0.1:9000/
+        max-message-size: 1MiB
+        request:
+          - policy: message-rate-limit
+            name: chat-rate
+            messages: {default: 1/1s, gold: 10/1s}
+            burst: {default: 2, gold: 20}
+            action: reject
+          - policy: message-size-limit
+            max: {default: 64KiB, gold: 256KiB}
+        response:
+          - policy: message-rate-limit
+            bytes: 1000/1s
+            byte-burst: 2000
+            action: delay
+  - name: other
+    path: /other
+    assembly:
+      - policy: jwt
+        algorithms: [HS256]
+        secret-env: FASTGW_POLICY_TEST_SECRET
+        issuer: https://issuer.example
+        plan-claim: plan
+      - policy: websocket-upgrade
+        target-url: ws://127.0.0.1:9000/
+        request:
+          - policy: message-rate-limit
+            messages: 2/1s
+            burst: 2
+            scope: client
+            action: drop
+"""
+
+SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+
+
+@pytest.fixture
+def router(monkeypatch):
+    monkeypatch.setenv("FASTGW_POLICY_TEST_SECRET", SECRET)
+    return compile_config(cfgmod.loads(YAML, "yaml"))
+
+
+def api_named(router, name):
+    return next(a for a in router.apis if a.name == name)
+
+
+def request(headers=(), query="", peer="192.0.2.1", now=100.0, wall=None):
+    base = [("host", "gw"), ("origin", "https://app.example.com")]
+    return UpgradeRequest(base + list(headers), query, peer, now, wall if wall is not None else time.time())
+
+
+def test_api_key_identity_and_plan(router):
+    chat = api_named(router, "chat")
+    zone = LimitZone(1024)
+    adm = chat.admit(zone, request([("x-api-key", "alice-key")]))
+    assert (adm.client_id, adm.plan, adm.client_key) == ("alice", "gold", "alice")
+    assert adm.request_max_size == 256 * 1024
+    adm2 = chat.admit(zone, request(query="api_key=bob-key"))
+    assert (adm2.client_id, adm2.plan) == ("bob", "default")
+    assert adm2.request_max_size == 64 * 1024
+    assert adm2.response_max_size == 1024 * 1024
+    adm.release()
+    adm2.release()
+    assert zone.counts_used() == 0
+
+
+@pytest.mark.parametrize("headers, query, status", [
+    ([], "", 401),
+    ([("x-api-key", "nope")], "", 401),
+    ([("x-api-key", "carol-key")], "", 403),
+])
+def test_api_key_refusals(router, headers, query, status):
+    with pytest.raises(AuthError) as info:
+        api_named(router, "chat").admit(LimitZone(64), request(headers, query))
+    assert info.value.status == status
+    if status == 401:
+        assert any(k.lower() == "www-authenticate" for k, _ in info.value.headers)
+
+
+def test_origin_refused(router):
+    req = request([("x-api-key", "alice-key")])
+    req.headers[1] = ("origin", "https://evil.example.com")
+    with pytest.raises(AuthError) as info:
+        api_named(router, "chat").admit(LimitZone(64), req)
+    assert info.value.status == 403
+
+
+def test_count_limit_per_client_and_plan(router):
+    chat = api_named(router, "chat")
+    zone = LimitZone(1024)
+    # Distinct peers so that the attempt limit (per client-ip) stays out of the way.
+    bobs = [chat.admit(zone, request([("x-api-key", "bob-key")], peer=f"192.0.2.{i}")) for i in range(2)]
+    with pytest.raises(Refusal) as info:
+        chat.admit(zone, request([("x-api-key", "bob-key")], peer="192.0.2.9"))
+    assert info.value.status == 429 and info.value.kind == "count_limit"
+    assert ("Retry-After", "1") in info.value.headers
+    alices = [chat.admit(zone, request([("x-api-key", "alice-key")], peer=f"198.51.100.{i}")) for i in range(3)]
+    with pytest.raises(Refusal):
+        chat.admit(zone, request([("x-api-key", "alice-key")], peer="198.51.100.9"))
+    bobs[0].release()
+    bobs[0].release()                     # a second release changes nothing
+    again = chat.admit(zone, request([("x-api-key", "bob-key")], peer="192.0.2.20"))
+    with pytest.raises(Refusal):
+        chat.admit(zone, request([("x-api-key", "bob-key")], peer="192.0.2.21"))
+    for adm in [bobs[1], again, *alices]:
+        adm.release()
+    assert zone.counts_used() == 0
+
+
+def test_rate_limit_admits_burst_then_429_with_retry_after(router):
+    chat = api_named(router, "chat")
+    zone = LimitZone(1024)
+    for i in range(4):                    # burst 4
+        chat.admit(zone, request([("x-api-key", "bob-key")], now=100.0)).release()
+    with pytest.raises(Refusal) as info:
+        chat.admit(zone, request([("x-api-key", "bob-key")], now=100.0))
+    assert info.value.status == 429 and info.value.kind == "rate_limit"
+    assert ("Retry-After", "10") in info.value.headers          # 1/10s: the next token in 10 s
+    with pytest.raises(Refusal) as info:
+        chat.admit(zone, request([("x-api-key", "bob-key")], now=106.0))
+    assert ("Retry-After", "4") in info.value.headers
+    chat.admit(zone, request([("x-api-key", "bob-key")], now=110.0)).release()
+    # A refused attempt held no connection slot.
+    assert zone.counts_used() == 0
+
+
+def test_trusted_proxy_address_is_the_client(router):
+    chat = api_named(router, "chat")
+    zone = LimitZone(1024)
+    adm = chat.admit(zone, request([("x-api-key", "bob-key"), ("x-forwarded-for", "203.0.113.7, 10.1.1.1")],
+                                   peer="10.0.0.2"))
+    assert adm.client_ip == "203.0.113.7"
+    untrusted = chat.admit(zone, request([("x-api-key", "bob-key"), ("x-forwarded-for", "203.0.113.7")],
+                                         peer="192.0.2.50"))
+    assert untrusted.client_ip == "192.0.2.50"
+    adm.release()
+    untrusted.release()
+
+
+def relay_for(adm, zone):
+    relay = Relay(None, None)
+    relay.client.set_policies(adm.request_rules, zone, adm.request_max_size, now=0.0)
+    relay.backend.set_policies(adm.response_rules, zone, adm.response_max_size, now=0.0)
+    return relay
+
+
+def test_message_reject_after_burst_per_plan(router):
+    chat = api_named(router, "chat")
+    zone = LimitZone(1024)
+    bob = chat.admit(zone, request([("x-api-key", "bob-key")]))
+    relay = relay_for(bob, zone)
+    decisions = [relay.client.decide(1, True, 10, 1000.0)[0] for _ in range(3)]
+    assert decisions == ["pass", "pass", "reject"]                # burst 2 (default plan)
+    assert relay.client.rejected == 1 and relay.client.rule_limited() == [1]
+    alice = chat.admit(zone, request([("x-api-key", "alice-key")], peer="192.0.2.2"))
+    relay = relay_for(alice, zone)
+    assert [relay.client.decide(1, True, 10, 1000.0)[0] for _ in range(21)] == ["pass"] * 20 + ["reject"]
+    # Tokens come back with time: 10/s for gold.
+    relay = relay_for(alice, zone)
+    for _ in range(20):
+        relay.client.decide(2, True, 10, 2000.0)
+    assert relay.client.decide(2, True, 10, 2000.05)[0] == "reject"
+    relay = relay_for(alice, zone)
+    for _ in range(20):
+        relay.client.decide(2, True, 10, 3000.0)
+    assert relay.client.decide(2, True, 10, 3000.11)[0] == "pass"
+    bob.release()
+    alice.release()
+
+
+def test_fragmented_message_counted_once(router):
+    chat = api_named(router, "chat")
+    zone = LimitZone(1024)
+    bob = chat.admit(zone, request([("x-api-key", "bob-key")]))
+    relay = relay_for(bob, zone)
+    # Two fragmented messages of three frames each fit a burst of 2 messages.
+    seq = [(1, False), (0, False), (0, True), (2, False), (0, False), (0, True)]
+    assert [relay.client.decide(op, fin, 100, 50.0)[0] for op, fin in seq] == ["pass"] * 6
+    assert relay.client.decide(1, True, 1, 50.0)[0] == "reject"
+    bob.release()
+
+
+def test_response_bytes_delay_waits_for_tokens(router):
+    chat = api_named(router, "chat")
+    zone = LimitZone(1024)
+    bob = chat.admit(zone, request([("x-api-key", "bob-key")]))
+    relay = relay_for(bob, zone)
+    backend = relay.backend                  # the response flow: 1000 B/s, burst 2000
+    assert backend.decide(2, True, 1500, 10.0) == ("pass", 0.0)
+    verdict, wait = backend.decide(2, True, 1000, 10.0)
+    assert verdict == "delay" and wait == pytest.approx(0.5)   # 500 left, 1000 needed
+    assert backend.decide(2, True, 1000, 10.5, retry=True) == ("pass", 0.0)
+    assert backend.delayed == 1                                  # counted once per message
+    # Bytes of later fragments are counted in full.
+    assert backend.decide(2, False, 0, 20.0)[0] == "pass"
+    assert backend.decide(0, False, 2000, 20.0)[0] == "pass"
+    assert backend.decide(0, True, 500, 20.0)[0] == "delay"
+    bob.release()
+
+
+def test_jwt_identity_plan_and_expiry(router):
+    other = api_named(router, "other")
+    zone = LimitZone(1024)
+    now = time.time()
+    token = jwt.encode({"sub": "dave", "plan": "gold", "iss": "https://issuer.example", "exp": now + 60},
+                       SECRET, algorithm="HS256")
+    adm = other.admit(zone, request([("authorization", f"Bearer {token}")], wall=now))
+    assert (adm.client_id, adm.plan) == ("dave", "gold")
+    assert adm.expires_at == pytest.approx(now + 60)
+    expired = jwt.encode({"sub": "dave", "iss": "https://issuer.example", "exp": now - 5}, SECRET, algorithm="HS256")
+    with pytest.raises(AuthError) as info:
+        other.admit(zone, request([("authorization", f"Bearer {expired}")], wall=now))
+    assert info.value.status == 401
+    wrong_iss = jwt.encode({"sub": "dave", "iss": "https://evil", "exp": now + 60}, SECRET, algorithm="HS256")
+    with pytest.raises(AuthError):
+        other.admit(zone, request([("authorization", f"Bearer {wrong_iss}")], wall=now))
+
+
+def test_client_scope_drop_shared_across_connections(router):
+    other = api_named(router, "other")
+    zone = LimitZone(1024)
+    now = time.time()
+    token = jwt.encode({"sub": "erin", "iss": "https://issuer.example", "exp": now + 60}, SECRET, algorithm="HS256")
+    relays = []
+    for _ in range(3):
+        adm = other.admit(zone, request([("authorization", f"Bearer {token}")], wall=now))
+        relays.append(relay_for(adm, zone))
+    # Burst 2 for the client as a whole: the third message, on any connection, is dropped.
+    assert relays[0].client.decide(1, True, 5, 7.0)[0] == "pass"
+    assert relays[1].client.decide(1, True, 5, 7.0)[0] == "pass"
+    assert relays[2].client.decide(1, True, 5, 7.0)[0] == "drop"
+    # A dropped message is dropped whole: its continuation follows it.
+    assert relays[0].client.decide(1, False, 5, 7.0)[0] == "drop"
+    assert relays[0].client.decide(0, True, 5, 7.0)[0] == "drop"
+    assert relays[2].client.dropped == 1 and relays[0].client.dropped == 1
+    # Another client has its own budget.
+    token2 = jwt.encode({"sub": "frank", "iss": "https://issuer.example", "exp": now + 60}, SECRET, algorithm="HS256")
+    adm = other.admit(zone, request([("authorization", f"Bearer {token2}")], wall=now))
+    assert relay_for(adm, zone).client.decide(1, True, 5, 7.0)[0] == "pass"
