@@ -57,6 +57,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "lat-5k/s": {"mode": "latency", "size": 64, "rate": 5000},
 }
 
+# Target "fastgw" is the API at /, "fastgw-policies" the API at /policed: the same
+# gateway process, with a request and a response message-rate-limit that never trigger.
 GATEWAY_YAML = """\
 listeners: [{{host: 127.0.0.1, port: 0}}]
 apis:
@@ -65,7 +67,23 @@ apis:
     assembly:
       - policy: websocket-upgrade
         target-url: ws://127.0.0.1:{backend_port}/
+  - name: policed
+    path: /policed
+    assembly:
+      - policy: websocket-upgrade
+        target-url: ws://127.0.0.1:{backend_port}/
+        request:
+          - policy: message-rate-limit
+            messages: 100000000/1s
+            bytes: 100GiB/1s
+            action: reject
+        response:
+          - policy: message-rate-limit
+            messages: 100000000/1s
+            action: delay
 """
+GATEWAY_TARGETS = ("fastgw", "fastgw-policies")
+RATIOS = (("fastgw/direct", "fastgw", "direct"), ("policies/fastgw", "fastgw-policies", "fastgw"))
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -321,7 +339,8 @@ def fmt(v: float | None) -> str:
 
 
 def markdown(summary: dict[str, dict[str, dict[str, float | None]]], targets: list[str]) -> str:
-    cols = list(targets) + (["fastgw/direct"] if {"direct", "fastgw"} <= set(targets) else [])
+    ratios = [r for r in RATIOS if {r[1], r[2]} <= set(targets)]
+    cols = list(targets) + [r[0] for r in ratios]
     lines = ["| scenario | figure | " + " | ".join(cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for scenario, per_target in summary.items():
@@ -335,9 +354,9 @@ def markdown(summary: dict[str, dict[str, dict[str, float | None]]], targets: li
             if all(v is None for v in vals):
                 continue
             row = [fmt(v) for v in vals]
-            if "fastgw/direct" in cols:
-                d = per_target.get("direct", {}).get(name)
-                g = per_target.get("fastgw", {}).get(name)
+            for _, top, bottom in ratios:
+                d = per_target.get(bottom, {}).get(name)
+                g = per_target.get(top, {}).get(name)
                 ratio_ok = d and g is not None and not name.startswith("other load")
                 row.append(f"{g / d:.2f}" if ratio_ok else "–")
             lines.append(f"| {scenario} | {name} | " + " | ".join(row) + " |")
@@ -359,7 +378,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=1, help="load generator processes")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--targets", default="direct,fastgw")
+    p.add_argument("--targets", default="direct,fastgw,fastgw-policies")
     p.add_argument("--no-pin", action="store_true", help="do not set CPU affinity")
     p.add_argument("--gateway-cmd", default=f"{PY} -m fastgw run -c {{config}}",
                    help="command that starts the gateway; {config} is the YAML path")
@@ -374,7 +393,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if s not in SCENARIOS:
             p.error(f"unknown scenario {s!r}")
     for t in a.targets:
-        if t not in ("direct", "fastgw"):
+        if t not in ("direct", *GATEWAY_TARGETS):
             p.error(f"unknown target {t!r}")
     return a
 
@@ -445,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
         gateway: Started | None = None
         meta["gateway"] = "not requested"
-        if "fastgw" in args.targets:
+        if any(t in GATEWAY_TARGETS for t in args.targets):
             cfg = logdir / "gateway.yaml"
             cfg.write_text(GATEWAY_YAML.format(backend_port=backend_port))
             cmd = args.gateway_cmd.format(config=cfg).split()
@@ -455,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 gw_port = gateway.wait_port(15)
                 pin_all_threads(gateway.pid, gw_cpu)
                 urls["fastgw"] = f"ws://127.0.0.1:{gw_port}/"
+                urls["fastgw-policies"] = f"ws://127.0.0.1:{gw_port}/policed/"
                 meta["gateway"] = f"pid {gateway.pid} on port {gw_port}: {' '.join(cmd)}"
                 print(f"bench: gateway pid {gateway.pid} on port {gw_port}", file=sys.stderr)
             except (RuntimeError, OSError) as exc:
@@ -472,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             for sname in args.scenarios:
                 for target in targets:
                     sc = SCENARIOS[sname]
-                    on_gw = gateway is not None and target == "fastgw"
+                    on_gw = gateway is not None and target in GATEWAY_TARGETS
                     b0 = tree_cpu_seconds(backend.pid)
                     g0 = tree_cpu_seconds(gateway.pid) if on_gw and gateway else 0.0
                     l0 = children_cpu_seconds()
