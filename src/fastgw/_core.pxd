@@ -102,6 +102,7 @@ cdef class Leg(WSListener):
         Py_ssize_t held_cap
         Py_ssize_t held_pos
         bint holding
+        double hold_due              # when the held message's wait ends (monotonic s)
         object delay_timer
 
         readonly uint64_t messages   # whole data messages received from this leg
@@ -123,6 +124,7 @@ cdef class Leg(WSListener):
     cdef int _hold(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
     cdef int _start_hold(self, double wait) except -1
     cdef int _end_hold(self) except -1
+    cdef bint _socket_alive(self) noexcept
     cdef int _on_close(self, const char* payload, Py_ssize_t size) except -1
     cdef bint _accept_data(self, WSFrame frame) except -1
     cdef int send_gateway_close(self, int code, bytes reason) except -1

@@ -23,10 +23,26 @@ cdef extern from "<arpa/inet.h>" nogil:
 cdef extern from "<endian.h>" nogil:
     uint64_t htobe64(uint64_t)
 
+cdef extern from "<netinet/in.h>" nogil:
+    enum: IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    struct tcp_info:
+        uint8_t tcpi_state
+    enum: TCP_INFO
+    enum: TCP_ESTABLISHED
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    int getsockopt(int fd, int level, int name, void* value, socklen_t* size)
+
 
 # Frames at least this large are written in place from picows' read buffer
 # (picows writes the header in front of the payload) instead of being copied
 # into the output buffer.
+# While a delay holds a sender, its connection is checked at least this often (s).
+cdef double HOLD_WATCH = 1.0
+
 cdef enum:
     ZERO_COPY_MIN = 16384
     # After a flush, an output buffer larger than this is given back.
@@ -292,7 +308,9 @@ cdef class Leg(WSListener):
             if wait > 0.0:
                 if rule.action == ACTION_DELAY:
                     self.resume_rule = i
-                    self.wait = wait
+                    # At least a microsecond: a rounding-sized wait must still move
+                    # the clock the held frame is judged at (see _release_held).
+                    self.wait = wait if wait > 1e-6 else 1e-6
                     if first and not retry:
                         rule.limited += 1
                         self.delayed += 1
@@ -349,9 +367,22 @@ cdef class Leg(WSListener):
     cdef int _start_hold(self, double wait) except -1:
         self.holding = True
         self.add_pause(PAUSE_DELAY)
+        self.hold_due = self.now + wait
         if self.delay_timer is None:
-            self.delay_timer = self.relay._loop.call_later(wait, self._release_held)
+            self.delay_timer = self.relay._loop.call_later(
+                wait if wait < HOLD_WATCH else HOLD_WATCH, self._release_held)
         return 0
+
+    cdef bint _socket_alive(self) noexcept:
+        """Whether this leg's TCP connection is still established (checked while
+        reading is paused, when the event loop cannot see the peer leave)."""
+        cdef tcp_info info
+        cdef socklen_t size = sizeof(info)
+        if self.transport is None:
+            return True
+        if getsockopt(self.transport._socket, IPPROTO_TCP, TCP_INFO, &info, &size) != 0:
+            return False
+        return info.tcpi_state == TCP_ESTABLISHED
 
     cdef int _end_hold(self) except -1:
         self.holding = False
@@ -364,18 +395,37 @@ cdef class Leg(WSListener):
         return 0
 
     def _release_held(self):
-        """Timer: let held frames go, in order, as far as the limits allow."""
+        """Timer: let held frames go, in order, as far as the limits allow.
+
+        Held frames are judged at the time their wait ended (hold_due), not at
+        the timer's possibly late wake-up, so timer lateness costs no tokens;
+        never later than now, so no token is granted early. The timer also
+        wakes at least every HOLD_WATCH seconds to see whether the paused
+        sender's connection is gone.
+        """
         cdef Py_ssize_t pos
         cdef uint8_t first_byte
         cdef int64_t size
         cdef const char* payload
         cdef int verdict
         cdef bint retry = True
+        cdef double actual
         self.delay_timer = None
-        if self.gone or self.relay is None or self.relay.ended:
+        if self.gone or self.relay is None or self.relay.ended or not self.holding:
+            return
+        if not self._socket_alive():
+            # The sender left while paused: what it sent is lost with it.
+            self.held_size = self.held_pos = 0
+            self.transport.underlying_transport.abort()
             return
         self.now_valid = False
-        self._clock()
+        actual = self._clock()
+        if actual < self.hold_due:
+            self.now_valid = False
+            self.delay_timer = self.relay._loop.call_later(
+                min(HOLD_WATCH, self.hold_due - actual), self._release_held)
+            return
+        self.now = self.hold_due
         pos = self.held_pos
         while pos < self.held_size and self.holding:
             first_byte = <uint8_t>self.held_data[pos]
@@ -392,7 +442,9 @@ cdef class Leg(WSListener):
             verdict = self._apply_rules(first_byte, size, retry)
             if verdict == VERDICT_DELAY:
                 self.held_pos = pos
-                self.delay_timer = self.relay._loop.call_later(self.wait, self._release_held)
+                self.hold_due = self.now + self.wait
+                self.delay_timer = self.relay._loop.call_later(
+                    min(HOLD_WATCH, max(0.0, self.hold_due - actual)), self._release_held)
                 self.peer.flush()
                 self.now_valid = False
                 return
@@ -407,8 +459,6 @@ cdef class Leg(WSListener):
         self.flush()
         self.now_valid = False
         self._end_hold()
-
-    # ---- closing --------------------------------------------------------
 
     cdef int send_gateway_close(self, int code, bytes reason) except -1:
         """Write a CLOSE frame of the gateway's own to this leg."""
@@ -624,6 +674,14 @@ cdef class Leg(WSListener):
     @property
     def closing(self):
         return self.close_sent or self.close_recv
+
+    @property
+    def hold_state(self):
+        """(holding, seconds until the held message's wait ends, held bytes) for introspection."""
+        cdef timespec ts
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return (self.holding, self.hold_due - (<double>ts.tv_sec + <double>ts.tv_nsec * 1e-9),
+                self.held_size - self.held_pos, self.delay_timer is not None)
 
     @property
     def paused(self):
