@@ -18,6 +18,7 @@
 # place by another key. Key 0 given by a caller is stored as 2**64 - 1
 # (the two are one key); key_hash() never returns either.
 
+cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
 
@@ -63,6 +64,7 @@ cdef struct ZoneHeader:     # 128 bytes at offset 0 of the region
     uint64_t reserved3
 
 
+@cython.final                   # C calls to take/acquire/release skip the vtable
 cdef class LimitZone:
     cdef:
         char* region                # the one block (mmap), header at offset 0
@@ -84,6 +86,7 @@ cdef class LimitZone:
     cdef void release(self, uint64_t key) noexcept
 
 
+@cython.final
 cdef class Lease:
     # Up to 4 keys acquired together (LimitZone.try_acquire); release() gives
     # each back once, however often it is called.

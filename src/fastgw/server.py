@@ -390,7 +390,9 @@ class Gateway:
     def __init__(self, config):
         self.config = config
         self.router: Router = compile_config(config)
-        self.zone = LimitZone(config.limits.max_keys)
+        # Linear probing with a bounded probe finds no slot for a few keys past
+        # about 60% load: twice the slots keeps max-keys active keys well below it.
+        self.zone = LimitZone(2 * config.limits.max_keys)
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self.loop = None

@@ -152,6 +152,17 @@ def test_key_state_is_kept_and_reset_once_idle():
     assert z.bucket(77) is None
 
 
+def test_idle_key_starts_over_with_the_parameters_of_the_call():
+    z = LimitZone(16)
+    z.take_py(5, 1.0, 2.0, 0.0, 2.0)            # burst 2: full again at t = 2
+    # Idle at t = 3, now with burst 10 (a reload): a new, full bucket of 10.
+    assert z.take_py(5, 1.0, 10.0, 3.0, 10.0) == 0.0
+    assert z.bucket(5) == (0.0, 3.0, 13.0)
+    # Not idle: the state carries on (no reset to the new burst).
+    assert z.take_py(5, 1.0, 20.0, 4.0, 2.0) > 0.0
+    assert z.bucket(5)[0] == 1.0
+
+
 def test_key_zero_is_a_key():
     z = LimitZone(16)
     assert z.take_py(0, 1.0, 1.0, 0.0) == 0.0
@@ -215,13 +226,17 @@ def test_probe_bound_and_reuse_inside_a_chain():
     # The chain holds 32 slots: the 33rd colliding key overflows.
     assert z.take_py(keys[32], 0.01, 1.0, 0.0) == 0.0
     assert z.overflows == 1 and z.bucket(keys[32]) is None
-    # Once the first is idle, a new key takes its slot at the head of the chain...
+    # Once the first is idle, a key further on is still found (not put in the idle slot)...
+    assert z.take_py(keys[20], 0.01, 1.0, 0.5) > 0.0
+    assert z.bucket_reuses == 0
+    # ...and a new key takes the idle slot at the head of the chain...
     assert z.take_py(keys[33], 0.01, 1.0, 0.5) == 0.0
     assert z.overflows == 1 and z.bucket_reuses == 1
     assert z.bucket(keys[0]) is None
     # ...and the keys behind it are still found with their state (not re-inserted full).
     for k in keys[1:32]:
-        assert z.bucket(k) == (0.0, 0.0, 100.0)
+        if k != keys[20]:
+            assert z.bucket(k) == (0.0, 0.0, 100.0)
         assert z.take_py(k, 0.01, 1.0, 0.5) > 0.0
     assert z.take_py(keys[33], 0.01, 1.0, 0.5) > 0.0
     assert z.overflows == 1
