@@ -1316,6 +1316,13 @@ def _check_websocket_upgrade(config: Config, policy: WebsocketUpgrade, here: _Se
         target = parse_target(policy.target_url)
     except ValueError as exc:
         raise _Invalid(str(exc), (*here, "target-url")) from None
+    # Zero would refuse everything: a timeout of 0 s, frames or messages of at most 0 bytes.
+    for key, value in (("timeout", policy.timeout), ("idle-timeout", policy.idle_timeout),
+                       ("max-lifetime", policy.max_lifetime),
+                       ("max-frame-size", policy.max_frame_size),
+                       ("max-message-size", policy.max_message_size)):
+        if value is not None and value <= 0:
+            raise _Invalid(f"{key} must be greater than 0", (*here, key))
     if policy.tls_profile is not None:
         if policy.tls_profile not in config.tls_profiles:
             known = ", ".join(sorted(config.tls_profiles)) or "none"

@@ -1405,3 +1405,18 @@ def test_clients_file_relative_to_the_config(tmp_path: Path, monkeypatch: pytest
     assert config.clients_file == str(tmp_path / "etc" / "clients.yaml")
     assert [c.id for c in config.all_clients()] == ["alice", "bob"]
     assert path.exists()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("timeout", "0s"), ("idle-timeout", 0), ("max-lifetime", "0ms"),
+    ("max-frame-size", 0), ("max-message-size", "0KiB"),
+])
+def test_zero_limits_of_the_upgrade_are_refused(key, value):
+    text = ("listeners: [{port: 0}]\napis:\n  - name: a\n    path: /\n    assembly:\n"
+            "      - policy: websocket-upgrade\n        target-url: ws://127.0.0.1:1/\n"
+            f"        {key}: {value}\n")
+    from fastgw import config as cfgmod
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.loads(text, "yaml", "zero.yaml")
+    assert str(info.value) == (f"zero.yaml:8: {key} must be greater than 0 - at "
+                               f"`$.apis[0].assembly[0].{key}`")
