@@ -14,6 +14,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
 
 include "limits_decl.pxi"
+include "hdr_decl.pxi"
 
 
 cdef enum PauseReason:
@@ -55,6 +56,25 @@ cdef struct MsgRule:
     BucketState msg_bucket       # buckets for scope connection
     BucketState byte_bucket
     uint64_t limited             # messages this rule rejected, delayed or dropped
+
+
+cdef enum EndSide:
+    END_NONE = 0
+    END_CLIENT = 1
+    END_BACKEND = 2
+    END_GATEWAY = 3
+
+
+cdef class FlowStats:
+    # Counters of one flow (request or response) of one API, shared by all of
+    # the API's connections and updated on the frame path: metrics read
+    # O(APIs) numbers, never the live connections.
+    cdef:
+        readonly uint64_t messages
+        readonly uint64_t bytes
+        readonly uint64_t rejected
+        readonly uint64_t delayed
+        readonly uint64_t dropped
 
 
 cdef class Leg(WSListener):
@@ -111,6 +131,7 @@ cdef class Leg(WSListener):
         readonly uint64_t rejected   # messages refused by an action reject
         readonly uint64_t delayed    # messages held by an action delay
         readonly uint64_t dropped    # messages discarded by an action drop
+        FlowStats stats              # the API's counters of this leg's flow, or None
 
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef int queue_frame(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
@@ -147,6 +168,10 @@ cdef class Relay:
         object _close_timer
         double _close_timeout
         Py_ssize_t max_early_bytes     # bound for backend frames held before the client leg is ready
+        uint8_t _end_side              # EndSide: who ended the connection (first to act)
+        readonly int end_code          # the close code the client got or sent (1006: none)
+        readonly bytes end_reason
 
     cdef int _leg_gone(self) except -1
     cdef int _arm_close_timer(self) except -1
+    cdef int _mark_end(self, uint8_t side, int code, const char* reason, Py_ssize_t size) except -1

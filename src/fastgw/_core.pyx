@@ -52,6 +52,7 @@ cdef enum:
     OP_PONG = 0xA
 
 include "limits.pxi"
+include "hdr.pxi"
 
 # Close codes used by the gateway itself.
 CLOSE_GOING_AWAY = 1001
@@ -82,6 +83,15 @@ cdef inline void _mask_copy(char* dst, const char* src, Py_ssize_t n, uint32_t m
     while i < n:
         dst[i] = <char>(<uint8_t>src[i] ^ key[i & 3])
         i += 1
+
+
+@cython.final
+cdef class FlowStats:
+    """Counters of one flow of one API (see _core.pxd)."""
+
+    def snapshot(self):
+        return {"messages": self.messages, "bytes": self.bytes, "rejected": self.rejected,
+                "delayed": self.delayed, "dropped": self.dropped}
 
 
 @cython.final
@@ -203,7 +213,8 @@ cdef class Leg(WSListener):
 
     # ---- message policies -------------------------------------------------
 
-    def set_policies(self, list rules, LimitZone zone=None, max_message_size=None, now=None):
+    def set_policies(self, list rules, LimitZone zone=None, max_message_size=None, now=None,
+                     FlowStats stats=None):
         """Install the message policies of the flow this leg reads.
 
         `rules` holds tuples (name, action, scope, msg_rate, msg_burst,
@@ -216,6 +227,7 @@ cdef class Leg(WSListener):
         cdef double start = self._clock() if now is None else now
         if max_message_size is not None:
             self.max_message_size = max_message_size
+        self.stats = stats
         if self.rules != NULL:
             free(self.rules)
             self.rules = NULL
@@ -314,17 +326,23 @@ cdef class Leg(WSListener):
                     if first and not retry:
                         rule.limited += 1
                         self.delayed += 1
+                        if self.stats is not None:
+                            self.stats.delayed += 1
                     return VERDICT_DELAY
                 if rule.action == ACTION_DROP:
                     if first:
                         rule.limited += 1
                         self.dropped += 1
+                        if self.stats is not None:
+                            self.stats.dropped += 1
                         self.dropping = True
                         return VERDICT_DROP
                     # A later frame of a message already let through: it follows its message.
                 else:
                     rule.limited += 1
                     self.rejected += 1
+                    if self.stats is not None:
+                        self.stats.rejected += 1
                     self._reject(i >> 1)
                     return VERDICT_REJECT
             i += 1
@@ -333,6 +351,7 @@ cdef class Leg(WSListener):
     cdef int _reject(self, int rule_index) except -1:
         cdef bytes reason = b"message rate limit exceeded: " + <bytes>self.rule_names[rule_index]
         cdef Relay relay = self.relay
+        relay._mark_end(END_GATEWAY, CLOSE_POLICY_VIOLATION, reason, len(reason))
         relay.client.send_gateway_close(CLOSE_POLICY_VIOLATION, reason)
         relay.backend.send_gateway_close(CLOSE_GOING_AWAY, reason)
         relay.client.flush()
@@ -492,6 +511,7 @@ cdef class Leg(WSListener):
 
     cdef int fail(self, int code, bytes reason, bytes peer_reason) except -1:
         """End the connection because of what this leg sent."""
+        self.relay._mark_end(END_GATEWAY, code, reason, len(reason))
         self.send_gateway_close(code, reason)
         self.peer.send_gateway_close(CLOSE_GOING_AWAY, peer_reason)
         self.peer.flush()
@@ -597,9 +617,13 @@ cdef class Leg(WSListener):
             return False
         self.frames += 1
         self.bytes += <uint64_t>frame.payload_size
+        if self.stats is not None:
+            self.stats.bytes += <uint64_t>frame.payload_size
         if frame.fin:
             self.in_message = False
             self.messages += 1
+            if self.stats is not None:
+                self.stats.messages += 1
         return True
 
     cdef object _end_of_read(self, WSFrame frame):
@@ -621,6 +645,10 @@ cdef class Leg(WSListener):
                 return 0
         self.close_recv = True
         self.close_code_recv = code
+        if size >= 2:
+            self.relay._mark_end(END_CLIENT if self.is_client else END_BACKEND, code, payload + 2, size - 2)
+        else:
+            self.relay._mark_end(END_CLIENT if self.is_client else END_BACKEND, 1005, NULL, 0)
         if not peer.close_sent and not peer.gone:
             # Relay the close frame as it came: code and reason pass through.
             peer.queue_frame(0x80 | OP_CLOSE, payload, size)
@@ -640,6 +668,11 @@ cdef class Leg(WSListener):
         if self.delay_timer is not None:
             self.delay_timer.cancel()
             self.delay_timer = None
+        if self.relay is not None and not self.close_recv:
+            if self.is_client:
+                self.relay._mark_end(END_CLIENT, 1006, NULL, 0)
+            else:
+                self.relay._mark_end(END_BACKEND, CLOSE_BAD_GATEWAY, b"backend connection lost", 23)
         if peer is not None and not peer.gone:
             if not peer.close_sent:
                 if self.is_client:
@@ -719,6 +752,20 @@ cdef class Relay:
         self._close_timeout = close_timeout
         self._close_timer = None
 
+    cdef int _mark_end(self, uint8_t side, int code, const char* reason, Py_ssize_t size) except -1:
+        """Record who ended the connection and with which code: the first to act."""
+        if self._end_side != END_NONE:
+            return 0
+        self._end_side = side
+        self.end_code = code
+        self.end_reason = reason[:size] if size > 0 else b""
+        return 0
+
+    @property
+    def end_side(self):
+        """Who ended the connection: "client", "backend", "gateway", or None while it lives."""
+        return (None, "client", "backend", "gateway")[self._end_side]
+
     cdef int _arm_close_timer(self) except -1:
         if self._close_timer is None and not self.ended:
             self._close_timer = self._loop.call_later(self._close_timeout, self._on_close_timeout)
@@ -754,6 +801,7 @@ cdef class Relay:
     def close(self, int client_code=CLOSE_GOING_AWAY, reason="", int backend_code=CLOSE_GOING_AWAY):
         """Gateway-initiated close: `client_code` to the client, 1001 to the backend."""
         cdef bytes r = reason.encode() if isinstance(reason, str) else reason
+        self._mark_end(END_GATEWAY, client_code, r, len(r))
         self.client.send_gateway_close(client_code, r)
         self.backend.send_gateway_close(backend_code, r)
 

@@ -748,6 +748,24 @@ class Limits(_Base, kw_only=True):
     """Global cap on live connections (0: none); over it, upgrades get 503."""
 
 
+class Admin(_Base, kw_only=True):
+    """The admin API's listener (metrics, health, connections, reload, drain)."""
+
+    host: NonEmptyStr = "127.0.0.1"
+    port: Port = 9901
+    token_env: NonEmptyStr | None = None
+    """Name of an environment variable holding the bearer token; required beyond loopback."""
+
+
+class Events(_Base, kw_only=True):
+    """Connection events, one JSON line each."""
+
+    target: NonEmptyStr = "-"
+    """"-" for standard output, or a file (appended)."""
+    max_queue: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    """Events waiting to be written; past it they are dropped (and counted)."""
+
+
 class Config(_Base, kw_only=True):
     """The whole gateway configuration."""
 
@@ -770,6 +788,10 @@ class Config(_Base, kw_only=True):
     clients_file: NonEmptyStr | None = None
     """More clients (YAML, TOML or JSON); an absolute path after loading."""
     limits: Limits = msgspec.field(default_factory=Limits)
+    admin: Admin | None = None
+    events: Events | None = None
+    reload_grace: Duration = Duration(30.0)
+    """After a reload that removes an API, its live connections get this long before 1001."""
 
     def known_plans(self) -> tuple[str, ...]:
         """"default" followed by the declared plans."""
@@ -1090,6 +1112,15 @@ def _decode(data: dict[str, Any]) -> Config:
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _check(config: Config, name: str) -> Config:
     """Checks spanning several fields. Returns the config with api hosts and origins in lower
     case and trusted-proxies in canonical form. ``name`` is the configuration's file name."""
@@ -1103,6 +1134,16 @@ def _check(config: Config, name: str) -> Config:
                 ("listeners", index),
             )
         listeners_seen[address] = index
+
+    admin = config.admin
+    if admin is not None:
+        if not _is_loopback(admin.host) and admin.token_env is None:
+            raise _Invalid(
+                f"the admin API would listen beyond loopback ({admin.host}) without a token:"
+                " set token-env", ("admin",))
+        if admin.token_env is not None and not os.environ.get(admin.token_env):
+            raise _Invalid(f"environment variable {admin.token_env!r} is not set or empty",
+                           ("admin", "token-env"))
 
     for profile_name, profile in config.tls_profiles.items():
         if (profile.cert is None) != (profile.key is None):

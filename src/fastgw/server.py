@@ -29,7 +29,9 @@ from picows import WSAutoPingStrategy, WSUpgradeResponse, WSUpgradeResponseWithL
 from picows.picows import WSProtocol
 
 from fastgw._core import LimitZone, Relay
+from fastgw import config as cfgmod
 from fastgw.identity import AuthError
+from fastgw.metrics import Metrics
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import RCVBUF, UpstreamError, dial
 
@@ -193,30 +195,43 @@ def _feed(proto, data: bytes) -> None:
 class Connection:
     """What the server keeps about one live relayed connection."""
 
-    __slots__ = ("id", "api", "peer", "started", "subprotocol", "relay", "admission",
-                 "lifetime_timer", "idle_timer", "expiry_timer")
+    __slots__ = ("id", "api", "peer", "started", "started_mono", "subprotocol", "relay", "admission",
+                 "lifetime_timer", "idle_timer", "expiry_timer", "removal_timer", "dial_us")
 
     def __init__(self, id_: int, api: str, peer: str, admission):
         self.id = id_
         self.api = api
         self.peer = peer
         self.started = time.time()
+        self.started_mono = time.monotonic()
         self.subprotocol = None
+        self.dial_us = 0.0
         self.relay = None
         self.admission = admission          # policies.Admission: identity, leases, rules
         self.lifetime_timer = None
         self.idle_timer = None
         self.expiry_timer = None
+        self.removal_timer = None
+
+    def describe(self) -> dict:
+        """The admin API's view of the connection."""
+        relay = self.relay
+        msgs = relay.messages if relay is not None else (0, 0)
+        byts = relay.bytes if relay is not None else (0, 0)
+        return {"id": self.id, "api": self.api, "client": self.client_key, "remote": self.peer,
+                "started": self.started, "subprotocol": self.subprotocol,
+                "messages_in": msgs[0], "messages_out": msgs[1],
+                "bytes_in": byts[0], "bytes_out": byts[1]}
 
     @property
     def client_key(self) -> str:
         return self.admission.client_key
 
     def cancel_timers(self) -> None:
-        for t in (self.lifetime_timer, self.idle_timer, self.expiry_timer):
+        for t in (self.lifetime_timer, self.idle_timer, self.expiry_timer, self.removal_timer):
             if t is not None:
                 t.cancel()
-        self.lifetime_timer = self.idle_timer = self.expiry_timer = None
+        self.lifetime_timer = self.idle_timer = self.expiry_timer = self.removal_timer = None
 
 
 class Handshake(asyncio.Protocol):
@@ -232,6 +247,9 @@ class Handshake(asyncio.Protocol):
         self.timer = None
         self.task = None
         self.peer_ip = ""
+        self.api_name = None         # once routed
+        self.client_key = None       # once identified
+        self.head_at = 0.0           # monotonic time the request head was complete
 
     # -- asyncio.Protocol ------------------------------------------------
     def connection_made(self, transport):
@@ -260,6 +278,7 @@ class Handshake(asyncio.Protocol):
                 self.refuse(Refusal(431, "request header block too large"))
                 return
             self.state = "upgrading"
+            self.head_at = time.monotonic()
             self.task = self.gw.loop.create_task(self._upgrade(end))
         elif self.state == "upgrading" and not self.paused and len(self.buf) > EARLY_BUFFER:
             self.paused = True
@@ -293,7 +312,7 @@ class Handshake(asyncio.Protocol):
         self.state = "done"
         self._stop_timer()
         if count:
-            self.gw.count_refusal(refusal.status)
+            self.gw.count_refusal(self, refusal)
         log.info("refused %s: %d %s", self.peer_ip, refusal.status, refusal.reason)
         self.transport.write(http_response(refusal.status, refusal.reason, refusal.headers))
         self.transport.close()
@@ -305,6 +324,7 @@ class Handshake(asyncio.Protocol):
         try:
             req = parse_head(bytes(self.buf[:end]))
             api, rest, offered = check_upgrade(req, gw.router)
+            self.api_name = api.name
             if gw.draining:
                 raise Refusal(503, "gateway is shutting down", kind="capacity")
             _, _, query = req.target.partition("?")
@@ -313,12 +333,17 @@ class Handshake(asyncio.Protocol):
                     req.headers, query, self.peer_ip, time.monotonic(), time.time()))
             except AuthError as exc:
                 raise Refusal(exc.status, exc.reason, list(exc.headers), kind=exc.kind) from None
+            self.client_key = admission.client_key
+            stats = gw.metrics.api(api.name)
             up = api.upgrade
             conn = Connection(gw.next_id(), api.name, self.peer_ip, admission)
             relay = Relay(gw.loop, gw._relay_ended, conn, max_message_size=up.max_message_size)
-            relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size)
-            relay.backend.set_policies(admission.response_rules, gw.zone, admission.response_max_size)
+            relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size,
+                                      stats=stats.request)
+            relay.backend.set_policies(admission.response_rules, gw.zone, admission.response_max_size,
+                                       stats=stats.response)
             conn.relay = relay
+            dial_start = time.monotonic()
             try:
                 chosen = await dial(up, up.backend_url(rest),
                                     backend_headers(req, self.peer_ip, self.secure, offered),
@@ -326,11 +351,13 @@ class Handshake(asyncio.Protocol):
             except UpstreamError as exc:
                 log.warning("api %s: %s -> %d: %s", api.name, up.backend_url(rest), exc.status, exc.reason)
                 relay.abort()
-                raise Refusal(exc.status, exc.reason) from None
+                raise Refusal(exc.status, exc.reason,
+                              kind="upstream_timeout" if exc.status == 504 else "upstream_error") from None
             if self.state != "upgrading":        # the client left during the dial
                 relay.abort()
                 return
             conn.subprotocol = chosen
+            conn.dial_us = (time.monotonic() - dial_start) * 1e6
             self._hand_over(req, end, relay, chosen, up, api)
             admission = None                     # the relay's end of life releases it now
         except Refusal as refusal:
@@ -375,7 +402,7 @@ class Handshake(asyncio.Protocol):
         transport = self.transport
         transport.set_protocol(proto)
         proto.connection_made(transport)
-        self.gw.attach(relay, api)
+        self.gw.attach(relay, api, self.head_at)
         _feed(proto, head + early)
         if not relay.client.attached:
             # picows refused the request after all: the backend leg must go too.
@@ -387,9 +414,14 @@ class Handshake(asyncio.Protocol):
 class Gateway:
     """Listeners and live connections of one process."""
 
-    def __init__(self, config):
+    def __init__(self, config, config_path: str | None = None, histogram_factory=None):
         self.config = config
+        self.config_path = config_path
         self.router: Router = compile_config(config)
+        self.metrics = Metrics(histogram_factory)
+        self.metrics.active = self._active_by_api
+        for api in self.router.apis:
+            self.metrics.api(api.name)
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
         self.zone = LimitZone(2 * config.limits.max_keys)
@@ -411,8 +443,15 @@ class Gateway:
         self._ids += 1
         return self._ids
 
-    def count_refusal(self, status: int) -> None:
-        self.refused[status] = self.refused.get(status, 0) + 1
+    def count_refusal(self, hs: "Handshake", refusal: Refusal) -> None:
+        self.refused[refusal.status] = self.refused.get(refusal.status, 0) + 1
+        self.metrics.count_reject(hs.api_name, refusal.kind)
+
+    def _active_by_api(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for conn in self.live.values():
+            out[conn.api] = out.get(conn.api, 0) + 1
+        return out
 
     async def start(self) -> list[tuple[str, str, int]]:
         self.loop = asyncio.get_running_loop()
@@ -433,12 +472,17 @@ class Gateway:
                 self.addresses.append(("wss" if secure else "ws", host, port))
         return self.addresses
 
-    def attach(self, relay, api) -> None:
+    def attach(self, relay, api, head_at: float) -> None:
         """A relay whose client is about to get its 101 joins the live table."""
         conn = relay.info
         up = api.upgrade
         self.live[conn.id] = conn
         self.accepted += 1
+        am = self.metrics.api(api.name)
+        am.accepted += 1
+        if am.handshake is not None:
+            am.handshake.record_py(max(1, int((time.monotonic() - head_at) * 1e6)))
+            am.upstream_connect.record_py(max(1, int(conn.dial_us)))
         expires = conn.admission.expires_at
         if api.close_on_expiry and expires is not None:
             conn.expiry_timer = self.loop.call_later(
@@ -467,10 +511,88 @@ class Gateway:
         conn = relay.info
         conn.cancel_timers()
         conn.admission.release()
+        if conn.id in self.live:
+            am = self.metrics.api(conn.api)
+            am.closes[(relay.end_code or 1006, relay.end_side or "gateway")] += 1
+            if am.duration is not None:
+                am.duration.record_py(max(1, int((time.monotonic() - conn.started_mono) * 1e3)))
         conn.relay = None
         self.live.pop(conn.id, None)
         if self.draining and not self.live and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
+
+    # ---- the admin API's view (admin.AdminBackend) ------------------------
+
+    def ready(self) -> bool:
+        return bool(self.servers) and not self.draining
+
+    def metrics_text(self) -> str:
+        return self.metrics.render().decode()
+
+    def histogram_names(self) -> list[str]:
+        names = []
+        for api, am in sorted(self.metrics.apis.items()):
+            if am.handshake is not None:
+                names += [f"{api}.handshake", f"{api}.upstream_connect", f"{api}.duration"]
+        return names
+
+    def histogram(self, name: str):
+        api, _, kind = name.rpartition(".")
+        am = self.metrics.apis.get(api)
+        if am is None or kind not in ("handshake", "upstream_connect", "duration"):
+            return None
+        arr = getattr(am, kind)
+        return arr.to_hdr() if arr is not None else None
+
+    def connections(self, api: str | None = None, client: str | None = None) -> list[dict]:
+        return [c.describe() for c in self.live.values()
+                if (api is None or c.api == api) and (client is None or c.client_key == client)]
+
+    def close_connection(self, conn_id: int) -> bool:
+        conn = self.live.get(conn_id)
+        if conn is None or conn.relay is None:
+            return False
+        conn.relay.close(1001, "closed by administrator")
+        return True
+
+    def close_client(self, client: str) -> int:
+        n = 0
+        for conn in list(self.live.values()):
+            if conn.client_key == client and conn.relay is not None:
+                conn.relay.close(1001, "closed by administrator")
+                n += 1
+        return n
+
+    async def reload(self) -> str | None:
+        """Re-read the configuration file; None when applied, else why not."""
+        if self.config_path is None:
+            return "no configuration file to reload"
+        try:
+            config = cfgmod.load(self.config_path)
+            router = compile_config(config)
+        except cfgmod.ConfigError as exc:
+            return str(exc)
+        except (OSError, ValueError) as exc:
+            return f"{self.config_path}: {exc}"
+        kept = {a.name for a in router.apis}
+        self.config, self.router = config, router
+        self.handshake_timeout = float(config.handshake_timeout)
+        self.max_header_size = int(config.max_header_size)
+        for name in kept:
+            self.metrics.api(name)
+        grace = float(config.reload_grace)
+        for conn in self.live.values():
+            if conn.api not in kept and conn.relay is not None and conn.removal_timer is None:
+                conn.removal_timer = self.loop.call_later(
+                    grace, conn.relay.close, 1001, "API removed by reload")
+        log.warning("configuration reloaded from %s", self.config_path)
+        return None
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting (readyz turns false) and close live connections over `grace`."""
+        if self.draining:
+            return
+        self.loop.create_task(self.shutdown(grace))
 
     def status(self) -> dict:
         return {

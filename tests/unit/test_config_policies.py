@@ -1420,3 +1420,19 @@ def test_zero_limits_of_the_upgrade_are_refused(key, value):
         cfgmod.loads(text, "yaml", "zero.yaml")
     assert str(info.value) == (f"zero.yaml:8: {key} must be greater than 0 - at "
                                f"`$.apis[0].assembly[0].{key}`")
+
+
+def test_admin_beyond_loopback_needs_a_token(monkeypatch):
+    from fastgw import config as cfgmod
+    base = ("listeners: [{port: 0}]\napis: [{name: a, path: /, assembly: [{policy: websocket-upgrade,"
+            " target-url: 'ws://h:1/'}]}]\n")
+    assert cfgmod.loads(base + "admin: {port: 9901}\n", "yaml").admin.host == "127.0.0.1"
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.loads(base + "admin: {host: 0.0.0.0, port: 9901}\n", "yaml", "a.yaml")
+    assert "set token-env" in str(info.value) and "`$.admin`" in str(info.value)
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.loads(base + "admin: {host: 0.0.0.0, token-env: FASTGW_T_UNSET}\n", "yaml", "a.yaml")
+    assert "FASTGW_T_UNSET" in str(info.value)
+    monkeypatch.setenv("FASTGW_T_SET", "s3cret")
+    cfg = cfgmod.loads(base + "admin: {host: 0.0.0.0, token-env: FASTGW_T_SET}\n", "yaml")
+    assert cfg.admin.token_env == "FASTGW_T_SET"
