@@ -529,19 +529,20 @@ class Gateway:
     def metrics_text(self) -> str:
         return self.metrics.render().decode()
 
+    # Histogram names: API/kind_unit (the unit suffix tells the admin API the unit).
+    _HISTOGRAMS = {"handshake_us": "handshake", "upstream_connect_us": "upstream_connect",
+                   "duration_ms": "duration"}
+
     def histogram_names(self) -> list[str]:
-        names = []
-        for api, am in sorted(self.metrics.apis.items()):
-            if am.handshake is not None:
-                names += [f"{api}.handshake", f"{api}.upstream_connect", f"{api}.duration"]
-        return names
+        return [f"{api}/{kind}" for api, am in sorted(self.metrics.apis.items())
+                if am.handshake is not None for kind in self._HISTOGRAMS]
 
     def histogram(self, name: str):
-        api, _, kind = name.rpartition(".")
+        api, _, kind = name.rpartition("/")
         am = self.metrics.apis.get(api)
-        if am is None or kind not in ("handshake", "upstream_connect", "duration"):
+        if am is None or kind not in self._HISTOGRAMS:
             return None
-        arr = getattr(am, kind)
+        arr = getattr(am, self._HISTOGRAMS[kind])
         return arr.to_hdr() if arr is not None else None
 
     def connections(self, api: str | None = None, client: str | None = None) -> list[dict]:

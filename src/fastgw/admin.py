@@ -1,0 +1,409 @@
+"""The admin API: a small HTTP control endpoint next to the gateway.
+
+It serves health and readiness, the Prometheus metrics, the HDR histograms, the
+table of live connections (and closing them), configuration reload and drain.
+It is built on ``aiohttp.web`` and knows nothing of the gateway itself: it talks
+to an object implementing :class:`AdminBackend` (``server.py`` provides one), so
+it can be tested with a fake.
+
+Routes (every answer is JSON unless noted; errors are ``{"error": "..."}``):
+
+======  ===============================  =============================================
+GET     /healthz                         200 ``{"status": "alive"}`` (never needs a token)
+GET     /readyz                          200 ``{"ready": true}`` / 503 ``{"ready": false}``
+GET     /metrics                         Prometheus text exposition
+GET     /histograms                      the histogram names
+GET     /histograms/{name}               JSON; ``?format=hdr``: the compressed encoding;
+                                         ``?format=percentiles``: the percentile table
+GET     /connections?api=&client=        the live connections
+DELETE  /connections/{id}                close one connection (1001)
+DELETE  /connections?client=KEY          close every connection of one client
+POST    /reload                          reload the configuration file
+POST    /drain?grace=SECONDS             start draining (default grace 10 s)
+======  ===============================  =============================================
+
+When a token is configured, every route but ``/healthz`` needs
+``Authorization: Bearer <token>``.
+
+By default the admin API listens on loopback only; :func:`check_admin_exposure`
+is the rule the configuration checker applies to anything else.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import ipaddress
+import logging
+import math
+import re
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from hdrh.histogram import HdrHistogram
+
+__all__ = [
+    "AdminBackend",
+    "AdminServer",
+    "METRICS_CONTENT_TYPE",
+    "PERCENTILES",
+    "check_admin_exposure",
+    "create_app",
+    "histogram_unit",
+    "start_admin",
+]
+
+log = logging.getLogger("fastgw.admin")
+
+#: The content type of the Prometheus text exposition format.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: The percentiles reported in a histogram's JSON form.
+PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99, 100.0)
+
+#: The realm named in ``WWW-Authenticate`` when a token is missing or wrong.
+REALM = "fastgw-admin"
+
+#: Grace period of ``POST /drain`` when the request does not give one.
+DEFAULT_DRAIN_GRACE = 10.0
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class AdminBackend(Protocol):
+    """What the admin API needs from the gateway."""
+
+    def ready(self) -> bool:
+        """True while listening and not draining."""
+        ...
+
+    def metrics_text(self) -> str:
+        """The Prometheus text exposition, already formatted."""
+        ...
+
+    def histogram_names(self) -> list[str]:
+        """The names of the histograms that :meth:`histogram` knows."""
+        ...
+
+    def histogram(self, name: str) -> HdrHistogram | None:
+        """A snapshot of one histogram (the caller may keep it), or None if unknown."""
+        ...
+
+    def connections(self, api: str | None, client: str | None) -> list[dict]:
+        """The live connections (JSON-able dicts), filtered by API name and client key."""
+        ...
+
+    def close_connection(self, conn_id: int) -> bool:
+        """Close one connection with 1001 "closed by administrator"; False if unknown."""
+        ...
+
+    def close_client(self, client: str) -> int:
+        """Close every connection of one client key; returns how many were closed."""
+        ...
+
+    async def reload(self) -> str | None:
+        """Reload the configuration: None once applied, else the error text."""
+        ...
+
+    async def drain(self, grace: float) -> None:
+        """Start draining (returns once it has started, not when it ends)."""
+        ...
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON error answer."""
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _query_value(request: web.Request, key: str) -> str | None:
+    """A query parameter, with an empty value counted as absent."""
+    value = request.query.get(key)
+    return value if value else None
+
+
+# Units named by the end of a histogram's name, in the Prometheus naming style
+# ("upgrade_latency_us", "message_size_bytes"). Longer suffixes come first.
+_UNIT_SUFFIXES = (
+    ("_nanoseconds", "nanoseconds"),
+    ("_microseconds", "microseconds"),
+    ("_milliseconds", "milliseconds"),
+    ("_seconds", "seconds"),
+    ("_bytes", "bytes"),
+    ("_ns", "nanoseconds"),
+    ("_us", "microseconds"),
+    ("_ms", "milliseconds"),
+    ("_s", "seconds"),
+)
+
+
+def histogram_unit(name: str) -> str:
+    """The unit of a histogram's values, read from the end of its name.
+
+    ``"upgrade_latency_us"`` -> ``"microseconds"``, ``"message_bytes"`` -> ``"bytes"``;
+    a name without a known suffix gives ``"unknown"``.
+    """
+    for suffix, unit in _UNIT_SUFFIXES:
+        if name.endswith(suffix):
+            return unit
+    return "unknown"
+
+
+def _percentile_table(histogram: HdrHistogram) -> str:
+    """The classic HdrHistogram percentile distribution, values unscaled."""
+    out = io.BytesIO()
+    histogram.output_percentile_distribution(out, 1.0)
+    return out.getvalue().decode("ascii")
+
+
+def _histogram_json(name: str, histogram: HdrHistogram) -> dict[str, Any]:
+    """The JSON form of a histogram: counts, selected percentiles and the encoding."""
+    return {
+        "name": name,
+        "total_count": histogram.get_total_count(),
+        "encoded": histogram.encode().decode("ascii"),
+        "percentiles": {
+            str(p): histogram.get_value_at_percentile(p) for p in PERCENTILES
+        },
+        "unit": histogram_unit(name),
+    }
+
+
+# --- the application -----------------------------------------------------------------
+
+_BACKEND = web.AppKey("backend", object)
+
+
+def _backend(request: web.Request) -> AdminBackend:
+    return request.app[_BACKEND]  # type: ignore[return-value]
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready = bool(_backend(request).ready())
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = _backend(request).metrics_text().encode("utf-8")
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def _histogram_names(request: web.Request) -> web.Response:
+    return web.json_response(list(_backend(request).histogram_names()))
+
+
+async def _histogram(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "hdr", "percentiles"):
+        return _error(400, f"unknown format {fmt!r}: use json, hdr or percentiles")
+    histogram = _backend(request).histogram(name)
+    if histogram is None:
+        return _error(404, f"no histogram named {name!r}")
+    if fmt == "hdr":
+        return web.Response(text=histogram.encode().decode("ascii"), content_type="text/plain")
+    if fmt == "percentiles":
+        return web.Response(text=_percentile_table(histogram), content_type="text/plain")
+    return web.json_response(_histogram_json(name, histogram))
+
+
+async def _list_connections(request: web.Request) -> web.Response:
+    rows = _backend(request).connections(_query_value(request, "api"),
+                                         _query_value(request, "client"))
+    return web.json_response(list(rows))
+
+
+async def _close_connection(request: web.Request) -> web.Response:
+    text = request.match_info["conn_id"]
+    if not _DIGITS.fullmatch(text):
+        return _error(400, f"connection id must be a non-negative integer, not {text!r}")
+    conn_id = int(text)
+    if not _backend(request).close_connection(conn_id):
+        return _error(404, f"no connection with id {conn_id}")
+    return web.json_response({"closed": 1})
+
+
+async def _close_client(request: web.Request) -> web.Response:
+    client = _query_value(request, "client")
+    if client is None:
+        # Never close every connection because a parameter was forgotten.
+        return _error(400, "give the client whose connections to close: ?client=KEY")
+    return web.json_response({"closed": _backend(request).close_client(client)})
+
+
+async def _reload(request: web.Request) -> web.Response:
+    problem = await _backend(request).reload()
+    if problem is None:
+        return web.json_response({"reloaded": True})
+    return web.json_response({"reloaded": False, "error": problem}, status=422)
+
+
+async def _drain(request: web.Request) -> web.Response:
+    text = request.query.get("grace")
+    if text is None:
+        grace = DEFAULT_DRAIN_GRACE
+    else:
+        try:
+            grace = float(text)
+        except ValueError:
+            grace = math.nan
+        if not math.isfinite(grace) or grace < 0:
+            return _error(400, f"grace must be a number of seconds >= 0, not {text!r}")
+    await _backend(request).drain(grace)
+    return web.json_response({"draining": True}, status=202)
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Headers of an aiohttp HTTP exception worth keeping when it becomes a JSON answer.
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Turn aiohttp's own errors (404, 405, ...) and crashes into JSON answers."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are not errors
+        headers = {k: exc.headers[k] for k in _KEPT_HEADERS if k in exc.headers}
+        return _error(exc.status, exc.reason, headers)
+    except Exception:
+        log.exception("admin: %s %s failed", request.method, request.path)
+        return _error(500, "internal error")
+
+
+def _token_middleware(token: str) -> Any:
+    """A middleware that requires ``Authorization: Bearer <token>`` except on /healthz."""
+    expected = token.encode("utf-8")
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.path == "/healthz":
+            return await handler(request)
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        given = credentials.strip().encode("utf-8", "surrogateescape")
+        # The scheme name is case-insensitive (RFC 7235); the token is compared in
+        # constant time so that its content cannot be guessed from response times.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
+            return _error(401, "missing or invalid bearer token",
+                          {"WWW-Authenticate": f'Bearer realm="{REALM}"'})
+        return await handler(request)
+
+    return require_token
+
+
+def create_app(backend: AdminBackend, token: str | None) -> web.Application:
+    """The admin application around ``backend``; with a token, routes need it.
+
+    An empty token is refused (ValueError): it would look configured and protect nothing.
+    """
+    middlewares = [_json_errors]
+    if token is not None:
+        if not token:
+            raise ValueError("the admin token must not be empty")
+        # Outermost, so that an unknown path answers 401, not 404, without a token.
+        middlewares.insert(0, _token_middleware(token))
+    app = web.Application(middlewares=middlewares)
+    app[_BACKEND] = backend
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/histograms", _histogram_names)
+    # Names may hold slashes ("quotes/handshake_us"): the name is the rest of the path.
+    app.router.add_get("/histograms/{name:.+}", _histogram)
+    app.router.add_get("/connections", _list_connections)
+    app.router.add_delete("/connections", _close_client)
+    app.router.add_delete("/connections/{conn_id}", _close_connection)
+    app.router.add_post("/reload", _reload)
+    app.router.add_post("/drain", _drain)
+    return app
+
+
+# --- running it ----------------------------------------------------------------------
+
+
+def _url_host(host: str) -> str:
+    """A host as it is written in a URL (IPv6 addresses in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+class AdminServer:
+    """A running admin API (see :func:`start_admin`)."""
+
+    def __init__(self, runner: web.AppRunner):
+        self.runner = runner
+        # A host name may be bound on several addresses; with port 0 each gets its own
+        # port, so the URL names the first socket actually bound.
+        self.addresses: list[tuple[str, int]] = [
+            (addr[0], addr[1]) for addr in runner.addresses
+        ]
+        host, self.port = self.addresses[0]
+        self.url = f"http://{_url_host(host)}:{self.port}"
+
+    @property
+    def app(self) -> web.Application:
+        return self.runner.app
+
+    async def close(self) -> None:
+        """Stop listening and close open admin connections (idempotent)."""
+        await self.runner.cleanup()
+
+
+async def start_admin(backend: AdminBackend, host: str, port: int,
+                      token: str | None) -> AdminServer:
+    """Start the admin API on ``host:port`` (port 0: any free port) in the running loop.
+
+    No access log and no signal handlers: the gateway owns both.
+    """
+    app = create_app(backend, token)
+    # A short shutdown timeout: an admin request in flight must not hold up the
+    # gateway's own shutdown.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        return AdminServer(runner)
+    except BaseException:
+        await runner.cleanup()
+        raise
+
+
+def check_admin_exposure(host: str, token_env: str | None) -> str | None:
+    """An error message if the admin API would listen beyond loopback without a token.
+
+    Loopback is 127.0.0.0/8, ::1 (also written ``[::1]`` or as ``::ffff:127.x.x.x``)
+    and the name ``localhost``. Any other host, a host name included, is exposed and
+    needs ``token-env``. Returns None when the setting is acceptable.
+    """
+    if token_env:
+        return None
+    if _is_loopback(host):
+        return None
+    where = host if host else "all interfaces"
+    return f"admin listens on {where} without token-env: set token-env"
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip().rstrip(".").lower()
+    if name == "localhost":
+        return True
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
