@@ -75,6 +75,8 @@ cdef class FlowStats:
         readonly uint64_t rejected
         readonly uint64_t delayed
         readonly uint64_t dropped
+        readonly HdrArray sizes       # message sizes, bytes
+        readonly HdrArray held        # time a delayed message was held, µs
 
 
 cdef class Leg(WSListener):
@@ -123,6 +125,7 @@ cdef class Leg(WSListener):
         Py_ssize_t held_pos
         bint holding
         double hold_due              # when the held message's wait ends (monotonic s)
+        double hold_started          # when the current hold began (monotonic s)
         object delay_timer
 
         readonly uint64_t messages   # whole data messages received from this leg

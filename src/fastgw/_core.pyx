@@ -89,6 +89,11 @@ cdef inline void _mask_copy(char* dst, const char* src, Py_ssize_t n, uint32_t m
 cdef class FlowStats:
     """Counters of one flow of one API (see _core.pxd)."""
 
+    def __init__(self, bint histograms=True):
+        if histograms:
+            self.sizes = HdrArray(1, 1 << 40, 2)
+            self.held = HdrArray(1, 3_600_000_000, 3)
+
     def snapshot(self):
         return {"messages": self.messages, "bytes": self.bytes, "rejected": self.rejected,
                 "delayed": self.delayed, "dropped": self.dropped}
@@ -386,6 +391,7 @@ cdef class Leg(WSListener):
     cdef int _start_hold(self, double wait) except -1:
         self.holding = True
         self.add_pause(PAUSE_DELAY)
+        self.hold_started = self.now
         self.hold_due = self.now + wait
         if self.delay_timer is None:
             self.delay_timer = self.relay._loop.call_later(
@@ -471,6 +477,8 @@ cdef class Leg(WSListener):
                 break
             if verdict == VERDICT_PASS:
                 self.peer.forward_raw(first_byte, payload, size)
+                if (first_byte & 0x0F) != 0 and self.stats is not None and self.stats.held is not None:
+                    self.stats.held.record(<int64_t>((actual - self.hold_started) * 1e6) + 1)
             pos += 16 + size
             # A frame let through after waiting: the next first frame is new.
             retry = False
@@ -624,6 +632,8 @@ cdef class Leg(WSListener):
             self.messages += 1
             if self.stats is not None:
                 self.stats.messages += 1
+                if self.stats.sizes is not None:
+                    self.stats.sizes.record(<int64_t>self.msg_bytes if self.msg_bytes else 1)
         return True
 
     cdef object _end_of_read(self, WSFrame frame):

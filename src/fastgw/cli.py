@@ -36,19 +36,41 @@ def cmd_check(args) -> int:
     return 0
 
 
-async def _serve(config, drain_time: float) -> int:
+async def _serve(config, drain_time: float, config_path: str) -> int:
+    from fastgw.admin import start_admin
     from fastgw.server import Gateway
-    gw = Gateway(config)
+    from fastgw.events import EventSink
+    gw = Gateway(config, config_path)
     loop = asyncio.get_running_loop()
+    admin = None
+    if config.events is not None:
+        try:
+            gw.events = EventSink(config.events.target, max_queue=config.events.max_queue)
+        except OSError as exc:
+            print(f"fastgw: events: {exc}", file=sys.stderr)
+            return 1
+        gw.metrics.events_dropped = lambda: gw.events.dropped
     try:
         addresses = await gw.start()
+        if config.admin is not None:
+            token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
+            admin = await start_admin(gw, config.admin.host, config.admin.port, token)
     except OSError as exc:
         print(f"fastgw: cannot listen: {exc}", file=sys.stderr)
         return 1
     for scheme, host, port in addresses:
         shown = f"[{host}]" if ":" in host else host
         print(f"fastgw: listening on {scheme}://{shown}:{port}", file=sys.stderr, flush=True)
+    if admin is not None:
+        print(f"fastgw: admin on {admin.url}", file=sys.stderr, flush=True)
     stop = loop.create_future()
+
+    def on_hup():
+        async def reload():
+            error = await gw.reload()
+            print("fastgw: reloaded" if error is None else f"fastgw: reload refused: {error}",
+                  file=sys.stderr, flush=True)
+        loop.create_task(reload())
 
     def on_signal(signame):
         if not stop.done():
@@ -61,10 +83,16 @@ async def _serve(config, drain_time: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGUSR1, on_status)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop
     await gw.shutdown(drain_time)
+    if admin is not None:
+        await admin.close()
+    if gw.events is not None:
+        await gw.events.aclose()
     print("fastgw: stopped", file=sys.stderr, flush=True)
     return 0
+
 
 
 def cmd_run(args) -> int:
@@ -80,7 +108,7 @@ def cmd_run(args) -> int:
     drain = float(args.drain_time if args.drain_time is not None else config.drain_time)
     import uvloop
     try:
-        return uvloop.run(_serve(config, drain))
+        return uvloop.run(_serve(config, drain, args.config))
     except KeyboardInterrupt:       # a second Ctrl-C during the drain
         return 130
 

@@ -26,6 +26,15 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 DURATION_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 43200.0, 86400.0)
 
 
+def default_histogram_factory():
+    """HDR histograms kept in the core (1 µs .. 1 h, 3 significant digits), if it has them."""
+    try:
+        from fastgw._core import HdrArray
+    except ImportError:
+        return None
+    return lambda: HdrArray(1, 3_600_000_000, 3)
+
+
 class ApiMetrics:
     """What is counted for one API (kept across reloads while the API exists)."""
 
@@ -46,7 +55,7 @@ class ApiMetrics:
 class Metrics:
     def __init__(self, histogram_factory=None):
         self.apis: dict[str, ApiMetrics] = {}
-        self._factory = histogram_factory
+        self._factory = histogram_factory or default_histogram_factory()
         self.rejected_unrouted: Counter[str] = Counter()   # refusals before an API was known
         self.events_dropped = lambda: 0
         self.active = lambda: {}                           # api -> live connections

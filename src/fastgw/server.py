@@ -30,6 +30,7 @@ from picows.picows import WSProtocol
 
 from fastgw._core import LimitZone, Relay
 from fastgw import config as cfgmod
+from fastgw import events as ev
 from fastgw.identity import AuthError
 from fastgw.metrics import Metrics
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
@@ -131,23 +132,27 @@ def check_upgrade(req: Request, router: Router):
     if found is None:
         raise Refusal(404, "no API at this path")
     api, rest = found
-    if "websocket" not in req.tokens("upgrade") or "upgrade" not in req.tokens("connection"):
-        raise Refusal(426, "this endpoint speaks WebSocket only",
-                      [("Upgrade", "websocket"), ("Connection", "Upgrade")])
-    if req.get_all("sec-websocket-version") != ["13"]:
-        raise Refusal(426, "unsupported Sec-WebSocket-Version", [("Sec-WebSocket-Version", "13")])
-    keys = req.get_all("sec-websocket-key")
     try:
-        if len(keys) != 1 or len(base64.b64decode(keys[0], validate=True)) != 16:
-            raise ValueError
-    except (ValueError, binascii.Error):
-        raise Refusal(400, "missing or malformed Sec-WebSocket-Key") from None
-    offered = []
-    for value in req.get_all("sec-websocket-protocol"):
-        offered.extend(p.strip() for p in value.split(",") if p.strip())
-    allowed = api.upgrade.subprotocols
-    if allowed is not None:
-        offered = [p for p in offered if p in allowed]
+        if "websocket" not in req.tokens("upgrade") or "upgrade" not in req.tokens("connection"):
+            raise Refusal(426, "this endpoint speaks WebSocket only",
+                          [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+        if req.get_all("sec-websocket-version") != ["13"]:
+            raise Refusal(426, "unsupported Sec-WebSocket-Version", [("Sec-WebSocket-Version", "13")])
+        keys = req.get_all("sec-websocket-key")
+        try:
+            if len(keys) != 1 or len(base64.b64decode(keys[0], validate=True)) != 16:
+                raise ValueError
+        except (ValueError, binascii.Error):
+            raise Refusal(400, "missing or malformed Sec-WebSocket-Key") from None
+        offered = []
+        for value in req.get_all("sec-websocket-protocol"):
+            offered.extend(p.strip() for p in value.split(",") if p.strip())
+        allowed = api.upgrade.subprotocols
+        if allowed is not None:
+            offered = [p for p in offered if p in allowed]
+    except Refusal as refusal:
+        refusal.api = api.name
+        raise
     return api, rest, offered
 
 
@@ -420,6 +425,7 @@ class Gateway:
         self.router: Router = compile_config(config)
         self.metrics = Metrics(histogram_factory)
         self.metrics.active = self._active_by_api
+        self.events = None                     # an events.EventSink, set by the CLI
         for api in self.router.apis:
             self.metrics.api(api.name)
         # Linear probing with a bounded probe finds no slot for a few keys past
@@ -445,7 +451,12 @@ class Gateway:
 
     def count_refusal(self, hs: "Handshake", refusal: Refusal) -> None:
         self.refused[refusal.status] = self.refused.get(refusal.status, 0) + 1
-        self.metrics.count_reject(hs.api_name, refusal.kind)
+        api = getattr(refusal, "api", None) or hs.api_name
+        self.metrics.count_reject(api, refusal.kind)
+        if self.events is not None:
+            self.events.emit(ev.RejectEvent(api=api, reason=refusal.kind, status=refusal.status,
+                                            client=hs.client_key, remote=hs.peer_ip,
+                                            detail=refusal.reason))
 
     def _active_by_api(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -480,9 +491,15 @@ class Gateway:
         self.accepted += 1
         am = self.metrics.api(api.name)
         am.accepted += 1
+        handshake_us = (time.monotonic() - head_at) * 1e6
         if am.handshake is not None:
-            am.handshake.record_py(max(1, int((time.monotonic() - head_at) * 1e6)))
+            am.handshake.record_py(max(1, int(handshake_us)))
             am.upstream_connect.record_py(max(1, int(conn.dial_us)))
+        if self.events is not None:
+            self.events.emit(ev.UpgradeEvent(
+                id=conn.id, api=conn.api, client=conn.client_key, remote=conn.peer,
+                subprotocol=conn.subprotocol, handshake_ms=handshake_us / 1e3,
+                plan=conn.admission.plan))
         expires = conn.admission.expires_at
         if api.close_on_expiry and expires is not None:
             conn.expiry_timer = self.loop.call_later(
@@ -513,9 +530,19 @@ class Gateway:
         conn.admission.release()
         if conn.id in self.live:
             am = self.metrics.api(conn.api)
-            am.closes[(relay.end_code or 1006, relay.end_side or "gateway")] += 1
+            code, side = relay.end_code or 1006, relay.end_side or "gateway"
+            am.closes[(code, side)] += 1
+            duration = time.monotonic() - conn.started_mono
             if am.duration is not None:
-                am.duration.record_py(max(1, int((time.monotonic() - conn.started_mono) * 1e3)))
+                am.duration.record_py(max(1, int(duration * 1e3)))
+            if self.events is not None:
+                c, b = relay.client, relay.backend
+                self.events.emit(ev.CloseEvent(
+                    id=conn.id, api=conn.api, client=conn.client_key, code=code,
+                    reason=(relay.end_reason or b"").decode("utf-8", "replace"), side=side,
+                    duration_s=duration, messages_in=c.messages, messages_out=b.messages,
+                    bytes_in=c.bytes, bytes_out=b.bytes, rejected=c.rejected + b.rejected,
+                    delayed=c.delayed + b.delayed, dropped=c.dropped + b.dropped))
         conn.relay = None
         self.live.pop(conn.id, None)
         if self.draining and not self.live and self._idle is not None and not self._idle.done():

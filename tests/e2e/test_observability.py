@@ -1,0 +1,231 @@
+"""Metrics, the admin API and reload, through real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+import websockets
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conftest import gateway_yaml
+from fastgw.admin import start_admin
+
+
+def samples(text: str) -> dict:
+    """{(name, frozenset(labels)): value} of every sample."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+async def admin_for():
+    servers = []
+
+    async def start(rg, token=None):
+        srv = await start_admin(rg.gw, "127.0.0.1", 0, token)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        await srv.close()
+
+
+async def get_metrics(admin) -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{admin.url}/metrics") as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return samples(await r.text())
+
+
+async def test_counters_equal_the_traffic(gateway_factory, echo_backend, admin_for):
+    yaml_text = gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo")
+    yaml_text += ("  - name: down\n    path: /down\n    assembly:\n      - policy: websocket-upgrade\n"
+                  "        target-url: ws://127.0.0.1:1/\n")
+    gw = await gateway_factory(yaml_text)
+    admin = await admin_for(gw)
+    sizes = [10, 100, 1000]
+    n = 1000
+    conns = [await websockets.connect(gw.url("/echo"), compression=None) for _ in range(3)]
+    for ws, size in zip(conns, sizes):
+        for i in range(n):
+            await ws.send(b"x" * size)
+        for i in range(n):
+            assert len(await ws.recv()) == size
+    m = await get_metrics(admin)
+    assert value(m, "fastgw_connections_active", api="echo") == 3
+    for ws in conns:
+        await ws.close(4000 + 1, "done")
+    # One refusal of each reason this configuration can provoke.
+    with pytest.raises(InvalidStatus):
+        await websockets.connect(gw.url("/nowhere"))
+    with pytest.raises(InvalidStatus):
+        await websockets.connect(gw.url("/down"))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gw.url("/echo").replace("ws://", "http://")) as r:
+            assert r.status == 426
+    await gw.wait_idle()
+    m = await get_metrics(admin)
+    total_bytes = n * sum(sizes)
+    assert value(m, "fastgw_connections_total", api="echo") == 3
+    assert value(m, "fastgw_connections_active", api="echo") == 0
+    for direction in ("request", "response"):
+        assert value(m, "fastgw_messages_total", api="echo", direction=direction) == 3 * n
+        assert value(m, "fastgw_bytes_total", api="echo", direction=direction) == total_bytes
+        for action in ("reject", "delay", "drop"):
+            assert value(m, "fastgw_messages_limited_total", api="echo", direction=direction,
+                         action=action) == 0
+    assert value(m, "fastgw_closes_total", api="echo", code="4001", side="client") == 3
+    assert value(m, "fastgw_upgrades_rejected_total", api="", reason="not_found") == 1
+    assert value(m, "fastgw_upgrades_rejected_total", api="echo", reason="bad_request") == 1
+    assert value(m, "fastgw_upgrades_rejected_total", api="down", reason="upstream_error") == 1
+    assert value(m, "fastgw_handshake_seconds_count", api="echo") == 3
+    assert value(m, "fastgw_upstream_connect_seconds_count", api="echo") == 3
+    assert value(m, "fastgw_connection_duration_seconds_count", api="echo") == 3
+
+
+async def test_admin_lists_and_closes_connections(gateway_factory, admin_for):
+    backend_closed = []
+
+    async def handler(conn):
+        try:
+            async for msg in conn:
+                await conn.send(msg)
+        finally:
+            backend_closed.append(conn.close_code)
+
+    async with ws_serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{port}/"))
+        admin = await admin_for(gw, token="s3cret")
+        a = await websockets.connect(gw.url("/"))
+        b = await websockets.connect(gw.url("/"))
+        await a.send("hi")
+        assert await a.recv() == "hi"
+        auth = {"Authorization": "Bearer s3cret"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{admin.url}/connections") as r:
+                assert r.status == 401
+            async with http.get(f"{admin.url}/connections", headers=auth) as r:
+                listed = await r.json()
+            assert len(listed) == 2
+            first = next(c for c in listed if c["messages_in"] == 1)
+            assert first["api"] == "test" and first["client"] == "127.0.0.1" and first["bytes_in"] == 2
+            async with http.delete(f"{admin.url}/connections/{first['id']}", headers=auth) as r:
+                assert r.status == 200
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(a.recv(), 5)
+            assert (a.close_code, a.close_reason) == (1001, "closed by administrator")
+            await gw.wait_idle(0.5)
+            assert len(gw.gw.live) == 1
+            async with http.delete(f"{admin.url}/connections?client=127.0.0.1", headers=auth) as r:
+                assert (await r.json()) == {"closed": 1}
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(b.recv(), 5)
+        await gw.wait_idle()
+        for _ in range(50):
+            if len(backend_closed) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert backend_closed == [1001, 1001]
+
+
+async def test_reload_changes_limits_for_new_connections_and_refuses_bad_files(
+        tmp_path, gateway_factory, echo_backend, admin_for):
+    from fastgw import config as cfgmod
+    from fastgw.server import Gateway
+    path = tmp_path / "gw.yaml"
+    base = gateway_yaml(f"ws://127.0.0.1:{echo_backend}/")
+    path.write_text(base)
+    gw = Gateway(cfgmod.load(str(path)), str(path))
+    await gw.start()
+    port = gw.addresses[0][2]
+    admin = await start_admin(gw, "127.0.0.1", 0, None)
+    try:
+        live = [await websockets.connect(f"ws://127.0.0.1:{port}/") for _ in range(20)]
+        stop = asyncio.Event()
+        counts = [0] * len(live)
+
+        async def chatter(i, ws):
+            while not stop.is_set():
+                await ws.send(f"{i}")
+                assert await ws.recv() == f"{i}"
+                counts[i] += 1
+
+        tasks = [asyncio.create_task(chatter(i, ws)) for i, ws in enumerate(live)]
+        await asyncio.sleep(0.3)
+        # A limit of 5 messages per connection for new connections.
+        path.write_text(base + "        request:\n          - policy: message-rate-limit\n"
+                               "            messages: 1/10s\n            burst: 5\n")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{admin.url}/reload") as r:
+                assert r.status == 200 and (await r.json())["reloaded"] is True
+            new = await websockets.connect(f"ws://127.0.0.1:{port}/")
+            for i in range(5):
+                await new.send("n")
+                assert await new.recv() == "n"
+            await new.send("too many")
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(new.recv(), 5)
+            assert new.close_code == 1008
+            # An invalid file is refused and the running configuration stays.
+            path.write_text(base.replace("target-url", "target-urll"))
+            async with http.post(f"{admin.url}/reload") as r:
+                assert r.status == 422
+                body = await r.json()
+            assert "target-urll" in body["error"] and "gw.yaml" in body["error"]
+            probe = await websockets.connect(f"ws://127.0.0.1:{port}/")
+            for i in range(5):
+                await probe.send("p")
+                assert await probe.recv() == "p"
+            await probe.close()
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert all(c > 0 for c in counts)
+        for ws in live:                         # none of the live connections was dropped
+            await ws.send("still")
+            assert await ws.recv() == "still"
+            await ws.close()
+    finally:
+        await admin.close()
+        await gw.shutdown(1.0)
+
+
+async def test_events_one_per_upgrade_close_and_refusal(gateway_factory, echo_backend, tmp_path):
+    from fastgw.events import CloseEvent, EventSink, RejectEvent, UpgradeEvent, decode_event
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo"))
+    log = tmp_path / "events.jsonl"
+    gw.gw.events = EventSink(str(log))
+    conns = [await websockets.connect(gw.url("/echo"), compression=None) for _ in range(3)]
+    for ws in conns:
+        await ws.send("a" * 10)
+        assert await ws.recv() == "a" * 10
+        await ws.close(4002, "bye")
+    with pytest.raises(InvalidStatus):
+        await websockets.connect(gw.url("/nope"))
+    await gw.wait_idle()
+    gw.gw.events.close()
+    events = [decode_event(line) for line in log.read_bytes().splitlines()]
+    ups = [e for e in events if isinstance(e, UpgradeEvent)]
+    closes = [e for e in events if isinstance(e, CloseEvent)]
+    rejects = [e for e in events if isinstance(e, RejectEvent)]
+    assert len(ups) == len(closes) == 3 and len(rejects) == 1
+    assert sorted(e.id for e in ups) == sorted(e.id for e in closes)
+    for e in closes:
+        assert (e.api, e.code, e.reason, e.side) == ("echo", 4002, "bye", "client")
+        assert (e.messages_in, e.messages_out, e.bytes_in, e.bytes_out) == (1, 1, 10, 10)
+    assert ups[0].client == "127.0.0.1" and ups[0].plan == "default" and ups[0].handshake_ms > 0
+    assert (rejects[0].api, rejects[0].reason, rejects[0].status) == (None, "not_found", 404)
