@@ -77,6 +77,8 @@ cdef class FlowStats:
         readonly uint64_t dropped
         readonly HdrArray sizes       # message sizes, bytes
         readonly HdrArray held        # time a delayed message was held, µs
+        readonly HdrArray sizes_interval   # the same since the last interval log (or None)
+        readonly HdrArray held_interval
 
 
 cdef class Leg(WSListener):

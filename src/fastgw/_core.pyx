@@ -89,10 +89,13 @@ cdef inline void _mask_copy(char* dst, const char* src, Py_ssize_t n, uint32_t m
 cdef class FlowStats:
     """Counters of one flow of one API (see _core.pxd)."""
 
-    def __init__(self, bint histograms=True):
+    def __init__(self, bint histograms=True, bint intervals=False):
         if histograms:
             self.sizes = HdrArray(1, 1 << 40, 2)
             self.held = HdrArray(1, 3_600_000_000, 3)
+            if intervals:
+                self.sizes_interval = HdrArray(1, 1 << 40, 2)
+                self.held_interval = HdrArray(1, 3_600_000_000, 3)
 
     def snapshot(self):
         return {"messages": self.messages, "bytes": self.bytes, "rejected": self.rejected,
@@ -479,6 +482,8 @@ cdef class Leg(WSListener):
                 self.peer.forward_raw(first_byte, payload, size)
                 if (first_byte & 0x0F) != 0 and self.stats is not None and self.stats.held is not None:
                     self.stats.held.record(<int64_t>((actual - self.hold_started) * 1e6) + 1)
+                    if self.stats.held_interval is not None:
+                        self.stats.held_interval.record(<int64_t>((actual - self.hold_started) * 1e6) + 1)
             pos += 16 + size
             # A frame let through after waiting: the next first frame is new.
             retry = False
@@ -634,6 +639,8 @@ cdef class Leg(WSListener):
                 self.stats.messages += 1
                 if self.stats.sizes is not None:
                     self.stats.sizes.record(<int64_t>self.msg_bytes if self.msg_bytes else 1)
+                    if self.stats.sizes_interval is not None:
+                        self.stats.sizes_interval.record(<int64_t>self.msg_bytes if self.msg_bytes else 1)
         return True
 
     cdef object _end_of_read(self, WSFrame frame):

@@ -63,6 +63,17 @@ async def _serve(config, drain_time: float, config_path: str) -> int:
         print(f"fastgw: listening on {scheme}://{shown}:{port}", file=sys.stderr, flush=True)
     if admin is not None:
         print(f"fastgw: admin on {admin.url}", file=sys.stderr, flush=True)
+    interval_log = log_task = None
+    if config.histogram_log is not None:
+        from fastgw.metrics import IntervalLog
+        try:
+            interval_log = IntervalLog(gw.metrics, config.histogram_log.path,
+                                       float(config.histogram_log.interval))
+        except OSError as exc:
+            print(f"fastgw: histogram log: {exc}", file=sys.stderr)
+            await gw.shutdown(0)
+            return 1
+        log_task = loop.create_task(interval_log.run())
     stop = loop.create_future()
 
     def on_hup():
@@ -90,6 +101,9 @@ async def _serve(config, drain_time: float, config_path: str) -> int:
         await admin.close()
     if gw.events is not None:
         await gw.events.aclose()
+    if interval_log is not None:
+        log_task.cancel()
+        interval_log.close()
     print("fastgw: stopped", file=sys.stderr, flush=True)
     return 0
 

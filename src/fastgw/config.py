@@ -766,6 +766,13 @@ class Events(_Base, kw_only=True):
     """Events waiting to be written; past it they are dropped (and counted)."""
 
 
+class HistogramLog(_Base, kw_only=True):
+    """Interval histograms written to a file in the HdrHistogram log format."""
+
+    path: NonEmptyStr
+    interval: Duration = Duration(10.0)
+
+
 class Config(_Base, kw_only=True):
     """The whole gateway configuration."""
 
@@ -790,6 +797,7 @@ class Config(_Base, kw_only=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     admin: Admin | None = None
     events: Events | None = None
+    histogram_log: HistogramLog | None = None
     reload_grace: Duration = Duration(30.0)
     """After a reload that removes an API, its live connections get this long before 1001."""
 

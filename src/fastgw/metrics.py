@@ -38,10 +38,10 @@ def default_histogram_factory():
 class ApiMetrics:
     """What is counted for one API (kept across reloads while the API exists)."""
 
-    def __init__(self, name: str, histogram_factory=None):
+    def __init__(self, name: str, histogram_factory=None, intervals: bool = False):
         self.name = name
-        self.request = FlowStats()
-        self.response = FlowStats()
+        self.request = FlowStats(histogram_factory is not None, intervals)
+        self.response = FlowStats(histogram_factory is not None, intervals)
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.closes: Counter[tuple[int, str]] = Counter()
@@ -50,12 +50,41 @@ class ApiMetrics:
         self.handshake = make() if make else None
         self.upstream_connect = make() if make else None
         self.duration = make() if make else None
+        iv = bool(make and intervals)
+        self.interval = {"handshake_us": make() if iv else None,
+                         "upstream_connect_us": make() if iv else None,
+                         "duration_ms": make() if iv else None}
+
+    def record(self, kind: str, value: int) -> None:
+        """Record a per-connection value (handshake_us, upstream_connect_us, duration_ms)."""
+        arr = self.histograms()[kind]
+        if arr is not None:
+            arr.record_py(max(1, int(value)))
+            twin = self.interval[kind]
+            if twin is not None:
+                twin.record_py(max(1, int(value)))
+
+    def interval_histograms(self) -> dict:
+        """The histograms kept for the interval log, by name."""
+        return {**{k: v for k, v in self.interval.items() if v is not None},
+                "request_size_bytes": self.request.sizes_interval,
+                "response_size_bytes": self.response.sizes_interval,
+                "request_held_us": self.request.held_interval,
+                "response_held_us": self.response.held_interval}
+
+    def histograms(self) -> dict:
+        """Every histogram of the API by name; the suffix is the unit."""
+        return {"handshake_us": self.handshake, "upstream_connect_us": self.upstream_connect,
+                "duration_ms": self.duration,
+                "request_size_bytes": self.request.sizes, "response_size_bytes": self.response.sizes,
+                "request_held_us": self.request.held, "response_held_us": self.response.held}
 
 
 class Metrics:
-    def __init__(self, histogram_factory=None):
+    def __init__(self, histogram_factory=None, intervals: bool = False):
         self.apis: dict[str, ApiMetrics] = {}
         self._factory = histogram_factory or default_histogram_factory()
+        self._intervals = intervals
         self.rejected_unrouted: Counter[str] = Counter()   # refusals before an API was known
         self.events_dropped = lambda: 0
         self.active = lambda: {}                           # api -> live connections
@@ -63,7 +92,7 @@ class Metrics:
     def api(self, name: str) -> ApiMetrics:
         m = self.apis.get(name)
         if m is None:
-            m = self.apis[name] = ApiMetrics(name, self._factory)
+            m = self.apis[name] = ApiMetrics(name, self._factory, self._intervals)
         return m
 
     def count_reject(self, api: str | None, reason: str) -> None:
@@ -77,6 +106,58 @@ class Metrics:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
         return generate_latest(registry)
+
+
+class IntervalLog:
+    """Writes interval histograms in the HdrHistogram log format (v1.3, tagged lines).
+
+    Every `interval` seconds each histogram's interval twin is copied and reset
+    and written as one line `Tag=API/kind_unit,start,length,max,payload`, which
+    hdrh.log.HistogramLogReader and HdrHistogram's HistogramLogAnalyzer read.
+    Times are seconds since the base time written in the header.
+    """
+
+    def __init__(self, metrics: "Metrics", path: str, interval: float):
+        import time
+        self.metrics = metrics
+        self.path = path
+        self.interval = interval
+        self.base = time.time()
+        self.last = self.base
+        self.file = open(path, "a", encoding="utf-8")
+        self.file.write("#[Histogram log format version 1.3]\n")
+        self.file.write(f"#[StartTime: {self.base:.3f} (seconds since epoch)]\n")
+        self.file.write(f"#[BaseTime: {self.base:.3f} (seconds since epoch)]\n")
+        self.file.write('"StartTimestamp","Interval_Length","Interval_Max","Interval_Compressed_Histogram"\n')
+        self.file.flush()
+
+    def write_interval(self) -> int:
+        """Write one line per histogram for the interval that just ended; returns the lines."""
+        import time
+        now = time.time()
+        lines = []
+        for api, am in sorted(self.metrics.apis.items()):
+            for kind, arr in sorted(am.interval_histograms().items()):
+                if arr is None:
+                    continue
+                hdr = arr.copy_and_reset()
+                lines.append(f"Tag={api}/{kind},{self.last - self.base:.3f},{now - self.last:.3f},"
+                             f"{float(hdr.get_max_value()):.3f},{hdr.encode().decode()}\n")
+        self.last = now
+        self.file.write("".join(lines))
+        self.file.flush()
+        return len(lines)
+
+    async def run(self) -> None:
+        import asyncio
+        while True:
+            await asyncio.sleep(self.interval)
+            self.write_interval()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.write_interval()
+            self.file.close()
 
 
 def _histogram_buckets(hdr, bounds, scale):

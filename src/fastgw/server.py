@@ -423,7 +423,7 @@ class Gateway:
         self.config = config
         self.config_path = config_path
         self.router: Router = compile_config(config)
-        self.metrics = Metrics(histogram_factory)
+        self.metrics = Metrics(histogram_factory, intervals=config.histogram_log is not None)
         self.metrics.active = self._active_by_api
         self.events = None                     # an events.EventSink, set by the CLI
         for api in self.router.apis:
@@ -492,9 +492,8 @@ class Gateway:
         am = self.metrics.api(api.name)
         am.accepted += 1
         handshake_us = (time.monotonic() - head_at) * 1e6
-        if am.handshake is not None:
-            am.handshake.record_py(max(1, int(handshake_us)))
-            am.upstream_connect.record_py(max(1, int(conn.dial_us)))
+        am.record("handshake_us", handshake_us)
+        am.record("upstream_connect_us", conn.dial_us)
         if self.events is not None:
             self.events.emit(ev.UpgradeEvent(
                 id=conn.id, api=conn.api, client=conn.client_key, remote=conn.peer,
@@ -533,8 +532,7 @@ class Gateway:
             code, side = relay.end_code or 1006, relay.end_side or "gateway"
             am.closes[(code, side)] += 1
             duration = time.monotonic() - conn.started_mono
-            if am.duration is not None:
-                am.duration.record_py(max(1, int(duration * 1e3)))
+            am.record("duration_ms", duration * 1e3)
             if self.events is not None:
                 c, b = relay.client, relay.backend
                 self.events.emit(ev.CloseEvent(
@@ -556,20 +554,15 @@ class Gateway:
     def metrics_text(self) -> str:
         return self.metrics.render().decode()
 
-    # Histogram names: API/kind_unit (the unit suffix tells the admin API the unit).
-    _HISTOGRAMS = {"handshake_us": "handshake", "upstream_connect_us": "upstream_connect",
-                   "duration_ms": "duration"}
-
     def histogram_names(self) -> list[str]:
         return [f"{api}/{kind}" for api, am in sorted(self.metrics.apis.items())
-                if am.handshake is not None for kind in self._HISTOGRAMS]
+                for kind, arr in am.histograms().items() if arr is not None]
 
     def histogram(self, name: str):
+        """A snapshot of a histogram named API/kind_unit (see README, "Histograms")."""
         api, _, kind = name.rpartition("/")
         am = self.metrics.apis.get(api)
-        if am is None or kind not in self._HISTOGRAMS:
-            return None
-        arr = getattr(am, self._HISTOGRAMS[kind])
+        arr = am.histograms().get(kind) if am is not None else None
         return arr.to_hdr() if arr is not None else None
 
     def connections(self, api: str | None = None, client: str | None = None) -> list[dict]:

@@ -154,7 +154,7 @@ async def test_reload_changes_limits_for_new_connections_and_refuses_bad_files(
     port = gw.addresses[0][2]
     admin = await start_admin(gw, "127.0.0.1", 0, None)
     try:
-        live = [await websockets.connect(f"ws://127.0.0.1:{port}/") for _ in range(20)]
+        live = [await websockets.connect(f"ws://127.0.0.1:{port}/") for _ in range(100)]
         stop = asyncio.Event()
         counts = [0] * len(live)
 
@@ -229,3 +229,56 @@ async def test_events_one_per_upgrade_close_and_refusal(gateway_factory, echo_ba
         assert (e.messages_in, e.messages_out, e.bytes_in, e.bytes_out) == (1, 1, 10, 10)
     assert ups[0].client == "127.0.0.1" and ups[0].plan == "default" and ups[0].handshake_ms > 0
     assert (rejects[0].api, rejects[0].reason, rejects[0].status) == (None, "not_found", 404)
+
+
+async def test_histograms_export_decodes_with_hdrhistogram(gateway_factory, echo_backend, admin_for):
+    from hdrh.histogram import HdrHistogram
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo"))
+    admin = await admin_for(gw)
+    sizes = [5, 50, 500, 5000, 50000]
+    async with websockets.connect(gw.url("/echo"), compression=None, max_size=None) as ws:
+        for size in sizes:
+            await ws.send(b"z" * size)
+            await ws.recv()
+    await gw.wait_idle()
+    direct = HdrHistogram(1, 1 << 40, 2)
+    for size in sizes:
+        direct.record_value(size)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{admin.url}/histograms") as r:
+            names = await r.json()
+        assert "echo/request_size_bytes" in names and "echo/handshake_us" in names
+        async with http.get(f"{admin.url}/histograms/echo/request_size_bytes") as r:
+            body = await r.json()
+        async with http.get(f"{admin.url}/histograms/echo/handshake_us?format=hdr") as r:
+            handshake = HdrHistogram.decode(await r.read())
+    got = HdrHistogram.decode(body["encoded"].encode())
+    assert got.get_total_count() == len(sizes)
+    for p in (50, 90, 99, 100):
+        assert got.get_value_at_percentile(p) == direct.get_value_at_percentile(p)
+    assert handshake.get_total_count() == 1
+
+
+async def test_interval_log_reads_back(gateway_factory, echo_backend, tmp_path):
+    from hdrh.histogram import HdrHistogram
+    from hdrh.log import HistogramLogReader
+    from fastgw.metrics import IntervalLog
+    log_path = tmp_path / "fastgw.hlog"
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo",
+                                            extra_top=f"histogram-log: {{path: {log_path}, interval: 1s}}"))
+    log = IntervalLog(gw.gw.metrics, str(log_path), 1.0)
+    for round_ in range(2):
+        async with websockets.connect(gw.url("/echo"), compression=None) as ws:
+            for size in (10, 20, 30)[: round_ + 2]:
+                await ws.send(b"q" * size)
+                await ws.recv()
+        await gw.wait_idle()
+        log.write_interval()
+    log.close()
+    reader = HistogramLogReader(str(log_path), HdrHistogram(1, 1 << 40, 2))
+    seen = {}
+    while (h := reader.get_next_interval_histogram()) is not None:
+        seen.setdefault(h.get_tag(), []).append(h.get_total_count())
+    assert seen["echo/request_size_bytes"][:2] == [2, 3]           # per interval, not cumulative
+    assert seen["echo/handshake_us"][:2] == [1, 1]
+    assert seen["echo/duration_ms"][:2] == [1, 1]
