@@ -32,6 +32,7 @@ is the rule the configuration checker applies to anything else.
 from __future__ import annotations
 
 import hmac
+import inspect
 import io
 import ipaddress
 import logging
@@ -79,8 +80,9 @@ class AdminBackend(Protocol):
         """True while listening and not draining."""
         ...
 
-    def metrics_text(self) -> str:
-        """The Prometheus text exposition, already formatted."""
+    def metrics_text(self) -> "str | Awaitable[str]":
+        """The Prometheus text exposition, already formatted (or an awaitable of it,
+        so that a backend can format it away from the event loop)."""
         ...
 
     def histogram_names(self) -> list[str]:
@@ -192,7 +194,10 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = _backend(request).metrics_text().encode("utf-8")
+    text = _backend(request).metrics_text()
+    if inspect.isawaitable(text):
+        text = await text
+    body = text.encode("utf-8")
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

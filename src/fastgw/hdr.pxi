@@ -234,6 +234,42 @@ cdef class HdrArray:
         hdr.min_value = min(hdr.min_value, self.min_value)
         hdr.max_value = max(hdr.max_value, self.max_value)
 
+    def cumulative(self, bounds):
+        """For metrics without an HdrHistogram copy: ([count of values <= b for b in
+        bounds], sum of the values), both read from the buckets (a value counts as its
+        bucket's lowest equivalent value; the sum uses each bucket's middle). O(counts)."""
+        cdef Py_ssize_t i, j = 0, nb = len(bounds)
+        cdef int bucket_index
+        cdef int64_t sub_index, low, size
+        cdef int64_t c
+        cdef double total = 0.0
+        cdef list limits = [int(b) for b in bounds]
+        cdef list out = [0] * nb
+        cdef int64_t running = 0
+        cdef int64_t limit = limits[0] if nb else 0
+        for i in range(self.counts_len):
+            c = self.counts[i]
+            if c == 0:
+                continue
+            bucket_index = <int>(i >> self.sub_bucket_half_count_magnitude) - 1
+            sub_index = (i & (self.sub_bucket_half_count - 1)) + self.sub_bucket_half_count
+            if bucket_index < 0:
+                sub_index -= self.sub_bucket_half_count
+                bucket_index = 0
+            low = sub_index << (bucket_index + self.unit_magnitude)
+            size = (<int64_t>1) << (bucket_index + self.unit_magnitude)
+            total += <double>c * (<double>low + <double>(size - 1) / 2.0)
+            while j < nb and low > limit:
+                out[j] = running
+                j += 1
+                if j < nb:
+                    limit = limits[j]
+            running += c
+        while j < nb:
+            out[j] = running
+            j += 1
+        return out, total
+
     def __repr__(self):
         return (f"HdrArray(lowest={self.lowest}, highest={self.highest}, "
                 f"significant_figures={self.sig_figs}, total_count={self.total}, "

@@ -160,27 +160,12 @@ class IntervalLog:
             self.file.close()
 
 
-def _histogram_buckets(hdr, bounds, scale):
-    """Cumulative (le, count) pairs and the sum, from an HdrHistogram in units of 1/scale s."""
-    total = hdr.get_total_count()
-    out = []
-    if total:
-        limits = [int(b * scale) for b in bounds]
-        counts = [0] * len(limits)
-        for item in hdr.get_recorded_iterator():
-            value = hdr.get_highest_equivalent_value(item.value_iterated_to)
-            for i, limit in enumerate(limits):
-                if value <= limit:
-                    counts[i] += item.count_at_value_iterated_to
-                    break
-        running = 0
-        for b, c in zip(bounds, counts):
-            running += c
-            out.append((repr(b), running))
-    else:
-        out = [(repr(b), 0) for b in bounds]
-    out.append(("+Inf", total))
-    return out, (hdr.get_mean_value() * total / scale) if total else 0.0
+def _histogram_buckets(arr, bounds, scale):
+    """Cumulative (le, count) pairs and the sum in seconds, from an HdrArray in units of 1/scale s."""
+    counts, total = arr.cumulative([b * scale for b in bounds])
+    out = [(repr(b), c) for b, c in zip(bounds, counts)]
+    out.append(("+Inf", arr.total_count))
+    return out, total / scale
 
 
 class _Collector(Collector):
@@ -230,6 +215,6 @@ class _Collector(Collector):
                 arr = getattr(a, attr)
                 if arr is None:
                     continue
-                buckets, total = _histogram_buckets(arr.to_hdr(), bounds, scale)
+                buckets, total = _histogram_buckets(arr, bounds, scale)
                 fam.add_metric([name], buckets, total)
             yield fam
