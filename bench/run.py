@@ -82,8 +82,13 @@ apis:
             messages: 100000000/1s
             action: delay
 """
-GATEWAY_TARGETS = ("fastgw", "fastgw-policies")
-RATIOS = (("fastgw/direct", "fastgw", "direct"), ("policies/fastgw", "fastgw-policies", "fastgw"))
+# "fastgw" and "fastgw-policies" run with metrics off; "fastgw-observed" is a second gateway
+# process with the same APIs, metrics on, events written to a file and the admin API on.
+BARE_TOP = "metrics: false\n"
+OBSERVED_TOP = "events: {{target: {events}}}\nadmin: {{port: 0}}\n"
+GATEWAY_TARGETS = ("fastgw", "fastgw-policies", "fastgw-observed")
+RATIOS = (("fastgw/direct", "fastgw", "direct"), ("policies/fastgw", "fastgw-policies", "fastgw"),
+          ("observed/fastgw", "fastgw-observed", "fastgw"))
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -378,7 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=1, help="load generator processes")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--targets", default="direct,fastgw,fastgw-policies")
+    p.add_argument("--targets", default="direct,fastgw,fastgw-policies,fastgw-observed")
     p.add_argument("--no-pin", action="store_true", help="do not set CPU affinity")
     p.add_argument("--gateway-cmd", default=f"{PY} -m fastgw run -c {{config}}",
                    help="command that starts the gateway; {config} is the YAML path")
@@ -462,29 +467,37 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"direct": f"ws://127.0.0.1:{backend_port}/"}
         print(f"bench: echo backend pid {backend.pid} on port {backend_port}", file=sys.stderr)
 
-        gateway: Started | None = None
+        gateways: dict[str, Started] = {}       # target -> its gateway process
         meta["gateway"] = "not requested"
-        if any(t in GATEWAY_TARGETS for t in args.targets):
-            cfg = logdir / "gateway.yaml"
-            cfg.write_text(GATEWAY_YAML.format(backend_port=backend_port))
+        wanted = [t for t in args.targets if t in GATEWAY_TARGETS]
+        plans = []
+        if {"fastgw", "fastgw-policies"} & set(wanted):
+            plans.append(("fastgw", BARE_TOP, ("fastgw", "fastgw-policies")))
+        if "fastgw-observed" in wanted:
+            plans.append(("fastgw-observed", OBSERVED_TOP.format(events=logdir / "events.jsonl"),
+                          ("fastgw-observed",)))
+        for name, top, serves in plans:
+            cfg = logdir / f"{name}.yaml"
+            cfg.write_text(top + GATEWAY_YAML.format(backend_port=backend_port))
             cmd = args.gateway_cmd.format(config=cfg).split()
+            gateway = None
             try:
-                gateway = Started("fastgw", cmd, gw_cpu, logdir, "stderr")
+                gateway = Started(name, cmd, gw_cpu, logdir, "stderr")
                 started.append(gateway)
                 gw_port = gateway.wait_port(15)
                 pin_all_threads(gateway.pid, gw_cpu)
-                urls["fastgw"] = f"ws://127.0.0.1:{gw_port}/"
-                urls["fastgw-policies"] = f"ws://127.0.0.1:{gw_port}/policed/"
-                meta["gateway"] = f"pid {gateway.pid} on port {gw_port}: {' '.join(cmd)}"
-                print(f"bench: gateway pid {gateway.pid} on port {gw_port}", file=sys.stderr)
+                for t in serves:
+                    gateways[t] = gateway
+                    urls[t] = f"ws://127.0.0.1:{gw_port}/" + ("policed/" if t == "fastgw-policies" else "")
+                meta[f"gateway {name}"] = f"pid {gateway.pid} on port {gw_port}: {' '.join(cmd)}"
+                meta["gateway"] = "started"
+                print(f"bench: gateway {name} pid {gateway.pid} on port {gw_port}", file=sys.stderr)
             except (RuntimeError, OSError) as exc:
                 meta["gateway"] = f"unavailable: {exc}"
-                print(f"bench: gateway could not start, running direct only: {exc}",
-                      file=sys.stderr)
+                print(f"bench: gateway {name} could not start: {exc}", file=sys.stderr)
                 if gateway is not None:
                     gateway.stop()
                     started.remove(gateway)
-                gateway = None
         targets = [t for t in args.targets if t in urls]
         meta["targets"] = targets
 
@@ -492,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             for sname in args.scenarios:
                 for target in targets:
                     sc = SCENARIOS[sname]
-                    on_gw = gateway is not None and target in GATEWAY_TARGETS
+                    gateway = gateways.get(target)
+                    on_gw = gateway is not None
                     b0 = tree_cpu_seconds(backend.pid)
                     g0 = tree_cpu_seconds(gateway.pid) if on_gw and gateway else 0.0
                     l0 = children_cpu_seconds()
@@ -533,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"bench: round {rnd} {sname:9s} {target:6s} "
                           f"{res.get('summary') or res.get('errors')}{status}{noise}",
                           file=sys.stderr)
-                    for proc_ in (backend, gateway):
+                    for proc_ in (backend, *gateways.values()):
                         if proc_ is not None and proc_.proc.poll() is not None:
                             raise RuntimeError(f"{proc_.name} died: {proc_.tail()}")
                     time.sleep(0.2)
@@ -569,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.warmup:g} s warm-up, {args.connections} connections"
           f"{', %d in flight each' % args.inflight})\n")
     print(f"- {pin_note}")
-    print(f"- gateway: {meta.get('gateway')}")
+    for key in sorted(k for k in meta if k.startswith("gateway ")):
+        print(f"- {key}: {meta[key]}")
     print("- throughput: pipelined echo; msg/s = echoed messages per second; MB/s = payload bytes "
           "echoed per second, one direction (10^6 B)")
     print("- latency: 64 B request/response at 5000 msg/s total, µs from the intended send time "

@@ -798,6 +798,8 @@ class Config(_Base, kw_only=True):
     admin: Admin | None = None
     events: Events | None = None
     histogram_log: HistogramLog | None = None
+    metrics: bool = True
+    """false: no per-message counting or histograms (connection counts remain)."""
     reload_grace: Duration = Duration(30.0)
     """After a reload that removes an API, its live connections get this long before 1001."""
 

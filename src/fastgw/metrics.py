@@ -81,10 +81,11 @@ class ApiMetrics:
 
 
 class Metrics:
-    def __init__(self, histogram_factory=None, intervals: bool = False):
+    def __init__(self, histogram_factory=None, intervals: bool = False, enabled: bool = True):
         self.apis: dict[str, ApiMetrics] = {}
-        self._factory = histogram_factory or default_histogram_factory()
-        self._intervals = intervals
+        self.enabled = enabled
+        self._factory = (histogram_factory or default_histogram_factory()) if enabled else None
+        self._intervals = intervals and enabled
         self.rejected_unrouted: Counter[str] = Counter()   # refusals before an API was known
         self.events_dropped = lambda: 0
         self.active = lambda: {}                           # api -> live connections

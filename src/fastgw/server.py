@@ -343,10 +343,11 @@ class Handshake(asyncio.Protocol):
             up = api.upgrade
             conn = Connection(gw.next_id(), api.name, self.peer_ip, admission)
             relay = Relay(gw.loop, gw._relay_ended, conn, max_message_size=up.max_message_size)
+            counting = gw.metrics.enabled
             relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size,
-                                      stats=stats.request)
+                                      stats=stats.request if counting else None)
             relay.backend.set_policies(admission.response_rules, gw.zone, admission.response_max_size,
-                                       stats=stats.response)
+                                       stats=stats.response if counting else None)
             conn.relay = relay
             dial_start = time.monotonic()
             try:
@@ -423,7 +424,8 @@ class Gateway:
         self.config = config
         self.config_path = config_path
         self.router: Router = compile_config(config)
-        self.metrics = Metrics(histogram_factory, intervals=config.histogram_log is not None)
+        self.metrics = Metrics(histogram_factory, intervals=config.histogram_log is not None,
+                               enabled=config.metrics)
         self.metrics.active = self._active_by_api
         self.events = None                     # an events.EventSink, set by the CLI
         for api in self.router.apis:
