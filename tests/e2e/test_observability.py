@@ -282,3 +282,72 @@ async def test_interval_log_reads_back(gateway_factory, echo_backend, tmp_path):
     assert seen["echo/request_size_bytes"][:2] == [2, 3]           # per interval, not cumulative
     assert seen["echo/handshake_us"][:2] == [1, 1]
     assert seen["echo/duration_ms"][:2] == [1, 1]
+
+
+async def test_every_refusal_reason_is_counted(gateway_factory, echo_backend, admin_for):
+    silent_writers = []
+
+    async def silent(reader, writer):
+        silent_writers.append(writer)
+        await reader.read()
+
+    silent_server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    silent_port = silent_server.sockets[0].getsockname()[1]
+    target = f"ws://127.0.0.1:{echo_backend}/"
+    gw = await gateway_factory(f"""\
+listeners: [{{host: 127.0.0.1, port: 0}}]
+limits: {{max-connections: 2}}
+clients: [{{id: alice, key: alice-key, apis: [keyed]}}, {{id: bob, key: bob-key, apis: [slow]}}]
+apis:
+  - name: keyed
+    path: /keyed
+    assembly:
+      - {{policy: api-key}}
+      - {{policy: websocket-upgrade, target-url: "{target}"}}
+  - name: counted
+    path: /counted
+    assembly:
+      - {{policy: count-limit, key: client-ip, max: 1}}
+      - {{policy: websocket-upgrade, target-url: "{target}"}}
+  - name: rated
+    path: /rated
+    assembly:
+      - {{policy: rate-limit, key: client-ip, rate: 1/1m, burst: 1}}
+      - {{policy: websocket-upgrade, target-url: "{target}"}}
+  - name: slow
+    path: /slow
+    assembly:
+      - {{policy: websocket-upgrade, target-url: "ws://127.0.0.1:{silent_port}/", timeout: 300ms}}
+""")
+    admin = await admin_for(gw)
+
+    async def refused(path, **kw):
+        with pytest.raises(InvalidStatus) as info:
+            await websockets.connect(gw.url(path), **kw)
+        return info.value.response.status_code
+
+    assert await refused("/keyed") == 401                                              # unauthorized
+    assert await refused("/keyed", additional_headers={"X-API-Key": "bob-key"}) == 403  # forbidden
+    held = await websockets.connect(gw.url("/counted"))
+    assert await refused("/counted") == 429                                            # count_limit
+    first = await websockets.connect(gw.url("/rated"))
+    assert await refused("/keyed", additional_headers={"X-API-Key": "alice-key"}) == 503  # capacity (2 live)
+    await first.close()
+    await gw.wait_idle(0.5)
+    assert await refused("/rated") == 429                                              # rate_limit
+    assert await refused("/slow") == 504                                               # upstream_timeout
+    await held.close()
+    await gw.wait_idle()
+    m = await get_metrics(admin)
+    expected = {("keyed", "unauthorized"): 1, ("keyed", "forbidden"): 1, ("counted", "count_limit"): 1,
+                ("keyed", "capacity"): 1, ("rated", "rate_limit"): 1, ("slow", "upstream_timeout"): 1}
+    for api in ("keyed", "counted", "rated", "slow"):
+        for reason in ("bad_request", "unauthorized", "forbidden", "count_limit", "rate_limit",
+                       "capacity", "upstream_error", "upstream_timeout"):
+            assert value(m, "fastgw_upgrades_rejected_total", api=api, reason=reason) == \
+                expected.get((api, reason), 0), (api, reason)
+    assert value(m, "fastgw_connections_total", api="counted") == 1
+    assert value(m, "fastgw_connections_total", api="rated") == 1
+    for w in silent_writers:
+        w.close()
+    silent_server.close()
