@@ -160,11 +160,9 @@ cdef class HdrArray:
     def record_py(self, int64_t value, int64_t n=1):
         """Record value n times. False (and counted in overflows) when
         HdrHistogram.record_value would refuse it."""
-        if self.index_of(value) < 0:
-            self.overflows += n
-            return False
+        cdef bint ok = self.index_of(value) >= 0
         self.record_n(value, n)
-        return True
+        return ok
 
     def record_many(self, values):
         """Record every value of a C-contiguous buffer of int64 (array('q'),

@@ -260,7 +260,7 @@ def test_copy_and_reset_gives_intervals():
     overflows = 0
     for _ in range(3):
         ref = HdrHistogram(*params)
-        for v in _random_values(ref, rng, 1500):
+        for v in _random_values(ref, rng, 1500) + _edge_values(ref):
             if not ref.record_value(v):
                 overflows += 1
             arr.record_py(v)
@@ -296,11 +296,40 @@ def test_merge_into_adds_as_if_recorded():
     _assert_same(target, both)
 
 
+def test_merge_into_keeps_the_lower_min_and_higher_max():
+    params = (1, 3_600_000_000, 3)
+    for mine, theirs in [([1000, 2000], [5, 50_000]), ([5, 50_000], [1000, 2000])]:
+        arr, _, _ = _fill(params, mine)
+        target = HdrHistogram(*params)
+        both = HdrHistogram(*params)
+        for v in theirs:
+            target.record_value(v)
+        for v in theirs + mine:
+            both.record_value(v)
+        arr.merge_into(target)
+        _assert_same(target, both)
+        assert (target.min_value, target.max_value) == (5, 50_000)
+
+
+def test_merge_into_another_highest_of_the_same_layout():
+    # As HdrHistogram.add: the layout must match, not the parameters.
+    arr, _, _ = _fill((1, 3_600_000_000, 3), [1, 77, 1 << 31])
+    target = HdrHistogram(1, 4_000_000_000, 3)
+    ref = HdrHistogram(1, 4_000_000_000, 3)
+    for v in [1, 77, 1 << 31]:
+        ref.record_value(v)
+    arr.merge_into(target)
+    _assert_same(target, ref)
+
+
 def test_merge_into_refuses_another_layout():
     arr = HdrArray(1, 3_600_000_000, 3)
     arr.record_py(5)
-    for other in [(1, 60_000_000, 3), (1, 3_600_000_000, 2), (1000, 3_600_000_000, 3)]:
+    for other in [(1, 60_000_000, 3), (1, 3_600_000_000, 2), (1000, 3_600_000_000, 3),
+                  (2, 7_200_000_000, 3)]:     # the last: same counts_len, unit magnitude 1
         h = HdrHistogram(*other)
+        if other[0] == 2:
+            assert h.counts_len == arr.counts_len
         with pytest.raises(ValueError):
             arr.merge_into(h)
         assert h.get_total_count() == 0
