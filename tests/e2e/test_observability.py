@@ -351,3 +351,52 @@ apis:
     for w in silent_writers:
         w.close()
     silent_server.close()
+
+
+async def test_reload_removing_an_api_closes_its_connections_after_the_grace(tmp_path, echo_backend):
+    from fastgw import config as cfgmod
+    from fastgw.server import Gateway
+    path = tmp_path / "gw.yaml"
+    keep = gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/keep", name="keep",
+                        extra_top="reload-grace: 300ms")
+    gone = ("  - name: gone\n    path: /gone\n    assembly:\n      - policy: websocket-upgrade\n"
+            f"        target-url: ws://127.0.0.1:{echo_backend}/\n")
+    path.write_text(keep + gone)
+    gw = Gateway(cfgmod.load(str(path)), str(path))
+    await gw.start()
+    port = gw.addresses[0][2]
+    try:
+        kept = await websockets.connect(f"ws://127.0.0.1:{port}/keep")
+        removed = await websockets.connect(f"ws://127.0.0.1:{port}/gone")
+        path.write_text(keep)
+        assert await gw.reload() is None
+        await removed.send("still served during the grace")
+        assert await removed.recv() == "still served during the grace"
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(removed.recv(), 5)
+        assert (removed.close_code, removed.close_reason) == (1001, "API removed by reload")
+        with pytest.raises(InvalidStatus):
+            await websockets.connect(f"ws://127.0.0.1:{port}/gone")
+        await kept.send("kept")
+        assert await kept.recv() == "kept"
+        await kept.close()
+    finally:
+        await gw.shutdown(1.0)
+
+
+async def test_drain_turns_readiness_off_and_closes_with_1001(gateway_factory, echo_backend, admin_for):
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
+    admin = await admin_for(gw)
+    ws = await websockets.connect(gw.url("/"))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{admin.url}/readyz") as r:
+            assert r.status == 200
+        async with http.post(f"{admin.url}/drain?grace=2") as r:
+            assert r.status == 202
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert (ws.close_code, ws.close_reason) == (1001, "gateway shutting down")
+        async with http.get(f"{admin.url}/readyz") as r:
+            assert r.status == 503
+    with pytest.raises(OSError):
+        await websockets.connect(gw.url("/"), open_timeout=2)
