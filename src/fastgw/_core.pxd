@@ -75,10 +75,9 @@ cdef class FlowStats:
         readonly uint64_t rejected
         readonly uint64_t delayed
         readonly uint64_t dropped
-        readonly HdrArray sizes       # message sizes, bytes
+        uint64_t size_log2[65]        # messages by size: [k] counts sizes in [2^(k-1), 2^k - 1]
         readonly HdrArray held        # time a delayed message was held, µs
-        readonly HdrArray sizes_interval   # the same since the last interval log (or None)
-        readonly HdrArray held_interval
+        readonly HdrArray held_interval    # the same since the last interval log (or None)
 
 
 cdef class Leg(WSListener):

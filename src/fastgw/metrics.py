@@ -67,8 +67,6 @@ class ApiMetrics:
     def interval_histograms(self) -> dict:
         """The histograms kept for the interval log, by name."""
         return {**{k: v for k, v in self.interval.items() if v is not None},
-                "request_size_bytes": self.request.sizes_interval,
-                "response_size_bytes": self.response.sizes_interval,
                 "request_held_us": self.request.held_interval,
                 "response_held_us": self.response.held_interval}
 
@@ -76,7 +74,6 @@ class ApiMetrics:
         """Every histogram of the API by name; the suffix is the unit."""
         return {"handshake_us": self.handshake, "upstream_connect_us": self.upstream_connect,
                 "duration_ms": self.duration,
-                "request_size_bytes": self.request.sizes, "response_size_bytes": self.response.sizes,
                 "request_held_us": self.request.held, "response_held_us": self.response.held}
 
 
@@ -219,3 +216,11 @@ class _Collector(Collector):
                 buckets, total = _histogram_buckets(arr, bounds, scale)
                 fam.add_metric([name], buckets, total)
             yield fam
+        sizes = HistogramMetricFamily("fastgw_message_size_bytes",
+                                      "Relayed message sizes (buckets are powers of 4).",
+                                      labels=["api", "direction"])
+        for name, a in sorted(m.apis.items()):
+            for direction, flow in (("request", a.request), ("response", a.response)):
+                buckets = [(("+Inf" if le is None else str(le)), n) for le, n in flow.size_buckets()]
+                sizes.add_metric([name, direction], buckets, float(flow.bytes))
+        yield sizes

@@ -236,27 +236,30 @@ async def test_histograms_export_decodes_with_hdrhistogram(gateway_factory, echo
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo"))
     admin = await admin_for(gw)
     sizes = [5, 50, 500, 5000, 50000]
-    async with websockets.connect(gw.url("/echo"), compression=None, max_size=None) as ws:
-        for size in sizes:
-            await ws.send(b"z" * size)
-            await ws.recv()
+    for _ in range(3):
+        async with websockets.connect(gw.url("/echo"), compression=None, max_size=None) as ws:
+            for size in sizes:
+                await ws.send(b"z" * size)
+                await ws.recv()
     await gw.wait_idle()
-    direct = HdrHistogram(1, 1 << 40, 2)
-    for size in sizes:
-        direct.record_value(size)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{admin.url}/histograms") as r:
             names = await r.json()
-        assert "echo/request_size_bytes" in names and "echo/handshake_us" in names
-        async with http.get(f"{admin.url}/histograms/echo/request_size_bytes") as r:
+        assert {"echo/handshake_us", "echo/upstream_connect_us", "echo/duration_ms",
+                "echo/request_held_us"} <= set(names)
+        async with http.get(f"{admin.url}/histograms/echo/handshake_us") as r:
             body = await r.json()
-        async with http.get(f"{admin.url}/histograms/echo/handshake_us?format=hdr") as r:
-            handshake = HdrHistogram.decode(await r.read())
-    got = HdrHistogram.decode(body["encoded"].encode())
-    assert got.get_total_count() == len(sizes)
-    for p in (50, 90, 99, 100):
-        assert got.get_value_at_percentile(p) == direct.get_value_at_percentile(p)
-    assert handshake.get_total_count() == 1
+        async with http.get(f"{admin.url}/histograms/echo/duration_ms?format=hdr") as r:
+            duration = HdrHistogram.decode(await r.read())
+    handshake = HdrHistogram.decode(body["encoded"].encode())
+    assert handshake.get_total_count() == 3 and duration.get_total_count() == 3
+    assert body["percentiles"]["100.0"] == handshake.get_value_at_percentile(100)
+    assert handshake.get_value_at_percentile(50) > 0
+    # Message sizes: a Prometheus histogram with power-of-4 buckets.
+    m = await get_metrics(admin)
+    for le, expected in (("15", 3), ("63", 6), ("1023", 9), ("16383", 12), ("+Inf", 15)):
+        assert value(m, "fastgw_message_size_bytes_bucket", api="echo", direction="request", le=le) == expected
+    assert value(m, "fastgw_message_size_bytes_sum", api="echo", direction="response") == 3 * sum(sizes)
 
 
 async def test_interval_log_reads_back(gateway_factory, echo_backend, tmp_path):
@@ -279,8 +282,8 @@ async def test_interval_log_reads_back(gateway_factory, echo_backend, tmp_path):
     seen = {}
     while (h := reader.get_next_interval_histogram()) is not None:
         seen.setdefault(h.get_tag(), []).append(h.get_total_count())
-    assert seen["echo/request_size_bytes"][:2] == [2, 3]           # per interval, not cumulative
-    assert seen["echo/handshake_us"][:2] == [1, 1]
+    assert seen["echo/handshake_us"][:2] == [1, 1]                 # per interval, not cumulative
+    assert seen["echo/request_held_us"][:2] == [0, 0]
     assert seen["echo/duration_ms"][:2] == [1, 1]
 
 
