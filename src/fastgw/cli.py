@@ -121,8 +121,8 @@ def cmd_run(args) -> int:
     logging.getLogger("fastgw.picows").setLevel(logging.ERROR)
     drain = float(args.drain_time if args.drain_time is not None else config.drain_time)
     import uvloop
-    # Work done in threads (metrics formatting, the event writer) gives the GIL back
-    # to the relay's loop within 0.5 ms instead of the default 5 ms.
+    # A thread (the event writer) gives the GIL back to the relay's loop within
+    # 0.5 ms instead of the default 5 ms.
     sys.setswitchinterval(0.0005)
     try:
         return uvloop.run(_serve(config, drain, args.config))

@@ -554,9 +554,8 @@ class Gateway:
         return bool(self.servers) and not self.draining
 
     async def metrics_text(self) -> str:
-        """Formatted in a worker thread: the loop only gives up the GIL meanwhile
-        (`fastgw run` sets a 0.5 ms switch interval so the relay waits no longer)."""
-        return (await asyncio.to_thread(self.metrics.render)).decode()
+        """Formatted on the loop one API at a time (see metrics.render_async)."""
+        return await self.metrics.render()
 
     def histogram_names(self) -> list[str]:
         return [f"{api}/{kind}" for api, am in sorted(self.metrics.apis.items())
