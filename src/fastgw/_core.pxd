@@ -113,6 +113,7 @@ cdef class Leg(WSListener):
         int n_rules
         int resume_rule              # where a delayed message resumes its checks
         bint dropping                # the message being received is dropped
+        bint all_local               # every rule is scope connection (the fast path applies)
         LimitZone zone               # shared buckets (scope client / api), or None
         list rule_names              # for close reasons (reject path only)
         double now                   # monotonic time, read once per read batch
@@ -144,6 +145,8 @@ cdef class Leg(WSListener):
     cdef int forward_raw(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
     cdef double _clock(self) noexcept
     cdef inline double _take(self, MsgRule* rule, bint of_bytes, double now, double cost) noexcept
+    cdef bint _fast_pass(self, bint first, double size) noexcept
+    cdef void _give_back(self, int upto, bint first, double size, bint with_msg) noexcept
     cdef int _apply_rules(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1
     cdef int _reject(self, int rule_index) except -1
     cdef int _hold(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1

@@ -278,6 +278,10 @@ cdef class Leg(WSListener):
                     raise ValueError("shared scopes need a LimitZone")
         self.zone = zone
         self.n_rules = len(rules)
+        self.all_local = True
+        for i in range(self.n_rules):
+            if self.rules[i].scope != SCOPE_CONNECTION:
+                self.all_local = False
 
     def decide(self, int opcode, bint fin, Py_ssize_t size, double now, bint retry=False):
         """Sans-I/O view of the flow's rate limits: the verdict on one data frame
@@ -312,6 +316,48 @@ cdef class Leg(WSListener):
         if rule.scope == SCOPE_CONNECTION:
             return bucket_take(&rule.msg_bucket, rule.msg_rate, rule.msg_burst, now, cost)
         return self.zone.take(rule.msg_key, rule.msg_rate, rule.msg_burst, now, cost)
+
+    cdef inline bint _fast_pass(self, bint first, double size) noexcept:
+        """The common case, when every rule is the connection's own: refill and take
+        every bucket in place; if one is short, give back what was taken and let
+        _apply_rules decide (it finds the buckets as they were)."""
+        cdef MsgRule* rule
+        cdef int i, j
+        cdef double now = self.now
+        cdef double t
+        for i in range(self.n_rules):
+            rule = &self.rules[i]
+            if first and rule.msg_rate > 0.0:
+                if now > rule.msg_bucket.stamp:
+                    t = rule.msg_bucket.tokens + (now - rule.msg_bucket.stamp) * rule.msg_rate
+                    rule.msg_bucket.tokens = t if t < rule.msg_burst else rule.msg_burst
+                    rule.msg_bucket.stamp = now
+                if rule.msg_bucket.tokens < 1.0:
+                    self._give_back(i, first, size, False)
+                    return False
+                rule.msg_bucket.tokens -= 1.0
+            if rule.byte_rate > 0.0:
+                if now > rule.byte_bucket.stamp:
+                    t = rule.byte_bucket.tokens + (now - rule.byte_bucket.stamp) * rule.byte_rate
+                    rule.byte_bucket.tokens = t if t < rule.byte_burst else rule.byte_burst
+                    rule.byte_bucket.stamp = now
+                if rule.byte_bucket.tokens < (size if size < rule.byte_burst else rule.byte_burst):
+                    self._give_back(i, first, size, True)
+                    return False
+                rule.byte_bucket.tokens -= size
+        return True
+
+    cdef inline void _give_back(self, int upto, bint first, double size, bint with_msg) noexcept:
+        """Undo the takes of _fast_pass: rules before `upto`, and rule `upto`'s message
+        token when its byte bucket was the short one."""
+        cdef MsgRule* rule
+        cdef int i
+        for i in range(upto + 1):
+            rule = &self.rules[i]
+            if first and rule.msg_rate > 0.0 and (i < upto or with_msg):
+                rule.msg_bucket.tokens += 1.0
+            if rule.byte_rate > 0.0 and i < upto:
+                rule.byte_bucket.tokens += size
 
     cdef int _apply_rules(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1:
         """The verdict of the flow's rate limits on one data frame.
@@ -599,8 +645,13 @@ cdef class Leg(WSListener):
                     self.peer.forward(frame)
                 else:
                     first_byte = <uint8_t>((frame.fin << 7) | <uint8_t>op)
-                    self._clock()
-                    verdict = self._apply_rules(first_byte, frame.payload_size, False)
+                    if not self.now_valid:
+                        self._clock()
+                    if self.all_local and not self.dropping and self._fast_pass(
+                            op != WSMsgType.CONTINUATION, <double>frame.payload_size):
+                        verdict = VERDICT_PASS
+                    else:
+                        verdict = self._apply_rules(first_byte, frame.payload_size, False)
                     if verdict == VERDICT_PASS:
                         self.peer.forward(frame)
                     elif verdict == VERDICT_DELAY:
