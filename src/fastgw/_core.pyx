@@ -291,7 +291,12 @@ cdef class Leg(WSListener):
         """
         self.now = now
         self.now_valid = True
-        cdef int verdict = self._apply_rules(<uint8_t>((fin << 7) | opcode), size, retry)
+        cdef int verdict
+        # The same two paths as on_ws_frame: the fast one, then the full one.
+        if not retry and self.all_local and not self.dropping and self._fast_pass(opcode != 0, <double>size):
+            verdict = VERDICT_PASS
+        else:
+            verdict = self._apply_rules(<uint8_t>((fin << 7) | opcode), size, retry)
         self.now_valid = False
         return (("pass", "drop", "delay", "reject")[verdict],
                 self.wait if verdict == VERDICT_DELAY else 0.0)
