@@ -323,33 +323,22 @@ cdef class Leg(WSListener):
         return self.zone.take(rule.msg_key, rule.msg_rate, rule.msg_burst, now, cost)
 
     cdef inline bint _fast_pass(self, bint first, double size) noexcept:
-        """The common case, when every rule is the connection's own: refill and take
-        every bucket in place; if one is short, give back what was taken and let
+        """The common case, when every rule is the connection's own: take from every
+        bucket in place; if one is short, give back what was taken and let
         _apply_rules decide (it finds the buckets as they were)."""
         cdef MsgRule* rule
-        cdef int i, j
+        cdef int i
         cdef double now = self.now
-        cdef double t
         for i in range(self.n_rules):
             rule = &self.rules[i]
             if first and rule.msg_rate > 0.0:
-                if now > rule.msg_bucket.stamp:
-                    t = rule.msg_bucket.tokens + (now - rule.msg_bucket.stamp) * rule.msg_rate
-                    rule.msg_bucket.tokens = t if t < rule.msg_burst else rule.msg_burst
-                    rule.msg_bucket.stamp = now
-                if rule.msg_bucket.tokens < 1.0:
+                if bucket_take(&rule.msg_bucket, rule.msg_rate, rule.msg_burst, now, 1.0) > 0.0:
                     self._give_back(i, first, size, False)
                     return False
-                rule.msg_bucket.tokens -= 1.0
             if rule.byte_rate > 0.0:
-                if now > rule.byte_bucket.stamp:
-                    t = rule.byte_bucket.tokens + (now - rule.byte_bucket.stamp) * rule.byte_rate
-                    rule.byte_bucket.tokens = t if t < rule.byte_burst else rule.byte_burst
-                    rule.byte_bucket.stamp = now
-                if rule.byte_bucket.tokens < (size if size < rule.byte_burst else rule.byte_burst):
+                if bucket_take(&rule.byte_bucket, rule.byte_rate, rule.byte_burst, now, size) > 0.0:
                     self._give_back(i, first, size, True)
                     return False
-                rule.byte_bucket.tokens -= size
         return True
 
     cdef inline void _give_back(self, int upto, bint first, double size, bint with_msg) noexcept:
@@ -699,12 +688,12 @@ cdef class Leg(WSListener):
             return False
         self.frames += 1
         self.bytes += <uint64_t>frame.payload_size
-        if self.stats is not None:
-            self.stats.bytes += <uint64_t>frame.payload_size
+        stats = self.stats
+        if stats is not None:
+            stats.bytes += <uint64_t>frame.payload_size
         if frame.fin:
             self.in_message = False
             self.messages += 1
-            stats = self.stats
             if stats is not None:
                 stats.messages += 1
                 stats.size_log2[64 - fastgw_clz64(self.msg_bytes) if self.msg_bytes else 0] += 1
