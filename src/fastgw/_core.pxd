@@ -20,7 +20,6 @@ include "hdr_decl.pxi"
 cdef enum PauseReason:
     PAUSE_PEER_WRITE = 1      # the peer's write buffer is over its high-water mark
     PAUSE_PEER_NOT_READY = 2  # the peer leg is not attached yet (client before its 101)
-    PAUSE_EXTERNAL = 4        # paused from Python (policies, admin)
     PAUSE_DELAY = 8           # a message-rate-limit with action delay holds this leg
 
 
@@ -97,7 +96,6 @@ cdef class Leg(WSListener):
         bint close_sent              # a CLOSE frame has been written to this leg
         bint close_recv              # a CLOSE frame has been received from this leg
         bint gone                    # the transport is disconnected
-        uint16_t close_code_recv     # code of the CLOSE received (0: none or no code)
 
         # Message state of what this leg receives.
         bint in_message              # inside a fragmented message

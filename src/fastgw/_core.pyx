@@ -717,7 +717,6 @@ cdef class Leg(WSListener):
                 self.fail(CLOSE_PROTOCOL_ERROR, b"invalid close code", b"peer protocol error")
                 return 0
         self.close_recv = True
-        self.close_code_recv = code
         if size >= 2:
             self.relay._mark_end(END_CLIENT if self.is_client else END_BACKEND, code, payload + 2, size - 2)
         else:
@@ -886,12 +885,6 @@ cdef class Relay:
             self.backend.transport.disconnect()
         else:
             self._leg_gone()
-
-    def pause_client(self, bint pause):
-        if pause:
-            self.client.add_pause(PAUSE_EXTERNAL)
-        else:
-            self.client.remove_pause(PAUSE_EXTERNAL)
 
     @property
     def messages(self):

@@ -444,7 +444,6 @@ class Gateway:
         self._ids = 0
         self.accepted = 0
         self.refused: dict[int, int] = {}
-        self.dial_seconds_total = 0.0
         self._idle = None
 
     def next_id(self) -> int:
