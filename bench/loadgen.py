@@ -23,11 +23,40 @@ latency
     watched by the event loop (µs precision; uvloop's own timers have 1 ms granularity),
     falling back to ``loop.call_at`` elsewhere.
 
-Output: one JSON object on stdout; a human summary on stderr. Exit status 1 when messages were
-lost, corrupted or a connection failed.
+connrate
+    Connection rate: ``--connections`` workers, each repeating for ``--duration`` seconds after
+    ``--warmup`` seconds one whole connection cycle: TCP connect + WebSocket upgrade (bounded
+    by 5 s), one message of ``--size`` bytes and its echo (checked as above, bounded by 5 s),
+    then a normal close handshake (CLOSE 1000, wait up to 2 s for the peer's CLOSE and for the
+    peer to hang up, RFC 6455 7.1.1, so that the TIME_WAIT sockets stay on the server side).
+    The handshake time (from just before the TCP connect until the upgrade completed, µs) of
+    every successful cycle that *started* inside the measured window is recorded into
+    ``HdrHistogram(1, 60_000_000, 3)``; ``upgrades`` counts those cycles, so the histogram's
+    total count equals ``upgrades``. Failed cycles (of the warmup too) are counted in
+    ``failures`` (up to 5 distinct error texts in ``errors``); a worker whose cycle failed
+    waits 10 ms before the next one. ``--processes`` splits the workers over processes as in
+    throughput mode (counts and CPU summed, histograms added). JSON keys: mode, connections, size, duration, upgrades,
+    upgrades_per_s, failures, errors, handshake_us, hist (base64 HDR), client_cpu_pct, lost.
 
-Client frames are masked as RFC 6455 requires. Each connection draws one random, non-zero
-4-byte mask key (os.urandom) at start and uses it for every frame it sends. The payload is an
+idle
+    Held idle connections: raises the RLIMIT_NOFILE soft limit to the hard limit, then opens
+    ``--connections`` connections with at most ``--concurrency`` upgrades in flight and prints
+    one line ``{"event": "holding", "open", "failed", "open_seconds"}`` on stdout (flushed).
+    It then holds them, sending nothing, until a line arrives on stdin, stdin reaches EOF or
+    ``--duration`` seconds passed (default 5: give e.g. ``--duration 3600`` when a parent
+    process decides through stdin). Then every held connection gets one message of ``--size``
+    bytes (at most ``--concurrency`` outstanding) and ``alive`` counts the right echoes; all
+    are closed (CLOSE 1000, up to 5 s in all, then the rest are aborted) and a second line
+    ``{"mode": "idle", "connections", "open", "failed", "alive", "open_seconds", "errors",
+    "client_cpu_pct"}`` is printed (``client_cpu_pct``: over the whole run). All connections share one mask key and picows' smallest
+    read buffer (2 KiB, grown on demand), so a held connection costs little client memory.
+
+Output: one JSON object on stdout (idle: the holding line, then the result); a human summary
+on stderr. Exit status 1 when messages were lost, corrupted or a connection failed (connrate:
+``failures`` > 0 or ``lost`` > 0; idle: ``failed`` > 0 or ``alive`` < ``open``).
+
+Client frames are masked as RFC 6455 requires. Each connection (connrate: each worker; idle: the
+whole run) draws one random, non-zero 4-byte mask key (os.urandom) at start and uses it for every frame it sends. The payload is an
 8-byte big-endian sequence number followed by fixed filler, so the masked filler is computed
 once and only the 8 sequence bytes are masked per message. The receiver still unmasks every
 byte, as it would for a per-frame random key.
@@ -362,30 +391,33 @@ async def run_throughput(
     return out
 
 
-def _worker(conn: Any, kwargs: dict[str, Any]) -> None:  # pragma: no cover - child process
+def _worker(conn: Any, kwargs: dict[str, Any],
+            fn_name: str = "run_throughput") -> None:  # pragma: no cover - child process
     try:
-        res = uvloop.run(run_throughput(**kwargs))
+        res = uvloop.run(globals()[fn_name](**kwargs))
     except BaseException as exc:
         res = {"ok": False, "errors": [f"worker: {exc!r}"]}
     conn.send(res)
     conn.close()
 
 
-def run_throughput_processes(processes: int, **kwargs: Any) -> dict[str, Any]:
-    """Fork ``processes`` workers (each its own loop), split the connections, sum the results."""
+def _run_processes(fn_name: str, processes: int, kwargs: dict[str, Any],
+                   start_delay: float) -> list[dict[str, Any]]:
+    """Fork ``processes`` workers running ``fn_name(**kwargs)`` (each its own loop) on a share
+    of ``kwargs["connections"]``, all starting at the same wall time; their results in order."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     total = kwargs.pop("connections")
     if total < processes:
         raise SystemExit("--connections must be >= --processes")
-    start_at = time.time() + 0.5 + 0.05 * total
+    start_at = time.time() + start_delay
     procs = []
     for i in range(processes):
         kw = dict(kwargs, connections=total // processes + (1 if i < total % processes else 0))
         kw["start_at"] = start_at
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(child, kw), daemon=True)
+        p = ctx.Process(target=_worker, args=(child, kw, fn_name), daemon=True)
         p.start()
         child.close()
         procs.append((p, parent))
@@ -399,7 +431,14 @@ def run_throughput_processes(processes: int, **kwargs: Any) -> dict[str, Any]:
         p.join(1)
         if p.is_alive():
             p.kill()
-    return merge_throughput(parts, processes)
+    return parts
+
+
+def run_throughput_processes(processes: int, **kwargs: Any) -> dict[str, Any]:
+    """Fork ``processes`` workers (each its own loop), split the connections, sum the results."""
+    start_delay = 0.5 + 0.05 * kwargs["connections"]  # time to open the connections first
+    return merge_throughput(_run_processes("run_throughput", processes, kwargs, start_delay),
+                            processes)
 
 
 def merge_throughput(parts: list[dict[str, Any]], processes: int) -> dict[str, Any]:
@@ -702,10 +741,443 @@ async def run_latency(
 
 
 # ---------------------------------------------------------------------------------------------
+# connrate and idle: one message at a time per connection
+
+CONNECT_TIMEOUT = 5.0  # s, TCP connect + upgrade
+ECHO_TIMEOUT = 5.0  # s, one message and its echo
+CLOSE_TIMEOUT = 2.0  # s, our CLOSE until the peer hung up
+READ_BUFFER = 2048  # picows' smallest initial read buffer; it grows when a frame needs more
+MAX_ERRORS = 5  # distinct error texts kept
+
+
+def _note(errors: list[str], text: str) -> None:
+    if len(errors) < MAX_ERRORS and text not in errors:
+        errors.append(text)
+
+
+class EchoConn(WSListener):  # type: ignore[misc]
+    """A connection that has at most one message out: ``send()`` it, the echo resolves the
+    future with "" (right echo) or an error text. Used by the connrate and idle modes; kept
+    small, as idle mode holds thousands of them."""
+
+    __slots__ = ("maker", "verify_full", "transport", "seq", "echo", "stray", "closed_by_peer",
+                 "close_answered", "disconnected")
+
+    def __init__(self, maker: FrameMaker, verify_full: bool = False):
+        super().__init__()
+        self.maker = maker
+        self.verify_full = verify_full
+        self.transport: WSTransport | None = None
+        self.seq = -1
+        self.echo: asyncio.Future[str] | None = None
+        self.stray = 0  # messages that came when none was expected
+        self.closed_by_peer: tuple[int, str] | None = None
+        self.close_answered = False
+        self.disconnected = False
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def send(self, seq: int, echo: asyncio.Future[str]) -> None:
+        assert self.transport is not None
+        self.seq = seq
+        self.echo = echo
+        self.transport.underlying_transport.write(self.maker.frame(seq))
+
+    def _answer(self, result: str) -> None:
+        echo, self.echo = self.echo, None
+        if echo is not None and not echo.done():
+            echo.set_result(result)
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        try:
+            mt = frame.msg_type
+            if mt == _CLOSE:
+                if transport.is_close_frame_sent:
+                    self.close_answered = True  # the answer to ours: the server hangs up
+                else:
+                    self.closed_by_peer = _answer_close(transport, frame)
+                    self._answer(f"peer closed: {self.closed_by_peer}")
+                return
+            if mt > _BINARY:  # PING (picows answers it) or PONG
+                return
+            if self.echo is None:
+                self.stray += 1
+                return
+            m = self.maker
+            p = frame.get_payload_as_bytes()
+            ok = (mt != _CONT and frame.fin and len(p) == m.size
+                  and _SEQ_unpack_from(p)[0] == self.seq
+                  and (not self.verify_full or p.endswith(m.filler)))
+            self._answer("" if ok else "echo did not match")
+        except Exception as exc:  # never let picows see an exception
+            self._answer(f"error in on_ws_frame: {exc!r}")
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.disconnected = True
+        self._answer("connection lost before the echo")
+
+    def pause_writing(self) -> None:  # one small message at a time; nothing to do
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+async def _open(url: str, conn: EchoConn, size: int) -> WSTransport:
+    """TCP connect + upgrade, bounded by CONNECT_TIMEOUT (picows aborts a late handshake)."""
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        transport, _ = await ws_connect(
+            lambda: conn,
+            url,
+            use_aiofastnet=False,
+            max_frame_size=max(1024 * 1024, 2 * size),
+            websocket_handshake_timeout=CONNECT_TIMEOUT,
+            read_buffer_init_size=READ_BUFFER,
+            logger_name="fastgw.loadgen",
+        )
+    return transport
+
+
+def _failure_text(stage: str, exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"{stage}: timeout"
+    return f"{stage}: {exc!r}"
+
+
+class ConnRateGen:
+    def __init__(self, url: str, size: int, verify_full: bool):
+        from hdrh.histogram import HdrHistogram
+
+        self.url = url
+        self.size = size
+        self.verify_full = verify_full
+        self.hist = HdrHistogram(*HIST_ARGS)
+        self.measuring = False  # cycles started while True are counted
+        self.stopping = False  # no new cycle once True
+        self.upgrades = 0
+        self.failures = 0
+        self.lost = 0
+        self.errors: list[str] = []
+
+    async def worker(self) -> None:
+        maker = FrameMaker(self.size)
+        seq = 0
+        while not self.stopping:
+            counted = self.measuring
+            try:
+                handshake_ns = await self.cycle(maker, seq)
+            except Exception as exc:  # a bug here must not look like a good run
+                handshake_ns = None
+                _note(self.errors, f"cycle: {exc!r}")
+                self.failures += 1
+            seq += 1
+            if handshake_ns is None:
+                await asyncio.sleep(0.01)  # do not spin on a refusing port
+            elif counted:
+                self.upgrades += 1
+                self.hist.record_value(min(HIST_ARGS[1], max(1, (handshake_ns + 500) // 1000)))
+
+    def fail(self, text: str) -> None:
+        self.failures += 1
+        _note(self.errors, text)
+
+    async def cycle(self, maker: FrameMaker, seq: int) -> int | None:
+        """One connect / echo / close cycle: the handshake time in ns, None when it failed."""
+        conn = EchoConn(maker, self.verify_full)
+        t0 = time.perf_counter_ns()
+        try:
+            transport = await _open(self.url, conn, self.size)
+        except Exception as exc:
+            self.fail(_failure_text("connect", exc))
+            return None
+        handshake_ns = time.perf_counter_ns() - t0
+        try:
+            echo: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            conn.send(seq, echo)
+            try:
+                async with asyncio.timeout(ECHO_TIMEOUT):
+                    result = await echo
+            except TimeoutError:
+                result = "echo: timeout"
+            if result:
+                if result != "echo did not match":
+                    self.lost += 1
+                self.fail(result)
+                return None
+            if conn.stray:
+                self.fail("unexpected message")
+                return None
+            transport.send_close(1000)
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await transport.wait_disconnected()
+            except TimeoutError:
+                self.fail("close: timeout")
+                return None
+            if not conn.close_answered:
+                self.fail("close: the peer hung up without answering our CLOSE")
+                return None
+            return handshake_ns
+        finally:
+            if not conn.disconnected:
+                transport.disconnect(False)
+
+
+async def run_connrate(
+    url: str,
+    connections: int = 8,
+    size: int = 64,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    verify: str = "seq",
+    start_at: float | None = None,
+) -> dict[str, Any]:
+    if size < 8:
+        raise ValueError("size must be >= 8 (the sequence number takes 8 bytes)")
+    gen = ConnRateGen(url, size, verify == "full")
+    await _sleep_until_wall(start_at)
+    gen.measuring = warmup <= 0
+    cpu0, w0 = time.process_time(), time.perf_counter()
+    tasks = [asyncio.ensure_future(gen.worker()) for _ in range(connections)]
+    if warmup > 0:
+        await asyncio.sleep(warmup)
+        gen.measuring = True
+        cpu0, w0 = time.process_time(), time.perf_counter()
+    await asyncio.sleep(duration)
+    gen.stopping = True
+    cpu1, w1 = time.process_time(), time.perf_counter()
+    # Cycles started in the window still count: let them finish (each step is bounded).
+    _, pending = await asyncio.wait(tasks, timeout=CONNECT_TIMEOUT + ECHO_TIMEOUT + CLOSE_TIMEOUT + 1)
+    for t in pending:
+        t.cancel()
+        gen.fail("worker did not finish")
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            gen.fail(f"worker: {t.exception()!r}")
+    wall = w1 - w0
+    return _connrate_result(connections, size, wall, gen.upgrades, gen.failures, gen.lost,
+                            gen.errors, gen.hist, (cpu1 - cpu0) / wall * 100 if wall > 0 else 0.0)
+
+
+def _connrate_result(connections: int, size: int, wall: float, upgrades: int, failures: int,
+                     lost: int, errors: list[str], hist: Any, cpu_pct: float) -> dict[str, Any]:
+    return {
+        "mode": "connrate",
+        "connections": connections,
+        "size": size,
+        "duration": wall,
+        "upgrades": upgrades,
+        "upgrades_per_s": upgrades / wall if wall > 0 else 0.0,
+        "failures": failures,
+        "errors": errors[:MAX_ERRORS],
+        "handshake_us": _percentiles(hist),
+        "hist": hist.encode().decode("ascii"),
+        "client_cpu_pct": round(cpu_pct, 1),
+        "lost": lost,
+    }
+
+
+def run_connrate_processes(processes: int, **kwargs: Any) -> dict[str, Any]:
+    """connrate in ``processes`` forked workers: counts, rates and CPU summed, histograms added."""
+    from hdrh.histogram import HdrHistogram
+
+    parts = _run_processes("run_connrate", processes, kwargs, start_delay=0.5)
+    hist = HdrHistogram(*HIST_ARGS)
+    errors: list[str] = []
+    upgrades = failures = lost = connections = 0
+    wall = cpu_pct = 0.0
+    for part in parts:
+        for e in part.get("errors", []):
+            _note(errors, e)
+        if part.get("mode") != "connrate":  # the worker died: count it as a failure
+            failures += 1
+            continue
+        hist.decode_and_add(part["hist"])
+        upgrades += part["upgrades"]
+        failures += part["failures"]
+        lost += part["lost"]
+        connections += part["connections"]
+        wall = max(wall, part["duration"])
+        cpu_pct += part["client_cpu_pct"]
+    out = _connrate_result(connections, kwargs.get("size", 64), wall, upgrades, failures, lost,
+                           errors, hist, cpu_pct)
+    # Each process measured over the same wall window (common start time): add their rates.
+    out["upgrades_per_s"] = sum(p["upgrades_per_s"] for p in parts if p.get("mode") == "connrate")
+    return out
+
+
+def _raise_nofile_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit; the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. an infinite hard limit above the kernel's nr_open
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _stdin_line(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    """A future resolved when a line is read on stdin or stdin reaches EOF.
+
+    A daemon thread reads file descriptor 0 with os.read (no Python-level lock, so a thread
+    still blocked at exit does not stop the interpreter), whatever stdin is: pipe, terminal,
+    file or /dev/null. When stdin cannot be read at all, the future never resolves."""
+    import threading
+
+    done: asyncio.Future[None] = loop.create_future()
+
+    def resolve() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def read() -> None:
+        try:
+            while True:
+                chunk = os.read(0, 4096)
+                if not chunk or b"\n" in chunk:
+                    break
+        except OSError:
+            return
+        try:
+            loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the loop is closed already
+            pass
+
+    threading.Thread(target=read, name="loadgen-stdin", daemon=True).start()
+    return done
+
+
+async def _bounded(n: int, limit: int, fn: Any) -> None:
+    """Await fn(i) for i in range(n), at most ``limit`` at a time."""
+    todo = iter(range(n))
+
+    async def lane() -> None:
+        for i in todo:
+            await fn(i)
+
+    await asyncio.gather(*(lane() for _ in range(min(limit, n))))
+
+
+async def run_idle(
+    url: str,
+    connections: int = 100,
+    size: int = 64,
+    concurrency: int = 200,
+    duration: float = 5.0,
+    verify: str = "seq",
+    on_holding: Any = None,
+    release: Any = None,
+) -> dict[str, Any]:
+    """Open, hold, check and close ``connections`` connections (see the module docstring).
+
+    ``on_holding(event)`` is called with the holding event once all are open (the command line
+    prints it); the hold ends when the awaitable ``release`` completes (default: a line or EOF
+    on stdin) or after ``duration`` seconds."""
+    if size < 8:
+        raise ValueError("size must be >= 8 (the sequence number takes 8 bytes)")
+    nofile = _raise_nofile_limit()
+    if nofile < connections + 32:
+        print(f"loadgen: RLIMIT_NOFILE is {nofile}: not enough for {connections} connections",
+              file=sys.stderr, flush=True)
+    loop = asyncio.get_running_loop()
+    maker = FrameMaker(size)
+    conns = [EchoConn(maker, verify == "full") for _ in range(connections)]
+    errors: list[str] = []
+    failed = 0
+    cpu0, w0 = time.process_time(), time.perf_counter()
+
+    async def open_one(i: int) -> None:
+        nonlocal failed
+        try:
+            await _open(url, conns[i], size)
+        except Exception as exc:
+            failed += 1
+            _note(errors, _failure_text("connect", exc))
+
+    await _bounded(connections, concurrency, open_one)
+    open_seconds = time.perf_counter() - w0
+    held = [c for c in conns if c.transport is not None]
+    event = {"event": "holding", "open": len(held), "failed": failed,
+             "open_seconds": round(open_seconds, 3)}
+    if on_holding is not None:
+        on_holding(event)
+
+    if release is None:
+        release = _stdin_line(loop)
+    try:
+        async with asyncio.timeout(duration):
+            await release
+    except TimeoutError:
+        pass
+
+    alive = 0
+
+    async def check_one(i: int) -> None:
+        nonlocal alive
+        c = held[i]
+        if c.disconnected:
+            _note(errors, f"peer closed: {c.closed_by_peer}" if c.closed_by_peer
+                  else "connection lost while held")
+            return
+        echo: asyncio.Future[str] = loop.create_future()
+        c.send(i, echo)
+        try:
+            async with asyncio.timeout(ECHO_TIMEOUT):
+                result = await echo
+        except TimeoutError:
+            result = "echo: timeout"
+        if not result and c.stray:
+            result = "unexpected message"
+        if result:
+            _note(errors, result)
+        else:
+            alive += 1
+
+    await _bounded(len(held), concurrency, check_one)
+    await _close_all(held, timeout=5.0)
+    aborted = sum(1 for c in held if c.closed_by_peer is None and not c.close_answered
+                  and c.transport is not None and c.transport.is_close_frame_sent)
+    if aborted:
+        _note(errors, f"close: {aborted} connection(s) aborted without a CLOSE answer")
+    cpu1, w1 = time.process_time(), time.perf_counter()
+    return {
+        "mode": "idle",
+        "connections": connections,
+        "open": len(held),
+        "failed": failed,
+        "alive": alive,
+        "open_seconds": round(open_seconds, 3),
+        "errors": errors[:MAX_ERRORS],
+        "client_cpu_pct": round((cpu1 - cpu0) / (w1 - w0) * 100, 1) if w1 > w0 else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 
 def summary(res: dict[str, Any]) -> str:
+    if res.get("mode") == "connrate":
+        hs = res["handshake_us"]
+        return (
+            f"connrate {res['size']} B on {res['connections']} workers: "
+            f"{res['upgrades_per_s']:,.0f} upgrades/s ({res['upgrades']} in {res['duration']:.2f} s), "
+            + (f"handshake p50 {hs['p50']} p99 {hs['p99']} max {hs['max']} µs, " if hs["count"] else "")
+            + f"failures {res['failures']} lost {res['lost']}, "
+            f"client CPU {res['client_cpu_pct']:.0f}%"
+            + (f"  errors {res['errors']}" if res["errors"] else "")
+        )
+    if res.get("mode") == "idle":
+        return (
+            f"idle: {res['open']} of {res['connections']} open in {res['open_seconds']:.2f} s, "
+            f"{res['failed']} failed, {res['alive']} alive after the hold, "
+            f"client CPU {res['client_cpu_pct']:.0f}%"
+            + (f"  errors {res['errors']}" if res["errors"] else "")
+        )
     if "msgs_per_s" in res:
         return (
             f"throughput {res['size']} B x {res['connections']} conn x {res['inflight']} in flight: "
@@ -732,23 +1204,30 @@ def summary(res: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="fastgw WebSocket load generator (picows + uvloop)")
     p.add_argument("--url", default="ws://127.0.0.1:9000/")
-    p.add_argument("--mode", choices=("throughput", "latency"), default="throughput")
-    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--mode", choices=("throughput", "latency", "connrate", "idle"),
+                   default="throughput")
+    p.add_argument("--connections", type=int, default=8,
+                   help="connections (connrate: workers, each one connection at a time)")
+    p.add_argument("--concurrency", type=int, default=200,
+                   help="idle: most upgrades (and checks) in flight at a time")
     p.add_argument("--inflight", type=int, default=64, help="throughput: messages in flight per connection")
     p.add_argument("--size", type=int, default=64, help="message size in bytes (>= 8)")
-    p.add_argument("--duration", type=float, default=5.0, help="measured seconds")
+    p.add_argument("--duration", type=float, default=5.0,
+                   help="measured seconds (idle: longest hold, ended earlier by a line on stdin)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--rate", type=float, default=5000.0, help="latency: total messages per second")
-    p.add_argument("--processes", type=int, default=1, help="throughput: worker processes (summed)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="throughput, connrate: worker processes (summed)")
     p.add_argument("--verify", choices=("seq", "full"), default="seq",
                    help="seq: length + sequence number; full: also every payload byte")
     a = p.parse_args(argv)
     if a.size < 8:
         p.error("--size must be >= 8")
-    if a.connections < 1 or a.inflight < 1 or a.processes < 1 or a.rate <= 0:
-        p.error("--connections, --inflight, --processes and --rate must be positive")
-    if a.mode == "latency" and a.processes != 1:
-        p.error("--processes applies to throughput mode only")
+    if a.connections < 1 or a.inflight < 1 or a.processes < 1 or a.rate <= 0 \
+            or a.concurrency < 1:
+        p.error("--connections, --inflight, --processes, --concurrency and --rate must be positive")
+    if a.mode in ("latency", "idle") and a.processes != 1:
+        p.error("--processes applies to throughput and connrate modes only")
     return a
 
 
@@ -762,9 +1241,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             res = uvloop.run(run_throughput(**kw))
             res["processes"] = 1
-    else:
+    elif a.mode == "latency":
         res = uvloop.run(run_latency(a.url, a.connections, a.size, a.rate, a.duration, a.warmup,
                                      a.verify))
+    elif a.mode == "connrate":
+        kw = dict(url=a.url, connections=a.connections, size=a.size, duration=a.duration,
+                  warmup=a.warmup, verify=a.verify)
+        if a.processes > 1:
+            res = run_connrate_processes(a.processes, **kw)
+        else:
+            res = uvloop.run(run_connrate(**kw))
+        print(summary(res), file=sys.stderr, flush=True)
+        print(json.dumps(res), flush=True)
+        return 1 if res["failures"] or res["lost"] else 0
+    else:  # idle: the holding line first, then the result
+
+        def holding(event: dict[str, Any]) -> None:
+            print(json.dumps(event), flush=True)
+
+        res = uvloop.run(run_idle(a.url, a.connections, a.size, a.concurrency, a.duration,
+                                  a.verify, on_holding=holding))
+        print(summary(res), file=sys.stderr, flush=True)
+        print(json.dumps(res), flush=True)
+        return 1 if res["failed"] or res["alive"] < res["open"] else 0
     print(summary(res), file=sys.stderr, flush=True)
     print(json.dumps(res), flush=True)
     return 0 if res.get("ok") else 1
