@@ -1100,7 +1100,11 @@ async def run_idle(
 
     await _bounded(connections, concurrency, open_one)
     open_seconds = time.perf_counter() - w0
-    held = [c for c in conns if c.transport is not None]
+    held = [c for c in conns if c.transport is not None and not c.disconnected]
+    vanished = connections - failed - len(held)
+    if vanished:  # upgraded, then closed by the peer before all were open
+        failed += vanished
+        _note(errors, f"connect: {vanished} connection(s) closed by the peer while opening")
     event = {"event": "holding", "open": len(held), "failed": failed,
              "open_seconds": round(open_seconds, 3)}
     if on_holding is not None:

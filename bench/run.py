@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
-"""One command: echo backend direct vs through fastgw, interleaved, with CPU accounting.
+"""One command: fastgw side by side with a direct connection, nginx, HAProxy, Caddy and a plain
+Python proxy, on the same echo backend, interleaved, with each proxy's own CPU time.
 
-    python bench/run.py            # 3 rounds, 5 s per run (about 3 minutes)
-    python bench/run.py --quick    # 1 round, short runs (under a minute)
+    python bench/run.py            # the whole suite: 3 rounds, about 15 minutes
+    python bench/run.py --quick    # 1 round, short runs, 1,000 idle connections: under 2 minutes
 
 What it does, in one run:
 
-1. starts the echo backend (``python -m fastgw.echo --port 0``) and reads its port;
-2. starts the gateway (``python -m fastgw run -c <generated yaml>``) with one API at ``/`` that
-   upgrades to the backend, and reads its port from the ``fastgw: listening on ws://HOST:PORT``
-   line on stderr. If the gateway does not start, says why and runs ``direct`` only;
-3. pins the gateway to CPU 0, the backend and the load generator to CPU 1
-   (``os.sched_setaffinity``), when the machine has two CPUs to give;
-4. for each round, for each scenario, for each target (``direct``, ``fastgw``), runs
-   ``bench/loadgen.py`` and reads the CPU time of the gateway and of the backend (with their
-   child processes) from ``/proc/PID/stat`` before and after, giving CPU µs per echoed message;
-5. prints a Markdown table (medians over the rounds, fastgw/direct ratios) and writes every raw
-   figure to ``bench/results/latest.json``.
+1. raises its own file-descriptor limit to the hard limit (the children inherit it) and installs
+   the Debian packages of the peers that are missing (``bench/peers.py``; a peer that cannot be
+   installed is skipped and the report says why);
+2. starts the echo backend (``python -m fastgw.echo``), two gateways (``fastgw``: metrics off,
+   no policy; ``fastgw-governed``: a request and a response ``message-rate-limit`` that never
+   trigger, metrics, events to a file and the admin API on) and the peers, each one a
+   foreground process it started itself;
+3. pins every proxy to the first CPU and the backend and the load generator to the second;
+4. for each round, for each scenario, for each target runs ``bench/loadgen.py`` and reads the
+   CPU time of the proxy under test and of the backend from ``/proc/PID/stat`` before and
+   after, and the busy time of each CPU from ``/proc/stat`` (which core was the bottleneck);
+5. then, once per proxy, holds ``--idle-connections`` idle connections through it and reads
+   its proportional set size (``/proc/PID/smaps_rollup``) before and while they are held;
+6. writes the report (``bench/report.py``): Markdown, the raw figures as JSON, PNG plots.
 
-It stops only the processes it started (by pid), also on error or Ctrl-C.
+It stops only the processes it started (by pid), also on error, Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import queue
 import re
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,19 +49,22 @@ SRC = ROOT / "src"
 LOADGEN = BENCH / "loadgen.py"
 RESULTS = BENCH / "results"
 PY = sys.executable
+sys.path.insert(0, str(BENCH))
+
+import peers  # noqa: E402  (bench/peers.py)
+import report  # noqa: E402  (bench/report.py)
 
 LISTEN_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^:\s]+):(\d+)")
 
-# name -> loadgen arguments
 SCENARIOS: dict[str, dict[str, Any]] = {
     "tp-64B": {"mode": "throughput", "size": 64},
     "tp-1KiB": {"mode": "throughput", "size": 1024},
     "tp-64KiB": {"mode": "throughput", "size": 65536},
     "lat-5k/s": {"mode": "latency", "size": 64, "rate": 5000},
+    "connrate": {"mode": "connrate", "size": 64},
+    "idle": {"mode": "idle"},
 }
 
-# Target "fastgw" is the API at /, "fastgw-policies" the API at /policed: the same
-# gateway process, with a request and a response message-rate-limit that never trigger.
 GATEWAY_YAML = """\
 listeners: [{{host: 127.0.0.1, port: 0}}]
 apis:
@@ -82,14 +88,12 @@ apis:
             messages: 100000000/1s
             action: delay
 """
-# "fastgw" and "fastgw-policies" run with metrics off; "fastgw-observed" is a second gateway
-# process with the same APIs, metrics on, events written to a file and the admin API on.
-BARE_TOP = "metrics: false\n"
-OBSERVED_TOP = "events: {{target: {events}}}\nadmin: {{port: 0}}\n"
-GATEWAY_TARGETS = ("fastgw", "fastgw-policies", "fastgw-observed")
-RATIOS = (("fastgw/direct", "fastgw", "direct"), ("policies/fastgw", "fastgw-policies", "fastgw"),
-          ("observed/fastgw", "fastgw-observed", "fastgw"))
-
+# target -> (top of its configuration, path of its API)
+GATEWAYS: dict[str, tuple[str, str]] = {
+    "fastgw": ("metrics: false\n", "/"),
+    "fastgw-governed": ("events: {{target: {events}}}\nadmin: {{port: 0}}\n", "/policed/"),
+}
+TARGETS: tuple[str, ...] = ("direct", *GATEWAYS, *peers.PEERS)
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -101,30 +105,22 @@ class Started:
     """A child process we started, its output drained by a thread into a log file."""
 
     def __init__(self, name: str, argv: list[str], cpu: int | None, logdir: Path,
-                 listen_stream: str):
+                 listen_stream: str | None, env: dict[str, str] | None = None):
         self.name = name
         self.argv = argv
         self.cpu = cpu
         self.log_path = logdir / f"{name}.log"
         self.lines: list[str] = []
         self.port_q: queue.Queue[int] = queue.Queue()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(SRC)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(SRC)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        full_env.update(env or {})
         self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
-        self.proc = popen_pinned(
-            argv,
-            cpu,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=str(ROOT),
-            text=True,
-            errors="replace",
-        )
+        self.proc = popen_pinned(argv, cpu, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 stdin=subprocess.DEVNULL, env=full_env, cwd=str(ROOT),
+                                 text=True, errors="replace")
         self.pid = self.proc.pid
         self._threads = [
             threading.Thread(target=self._drain, args=(self.proc.stdout, "stdout",
@@ -158,8 +154,7 @@ class Started:
                 if self.proc.poll() is not None:
                     time.sleep(0.1)  # let the drain threads catch the last lines
                     raise RuntimeError(
-                        f"{self.name} exited with status {self.proc.returncode}: {self.tail()}"
-                    )
+                        f"{self.name} exited with status {self.proc.returncode}: {self.tail()}")
         raise RuntimeError(f"{self.name} printed no 'listening on' line within {timeout} s: "
                            f"{self.tail()}")
 
@@ -170,7 +165,7 @@ class Started:
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
-                self.proc.wait(3)
+                self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(3)
@@ -197,20 +192,6 @@ def popen_pinned(argv: list[str], cpu: int | None, **kw: Any) -> subprocess.Pope
         os.sched_setaffinity(0, old)
 
 
-def pin_all_threads(pid: int, cpu: int | None) -> None:
-    """The child inherited the affinity at fork; pin every thread again in case it changed."""
-    if cpu is None:
-        return
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                os.sched_setaffinity(int(tid), {cpu})
-            except OSError:
-                pass
-    except OSError:
-        pass
-
-
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -220,58 +201,60 @@ def _stat_fields(pid: int) -> list[str] | None:
     return data[data.rindex(")") + 2:].split()
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of pid and of all its live descendants, from /proc/PID/stat."""
+def tree_pids(pid: int) -> list[int]:
+    """pid and all its live descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             f = _stat_fields(int(entry))
             if f is not None:
                 children.setdefault(int(f[1]), []).append(int(entry))
-    total = 0
-    todo = [pid]
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        f = _stat_fields(p)
-        if f is None:
-            continue
-        total += int(f[11]) + int(f[12])  # utime, stime (fields 14 and 15 of stat)
+        out.append(p)
         todo.extend(children.get(p, ()))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of pid and of all its live descendants, from /proc/PID/stat."""
+    total = 0
+    for p in tree_pids(pid):
+        f = _stat_fields(p)
+        if f is not None:
+            total += int(f[11]) + int(f[12])  # utime, stime (fields 14 and 15 of stat)
     return total / CLK_TCK
 
 
-# ---------------------------------------------------------------------------------------------
-# one measurement
+def tree_pss_bytes(pid: int) -> int:
+    """Proportional set size of pid and its descendants, from /proc/PID/smaps_rollup."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
 
 
-def run_loadgen(url: str, scenario: dict[str, Any], args: argparse.Namespace, cpu: int | None,
-                running: list[subprocess.Popen[str]]) -> dict[str, Any]:
-    argv = [PY, str(LOADGEN), "--url", url, "--mode", scenario["mode"],
-            "--size", str(scenario["size"]), "--duration", str(args.duration),
-            "--warmup", str(args.warmup), "--connections", str(args.connections)]
-    if scenario["mode"] == "throughput":
-        argv += ["--inflight", str(args.inflight), "--processes", str(args.processes)]
-    else:
-        argv += ["--rate", str(scenario["rate"])]
-    limit = args.duration + args.warmup + 60
-    proc = popen_pinned(argv, cpu, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        stdin=subprocess.DEVNULL, text=True, cwd=str(ROOT))
-    running.append(proc)
-    try:
-        out, err = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        return {"ok": False, "errors": [f"loadgen timed out after {limit} s"], "stderr": err[-2000:]}
-    finally:
-        running.remove(proc)
-    try:
-        res = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"ok": False, "errors": [f"loadgen exit {proc.returncode}, no JSON"],
-                "stderr": err[-2000:]}
-    res["summary"] = err.strip().splitlines()[-1] if err.strip() else ""
-    return res
+def pin_all_threads(pid: int, cpu: int | None) -> None:
+    """The child inherited the affinity at fork; pin every thread again in case it changed."""
+    if cpu is None:
+        return
+    for p in tree_pids(pid):
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                try:
+                    os.sched_setaffinity(int(tid), {cpu})
+                except OSError:
+                    pass
+        except OSError:
+            pass
 
 
 def cpu_idle_irq_seconds() -> dict[int, tuple[float, float]]:
@@ -299,73 +282,185 @@ def children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def messages_of(res: dict[str, Any]) -> int:
-    """Echoed messages over the whole run (warm-up included), matching the CPU window."""
-    if res.get("mode") == "throughput":
-        return int(res.get("received_total", 0))
-    return int(res.get("completed", 0))
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
 
 
 # ---------------------------------------------------------------------------------------------
-# report
+# one measurement
 
 
-def metric_rows(scenario: str, runs: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Median over rounds of each reported figure, for one (target, scenario)."""
-    def med(values: list[float | None]) -> float | None:
-        vals = [v for v in values if v is not None]
-        return statistics.median(vals) if vals else None
-
-    lg = [r["loadgen"] for r in runs]
-    out: dict[str, float | None] = {}
-    if SCENARIOS[scenario]["mode"] == "throughput":
-        out["msg/s"] = med([x.get("msgs_per_s") for x in lg])
-        out["MB/s"] = med([x.get("mb_per_s") for x in lg])
-        out["client CPU %"] = med([x["client_cpu"] * 100 if "client_cpu" in x else None for x in lg])
-    else:
-        for p in ("p50", "p90", "p99", "p99.9", "max"):
-            out[f"{p} µs"] = med([x.get("latency_us", {}).get(p) for x in lg])
-    out["gateway CPU µs/msg"] = med([r["cpu"].get("gateway_us_per_msg") for r in runs])
-    out["backend CPU µs/msg"] = med([r["cpu"].get("backend_us_per_msg") for r in runs])
-    for key in sorted({k for r in runs for k in r["cpu"] if k.startswith("other_load_cpu")}):
-        cpu_n = key[len("other_load_cpu"):-len("_pct")]
-        out[f"other load on CPU {cpu_n} %"] = med([r["cpu"].get(key) for r in runs])
-    return out
+def loadgen_argv(url: str, scenario: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    mode = scenario["mode"]
+    argv = [PY, str(LOADGEN), "--url", url, "--mode", mode]
+    if mode == "idle":
+        return argv + ["--connections", str(args.idle_connections), "--duration", "300"]
+    argv += ["--size", str(scenario["size"]), "--duration", str(args.duration)]
+    if mode == "throughput":
+        argv += ["--warmup", str(args.warmup), "--connections", str(args.connections),
+                 "--inflight", str(args.inflight), "--processes", str(args.processes)]
+    elif mode == "latency":
+        argv += ["--warmup", str(args.warmup), "--connections", str(args.connections),
+                 "--rate", str(scenario["rate"])]
+    else:  # connrate: no warm-up, so that the proxy's CPU time covers the counted cycles
+        argv += ["--warmup", "0", "--connections", str(args.connections)]
+    return argv
 
 
-def fmt(v: float | None) -> str:
-    if v is None:
-        return "–"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+def run_loadgen(url: str, scenario: dict[str, Any], args: argparse.Namespace, cpu: int | None,
+                running: list[subprocess.Popen[str]]) -> dict[str, Any]:
+    argv = loadgen_argv(url, scenario, args)
+    limit = args.duration + args.warmup + 60
+    proc = popen_pinned(argv, cpu, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        stdin=subprocess.DEVNULL, text=True, cwd=str(ROOT))
+    running.append(proc)
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return {"ok": False, "errors": [f"loadgen timed out after {limit} s"], "stderr": err[-2000:]}
+    finally:
+        running.remove(proc)
+    try:
+        res = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"ok": False, "errors": [f"loadgen exit {proc.returncode}, no JSON"],
+                "stderr": err[-2000:]}
+    res.setdefault("ok", proc.returncode == 0)
+    res["exit"] = proc.returncode
+    res["summary"] = err.strip().splitlines()[-1] if err.strip() else ""
+    return res
 
 
-def markdown(summary: dict[str, dict[str, dict[str, float | None]]], targets: list[str]) -> str:
-    ratios = [r for r in RATIOS if {r[1], r[2]} <= set(targets)]
-    cols = list(targets) + [r[0] for r in ratios]
-    lines = ["| scenario | figure | " + " | ".join(cols) + " |",
-             "|---|---|" + "---:|" * len(cols)]
-    for scenario, per_target in summary.items():
-        names: list[str] = []
-        for t in targets:
-            for k in per_target.get(t, {}):
-                if k not in names:
-                    names.append(k)
-        for name in names:
-            vals = [per_target.get(t, {}).get(name) for t in targets]
-            if all(v is None for v in vals):
+def units_of(res: dict[str, Any], scenario: dict[str, Any]) -> int:
+    """Echoed messages (or upgrades) over the whole run, matching the CPU window."""
+    mode = res.get("mode")
+    if mode == "throughput":
+        return int(res.get("received_total", 0))
+    if mode == "latency":
+        return int(res.get("completed", 0))
+    if mode == "connrate":
+        return int(res.get("upgrades", 0))
+    return 0
+
+
+def measure(target: str, sname: str, url: str, proxy: Started | None, backend: Started,
+            cpus: tuple[int | None, int | None], args: argparse.Namespace,
+            running: list[subprocess.Popen[str]]) -> dict[str, Any]:
+    """One load generator run against one target, with CPU accounting."""
+    proxy_cpu, load_cpu = cpus
+    sc = SCENARIOS[sname]
+    b0 = tree_cpu_seconds(backend.pid)
+    p0 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
+    l0 = children_cpu_seconds()
+    s0, w0 = cpu_idle_irq_seconds(), time.monotonic()
+    res = run_loadgen(url, sc, args, load_cpu, running)
+    s1, w1 = cpu_idle_irq_seconds(), time.monotonic()
+    l1 = children_cpu_seconds()
+    b1 = tree_cpu_seconds(backend.pid)
+    p1 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
+    n = units_of(res, sc)
+    wall = w1 - w0
+    cpu: dict[str, Any] = {"wall_s": wall, "units": n, "backend_s": b1 - b0,
+                           "loadgen_s": l1 - l0,
+                           "backend_us_per_unit": (b1 - b0) / n * 1e6 if n else None}
+    if proxy:
+        cpu["proxy_s"] = p1 - p0
+        cpu["proxy_us_per_unit"] = (p1 - p0) / n * 1e6 if n else None
+        if sc["mode"] == "throughput":
+            mb = n * sc["size"] / 1e6
+            cpu["proxy_us_per_mb"] = (p1 - p0) / mb * 1e6 if mb else None
+    # Busy time of each pinned CPU (wall - idle) and the part of it that is none of ours.
+    if proxy_cpu is not None and load_cpu is not None and s0 and s1:
+        ours = {proxy_cpu: p1 - p0, load_cpu: (b1 - b0) + (l1 - l0)}
+        for c, used in ours.items():
+            if c in s0 and c in s1:
+                busy = wall - (s1[c][0] - s0[c][0])
+                irq = s1[c][1] - s0[c][1]
+                cpu[f"busy_cpu{c}_pct"] = busy / wall * 100
+                cpu[f"other_load_cpu{c}_pct"] = max(0.0, busy - irq - used) / wall * 100
+        cpu["bottleneck"] = bottleneck(cpu.get(f"busy_cpu{proxy_cpu}_pct"),
+                                       cpu.get(f"busy_cpu{load_cpu}_pct"), proxy is not None)
+    return {"scenario": sname, "target": target, "loadgen": res, "cpu": cpu}
+
+
+def bottleneck(proxy_busy: float | None, load_busy: float | None, has_proxy: bool) -> str:
+    """Which core ran out: the proxy's, the client's (load generator + backend), or neither."""
+    if proxy_busy is None or load_busy is None:
+        return "?"
+    p = has_proxy and proxy_busy >= 90.0
+    c = load_busy >= 90.0
+    return "both" if p and c else "proxy" if p else "client" if c else "neither"
+
+
+def measure_idle(target: str, url: str, proxy: Started, cpu: int | None, args: argparse.Namespace,
+                 running: list[subprocess.Popen[str]]) -> dict[str, Any]:
+    """Hold --idle-connections connections through the proxy and read its PSS."""
+    time.sleep(0.5)
+    pss0 = tree_pss_bytes(proxy.pid)
+    argv = loadgen_argv(url, SCENARIOS["idle"], args)
+    proc = popen_pinned(argv, cpu, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        stdin=subprocess.PIPE, text=True, cwd=str(ROOT))
+    running.append(proc)
+    out: dict[str, Any] = {"scenario": "idle", "target": target, "pss_before": pss0}
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    def next_json(timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
                 continue
-            row = [fmt(v) for v in vals]
-            for _, top, bottom in ratios:
-                d = per_target.get(bottom, {}).get(name)
-                g = per_target.get(top, {}).get(name)
-                ratio_ok = d and g is not None and not name.startswith("other load")
-                row.append(f"{g / d:.2f}" if ratio_ok else "–")
-            lines.append(f"| {scenario} | {name} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+            if line is None:
+                return None
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        return None
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    errbuf: list[str] = []
+    errt = threading.Thread(target=lambda: errbuf.extend(proc.stderr or ()), daemon=True)
+    errt.start()
+    try:
+        holding = next_json(180)
+        if holding is None:
+            out["loadgen"] = {"ok": False, "errors": ["idle: no 'holding' line"],
+                              "stderr": "".join(errbuf)[-2000:]}
+            return out
+        time.sleep(1.0)  # let the proxy settle (buffers released after the upgrade)
+        out["pss_held"] = tree_pss_bytes(proxy.pid)
+        out["holding"] = holding
+        assert proc.stdin is not None
+        proc.stdin.write("release\n")
+        proc.stdin.close()
+        final = next_json(120) or {"ok": False, "errors": ["idle: no final result"]}
+        proc.wait(30)
+        final.setdefault("ok", proc.returncode == 0)
+        out["loadgen"] = final
+        n = int(holding.get("open") or 0)
+        if n:
+            out["kib_per_connection"] = (out["pss_held"] - pss0) / n / 1024
+        return out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        running.remove(proc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,31 +469,39 @@ def markdown(summary: dict[str, dict[str, dict[str, float | None]]], targets: li
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1 round, 2 s runs, 0.5 s warm-up")
+    p.add_argument("--quick", action="store_true",
+                   help="1 round, 1 s runs after 0.3 s warm-up, 1,000 idle connections")
     p.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
-    p.add_argument("--duration", type=float, default=None, help="measured s per run (5; 2 quick)")
-    p.add_argument("--warmup", type=float, default=None, help="s per run (1; 0.5 quick)")
+    p.add_argument("--duration", type=float, default=None, help="measured s per run (4; 1 quick)")
+    p.add_argument("--warmup", type=float, default=None, help="s per run (1; 0.3 quick)")
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--processes", type=int, default=1, help="load generator processes")
+    p.add_argument("--idle-connections", type=int, default=None,
+                   help="connections held in the idle scenario (9900; 1000 quick)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--targets", default="direct,fastgw,fastgw-policies,fastgw-observed")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"comma-separated subset of {','.join(TARGETS)}")
     p.add_argument("--no-pin", action="store_true", help="do not set CPU affinity")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not install missing Debian packages (skip those peers)")
     p.add_argument("--gateway-cmd", default=f"{PY} -m fastgw run -c {{config}}",
                    help="command that starts the gateway; {config} is the YAML path")
-    p.add_argument("--out", default=str(RESULTS / "latest.json"))
+    p.add_argument("--out", default=str(RESULTS / "latest.json"),
+                   help="JSON output; the Markdown (.md) and plots (-*.png) go beside it")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (1 if a.quick else 3)
-    a.duration = a.duration or (2.0 if a.quick else 5.0)
-    a.warmup = a.warmup if a.warmup is not None else (0.5 if a.quick else 1.0)
+    a.duration = a.duration or (1.0 if a.quick else 4.0)
+    a.warmup = a.warmup if a.warmup is not None else (0.3 if a.quick else 1.0)
+    a.idle_connections = a.idle_connections or (1000 if a.quick else 9900)
     a.scenarios = [s for s in a.scenarios.split(",") if s]
     a.targets = [t for t in a.targets.split(",") if t]
     for s in a.scenarios:
         if s not in SCENARIOS:
             p.error(f"unknown scenario {s!r}")
     for t in a.targets:
-        if t not in ("direct", *GATEWAY_TARGETS):
+        if t not in TARGETS:
             p.error(f"unknown target {t!r}")
     return a
 
@@ -409,48 +512,104 @@ def choose_cpus(no_pin: bool) -> tuple[int | None, int | None, str]:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return None, None, f"not pinned: only CPU(s) {cpus} available"
-    gw, rest = cpus[0], cpus[1]
-    return gw, rest, (f"gateway pinned to CPU {gw}; backend and load generator pinned to CPU {rest}"
-                      f" (of {len(cpus)} available)")
+    px, rest = cpus[0], cpus[1]
+    return px, rest, (f"the proxy under test pinned to CPU {px}; the backend and the load "
+                      f"generator pinned to CPU {rest} (of {len(cpus)} available)")
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    try:
-        from importlib.metadata import version
-        for pkg in ("picows", "uvloop", "hdrhistogram"):
+def versions(available: dict[str, str | None]) -> dict[str, str]:
+    out = {"python": platform.python_version(), "kernel": platform.release()}
+    from importlib.metadata import version
+    for pkg in ("picows", "uvloop", "hdrhistogram", "websockets"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:
+            out[pkg] = "?"
+    probes = {"nginx": ["nginx", "-v"], "haproxy": ["haproxy", "-v"], "caddy": ["caddy", "version"]}
+    for name, argv in probes.items():
+        if available.get(name, "absent") is None:
             try:
-                out[pkg] = version(pkg)
-            except Exception:
-                out[pkg] = "?"
-    except ImportError:  # pragma: no cover
-        pass
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                out[name] = (r.stdout + r.stderr).strip().splitlines()[0]
+            except (OSError, subprocess.SubprocessError, IndexError):
+                out[name] = "?"
     return out
+
+
+def start_targets(args: argparse.Namespace, backend_port: int, cpu: int | None, logdir: Path,
+                  started: list[Started], meta: dict[str, Any]
+                  ) -> tuple[dict[str, str], dict[str, Started]]:
+    """Start every proxy target; return target -> URL and target -> its process."""
+    urls = {"direct": f"ws://127.0.0.1:{backend_port}/"}
+    procs: dict[str, Started] = {}
+    skipped: dict[str, str] = meta.setdefault("skipped", {})
+    for target in args.targets:
+        if target == "direct":
+            continue
+        proc = None
+        try:
+            if target in GATEWAYS:
+                top, path = GATEWAYS[target]
+                cfg = logdir / f"{target}.yaml"
+                cfg.write_text(top.format(events=logdir / f"{target}.events.jsonl") +
+                               GATEWAY_YAML.format(backend_port=backend_port))
+                cmd = args.gateway_cmd.format(config=cfg).split()
+                proc = Started(target, cmd, cpu, logdir, "stderr")
+                started.append(proc)
+                port = proc.wait_port(15)
+                urls[target] = f"ws://127.0.0.1:{port}{path}"
+            else:
+                port = peers.free_port()
+                cmd, env = peers.peer_command(target, port, backend_port, logdir / target, PY)
+                proc = Started(target, cmd, cpu, logdir, None, env)
+                started.append(proc)
+                peers.wait_listening(port, 15, proc.proc)
+                urls[target] = f"ws://127.0.0.1:{port}/"
+            pin_all_threads(proc.pid, cpu)
+            procs[target] = proc
+            meta.setdefault("commands", {})[target] = f"pid {proc.pid}: {' '.join(cmd)}"
+            print(f"bench: {target} pid {proc.pid} at {urls[target]}", file=sys.stderr)
+        except (RuntimeError, OSError, ValueError) as exc:
+            skipped[target] = f"could not start: {exc}"
+            print(f"bench: {target} could not start: {exc}", file=sys.stderr)
+            if proc is not None:
+                proc.stop()
+                started.remove(proc)
+    return urls, procs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    gw_cpu, load_cpu, pin_note = choose_cpus(args.no_pin)
+    proxy_cpu, load_cpu, pin_note = choose_cpus(args.no_pin)
+    nofile = raise_fd_limit()
+    if "idle" in args.scenarios and nofile < 2 * args.idle_connections + 100:
+        old = args.idle_connections
+        args.idle_connections = max(100, (nofile - 100) // 2)
+        print(f"bench: fd limit {nofile}: idle connections {old} -> {args.idle_connections}",
+              file=sys.stderr)
     logdir = Path(tempfile.mkdtemp(prefix="fastgw-bench-"))
     started: list[Started] = []
     running: list[subprocess.Popen[str]] = []
     raw: list[dict[str, Any]] = []
+    wanted_peers = [t for t in args.targets if t in peers.PEERS]
+    if args.no_install:
+        available = {t: None if peers.PEER_BINARY[t] is None or peers.find_binary(
+            peers.PEER_BINARY[t]) else "not installed (--no-install)" for t in wanted_peers}
+    else:
+        available = peers.ensure_installed(
+            wanted_peers, log=lambda m: print(f"bench: {m}", file=sys.stderr))
     meta: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": platform.node(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "pinning": pin_note,
-        "versions": versions(),
-        "rounds": args.rounds,
-        "duration": args.duration,
-        "warmup": args.warmup,
-        "connections": args.connections,
-        "inflight": args.inflight,
-        "processes": args.processes,
-        "scenarios": {s: SCENARIOS[s] for s in args.scenarios},
-        "logs": str(logdir),
+        "command": " ".join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "pinning": pin_note, "versions": versions(available), "rounds": args.rounds,
+        "duration": args.duration, "warmup": args.warmup, "connections": args.connections,
+        "inflight": args.inflight, "processes": args.processes,
+        "idle_connections": args.idle_connections, "fd_limit": nofile,
+        "scenarios": {s: SCENARIOS[s] for s in args.scenarios}, "logs": str(logdir),
+        "skipped": {t: why for t, why in available.items() if why},
     }
+    args.targets = [t for t in args.targets if not available.get(t)]
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -464,93 +623,41 @@ def main(argv: list[str] | None = None) -> int:
         started.append(backend)
         backend_port = backend.wait_port(15)
         pin_all_threads(backend.pid, load_cpu)
-        urls = {"direct": f"ws://127.0.0.1:{backend_port}/"}
         print(f"bench: echo backend pid {backend.pid} on port {backend_port}", file=sys.stderr)
-
-        gateways: dict[str, Started] = {}       # target -> its gateway process
-        meta["gateway"] = "not requested"
-        wanted = [t for t in args.targets if t in GATEWAY_TARGETS]
-        plans = []
-        if {"fastgw", "fastgw-policies"} & set(wanted):
-            plans.append(("fastgw", BARE_TOP, ("fastgw", "fastgw-policies")))
-        if "fastgw-observed" in wanted:
-            plans.append(("fastgw-observed", OBSERVED_TOP.format(events=logdir / "events.jsonl"),
-                          ("fastgw-observed",)))
-        for name, top, serves in plans:
-            cfg = logdir / f"{name}.yaml"
-            cfg.write_text(top + GATEWAY_YAML.format(backend_port=backend_port))
-            cmd = args.gateway_cmd.format(config=cfg).split()
-            gateway = None
-            try:
-                gateway = Started(name, cmd, gw_cpu, logdir, "stderr")
-                started.append(gateway)
-                gw_port = gateway.wait_port(15)
-                pin_all_threads(gateway.pid, gw_cpu)
-                for t in serves:
-                    gateways[t] = gateway
-                    urls[t] = f"ws://127.0.0.1:{gw_port}/" + ("policed/" if t == "fastgw-policies" else "")
-                meta[f"gateway {name}"] = f"pid {gateway.pid} on port {gw_port}: {' '.join(cmd)}"
-                meta["gateway"] = "started"
-                print(f"bench: gateway {name} pid {gateway.pid} on port {gw_port}", file=sys.stderr)
-            except (RuntimeError, OSError) as exc:
-                meta["gateway"] = f"unavailable: {exc}"
-                print(f"bench: gateway {name} could not start: {exc}", file=sys.stderr)
-                if gateway is not None:
-                    gateway.stop()
-                    started.remove(gateway)
+        urls, procs = start_targets(args, backend_port, proxy_cpu, logdir, started, meta)
         targets = [t for t in args.targets if t in urls]
         meta["targets"] = targets
 
+        timed = [s for s in args.scenarios if s != "idle"]
         for rnd in range(1, args.rounds + 1):
-            for sname in args.scenarios:
+            for sname in timed:
                 for target in targets:
-                    sc = SCENARIOS[sname]
-                    gateway = gateways.get(target)
-                    on_gw = gateway is not None
-                    b0 = tree_cpu_seconds(backend.pid)
-                    g0 = tree_cpu_seconds(gateway.pid) if on_gw and gateway else 0.0
-                    l0 = children_cpu_seconds()
-                    s0, w0 = cpu_idle_irq_seconds(), time.monotonic()
-                    res = run_loadgen(urls[target], sc, args, load_cpu, running)
-                    s1, w1 = cpu_idle_irq_seconds(), time.monotonic()
-                    l1 = children_cpu_seconds()
-                    b1 = tree_cpu_seconds(backend.pid)
-                    g1 = tree_cpu_seconds(gateway.pid) if on_gw and gateway else 0.0
-                    n = messages_of(res)
-                    cpu: dict[str, Any] = {"wall_s": w1 - w0, "messages": n,
-                                           "backend_s": b1 - b0, "loadgen_s": l1 - l0,
-                                           "backend_us_per_msg": (b1 - b0) / n * 1e6 if n else None}
-                    if on_gw:
-                        cpu["gateway_s"] = g1 - g0
-                        cpu["gateway_us_per_msg"] = (g1 - g0) / n * 1e6 if n else None
-                    # CPU time used on the pinned CPUs by processes other than ours: noise.
-                    # busy = wall - idle; other = busy - interrupts - our processes' CPU time.
-                    if gw_cpu is not None and load_cpu is not None and s0 and s1:
-                        wall = w1 - w0
-                        ours = {gw_cpu: g1 - g0, load_cpu: (b1 - b0) + (l1 - l0)}
-                        for c_, used in ours.items():
-                            if c_ not in s0 or c_ not in s1:
-                                continue
-                            busy = wall - (s1[c_][0] - s0[c_][0])
-                            irq = s1[c_][1] - s0[c_][1]
-                            other = max(0.0, busy - irq - used)
-                            cpu[f"other_load_cpu{c_}_pct"] = other / wall * 100
-                            cpu[f"busy_cpu{c_}_pct"] = busy / wall * 100
-                    raw.append({"round": rnd, "scenario": sname, "target": target,
-                                "loadgen": res, "cpu": cpu})
+                    r = measure(target, sname, urls[target], procs.get(target), backend,
+                                (proxy_cpu, load_cpu), args, running)
+                    r["round"] = rnd
+                    raw.append(r)
+                    res, cpu = r["loadgen"], r["cpu"]
                     status = "" if res.get("ok") else "  [NOT OK]"
-                    noise = ""
-                    if gw_cpu is not None and f"other_load_cpu{gw_cpu}_pct" in cpu:
-                        noise = (f"  [other load: CPU{gw_cpu} "
-                                 f"{cpu[f'other_load_cpu{gw_cpu}_pct']:.0f}%, CPU{load_cpu} "
-                                 f"{cpu[f'other_load_cpu{load_cpu}_pct']:.0f}%]")
-                    print(f"bench: round {rnd} {sname:9s} {target:6s} "
-                          f"{res.get('summary') or res.get('errors')}{status}{noise}",
-                          file=sys.stderr)
-                    for proc_ in (backend, *gateways.values()):
-                        if proc_ is not None and proc_.proc.poll() is not None:
-                            raise RuntimeError(f"{proc_.name} died: {proc_.tail()}")
+                    print(f"bench: round {rnd} {sname:9s} {target:15s} "
+                          f"{res.get('summary') or res.get('errors')}{status} "
+                          f"[busy {cpu.get(f'busy_cpu{proxy_cpu}_pct', 0):.0f}%/"
+                          f"{cpu.get(f'busy_cpu{load_cpu}_pct', 0):.0f}%]", file=sys.stderr)
+                    for p in (backend, *procs.values()):
+                        if p.proc.poll() is not None:
+                            raise RuntimeError(f"{p.name} died: {p.tail()}")
                     time.sleep(0.2)
+        if "idle" in args.scenarios:
+            for target in targets:
+                if target == "direct":
+                    continue
+                r = measure_idle(target, urls[target], procs[target], load_cpu, args, running)
+                r["round"] = 1
+                raw.append(r)
+                kib = r.get("kib_per_connection")
+                print(f"bench: idle {target:15s} "
+                      f"{'%.1f KiB/connection' % kib if kib is not None else r['loadgen']}",
+                      file=sys.stderr)
+                time.sleep(1.0)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         meta["interrupted"] = True
@@ -565,42 +672,23 @@ def main(argv: list[str] | None = None) -> int:
         for s in reversed(started):
             s.stop()
 
-    summary: dict[str, dict[str, dict[str, float | None]]] = {}
-    targets_done = [t for t in args.targets if any(r["target"] == t for r in raw)]
-    for sname in args.scenarios:
-        for t in targets_done:
-            runs = [r for r in raw if r["scenario"] == sname and r["target"] == t]
-            if runs:
-                summary.setdefault(sname, {})[t] = metric_rows(sname, runs)
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
     meta["all_ok"] = bool(raw) and all(r["loadgen"].get("ok") for r in raw)
-
+    meta["proxy_cpu"], meta["load_cpu"] = proxy_cpu, load_cpu
+    result = {"meta": meta, "runs": raw}
+    result["summary"] = report.summarize(result)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({"meta": meta, "summary": summary, "runs": raw}, indent=1))
-
-    print(f"\n## fastgw bench ({args.rounds} round(s), {args.duration:g} s runs after "
-          f"{args.warmup:g} s warm-up, {args.connections} connections"
-          f"{', %d in flight each' % args.inflight})\n")
-    print(f"- {pin_note}")
-    for key in sorted(k for k in meta if k.startswith("gateway ")):
-        print(f"- {key}: {meta[key]}")
-    print("- throughput: pipelined echo; msg/s = echoed messages per second; MB/s = payload bytes "
-          "echoed per second, one direction (10^6 B)")
-    print("- latency: 64 B request/response at 5000 msg/s total, µs from the intended send time "
-          "(coordinated omission corrected)")
-    print("- CPU µs/msg: CPU time of that process (from /proc/PID/stat) / echoed messages; each "
-          "echoed message crosses the gateway twice")
-    print("- other load on CPU n %: time that pinned CPU was busy (wall - idle, /proc/stat) "
-          "minus interrupts and this benchmark's processes: noise; a run with more than a few "
-          "% tells little")
-    print("- all figures are medians over the rounds; raw figures in " + str(out_path) + "\n")
-    print(markdown(summary, targets_done))
-    if not meta["all_ok"]:
-        bad = [f"{r['scenario']}/{r['target']}/round {r['round']}: {r['loadgen'].get('errors')}"
-               for r in raw if not r["loadgen"].get("ok")]
-        print("\nNOT OK: " + "; ".join(bad) if bad else "\nNOT OK: no run completed")
-    print(f"\n(elapsed {meta['elapsed_s']} s)")
+    out_path.write_text(json.dumps(result, indent=1))
+    text = report.markdown(result)
+    md_path = out_path.with_suffix(".md")
+    plots = report.plots(result, out_path.with_suffix(""))
+    if plots:
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    md_path.write_text(text)
+    print(text)
+    print(f"(written: {out_path}, {md_path}" + "".join(f", {p}" for p in plots) +
+          f"; elapsed {meta['elapsed_s']} s)")
     return 0 if meta["all_ok"] and not meta.get("error") and not meta.get("interrupted") else 1
 
 

@@ -119,10 +119,9 @@ cdef class Leg(WSListener):
     """One side of a relayed connection; a picows listener."""
 
     def __cinit__(self):
-        self.out_data = <char*>malloc(OUT_INITIAL)
-        if self.out_data == NULL:
-            raise MemoryError()
-        self.out_cap = OUT_INITIAL
+        # The output buffer is allocated on first use: an idle connection holds none.
+        self.out_data = NULL
+        self.out_cap = 0
         self.out_size = 0
         self.rng = <uint32_t>(<uint64_t>c_time(NULL) * 2654435761u) | 1u
 
@@ -148,6 +147,8 @@ cdef class Leg(WSListener):
         cap = self.out_cap * 2
         if cap < need:
             cap = need
+        if cap < OUT_INITIAL:
+            cap = OUT_INITIAL
         data = <char*>realloc(self.out_data, cap)
         if data == NULL:
             raise MemoryError()

@@ -397,7 +397,7 @@ class Handshake(asyncio.Protocol):
             False,                  # enable_auto_pong: the relay answers pings itself
             up.max_frame_size,
             None,                   # extra headers (client side only)
-            4096,                   # initial read buffer
+            2048,                   # initial read buffer (picows grows it on demand)
         )
         # picows re-reads a normalised head: it only has to validate the key.
         head = (b"GET / HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

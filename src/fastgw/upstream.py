@@ -84,7 +84,7 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
                 max_frame_size=max_frame_size,
                 extra_headers=headers,
                 max_redirects=0,
-                read_buffer_init_size=4096,
+                read_buffer_init_size=2048,
                 use_aiofastnet=False,
                 **kwargs,
             )

@@ -1,0 +1,344 @@
+"""The report of `bench/run.py`: medians over rounds, a Markdown table, the goals, PNG plots.
+
+    python bench/report.py bench/results/latest.json     # rewrite the .md and plots from a JSON
+
+Every figure is the median over the rounds of one (target, scenario). Ratios are taken within
+the same run: to ``direct`` (the echo backend without a proxy) and to ``nginx``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+PEERS = ("nginx", "nginx-64k", "haproxy", "caddy")      # the C and Go proxies
+SUBJECT = "fastgw-governed"                             # the target the goals are judged on
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def _med(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _mode(values: list[Any]) -> str | None:
+    vals = [v for v in values if v]
+    return collections.Counter(vals).most_common(1)[0][0] if vals else None
+
+
+def summarize(result: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """scenario -> target -> figure -> median over the rounds."""
+    meta = result["meta"]
+    pc, lc = meta.get("proxy_cpu"), meta.get("load_cpu")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in result["runs"]:
+        groups[(r["scenario"], r["target"])].append(r)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (scenario, target), runs in groups.items():
+        lg = [r["loadgen"] for r in runs]
+        cpu = [r.get("cpu", {}) for r in runs]
+        f: dict[str, Any] = {"rounds": len(runs), "ok": all(x.get("ok") for x in lg)}
+        mode = (meta.get("scenarios", {}).get(scenario) or {}).get("mode")
+        if mode == "throughput":
+            f["msg/s"] = _med([x.get("msgs_per_s") for x in lg])
+            f["MB/s"] = _med([x.get("mb_per_s") for x in lg])
+            f["client CPU %"] = _med([x["client_cpu"] * 100 if "client_cpu" in x else None
+                                      for x in lg])
+            f["proxy CPU µs/msg"] = _med([c.get("proxy_us_per_unit") for c in cpu])
+            f["proxy CPU µs/MB"] = _med([c.get("proxy_us_per_mb") for c in cpu])
+            f["lost"] = sum(int(x.get("lost") or 0) for x in lg)
+        elif mode == "latency":
+            for p in ("p50", "p90", "p99", "p99.9", "max"):
+                f[f"{p} µs"] = _med([x.get("latency_us", {}).get(p) for x in lg])
+            f["proxy CPU µs/msg"] = _med([c.get("proxy_us_per_unit") for c in cpu])
+            f["lost"] = sum(int(x.get("lost") or 0) for x in lg)
+        elif mode == "connrate":
+            f["upgrades/s"] = _med([x.get("upgrades_per_s") for x in lg])
+            f["handshake p50 µs"] = _med([x.get("handshake_us", {}).get("p50") for x in lg])
+            f["handshake p99 µs"] = _med([x.get("handshake_us", {}).get("p99") for x in lg])
+            f["client CPU %"] = _med([x.get("client_cpu_pct") for x in lg])
+            f["proxy CPU µs/upgrade"] = _med([c.get("proxy_us_per_unit") for c in cpu])
+            f["failures"] = sum(int(x.get("failures") or 0) for x in lg)
+        elif mode == "idle":
+            f["connections"] = _med([(r.get("holding") or {}).get("open") for r in runs])
+            f["alive"] = _med([x.get("alive") for x in lg])
+            f["PSS before MiB"] = _med([r["pss_before"] / 2**20 if r.get("pss_before") else None
+                                        for r in runs])
+            f["PSS held MiB"] = _med([r["pss_held"] / 2**20 if r.get("pss_held") else None
+                                      for r in runs])
+            f["KiB/connection"] = _med([r.get("kib_per_connection") for r in runs])
+        if mode != "idle":
+            f["proxy core busy %"] = _med([c.get(f"busy_cpu{pc}_pct") for c in cpu])
+            f["client core busy %"] = _med([c.get(f"busy_cpu{lc}_pct") for c in cpu])
+            f["bottleneck"] = _mode([c.get("bottleneck") for c in cpu])
+        out.setdefault(scenario, {})[target] = f
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+# scenario mode -> (figures shown, figure -> the targets it is also given as a ratio to)
+COLUMNS = {
+    "throughput": (["msg/s", "MB/s", "proxy CPU µs/msg", "proxy CPU µs/MB", "client CPU %",
+                    "proxy core busy %", "client core busy %", "bottleneck"],
+                   {"msg/s": ("direct", "nginx"), "proxy CPU µs/msg": ("nginx",),
+                    "proxy CPU µs/MB": ("nginx",)}),
+    "latency": (["p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "added p99 µs",
+                 "proxy CPU µs/msg", "bottleneck"],
+                {"p99 µs": ("direct", "nginx"), "added p99 µs": ("nginx",)}),
+    "connrate": (["upgrades/s", "handshake p50 µs", "handshake p99 µs", "proxy CPU µs/upgrade",
+                  "client CPU %", "proxy core busy %", "client core busy %", "bottleneck"],
+                 {"upgrades/s": ("direct", "nginx"), "proxy CPU µs/upgrade": ("nginx",)}),
+    "idle": (["connections", "alive", "PSS before MiB", "PSS held MiB", "KiB/connection"],
+             {"KiB/connection": ("nginx",)}),
+}
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def _ratio(a: Any, b: Any) -> str:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def _with_added(scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Latency rows get 'added p99 µs': p99 minus direct's p99 of the same run."""
+    base = (scenario.get("direct") or {}).get("p99 µs")
+    out = {}
+    for t, f in scenario.items():
+        f = dict(f)
+        if "p99 µs" in f and base is not None and f["p99 µs"] is not None and t != "direct":
+            f["added p99 µs"] = f["p99 µs"] - base
+        out[t] = f
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    summary = result.get("summary") or summarize(result)
+    targets = meta.get("targets") or []
+    lines = [f"## fastgw bench: {meta.get('rounds')} round(s), {meta.get('duration')} s runs "
+             f"after {meta.get('warmup')} s warm-up", ""]
+    lines.append(f"- command: `{meta.get('command')}` ({meta.get('started')}, "
+                 f"{meta.get('elapsed_s')} s)")
+    lines.append(f"- {meta.get('pinning')}; every figure is the median over the rounds, ratios "
+                 "within this run")
+    lines.append(f"- versions: " + ", ".join(f"{k} {v}" for k, v in
+                                              (meta.get("versions") or {}).items()))
+    for t, why in (meta.get("skipped") or {}).items():
+        lines.append(f"- skipped {t}: {why}")
+    lines.append(f"- throughput: {meta.get('connections')} connections x {meta.get('inflight')} "
+                 "messages in flight (pipelined echo); msg/s = echoed messages/s, MB/s = echoed "
+                 "payload, one direction (10^6 B)")
+    lines.append("- proxy CPU: utime + stime of the proxy's processes (/proc/PID/stat) over the "
+                 "run / echoed messages (each crosses the proxy twice), / MB echoed, or / upgrade")
+    lines.append("- bottleneck: the core that was >= 90 % busy (/proc/stat): `proxy` = the "
+                 "proxy's core, `client` = the core of the load generator and the backend")
+    lines.append("- latency: 64 B request/response at a fixed total rate, µs from the intended "
+                 "send time (coordinated omission corrected); added p99 = p99 - direct's p99")
+    lines.append("- idle: connections held open through the proxy; KiB/connection = (PSS while "
+                 "held - PSS before) / connections, both legs, all the proxy's processes")
+    lines.append("")
+    for scenario, per_target in summary.items():
+        mode = (meta.get("scenarios", {}).get(scenario) or {}).get("mode")
+        if mode not in COLUMNS:
+            continue
+        per_target = _with_added(per_target)
+        shown, ratioed = COLUMNS[mode]
+        shown = [c for c in shown if any(c in f for f in per_target.values())]
+        head = ["target"]
+        for c in shown:
+            head.append(c)
+            head += [f"{c} /{b}" for b in ratioed.get(c, ())]
+        lines += [f"### {scenario}", "", "| " + " | ".join(head) + " |",
+                  "|---|" + "---:|" * (len(head) - 1)]
+        for t in targets:
+            f = per_target.get(t)
+            if f is None:
+                continue
+            row = [t + ("" if f.get("ok", True) else " (NOT OK)")]
+            for c in shown:
+                row.append(fmt(f.get(c)))
+                row += [_ratio(f.get(c), (per_target.get(b) or {}).get(c))
+                        for b in ratioed.get(c, ())]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    goals_ = goals(summary)
+    if goals_:
+        lines += [f"### Goals ({SUBJECT}: a request and a response message-rate-limit that never "
+                  "trigger, metrics and events on)", "",
+                  "| goal | fastgw | reference | ratio | limit | met |", "|---|---:|---:|---:|---:|---|"]
+        for g in goals_:
+            lines.append(f"| {g['goal']} | {fmt(g['value'])} | {fmt(g['reference'])} "
+                         f"({g['ref_name']}) | {fmt(g['ratio'])} | {g['limit']} | "
+                         f"{'yes' if g['met'] else 'no' if g['met'] is False else '–'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def goals(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The goals of issue 5, judged on SUBJECT against the peers of the same run."""
+    out: list[dict[str, Any]] = []
+
+    def fig(scenario: str, target: str, name: str) -> Any:
+        return ((summary.get(scenario) or {}).get(target) or {}).get(name)
+
+    def add(goal: str, value: Any, ref_name: str, reference: Any, limit: float,
+            lower_is_better: bool = True, subtract: float = 0.0) -> None:
+        ratio = None
+        met = None
+        if isinstance(value, (int, float)) and isinstance(reference, (int, float)) and reference:
+            ratio = value / reference
+            met = ratio <= limit if lower_is_better else ratio >= limit
+        out.append({"goal": goal, "value": value, "reference": reference, "ref_name": ref_name,
+                    "ratio": ratio, "limit": ("<= " if lower_is_better else ">= ") + f"{limit:g}",
+                    "met": met})
+
+    def best_nginx(scenario: str, name: str) -> tuple[str, Any]:
+        cands = [(t, fig(scenario, t, name)) for t in ("nginx", "nginx-64k")]
+        cands = [c for c in cands if c[1] is not None]
+        return min(cands, key=lambda c: c[1]) if cands else ("nginx", None)
+
+    for scenario, name, limit in (("tp-64B", "proxy CPU µs/msg", 1.0),
+                                  ("tp-1KiB", "proxy CPU µs/msg", 1.0),
+                                  ("tp-64KiB", "proxy CPU µs/MB", 1.2)):
+        ref_name, ref = best_nginx(scenario, name)
+        add(f"{scenario}: {name}", fig(scenario, SUBJECT, name), ref_name, ref, limit)
+    for scenario in ("tp-64B", "tp-1KiB", "tp-64KiB"):
+        cands = [(t, fig(scenario, t, "msg/s")) for t in PEERS]
+        cands = [c for c in cands if c[1] is not None]
+        if cands:
+            ref_name, ref = max(cands, key=lambda c: c[1])
+            add(f"{scenario}: msg/s vs the best peer", fig(scenario, SUBJECT, "msg/s"),
+                ref_name, ref, 1.0, lower_is_better=False)
+    d99 = fig("lat-5k/s", "direct", "p99 µs")
+    if d99 is not None:
+        mine, ng = fig("lat-5k/s", SUBJECT, "p99 µs"), fig("lat-5k/s", "nginx", "p99 µs")
+        add("lat-5k/s: added p99 µs", None if mine is None else mine - d99, "nginx",
+            None if ng is None else ng - d99, 1.25)
+    ref_name, ref = best_nginx("connrate", "proxy CPU µs/upgrade")
+    add("connrate: proxy CPU µs/upgrade", fig("connrate", SUBJECT, "proxy CPU µs/upgrade"),
+        ref_name, ref, 1.5)
+    kib = fig("idle", SUBJECT, "KiB/connection")
+    if kib is not None:
+        add("idle: KiB/connection", kib, "8 KiB", 8.0, 1.0)
+    add("tp-64B: msg/s vs the plain Python proxy", fig("tp-64B", SUBJECT, "msg/s"), "pyproxy",
+        fig("tp-64B", "pyproxy", "msg/s"), 20.0, lower_is_better=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def _merged_histograms(result: dict[str, Any], scenario: str) -> dict[str, Any]:
+    from hdrh.histogram import HdrHistogram
+    merged: dict[str, Any] = {}
+    for r in result["runs"]:
+        enc = r["loadgen"].get("histogram") if r["scenario"] == scenario else None
+        if not enc:
+            continue
+        h = HdrHistogram.decode(enc)
+        if r["target"] in merged:
+            merged[r["target"]].add(h)
+        else:
+            merged[r["target"]] = h
+    return merged
+
+
+def plots(result: dict[str, Any], prefix: Path) -> list[Path]:
+    """Throughput bars per message size and latency percentile curves, as PNG files."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib is not installed: no plots (pip install matplotlib)",
+              file=sys.stderr)
+        return []
+    summary = result.get("summary") or summarize(result)
+    targets = result["meta"].get("targets") or []
+    written: list[Path] = []
+
+    tps = [s for s in ("tp-64B", "tp-1KiB", "tp-64KiB") if s in summary]
+    if tps:
+        fig, axes = plt.subplots(1, len(tps), figsize=(5 * len(tps), 4.5), squeeze=False)
+        for ax, s in zip(axes[0], tps):
+            key = "MB/s" if s == "tp-64KiB" else "msg/s"
+            names = [t for t in targets if t in summary[s]]
+            vals = [summary[s][t].get(key) or 0 for t in names]
+            colors = ["#d62728" if t.startswith("fastgw") else "#7f7f7f" if t == "direct"
+                      else "#1f77b4" for t in names]
+            ax.bar(range(len(names)), vals, color=colors)
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_title(f"{s}: {key}")
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle("Throughput seen by the client (median of rounds)")
+        fig.tight_layout()
+        path = Path(f"{prefix}-throughput.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+
+    lat = [s for s in summary if s.startswith("lat")]
+    for s in lat:
+        hists = _merged_histograms(result, s)
+        if not hists:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 5))
+        grid = [0, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99]
+        for t in targets:
+            h = hists.get(t)
+            if h is None:
+                continue
+            xs = [1 / (1 - p / 100) for p in grid]
+            ys = [max(1, h.get_value_at_percentile(p)) for p in grid]
+            style = "-" if t.startswith("fastgw") else "--" if t == "direct" else ":"
+            ax.plot(xs, ys, style, marker=".", label=t)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks([1 / (1 - p / 100) for p in grid[1:]],
+                      [f"{p:g}%" for p in grid[1:]], fontsize=8)
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("round trip µs (coordinated omission corrected)")
+        ax.set_title(f"{s}: latency percentile distribution (all rounds merged)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(f"{prefix}-{s.replace('/', '')}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    path = Path(argv[0] if argv else Path(__file__).parent / "results" / "latest.json")
+    result = json.loads(path.read_text())
+    result["summary"] = summarize(result)
+    text = markdown(result)
+    ps = plots(result, path.with_suffix(""))
+    text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in ps) + "\n"
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
