@@ -2,16 +2,20 @@
 #
 # One proxied WebSocket connection is a Relay with two Legs: the client leg
 # (fastgw is the server of the client's connection) and the backend leg
-# (fastgw is the client of the backend's connection). Each Leg is a picows
-# WSListener: picows parses frames and calls Leg.on_ws_frame through the C
-# vtable; the Leg forwards the frame to its peer Leg's transport.
+# (fastgw is the client of the backend's connection). After the upgrade, each
+# Leg is the asyncio (buffered) protocol of its transport: it parses frame
+# headers itself and forwards data frames to its peer leg as they came, bytes
+# unchanged (a client's frames keep the client's mask: they are masked, as the
+# backend expects; a backend's frames are unmasked, as the client expects).
+# Only control frames are unmasked and re-encoded.
 #
-# Frames that arrive in one socket read are encoded into the peer's output
-# buffer and written with one write when picows marks the last frame of the
-# read (frame.last_in_buffer); large frames are sent in place, without a copy.
+# Reads go into one scratch buffer shared by all legs; only a partial frame is
+# kept in a leg's own buffer. The frames of one read that are forwarded
+# unchanged are one contiguous range of that buffer, written with one send()
+# at the end of the read; frames the gateway writes itself (close, pong, held
+# frames) go through the leg's output buffer.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
 
 include "limits_decl.pxi"
 include "hdr_decl.pxi"
@@ -79,15 +83,30 @@ cdef class FlowStats:
         readonly HdrArray held_interval    # the same since the last interval log (or None)
 
 
-cdef class Leg(WSListener):
+cdef class Leg:
     cdef:
         Relay relay
         Leg peer
-        WSTransport transport       # None until the leg is connected
+        object transport             # the asyncio transport; None until the leg is connected
+        int sock_fd                  # its socket (-1: none)
+        int send_fd                  # the socket written directly when nothing is buffered (-1: TLS)
+        bint write_paused            # the transport holds unsent bytes (plain TCP: any at all)
         bint is_client               # the client's side (fastgw is its server)
         bint masked                  # frames written to this leg are masked (backend leg)
+        uint64_t max_frame_size      # larger data frames end the connection with 1009
 
-        # Output buffer: encoded frames waiting for one write to this leg.
+        # Input: a partial frame waiting for the rest of its bytes.
+        char* in_data
+        Py_ssize_t in_size
+        Py_ssize_t in_cap
+        Py_ssize_t in_want           # bytes the partial frame needs in all (0: header incomplete)
+        bint reading_own             # the current read goes into in_data, not the scratch buffer
+        bint broken                  # a protocol error: what this leg sends is ignored
+
+        # Output: a range of the peer's read buffer forwarded unchanged, or
+        # encoded/copied frames in out_data; written with one write per read.
+        const char* pass_ptr
+        Py_ssize_t pass_size
         char* out_data
         Py_ssize_t out_size
         Py_ssize_t out_cap
@@ -118,7 +137,9 @@ cdef class Leg(WSListener):
         bint now_valid
         double wait                  # set by _apply_rules on VERDICT_DELAY
 
-        # Frames held by a delay, in arrival order: [first byte][pad][size][payload].
+        # Frames held by a delay, in arrival order: [first byte][raw][pad][stored size]
+        # [payload size][bytes]; data frames are stored as they came (raw), a CLOSE
+        # by its unmasked payload.
         char* held_data
         Py_ssize_t held_size
         Py_ssize_t held_cap
@@ -137,28 +158,35 @@ cdef class Leg(WSListener):
         FlowStats stats              # the API's counters of this leg's flow, or None
 
     cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef int _unpass(self) except -1
     cdef int queue_frame(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
     cdef int flush(self) except -1
-    cdef int forward(self, WSFrame frame) except -1
-    cdef int forward_raw(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
+    cdef int _write(self, const char* data, Py_ssize_t size) except -1
+    cdef int forward(self, const char* frame, Py_ssize_t size, bint borrowed) except -1
+    cdef Py_ssize_t _parse(self, char* data, Py_ssize_t size) except -1
+    cdef int _protocol_error(self, bytes reason) except -1
+    cdef int _on_frame(self, uint8_t first_byte, char* frame, Py_ssize_t header,
+                       Py_ssize_t size, bint masked) except -1
+    cdef int _received(self, char* data, Py_ssize_t size, bint own) except -1
     cdef double _clock(self) noexcept
     cdef inline double _take(self, MsgRule* rule, bint of_bytes, double now, double cost) noexcept
     cdef bint _fast_pass(self, bint first, double size) noexcept
     cdef void _give_back(self, int upto, bint first, double size, bint with_msg) noexcept
     cdef int _apply_rules(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1
     cdef int _reject(self, int rule_index) except -1
-    cdef int _hold(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
+    cdef int _hold(self, uint8_t first_byte, bint raw, const char* data, Py_ssize_t stored,
+                   Py_ssize_t size) except -1
     cdef int _start_hold(self, double wait) except -1
     cdef int _end_hold(self) except -1
     cdef bint _socket_alive(self) noexcept
     cdef int _on_close(self, const char* payload, Py_ssize_t size) except -1
-    cdef bint _accept_data(self, WSFrame frame) except -1
+    cdef bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1
     cdef int send_gateway_close(self, int code, bytes reason) except -1
     cdef int _after_close_sent(self) except -1
     cdef int add_pause(self, uint32_t reason) except -1
     cdef int remove_pause(self, uint32_t reason) except -1
     cdef int fail(self, int code, bytes reason, bytes peer_reason) except -1
-    cdef object _end_of_read(self, WSFrame frame)
+    cdef int _end_of_read(self) except -1
 
 
 cdef class Relay:

@@ -1,20 +1,20 @@
 # cython: language_level=3
 """The fastgw core: the per-frame relay between a client and its backend.
 
-Everything here runs per frame or per connection. It knows picows and nothing
-else of fastgw: no asyncio, no configuration structs, no logging on the frame
-path. See _core.pxd for the layout of the objects.
+Everything here runs per frame or per connection. It knows the WebSocket
+framing (RFC 6455) and the asyncio protocol interface, and nothing else of
+fastgw: no configuration structs, no logging on the frame path. See _core.pxd
+for the layout of the objects.
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 from libc.time cimport time as c_time
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-
-from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType
 
 cdef extern from "<arpa/inet.h>" nogil:
     uint16_t htons(uint16_t)
@@ -22,6 +22,7 @@ cdef extern from "<arpa/inet.h>" nogil:
 
 cdef extern from "<endian.h>" nogil:
     uint64_t htobe64(uint64_t)
+    uint64_t be64toh(uint64_t)
 
 cdef extern from "<netinet/in.h>" nogil:
     enum: IPPROTO_TCP
@@ -35,21 +36,32 @@ cdef extern from "<netinet/tcp.h>" nogil:
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     int getsockopt(int fd, int level, int name, void* value, socklen_t* size)
+    Py_ssize_t send(int fd, const void* buf, size_t n, int flags)
+    enum: MSG_NOSIGNAL
 
 
-# Frames at least this large are written in place from picows' read buffer
-# (picows writes the header in front of the payload) instead of being copied
-# into the output buffer.
 # While a delay holds a sender, its connection is checked at least this often (s).
 cdef double HOLD_WATCH = 1.0
 
 cdef enum:
-    ZERO_COPY_MIN = 16384
     # After a flush, an output buffer larger than this is given back.
     OUT_KEEP = 65536
     OUT_INITIAL = 4096
+    # A partial frame's buffer grows by at least this much per read.
+    IN_STEP = 16384
+    # The read buffer shared by all legs (one read at a time on the event loop's thread).
+    SCRATCH_SIZE = 262144
+    OP_CONT = 0x0
+    OP_TEXT = 0x1
+    OP_BINARY = 0x2
     OP_CLOSE = 0x8
+    OP_PING = 0x9
     OP_PONG = 0xA
+    HELD_HEADER = 24
+
+cdef char* SCRATCH = <char*>malloc(SCRATCH_SIZE)
+if SCRATCH == NULL:
+    raise MemoryError()
 
 include "limits.pxi"
 include "hdr.pxi"
@@ -115,20 +127,28 @@ cdef class FlowStats:
 
 
 @cython.final
-cdef class Leg(WSListener):
-    """One side of a relayed connection; a picows listener."""
+cdef class Leg:
+    """One side of a relayed connection: the asyncio protocol of its transport
+    once the WebSocket is established (see _core.pxd)."""
 
     def __cinit__(self):
-        # The output buffer is allocated on first use: an idle connection holds none.
+        # Buffers are allocated on first use: an idle connection holds none.
         self.out_data = NULL
         self.out_cap = 0
         self.out_size = 0
+        self.in_data = NULL
+        self.sock_fd = -1
+        self.send_fd = -1
+        self.max_frame_size = 16 * 1024 * 1024
         self.rng = <uint32_t>(<uint64_t>c_time(NULL) * 2654435761u) | 1u
 
     def __dealloc__(self):
         if self.out_data != NULL:
             free(self.out_data)
             self.out_data = NULL
+        if self.in_data != NULL:
+            free(self.in_data)
+            self.in_data = NULL
         if self.rules != NULL:
             free(self.rules)
             self.rules = NULL
@@ -156,13 +176,28 @@ cdef class Leg(WSListener):
         self.out_cap = cap
         return 0
 
+    cdef int _unpass(self) except -1:
+        """Copy the pending pass-through range into the output buffer (to keep
+        the order of frames when something else is queued after it)."""
+        cdef Py_ssize_t n = self.pass_size
+        if self.pass_ptr == NULL:
+            return 0
+        self._reserve(n)
+        memcpy(self.out_data + self.out_size, self.pass_ptr, n)
+        self.out_size += n
+        self.pass_ptr = NULL
+        self.pass_size = 0
+        return 0
+
     cdef int queue_frame(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1:
-        """Encode one frame at the end of the output buffer."""
+        """Encode one frame of the gateway's own at the end of the output buffer."""
         cdef char* p
         cdef uint16_t len16
         cdef uint64_t len64
         cdef uint32_t mask
         cdef uint8_t mask_bit = 0x80 if self.masked else 0
+        if self.pass_ptr != NULL:
+            self._unpass()
         self._reserve(size + 14)
         p = self.out_data + self.out_size
         p[0] = <char>first_byte
@@ -193,15 +228,51 @@ cdef class Leg(WSListener):
         self.out_size = (p - self.out_data) + size
         return 0
 
-    cdef int flush(self) except -1:
-        """Write the output buffer to this leg's transport in one write."""
-        cdef char* data
-        if self.out_size == 0 or self.transport is None:
+    cdef int forward(self, const char* frame, Py_ssize_t size, bint borrowed) except -1:
+        """Queue a frame from the peer leg, bytes unchanged. `borrowed`: the bytes
+        are in the read buffer of the current read, valid until its end, where
+        this leg is flushed: consecutive frames then make one range, written
+        without a copy."""
+        if self.close_sent or self.gone:
             return 0
+        if borrowed and self.transport is not None and self.out_size == 0:
+            if self.pass_ptr == NULL:
+                self.pass_ptr = frame
+                self.pass_size = size
+                return 0
+            if self.pass_ptr + self.pass_size == frame:
+                self.pass_size += size
+                return 0
+        if self.pass_ptr != NULL:
+            self._unpass()
+        self._reserve(size)
+        memcpy(self.out_data + self.out_size, frame, size)
+        self.out_size += size
+        if self.transport is None and self.out_size >= self.relay.max_early_bytes:
+            # Not connected yet (the client before its 101): stop reading the
+            # peer once the bound is reached.
+            self.peer.add_pause(PAUSE_PEER_NOT_READY)
+        return 0
+
+    cdef int flush(self) except -1:
+        """Write what is queued for this leg, in one write."""
+        cdef char* data
         if self.gone:
             self.out_size = 0
+            self.pass_ptr = NULL
+            self.pass_size = 0
             return 0
-        self.transport._fast_write(self.out_data, self.out_size)
+        if self.transport is None:
+            return 0
+        if self.pass_ptr != NULL:
+            data = <char*>self.pass_ptr
+            self.pass_ptr = NULL
+            self._write(data, self.pass_size)
+            self.pass_size = 0
+            return 0
+        if self.out_size == 0:
+            return 0
+        self._write(self.out_data, self.out_size)
         self.out_size = 0
         if self.out_cap > OUT_KEEP:
             data = <char*>realloc(self.out_data, OUT_INITIAL)
@@ -210,29 +281,20 @@ cdef class Leg(WSListener):
                 self.out_cap = OUT_INITIAL
         return 0
 
-    cdef int forward(self, WSFrame frame) except -1:
-        """Send a data frame received from the peer leg to this leg."""
-        if frame.payload_size >= ZERO_COPY_MIN and self.transport is not None \
-                and not self.close_sent and not self.gone:
-            self.flush()
-            self.transport.send_reuse_external_buffer(
-                frame.msg_type, frame.payload_ptr, frame.payload_size, frame.fin)
-            return 0
-        return self.forward_raw(<uint8_t>((frame.fin << 7) | <uint8_t>frame.msg_type),
-                                frame.payload_ptr, frame.payload_size)
-
-    cdef int forward_raw(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1:
-        """Queue a data frame for this leg (copied into the output buffer)."""
-        if self.close_sent or self.gone:
-            return 0
-        self.queue_frame(first_byte, payload, size)
-        if self.transport is None and self.out_size >= self.relay.max_early_bytes:
-            # Not connected yet (the client before its 101): stop reading the
-            # peer once the bound is reached.
-            self.peer.add_pause(PAUSE_PEER_NOT_READY)
+    cdef int _write(self, const char* data, Py_ssize_t size) except -1:
+        """One send() when the transport holds nothing; the rest (or everything,
+        on TLS) goes to the transport, which copies it."""
+        cdef Py_ssize_t sent = 0
+        if self.send_fd >= 0 and not self.write_paused:
+            sent = send(self.send_fd, data, <size_t>size, MSG_NOSIGNAL)
+            if sent == size:
+                return 0
+            if sent < 0:
+                # EAGAIN and the like: the transport queues it; a real error
+                # reaches the transport when it writes, and ends the leg.
+                sent = 0
+        self.transport.write(PyBytes_FromStringAndSize(data + sent, size - sent))
         return 0
-
-    # ---- message policies -------------------------------------------------
 
     def set_policies(self, list rules, LimitZone zone=None, max_message_size=None, now=None,
                      FlowStats stats=None):
@@ -420,27 +482,33 @@ cdef class Leg(WSListener):
         self.held_size = self.held_pos = 0
         return 0
 
-    cdef int _hold(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1:
-        """Keep a frame, in order, until the delay ends."""
-        cdef Py_ssize_t need = self.held_size + 16 + size
+    cdef int _hold(self, uint8_t first_byte, bint raw, const char* data, Py_ssize_t stored,
+                   Py_ssize_t size) except -1:
+        """Keep a frame, in order, until the delay ends: a data frame as it came
+        (raw), a CLOSE by its unmasked payload."""
+        cdef Py_ssize_t need = self.held_size + HELD_HEADER + stored
         cdef Py_ssize_t cap
-        cdef char* data
-        cdef int64_t n = size
+        cdef char* p
+        cdef int64_t n = stored
+        cdef int64_t m = size
         if need > self.held_cap:
             cap = self.held_cap * 2
             if cap < need:
                 cap = need
             if cap < OUT_INITIAL:
                 cap = OUT_INITIAL
-            data = <char*>realloc(self.held_data, cap)
-            if data == NULL:
+            p = <char*>realloc(self.held_data, cap)
+            if p == NULL:
                 raise MemoryError()
-            self.held_data = data
+            self.held_data = p
             self.held_cap = cap
-        self.held_data[self.held_size] = <char>first_byte
-        memcpy(self.held_data + self.held_size + 8, &n, 8)
-        if size:
-            memcpy(self.held_data + self.held_size + 16, payload, size)
+        p = self.held_data + self.held_size
+        p[0] = <char>first_byte
+        p[1] = <char>raw
+        memcpy(p + 8, &n, 8)
+        memcpy(p + 16, &m, 8)
+        if stored:
+            memcpy(p + HELD_HEADER, data, stored)
         self.held_size = need
         return 0
 
@@ -459,9 +527,9 @@ cdef class Leg(WSListener):
         reading is paused, when the event loop cannot see the peer leave)."""
         cdef tcp_info info
         cdef socklen_t size = sizeof(info)
-        if self.transport is None:
+        if self.sock_fd < 0:
             return True
-        if getsockopt(self.transport._socket, IPPROTO_TCP, TCP_INFO, &info, &size) != 0:
+        if getsockopt(self.sock_fd, IPPROTO_TCP, TCP_INFO, &info, &size) != 0:
             return False
         return info.tcpi_state == TCP_ESTABLISHED
 
@@ -486,8 +554,8 @@ cdef class Leg(WSListener):
         """
         cdef Py_ssize_t pos
         cdef uint8_t first_byte
-        cdef int64_t size
-        cdef const char* payload
+        cdef int64_t stored, size
+        cdef const char* data
         cdef int verdict
         cdef bint retry = True
         cdef double actual
@@ -497,7 +565,7 @@ cdef class Leg(WSListener):
         if not self._socket_alive():
             # The sender left while paused: what it sent is lost with it.
             self.held_size = self.held_pos = 0
-            self.transport.underlying_transport.abort()
+            self.transport.abort()
             return
         self.now_valid = False
         actual = self._clock()
@@ -510,15 +578,16 @@ cdef class Leg(WSListener):
         pos = self.held_pos
         while pos < self.held_size and self.holding:
             first_byte = <uint8_t>self.held_data[pos]
-            memcpy(&size, self.held_data + pos + 8, 8)
-            payload = self.held_data + pos + 16
+            memcpy(&stored, self.held_data + pos + 8, 8)
+            memcpy(&size, self.held_data + pos + 16, 8)
+            data = self.held_data + pos + HELD_HEADER
             if (first_byte & 0x0F) == OP_CLOSE:
-                pos += 16 + size
+                pos += HELD_HEADER + stored
                 self.held_pos = pos
-                self._on_close(payload, size)
+                self._on_close(data, size)
                 continue
             if self.close_sent or self.close_recv:
-                pos += 16 + size
+                pos += HELD_HEADER + stored
                 continue
             verdict = self._apply_rules(first_byte, size, retry)
             if verdict == VERDICT_DELAY:
@@ -532,12 +601,12 @@ cdef class Leg(WSListener):
             if verdict == VERDICT_REJECT:
                 break
             if verdict == VERDICT_PASS:
-                self.peer.forward_raw(first_byte, payload, size)
+                self.peer.forward(data, stored, False)
                 if (first_byte & 0x0F) != 0 and self.stats is not None and self.stats.held is not None:
                     self.stats.held.record(<int64_t>((actual - self.hold_started) * 1e6) + 1)
                     if self.stats.held_interval is not None:
                         self.stats.held_interval.record(<int64_t>((actual - self.hold_started) * 1e6) + 1)
-            pos += 16 + size
+            pos += HELD_HEADER + stored
             # A frame let through after waiting: the next first frame is new.
             retry = False
         self.peer.flush()
@@ -567,11 +636,10 @@ cdef class Leg(WSListener):
         self.close_sent = True
         if self.transport is None:
             return 0
-        self.transport.is_close_frame_sent = True
         self.flush()
         if self.close_recv:
             # Both CLOSE frames have crossed on this leg: the handshake is done.
-            self.transport.disconnect()
+            self.transport.close()
         self.relay._arm_close_timer()
         return 0
 
@@ -583,13 +651,22 @@ cdef class Leg(WSListener):
         self.peer.flush()
         return 0
 
+    cdef int _protocol_error(self, bytes reason) except -1:
+        """The leg broke RFC 6455: answer 1002 and cut it (its peer gets 1001)."""
+        self.fail(CLOSE_PROTOCOL_ERROR, reason, b"peer protocol error")
+        self.broken = True
+        if self.transport is not None and not self.gone:
+            self.flush()
+            self.transport.close()
+        return 0
+
     # ---- flow control ---------------------------------------------------
 
     cdef int add_pause(self, uint32_t reason) except -1:
         cdef uint32_t before = self.pause_flags
         self.pause_flags |= reason
         if before == 0 and self.transport is not None and not self.gone:
-            self.transport.underlying_transport.pause_reading()
+            self.transport.pause_reading()
         return 0
 
     cdef int remove_pause(self, uint32_t reason) except -1:
@@ -597,102 +674,279 @@ cdef class Leg(WSListener):
             return 0
         self.pause_flags &= ~reason
         if self.pause_flags == 0 and self.transport is not None and not self.gone:
-            self.transport.underlying_transport.resume_reading()
+            self.transport.resume_reading()
         return 0
 
-    cpdef pause_writing(self):
-        # This leg's write buffer is over its high-water mark: stop reading the peer.
+    def pause_writing(self):
+        # The transport holds bytes it could not send: stop reading the peer.
+        self.write_paused = True
         if self.peer is not None:
             self.peer.add_pause(PAUSE_PEER_WRITE)
 
-    cpdef resume_writing(self):
+    def resume_writing(self):
+        self.write_paused = False
         if self.peer is not None:
             self.peer.remove_pause(PAUSE_PEER_WRITE)
 
-    # ---- picows callbacks -----------------------------------------------
+    # ---- the asyncio protocol -------------------------------------------
 
-    cpdef on_ws_connected(self, WSTransport transport):
+    def connection_made(self, transport):
+        """Attach the leg to its transport once the WebSocket is established
+        (the server calls it after the upgrade, then feed() with early bytes)."""
+        sock = transport.get_extra_info("socket")
         self.transport = transport
+        self.sock_fd = sock.fileno() if sock is not None else -1
+        self.send_fd = -1 if transport.get_extra_info("sslcontext") is not None else self.sock_fd
+        if self.send_fd >= 0:
+            # pause_writing() as soon as the transport holds anything: until
+            # resume_writing(), nothing may be sent around it.
+            transport.set_write_buffer_limits(0, 0)
         if self.relay is None or self.relay.aborted or self.peer is None:
             # A dial that finished after its client had left.
             self.send_gateway_close(CLOSE_GOING_AWAY, b"client gone")
-            transport.disconnect()
+            transport.close()
             return
         if self.out_size:
             # What the backend sent before the client's 101, its close included.
             self.flush()
         if self.close_sent:
-            transport.is_close_frame_sent = True
             if self.close_recv:
-                transport.disconnect()
+                transport.close()
             self.relay._arm_close_timer()
         self.peer.remove_pause(PAUSE_PEER_NOT_READY)
 
-    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
-        cdef WSMsgType op = frame.msg_type
-        cdef uint8_t first_byte
+    def get_buffer(self, Py_ssize_t sizehint):
+        """Where the next read goes: the shared scratch buffer, or after the
+        partial frame this leg keeps."""
+        cdef Py_ssize_t need
+        cdef char* data
+        if self.in_size == 0:
+            self.reading_own = False
+            return self
+        need = self.in_size + IN_STEP
+        if need < self.in_want:
+            need = self.in_want
+        if need > self.in_cap:
+            data = <char*>realloc(self.in_data, need)
+            if data == NULL:
+                raise MemoryError()
+            self.in_data = data
+            self.in_cap = need
+        self.reading_own = True
+        return self
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        if self.reading_own:
+            PyBuffer_FillInfo(view, self, self.in_data + self.in_size,
+                              self.in_cap - self.in_size, 0, flags)
+        else:
+            PyBuffer_FillInfo(view, self, SCRATCH, SCRATCH_SIZE, 0, flags)
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+    def __len__(self):
+        # uvloop's TLS transport asks the size of the buffer get_buffer() gave.
+        return self.in_cap - self.in_size if self.reading_own else SCRATCH_SIZE
+
+    def __bool__(self):
+        return True
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        if self.reading_own:
+            self.in_size += nbytes
+            self._received(self.in_data, self.in_size, True)
+        else:
+            self._received(SCRATCH, nbytes, False)
+
+    def feed(self, bytes data):
+        """Bytes that arrived with the upgrade (read before the leg was attached)."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef char* p
+        if n == 0:
+            return
+        if self.in_size + n > self.in_cap:
+            p = <char*>realloc(self.in_data, self.in_size + n)
+            if p == NULL:
+                raise MemoryError()
+            self.in_data = p
+            self.in_cap = self.in_size + n
+        memcpy(self.in_data + self.in_size, PyBytes_AS_STRING(data), n)
+        self.in_size += n
+        self._received(self.in_data, self.in_size, True)
+
+    def eof_received(self):
+        return None     # the transport closes; connection_lost follows
+
+    cdef int _received(self, char* data, Py_ssize_t size, bint own) except -1:
+        """Process the frames of one read; keep a partial frame for the next."""
+        cdef Py_ssize_t used, rest
+        cdef char* p
+        if self.gone or self.broken:
+            self.in_size = 0
+            return 0
+        used = self._parse(data, size)
+        self._end_of_read()
+        rest = size - used
+        if self.broken or self.gone:
+            self.in_size = 0
+            return 0
+        if own:
+            if used and rest:
+                memmove(self.in_data, self.in_data + used, rest)
+            self.in_size = rest
+            if rest == 0 and self.in_cap > OUT_KEEP:
+                free(self.in_data)
+                self.in_data = NULL
+                self.in_cap = 0
+        elif rest:
+            if rest > self.in_cap:
+                p = <char*>realloc(self.in_data, rest)
+                if p == NULL:
+                    raise MemoryError()
+                self.in_data = p
+                self.in_cap = rest
+            memcpy(self.in_data, data + used, rest)
+            self.in_size = rest
+        return 0
+
+    cdef Py_ssize_t _parse(self, char* data, Py_ssize_t size) except -1:
+        """Handle the whole frames at the start of data; return the bytes used."""
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t avail, header
+        cdef uint8_t b0, b1, op, len7
+        cdef uint16_t len16
+        cdef uint64_t length
+        cdef bint masked
+        self.in_want = 0
+        while pos < size:
+            if self.broken or self.gone:
+                return size
+            avail = size - pos
+            if avail < 2:
+                break
+            b0 = <uint8_t>data[pos]
+            b1 = <uint8_t>data[pos + 1]
+            op = b0 & 0x0F
+            masked = b1 >> 7
+            len7 = b1 & 0x7F
+            if len7 < 126:
+                length = len7
+                header = 2
+            elif len7 == 126:
+                if avail < 4:
+                    break
+                memcpy(&len16, data + pos + 2, 2)
+                length = ntohs(len16)
+                header = 4
+                if length < 126:
+                    self._protocol_error(b"non-minimal frame length")
+                    return size
+            else:
+                if avail < 10:
+                    break
+                memcpy(&length, data + pos + 2, 8)
+                length = be64toh(length)
+                header = 10
+                if length >> 63 or length < 65536:
+                    self._protocol_error(b"invalid 64-bit frame length")
+                    return size
+            if b0 & 0x70:
+                self._protocol_error(b"reserved bits set without extension")
+                return size
+            if op > OP_BINARY and (op < OP_CLOSE or op > OP_PONG):
+                self._protocol_error(b"invalid opcode")
+                return size
+            if op >= OP_CLOSE and (not (b0 & 0x80) or length > 125):
+                self._protocol_error(b"fragmented or oversized control frame")
+                return size
+            if masked != self.is_client:
+                self._protocol_error(b"unmasked frame from a client" if self.is_client
+                                     else b"masked frame from a server")
+                return size
+            if length > self.max_frame_size:
+                self.fail(CLOSE_TOO_BIG, b"frame too big",
+                          b"client message too big" if self.is_client else b"backend message too big")
+                self.broken = True
+                if self.transport is not None:
+                    self.transport.close()
+                return size
+            if masked:
+                header += 4
+            if <uint64_t>avail < <uint64_t>header + length:
+                self.in_want = header + <Py_ssize_t>length
+                break
+            self._on_frame(b0, data + pos, header, <Py_ssize_t>length, masked)
+            pos += header + <Py_ssize_t>length
+        return pos
+
+    cdef int _on_frame(self, uint8_t first_byte, char* frame, Py_ssize_t header,
+                       Py_ssize_t size, bint masked) except -1:
+        cdef uint8_t op = first_byte & 0x0F
+        cdef char* payload = frame + header
+        cdef uint32_t mask
         cdef int verdict
-        if op == WSMsgType.TEXT or op == WSMsgType.BINARY or op == WSMsgType.CONTINUATION:
-            if self._accept_data(frame):
+        if op <= OP_BINARY:
+            if self._accept_data(first_byte, size):
                 if self.holding:
-                    self._hold(<uint8_t>((frame.fin << 7) | <uint8_t>op), frame.payload_ptr, frame.payload_size)
+                    self._hold(first_byte, True, frame, header + size, size)
                 elif self.n_rules == 0:
-                    self.peer.forward(frame)
+                    self.peer.forward(frame, header + size, True)
                 else:
-                    first_byte = <uint8_t>((frame.fin << 7) | <uint8_t>op)
                     if not self.now_valid:
                         self._clock()
                     if self.all_local and not self.dropping and self._fast_pass(
-                            op != WSMsgType.CONTINUATION, <double>frame.payload_size):
+                            op != OP_CONT, <double>size):
                         verdict = VERDICT_PASS
                     else:
-                        verdict = self._apply_rules(first_byte, frame.payload_size, False)
+                        verdict = self._apply_rules(first_byte, size, False)
                     if verdict == VERDICT_PASS:
-                        self.peer.forward(frame)
+                        self.peer.forward(frame, header + size, True)
                     elif verdict == VERDICT_DELAY:
                         self._start_hold(self.wait)
-                        self._hold(first_byte, frame.payload_ptr, frame.payload_size)
-        elif op == WSMsgType.PING:
-            # Pings are answered per hop.
+                        self._hold(first_byte, True, frame, header + size, size)
+            return 0
+        # Control frames are unmasked and answered or re-encoded per hop.
+        if masked and size:
+            memcpy(&mask, payload - 4, 4)
+            _mask_copy(payload, payload, size, mask)
+        if op == OP_PING:
             if not self.close_sent:
-                self.queue_frame(0x80 | OP_PONG, frame.payload_ptr, frame.payload_size)
-        elif op == WSMsgType.CLOSE:
+                self.queue_frame(0x80 | OP_PONG, payload, size)
+        elif op == OP_CLOSE:
             if self.holding:
-                self._hold(0x80 | OP_CLOSE, frame.payload_ptr, frame.payload_size)
+                self._hold(first_byte, False, payload, size, size)
             else:
-                self._on_close(frame.payload_ptr, frame.payload_size)
+                self._on_close(payload, size)
         # PONG: answers to our own pings only; never relayed.
-        return self._end_of_read(frame)
+        return 0
 
-    cdef bint _accept_data(self, WSFrame frame) except -1:
+    cdef bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1:
         """Check a data frame and count it. False: it is not to be relayed."""
         cdef FlowStats stats
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
-            self.fail(CLOSE_PROTOCOL_ERROR, b"reserved bits set without extension", b"peer protocol error")
-            return False
         if self.close_sent or self.close_recv:
             return False        # nothing is relayed once a close has started on this leg
-        if frame.msg_type == WSMsgType.CONTINUATION:
+        if (first_byte & 0x0F) == OP_CONT:
             if not self.in_message:
                 self.fail(CLOSE_PROTOCOL_ERROR, b"continuation frame without a message", b"peer protocol error")
                 return False
-            self.msg_bytes += <uint64_t>frame.payload_size
+            self.msg_bytes += <uint64_t>size
         else:
             if self.in_message:
                 self.fail(CLOSE_PROTOCOL_ERROR, b"new message inside a fragmented message", b"peer protocol error")
                 return False
-            self.msg_bytes = <uint64_t>frame.payload_size
+            self.msg_bytes = <uint64_t>size
             self.in_message = True
         if self.msg_bytes > self.max_message_size:
             self.fail(CLOSE_TOO_BIG, b"message too big",
                       b"client message too big" if self.is_client else b"backend message too big")
             return False
         self.frames += 1
-        self.bytes += <uint64_t>frame.payload_size
+        self.bytes += <uint64_t>size
         stats = self.stats
         if stats is not None:
-            stats.bytes += <uint64_t>frame.payload_size
-        if frame.fin:
+            stats.bytes += <uint64_t>size
+        if first_byte & 0x80:
             self.in_message = False
             self.messages += 1
             if stats is not None:
@@ -700,12 +954,12 @@ cdef class Leg(WSListener):
                 stats.size_log2[64 - fastgw_clz64(self.msg_bytes) if self.msg_bytes else 0] += 1
         return True
 
-    cdef object _end_of_read(self, WSFrame frame):
-        if frame.last_in_buffer:
+    cdef int _end_of_read(self) except -1:
+        if self.peer is not None:
             self.peer.flush()
-            self.flush()
-            self.now_valid = False
-        return None
+        self.flush()
+        self.now_valid = False
+        return 0
 
     cdef int _on_close(self, const char* payload, Py_ssize_t size) except -1:
         cdef Leg peer = self.peer
@@ -717,6 +971,10 @@ cdef class Leg(WSListener):
                 self.close_recv = True
                 self.fail(CLOSE_PROTOCOL_ERROR, b"invalid close code", b"peer protocol error")
                 return 0
+        elif size == 1:
+            self.close_recv = True
+            self.fail(CLOSE_PROTOCOL_ERROR, b"invalid close frame", b"peer protocol error")
+            return 0
         self.close_recv = True
         if size >= 2:
             self.relay._mark_end(END_CLIENT if self.is_client else END_BACKEND, code, payload + 2, size - 2)
@@ -729,15 +987,22 @@ cdef class Leg(WSListener):
         if self.close_sent:
             if self.transport is not None:
                 self.flush()
-                self.transport.disconnect()
+                self.transport.close()
         self.relay._arm_close_timer()
         return 0
 
-    cpdef on_ws_disconnected(self, WSTransport transport):
+    def connection_lost(self, exc):
         cdef Leg peer = self.peer
         self.gone = True
         self.out_size = 0
+        self.pass_ptr = NULL
+        self.pass_size = 0
+        self.in_size = 0
         self.held_size = self.held_pos = 0
+        if self.in_data != NULL:
+            free(self.in_data)
+            self.in_data = NULL
+            self.in_cap = 0
         if self.delay_timer is not None:
             self.delay_timer.cancel()
             self.delay_timer = None
@@ -752,21 +1017,18 @@ cdef class Leg(WSListener):
                     peer.send_gateway_close(CLOSE_GOING_AWAY, b"client connection lost")
                 else:
                     peer.send_gateway_close(CLOSE_BAD_GATEWAY, b"backend connection lost")
-            elif peer.transport is not None and not peer.close_recv:
-                # Waiting for the peer's answer to a close we relayed: it can no
-                # longer be relayed back, so the timer or the peer ends it.
-                pass
             if peer.pause_flags & PAUSE_PEER_WRITE:
                 peer.remove_pause(PAUSE_PEER_WRITE)
         if self.relay is not None:
             self.relay._leg_gone()
+
 
     # ---- introspection (Python) -----------------------------------------
 
     def abort_transport(self):
         """Cut this leg's connection without a close handshake."""
         if self.transport is not None and not self.gone:
-            self.transport.underlying_transport.abort()
+            self.transport.abort()
 
     @property
     def attached(self):
@@ -795,7 +1057,7 @@ cdef class Leg(WSListener):
 
     @property
     def pending_bytes(self):
-        return self.out_size
+        return self.out_size + self.pass_size
 
 
 cdef class Relay:
@@ -807,6 +1069,7 @@ cdef class Relay:
     """
 
     def __init__(self, loop, on_end, info=None, *, uint64_t max_message_size=16 * 1024 * 1024,
+                 uint64_t max_frame_size=16 * 1024 * 1024,
                  Py_ssize_t max_early_bytes=256 * 1024, double close_timeout=5.0):
         self.client = Leg.__new__(Leg)
         self.backend = Leg.__new__(Leg)
@@ -821,6 +1084,8 @@ cdef class Relay:
         self.info = info
         self.client.max_message_size = max_message_size
         self.backend.max_message_size = max_message_size
+        self.client.max_frame_size = max_frame_size
+        self.backend.max_frame_size = max_frame_size
         self.max_early_bytes = max_early_bytes
         self._close_timeout = close_timeout
         self._close_timer = None
@@ -849,7 +1114,7 @@ cdef class Relay:
         self._close_timer = None
         for leg in (self.client, self.backend):
             if leg.transport is not None and not leg.gone:
-                (<Leg>leg).transport.underlying_transport.abort()
+                (<Leg>leg).transport.abort()
 
     cdef int _leg_gone(self) except -1:
         cdef bint client_done = self.client.gone or (self.client.transport is None and self.aborted)
@@ -883,7 +1148,7 @@ cdef class Relay:
         self.aborted = True
         if self.backend.transport is not None and not self.backend.gone:
             self.backend.send_gateway_close(CLOSE_GOING_AWAY, b"client gone")
-            self.backend.transport.disconnect()
+            self.backend.transport.close()
         else:
             self._leg_gone()
 

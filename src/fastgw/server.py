@@ -8,10 +8,9 @@ One accepted connection goes through these steps (see README, "One connection"):
    426, 431), never a 101 followed by a close.
 3. The backend is dialled (`upstream.dial`) while client bytes keep being
    buffered (reading pauses past a cap). Failure: 502 or 504.
-4. The transport is handed to a fresh picows WSProtocol whose listener factory
-   returns the decided 101 (with the backend's subprotocol) and the client leg
-   of the Relay; the buffered bytes are fed to it. From then on frames flow
-   through the Cython core only.
+4. The 101 is written (with the backend's subprotocol), the transport is handed
+   to the client leg of the Relay (the Cython core is its protocol from then
+   on) and the bytes read after the head are fed to it.
 """
 
 from __future__ import annotations
@@ -19,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import socket
 import ssl
 import time
 from http import HTTPStatus
 
-from picows import WSAutoPingStrategy, WSUpgradeResponse, WSUpgradeResponseWithListener
-from picows.picows import WSProtocol
 
 from fastgw._core import LimitZone, Relay
 from fastgw import config as cfgmod
@@ -37,7 +35,6 @@ from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import RCVBUF, UpstreamError, dial
 
 log = logging.getLogger("fastgw")
-_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("fastgw.picows"), {})
 
 # Client bytes buffered while the backend is dialled; reading pauses past this.
 EARLY_BUFFER = 64 * 1024
@@ -156,6 +153,12 @@ def check_upgrade(req: Request, router: Router):
     return api, rest, offered
 
 
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    digest = hashlib.sha1(key.encode("latin-1") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
 def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str]) -> list[tuple[str, str]]:
     """The client's end-to-end headers plus X-Forwarded-*, for the backend handshake."""
     dropped = set(_NOT_FORWARDED)
@@ -184,17 +187,6 @@ def http_response(status: int, reason: str, headers: list[tuple[str, str]] = ())
     lines += ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}",
               "Connection: close", "", ""]
     return "\r\n".join(lines).encode("latin-1") + body
-
-
-def _feed(proto, data: bytes) -> None:
-    """Hand bytes already read to a BufferedProtocol (as a memoryview copy, see DESIGN.md)."""
-    view = memoryview(data)
-    while view:
-        buf = proto.get_buffer(len(view))
-        n = min(len(buf), len(view))
-        buf[:n] = view[:n]
-        proto.buffer_updated(n)
-        view = view[n:]
 
 
 class Connection:
@@ -240,7 +232,7 @@ class Connection:
 
 
 class Handshake(asyncio.Protocol):
-    """Reads and decides one upgrade, then hands the transport to picows."""
+    """Reads and decides one upgrade, then hands the transport to the relay."""
 
     def __init__(self, gw: "Gateway", secure: bool):
         self.gw = gw
@@ -342,7 +334,8 @@ class Handshake(asyncio.Protocol):
             stats = gw.metrics.api(api.name)
             up = api.upgrade
             conn = Connection(gw.next_id(), api.name, self.peer_ip, admission)
-            relay = Relay(gw.loop, gw._relay_ended, conn, max_message_size=up.max_message_size)
+            relay = Relay(gw.loop, gw._relay_ended, conn, max_message_size=up.max_message_size,
+                          max_frame_size=up.max_frame_size)
             counting = gw.metrics.enabled
             relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size,
                                       stats=stats.request if counting else None)
@@ -353,7 +346,7 @@ class Handshake(asyncio.Protocol):
             try:
                 chosen = await dial(up, up.backend_url(rest),
                                     backend_headers(req, self.peer_ip, self.secure, offered),
-                                    offered, relay.backend, max_frame_size=up.max_frame_size)
+                                    offered, relay.backend)
             except UpstreamError as exc:
                 log.warning("api %s: %s -> %d: %s", api.name, up.backend_url(rest), exc.status, exc.reason)
                 relay.abort()
@@ -387,32 +380,18 @@ class Handshake(asyncio.Protocol):
         self.state = "done"
         self._stop_timer()
         self.gw.handshakes.discard(self)
-        extra = {"Sec-WebSocket-Protocol": chosen} if chosen else None
-        decided = WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra), relay.client)
-        proto = WSProtocol(
-            None, None, False, lambda _request: decided, _PICOWS_LOG,
-            True,                   # disconnect_on_exception
-            None,                   # handshake timeout: the head is already here
-            False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,
-            False,                  # enable_auto_pong: the relay answers pings itself
-            up.max_frame_size,
-            None,                   # extra headers (client side only)
-            2048,                   # initial read buffer (picows grows it on demand)
-        )
-        # picows re-reads a normalised head: it only has to validate the key.
-        head = (b"GET / HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
-                + req.get("sec-websocket-key").encode("latin-1") + b"\r\n\r\n")
+        head = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                "Sec-WebSocket-Accept: " + accept_key(req.get("sec-websocket-key"))]
+        if chosen:
+            head.append("Sec-WebSocket-Protocol: " + chosen)
         early = bytes(self.buf[end + 4:])
         self.buf = bytearray()
         transport = self.transport
-        transport.set_protocol(proto)
-        proto.connection_made(transport)
+        transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        transport.set_protocol(relay.client)
+        relay.client.connection_made(transport)
         self.gw.attach(relay, api, self.head_at)
-        _feed(proto, head + early)
-        if not relay.client.attached:
-            # picows refused the request after all: the backend leg must go too.
-            relay.abort()
+        relay.client.feed(early)
         if self.paused:
             transport.resume_reading()
 

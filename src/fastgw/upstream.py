@@ -7,20 +7,15 @@ WebSocket upgrade first, and its chosen subprotocol is what the client gets.
 from __future__ import annotations
 
 import asyncio
-import logging
+import base64
+import hashlib
+import os
 import socket
 import ssl
-
-from picows import WSUpgradeResponse, ws_connect
-from picows.common import WSHandshakeError
-
-log = logging.getLogger("fastgw.upstream")
-
-# picows logs every connection at INFO and builds a child Logger per
-# connection when handed a Logger; an adapter avoids both costs.
-_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("fastgw.picows"), {})
+from urllib.parse import urlsplit
 
 RCVBUF = 256 * 1024
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -50,67 +45,152 @@ def _describe(exc: BaseException) -> str:
         return f"backend certificate rejected: {exc.verify_message or exc}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS error with backend: {exc.reason or exc}"
-    if isinstance(exc, WSHandshakeError):
-        resp = getattr(exc, "response", None)
-        if resp is not None and getattr(resp, "status", None) is not None:
-            return f"backend refused the upgrade with HTTP {int(resp.status)}"
-        return f"backend handshake failed: {exc}"
+    if isinstance(exc, HandshakeError):
+        return str(exc)
     if isinstance(exc, OSError):
         return f"backend unreachable: {exc.strerror or exc}"
     return f"backend error: {exc!r}"
 
 
-async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str],
-               listener, *, max_frame_size: int):
-    """Open the backend leg. Returns the subprotocol the backend chose (or None).
+class HandshakeError(Exception):
+    """The backend answered the upgrade request with something else than a valid 101."""
+
+
+class _Upgrade(asyncio.Protocol):
+    """The client side of the backend's upgrade: writes the request, reads the
+    response head; the transport then goes to the backend leg of the relay."""
+
+    def __init__(self, request: bytes, done: asyncio.Future):
+        self.request = request
+        self.done = done
+        self.buf = bytearray()
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes):
+        if self.done.done():
+            self.buf += data        # frames after the 101, before the hand-over
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > MAX_RESPONSE_HEAD:
+                self.done.set_exception(HandshakeError("backend response head too large"))
+                self.transport.abort()
+            return
+        head = bytes(self.buf[:end])
+        del self.buf[:end + 4]
+        self.transport.pause_reading()
+        self.done.set_result(head)
+
+    def eof_received(self):
+        return None
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(HandshakeError("backend closed the connection during the upgrade"))
+
+
+def _parse_response(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise HandshakeError(f"backend answered with a malformed status line: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise HandshakeError("backend answered with a malformed header line")
+        name = name.strip().lower()
+        value = value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return int(parts[1]), headers
+
+
+def _close_frame(code: int, reason: bytes) -> bytes:
+    """A masked CLOSE frame, for a backend the gateway turns down after its 101."""
+    payload = code.to_bytes(2, "big") + reason[:123]
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+    return bytes([0x88, 0x80 | len(payload)]) + mask + masked
+
+
+async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str], listener):
+    """Open the backend leg and hand it to `listener` (the relay's backend leg).
+    Returns the subprotocol the backend chose (or None).
 
     `upgrade` is the compiled websocket-upgrade policy (timeout, ssl context,
     server name). Raises UpstreamError(502|504, reason).
     """
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    default_port = parts.port is None or parts.port == (443 if secure else 80)
+    host_header = (f"[{host}]" if ":" in host else host) + ("" if default_port else f":{port}")
+    key = base64.b64encode(os.urandom(16)).decode("ascii")
+    lines = [f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
+             f"Host: {host_header}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     kwargs = {}
-    if upgrade.ssl_context is not None:
-        kwargs["ssl_context"] = upgrade.ssl_context
+    if secure:
+        kwargs["ssl"] = upgrade.ssl_context if upgrade.ssl_context is not None else make_ssl_context(None)
         if upgrade.server_name:
             kwargs["server_hostname"] = upgrade.server_name
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    transport = None
+    handed_over = False
     try:
-        async with asyncio.timeout(upgrade.timeout):
-            transport, got = await ws_connect(
-                lambda: listener, url,
-                # picows cuts a backend that never answers, even once our
-                # timeout has given up on it (see Leg.on_ws_connected).
-                websocket_handshake_timeout=upgrade.timeout,
-                logger_name=_PICOWS_LOG,
-                enable_auto_pong=False,
-                max_frame_size=max_frame_size,
-                extra_headers=headers,
-                max_redirects=0,
-                read_buffer_init_size=2048,
-                use_aiofastnet=False,
-                **kwargs,
-            )
-    except TimeoutError:
-        raise UpstreamError(504, f"backend did not answer within {upgrade.timeout:g}s") from None
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # every failure of the dial is the backend's
-        raise UpstreamError(502, _describe(exc)) from None
-
-    if got is None or transport.is_disconnected:
-        raise UpstreamError(502, "backend closed the connection during the upgrade")
-    sock = transport.underlying_transport.get_extra_info("socket")
-    if sock is not None:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        except OSError:
-            pass
-    response: WSUpgradeResponse = transport.response
-    chosen = response.headers.get("Sec-WebSocket-Protocol") if response is not None else None
-    if chosen is not None and chosen not in offered:
-        transport.send_close(1001, b"subprotocol not offered")
-        transport.disconnect()
-        raise UpstreamError(502, f"backend chose subprotocol {chosen!r}, which the client did not offer")
-    if response is not None and response.headers.get("Sec-WebSocket-Extensions"):
-        transport.send_close(1001, b"extension not offered")
-        transport.disconnect()
-        raise UpstreamError(502, "backend answered with an extension that was not offered")
-    return chosen
+            async with asyncio.timeout(upgrade.timeout):
+                transport, proto = await loop.create_connection(
+                    lambda: _Upgrade(request, done), host, port, **kwargs)
+                head = await done
+        except TimeoutError:
+            raise UpstreamError(504, f"backend did not answer within {upgrade.timeout:g}s") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure of the dial is the backend's
+            raise UpstreamError(502, _describe(exc)) from None
+        try:
+            status, response = _parse_response(head)
+        except HandshakeError as exc:
+            raise UpstreamError(502, str(exc)) from None
+        if status != 101:
+            raise UpstreamError(502, f"backend refused the upgrade with HTTP {status}")
+        if ("websocket" not in response.get("upgrade", "").lower()
+                or "upgrade" not in response.get("connection", "").lower()):
+            raise UpstreamError(502, "backend handshake failed: 101 without Upgrade: websocket")
+        expected = base64.b64encode(hashlib.sha1(
+            key.encode("ascii") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode("ascii")
+        if response.get("sec-websocket-accept") != expected:
+            raise UpstreamError(502, "backend handshake failed: wrong Sec-WebSocket-Accept")
+        chosen = response.get("sec-websocket-protocol")
+        if chosen is not None and chosen not in offered:
+            transport.write(_close_frame(1001, b"subprotocol not offered"))
+            raise UpstreamError(502, f"backend chose subprotocol {chosen!r}, which the client did not offer")
+        if response.get("sec-websocket-extensions"):
+            transport.write(_close_frame(1001, b"extension not offered"))
+            raise UpstreamError(502, "backend answered with an extension that was not offered")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            except OSError:
+                pass
+        early = bytes(proto.buf)
+        transport.set_protocol(listener)
+        listener.connection_made(transport)
+        handed_over = True
+        listener.feed(early)
+        transport.resume_reading()
+        return chosen
+    finally:
+        if not handed_over and transport is not None:
+            transport.close()

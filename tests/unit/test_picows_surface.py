@@ -1,4 +1,4 @@
-"""The private picows surface the gateway relies on (acceptable only because picows is pinned)."""
+"""picows is pinned to one exact version (it runs the bundled echo backend and the load generator)."""
 
 from __future__ import annotations
 
@@ -10,39 +10,18 @@ from pathlib import Path
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
-def pinned_picows() -> tuple[str, str]:
+def pinned_picows() -> str:
     data = tomllib.loads(PYPROJECT.read_text())
-    build = [r for r in data["build-system"]["requires"] if r.startswith("picows")]
     run = [r for r in data["project"]["dependencies"] if r.startswith("picows")]
-    assert len(build) == len(run) == 1
-    return build[0], run[0]
+    assert len(run) == 1
+    return run[0]
 
 
-def test_picows_pinned_exactly_and_identically():
-    build, run = pinned_picows()
-    assert re.fullmatch(r"picows==\d+\.\d+\.\d+", build), build
-    assert build == run
+def test_picows_pinned_exactly():
+    run = pinned_picows()
+    assert re.fullmatch(r"picows==\d+\.\d+\.\d+", run), run
 
 
 def test_installed_picows_is_the_pinned_one():
-    _, run = pinned_picows()
+    run = pinned_picows()
     assert metadata.version("picows") == run.split("==")[1]
-
-
-def test_wsprotocol_constructor_takes_what_the_handover_passes():
-    # server.Handshake._hand_over builds WSProtocol positionally with these 15 arguments,
-    # the same that picows' api.ws_create_server passes.
-    import asyncio
-    import logging
-
-    from picows import WSAutoPingStrategy
-    from picows.picows import WSProtocol
-
-    async def build():
-        return WSProtocol(None, None, False, lambda request: None,
-                          logging.LoggerAdapter(logging.getLogger("t"), {}), True, None,
-                          False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE, False,
-                          1024, None, 4096)
-
-    proto = asyncio.run(build())
-    assert proto.transport is None and proto.listener is None
