@@ -139,7 +139,7 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{meta.get('elapsed_s')} s)")
     lines.append(f"- {meta.get('pinning')}; every figure is the median over the rounds, ratios "
                  "within this run")
-    lines.append(f"- versions: " + ", ".join(f"{k} {v}" for k, v in
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in
                                               (meta.get("versions") or {}).items()))
     for t, why in (meta.get("skipped") or {}).items():
         lines.append(f"- skipped {t}: {why}")

@@ -20,7 +20,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import socket
 import ssl
 import time
 from http import HTTPStatus
@@ -32,7 +31,7 @@ from fastgw import events as ev
 from fastgw.identity import AuthError
 from fastgw.metrics import Metrics
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
-from fastgw.upstream import RCVBUF, UpstreamError, dial
+from fastgw.upstream import UpstreamError, dial
 
 log = logging.getLogger("fastgw")
 
@@ -253,12 +252,6 @@ class Handshake(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            except OSError:
-                pass
         self.gw.handshakes.add(self)
         self.timer = self.gw.loop.call_later(self.gw.handshake_timeout, self._timed_out)
 

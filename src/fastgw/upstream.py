@@ -10,11 +10,9 @@ import asyncio
 import base64
 import hashlib
 import os
-import socket
 import ssl
 from urllib.parse import urlsplit
 
-RCVBUF = 256 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
@@ -178,12 +176,6 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
         if response.get("sec-websocket-extensions"):
             transport.write(_close_frame(1001, b"extension not offered"))
             raise UpstreamError(502, "backend answered with an extension that was not offered")
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            except OSError:
-                pass
         early = bytes(proto.buf)
         transport.set_protocol(listener)
         listener.connection_made(transport)
