@@ -162,10 +162,10 @@ cdef class Leg:
     cdef int queue_frame(self, uint8_t first_byte, const char* payload, Py_ssize_t size) except -1
     cdef int flush(self) except -1
     cdef int _write(self, const char* data, Py_ssize_t size) except -1
-    cdef int forward(self, const char* frame, Py_ssize_t size, bint borrowed) except -1
+    cdef inline int forward(self, const char* frame, Py_ssize_t size, bint borrowed) except -1
     cdef Py_ssize_t _parse(self, char* data, Py_ssize_t size) except -1
     cdef int _protocol_error(self, bytes reason) except -1
-    cdef int _on_frame(self, uint8_t first_byte, char* frame, Py_ssize_t header,
+    cdef inline int _on_frame(self, uint8_t first_byte, char* frame, Py_ssize_t header,
                        Py_ssize_t size, bint masked) except -1
     cdef int _received(self, char* data, Py_ssize_t size, bint own) except -1
     cdef double _clock(self) noexcept
@@ -180,7 +180,7 @@ cdef class Leg:
     cdef int _end_hold(self) except -1
     cdef bint _socket_alive(self) noexcept
     cdef int _on_close(self, const char* payload, Py_ssize_t size) except -1
-    cdef bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1
+    cdef inline bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1
     cdef int send_gateway_close(self, int code, bytes reason) except -1
     cdef int _after_close_sent(self) except -1
     cdef int add_pause(self, uint32_t reason) except -1

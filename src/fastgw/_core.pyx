@@ -228,7 +228,7 @@ cdef class Leg:
         self.out_size = (p - self.out_data) + size
         return 0
 
-    cdef int forward(self, const char* frame, Py_ssize_t size, bint borrowed) except -1:
+    cdef inline int forward(self, const char* frame, Py_ssize_t size, bint borrowed) except -1:
         """Queue a frame from the peer leg, bytes unchanged. `borrowed`: the bytes
         are in the read buffer of the current read, valid until its end, where
         this leg is flushed: consecutive frames then make one range, written
@@ -880,7 +880,7 @@ cdef class Leg:
             pos += header + <Py_ssize_t>length
         return pos
 
-    cdef int _on_frame(self, uint8_t first_byte, char* frame, Py_ssize_t header,
+    cdef inline int _on_frame(self, uint8_t first_byte, char* frame, Py_ssize_t header,
                        Py_ssize_t size, bint masked) except -1:
         cdef uint8_t op = first_byte & 0x0F
         cdef char* payload = frame + header
@@ -921,9 +921,8 @@ cdef class Leg:
         # PONG: answers to our own pings only; never relayed.
         return 0
 
-    cdef bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1:
+    cdef inline bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1:
         """Check a data frame and count it. False: it is not to be relayed."""
-        cdef FlowStats stats
         if self.close_sent or self.close_recv:
             return False        # nothing is relayed once a close has started on this leg
         if (first_byte & 0x0F) == OP_CONT:
@@ -943,15 +942,15 @@ cdef class Leg:
             return False
         self.frames += 1
         self.bytes += <uint64_t>size
-        stats = self.stats
-        if stats is not None:
-            stats.bytes += <uint64_t>size
+        # self.stats is read in place: a local reference would cost a refcount pair per frame.
+        if self.stats is not None:
+            self.stats.bytes += <uint64_t>size
         if first_byte & 0x80:
             self.in_message = False
             self.messages += 1
-            if stats is not None:
-                stats.messages += 1
-                stats.size_log2[64 - fastgw_clz64(self.msg_bytes) if self.msg_bytes else 0] += 1
+            if self.stats is not None:
+                self.stats.messages += 1
+                self.stats.size_log2[64 - fastgw_clz64(self.msg_bytes) if self.msg_bytes else 0] += 1
         return True
 
     cdef int _end_of_read(self) except -1:
