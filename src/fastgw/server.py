@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import re
 import ssl
 import time
 from http import HTTPStatus
@@ -49,7 +50,10 @@ _NOT_FORWARDED = frozenset({
     "x-forwarded-proto", "x-forwarded-host",
 })
 
-_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# RFC 9110 token characters; control characters in a target or a field value.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Request:
@@ -91,21 +95,21 @@ def parse_head(head: bytes) -> Request:
     method, target, version = parts
     if not version.startswith("HTTP/1."):
         raise Refusal(400, "unsupported HTTP version")
-    if not all(c in _TOKEN_CHARS for c in method.encode("latin-1")):
+    if not _TOKEN.fullmatch(method):
         raise Refusal(400, "malformed method")
     if not target.startswith("/"):
         raise Refusal(400, "request target must be an absolute path")
-    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in target):
+    if _BAD_TARGET.search(target):
         raise Refusal(400, "malformed request target")
     headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name:
             raise Refusal(400, "malformed header line")
-        if not all(c in _TOKEN_CHARS for c in name.encode("latin-1")):
+        if not _TOKEN.fullmatch(name):
             raise Refusal(400, "malformed header name")
         value = value.strip(" \t")
-        if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+        if _BAD_VALUE.search(value):
             raise Refusal(400, "malformed header value")
         headers.append((name.lower(), value))
     return Request(method, target, version, headers)

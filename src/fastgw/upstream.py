@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import os
 import ssl
@@ -116,6 +117,21 @@ def _close_frame(code: int, reason: bytes) -> bytes:
     return bytes([0x88, 0x80 | len(payload)]) + mask + masked
 
 
+@functools.lru_cache(maxsize=4096)
+def _target(url: str) -> tuple[str, int, bool, str]:
+    """(host, port, secure, the fixed lines of the upgrade request) of a backend URL."""
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    default_port = parts.port is None or parts.port == (443 if secure else 80)
+    host_header = (f"[{host}]" if ":" in host else host) + ("" if default_port else f":{port}")
+    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    fixed = "\r\n".join([f"GET {path} HTTP/1.1", f"Host: {host_header}", "Upgrade: websocket",
+                          "Connection: Upgrade", "Sec-WebSocket-Version: 13"])
+    return host, port, secure, fixed
+
+
 async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str], listener):
     """Open the backend leg and hand it to `listener` (the relay's backend leg).
     Returns the subprotocol the backend chose (or None).
@@ -123,16 +139,9 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
     `upgrade` is the compiled websocket-upgrade policy (timeout, ssl context,
     server name). Raises UpstreamError(502|504, reason).
     """
-    parts = urlsplit(url)
-    secure = parts.scheme == "wss"
-    host = parts.hostname or ""
-    port = parts.port or (443 if secure else 80)
-    default_port = parts.port is None or parts.port == (443 if secure else 80)
-    host_header = (f"[{host}]" if ":" in host else host) + ("" if default_port else f":{port}")
+    host, port, secure, fixed = _target(url)
     key = base64.b64encode(os.urandom(16)).decode("ascii")
-    lines = [f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1",
-             f"Host: {host_header}", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    lines = [fixed, f"Sec-WebSocket-Key: {key}"]
     lines += [f"{name}: {value}" for name, value in headers]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     kwargs = {}
