@@ -170,7 +170,7 @@ cdef class Leg:
     cdef int _received(self, char* data, Py_ssize_t size, bint own) except -1
     cdef double _clock(self) noexcept
     cdef inline double _take(self, MsgRule* rule, bint of_bytes, double now, double cost) noexcept
-    cdef bint _fast_pass(self, bint first, double size) noexcept
+    cdef inline bint _fast_pass(self, bint first, double size) noexcept
     cdef void _give_back(self, int upto, bint first, double size, bint with_msg) noexcept
     cdef int _apply_rules(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1
     cdef int _reject(self, int rule_index) except -1
