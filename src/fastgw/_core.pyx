@@ -71,6 +71,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_BAD_GATEWAY = 1014
 
 
@@ -720,16 +721,27 @@ cdef class Leg:
         partial frame this leg keeps."""
         cdef Py_ssize_t need
         cdef char* data
-        if self.in_size == 0:
+        if self.in_size == 0 or self.broken or self.gone:
             self.reading_own = False
             return self
-        need = self.in_size + IN_STEP
-        if need < self.in_want:
+        # Grow with what arrives (at most doubling), never past the frame: a
+        # header alone does not reserve its announced length.
+        need = self.in_cap * 2
+        if need < self.in_size + IN_STEP:
+            need = self.in_size + IN_STEP
+        if self.in_want > self.in_size and need > self.in_want:
             need = self.in_want
-        if need > self.in_cap:
+        if self.in_cap - self.in_size < IN_STEP and need > self.in_cap:
             data = <char*>realloc(self.in_data, need)
             if data == NULL:
-                raise MemoryError()
+                # Out of memory: this connection ends; the read goes to the scratch buffer.
+                self.fail(CLOSE_INTERNAL_ERROR, b"gateway out of memory", b"gateway out of memory")
+                self.broken = True
+                self.in_size = 0
+                if self.transport is not None:
+                    self.transport.close()
+                self.reading_own = False
+                return self
             self.in_data = data
             self.in_cap = need
         self.reading_own = True
@@ -923,16 +935,18 @@ cdef class Leg:
 
     cdef inline bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1:
         """Check a data frame and count it. False: it is not to be relayed."""
-        if self.close_sent or self.close_recv:
-            return False        # nothing is relayed once a close has started on this leg
+        if self.close_recv:
+            return False        # nothing may follow this leg's own CLOSE
+        # After a CLOSE was sent to this leg, what it sent before seeing it still
+        # goes to the peer leg, unless that one is closing too (forward() checks).
         if (first_byte & 0x0F) == OP_CONT:
             if not self.in_message:
-                self.fail(CLOSE_PROTOCOL_ERROR, b"continuation frame without a message", b"peer protocol error")
+                self._protocol_error(b"continuation frame without a message")
                 return False
             self.msg_bytes += <uint64_t>size
         else:
             if self.in_message:
-                self.fail(CLOSE_PROTOCOL_ERROR, b"new message inside a fragmented message", b"peer protocol error")
+                self._protocol_error(b"new message inside a fragmented message")
                 return False
             self.msg_bytes = <uint64_t>size
             self.in_message = True
@@ -1057,6 +1071,11 @@ cdef class Leg:
     @property
     def pending_bytes(self):
         return self.out_size + self.pass_size
+
+    @property
+    def input_buffer(self):
+        """(bytes of a partial frame kept, capacity of the leg's own input buffer)."""
+        return (self.in_size, self.in_cap)
 
 
 cdef class Relay:
