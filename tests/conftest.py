@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from fastgw import config as cfgmod
+# The benchmark scripts (bench/loadgen.py, bench/peers.py) are tested as modules.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from fastgw import config as cfgmod  # noqa: E402
 from fastgw.echo import serve as echo_serve, server_port
 from fastgw.server import Gateway
 

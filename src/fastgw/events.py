@@ -48,7 +48,8 @@ Writing
 =======
 
 :class:`EventSink` takes events on the event loop (``emit``: encode and append to a bounded
-in-memory queue, about a microsecond) and writes them from a background thread. When the queue is
+in-memory queue, about a microsecond) and writes them from a background thread, which gathers
+what arrives within 20 ms into one write (one wake-up per burst, not one per event). When the queue is
 full, new events are dropped and counted; the relay never waits for the disk or for a slow
 reader of standard output.
 
@@ -62,6 +63,7 @@ import collections
 import os
 import sys
 import threading
+import time
 from time import time as _now
 from typing import Literal, TypeAlias
 
@@ -172,6 +174,7 @@ _STDOUT_TARGETS = ("-", "stdout")
 # The writer thread takes at most this many lines per write(), so that the memory held outside
 # the queue (which is what max_queue bounds) stays small.
 _BATCH_LINES = 1024
+_GATHER_SECONDS = 0.02
 
 
 class EventSink:
@@ -322,6 +325,10 @@ class EventSink:
         assert queue is not None
         while True:
             self._wake.wait()
+            if not self._stopping:
+                # Let a burst gather: one wake-up and one write per interval, not one per
+                # event (each wake-up of this thread costs the event loop a GIL hand-off).
+                time.sleep(_GATHER_SECONDS)
             # Clear before draining: an emit after this point sets the event again, so an event
             # appended after the drain below found the queue empty is never left behind.
             self._wake.clear()

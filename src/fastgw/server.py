@@ -18,13 +18,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import logging
 import re
 import ssl
 import time
 from http import HTTPStatus
-
 
 from fastgw._core import LimitZone, Relay
 from fastgw import config as cfgmod
@@ -32,7 +30,7 @@ from fastgw import events as ev
 from fastgw.identity import AuthError
 from fastgw.metrics import Metrics
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
-from fastgw.upstream import UpstreamError, dial
+from fastgw.upstream import UpstreamError, accept_key, dial
 
 log = logging.getLogger("fastgw")
 
@@ -154,12 +152,6 @@ def check_upgrade(req: Request, router: Router):
         refusal.api = api.name
         raise
     return api, rest, offered
-
-
-def accept_key(key: str) -> str:
-    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
-    digest = hashlib.sha1(key.encode("latin-1") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    return base64.b64encode(digest).decode("ascii")
 
 
 def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str]) -> list[tuple[str, str]]:

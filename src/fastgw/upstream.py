@@ -70,10 +70,9 @@ class _Upgrade(asyncio.Protocol):
         transport.write(self.request)
 
     def data_received(self, data: bytes):
-        if self.done.done():
-            self.buf += data        # frames after the 101, before the hand-over
-            return
         self.buf += data
+        if self.done.done():        # frames after the 101, before the hand-over
+            return
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buf) > MAX_RESPONSE_HEAD:
@@ -115,6 +114,12 @@ def _close_frame(code: int, reason: bytes) -> bytes:
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
     return bytes([0x88, 0x80 | len(payload)]) + mask + masked
+
+
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    digest = hashlib.sha1(key.encode("latin-1") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    return base64.b64encode(digest).decode("ascii")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -174,9 +179,7 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
         if ("websocket" not in response.get("upgrade", "").lower()
                 or "upgrade" not in response.get("connection", "").lower()):
             raise UpstreamError(502, "backend handshake failed: 101 without Upgrade: websocket")
-        expected = base64.b64encode(hashlib.sha1(
-            key.encode("ascii") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode("ascii")
-        if response.get("sec-websocket-accept") != expected:
+        if response.get("sec-websocket-accept") != accept_key(key):
             raise UpstreamError(502, "backend handshake failed: wrong Sec-WebSocket-Accept")
         chosen = response.get("sec-websocket-protocol")
         if chosen is not None and chosen not in offered:

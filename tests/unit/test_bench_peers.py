@@ -9,7 +9,6 @@ Real processes on 127.0.0.1; a few seconds in all.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,16 +20,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_peers():
-    spec = importlib.util.spec_from_file_location("fastgw_bench_peers", ROOT / "bench" / "peers.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-peers = _load_peers()
+import peers  # noqa: E402  (bench/peers.py, on sys.path by conftest)
 
 
 def _require(name: str) -> None:

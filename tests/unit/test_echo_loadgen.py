@@ -6,7 +6,6 @@ Real sockets on 127.0.0.1, port 0; a few seconds in all.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -27,16 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LOADGEN_PATH = ROOT / "bench" / "loadgen.py"
 
 
-def _load_loadgen():
-    spec = importlib.util.spec_from_file_location("fastgw_bench_loadgen", LOADGEN_PATH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-loadgen = _load_loadgen()
+import loadgen  # noqa: E402  (bench/loadgen.py, on sys.path by conftest)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import json
 import socket
 import subprocess
@@ -27,16 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LOADGEN_PATH = ROOT / "bench" / "loadgen.py"
 
 
-def _load_loadgen():
-    spec = importlib.util.spec_from_file_location("fastgw_bench_loadgen_modes", LOADGEN_PATH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-loadgen = _load_loadgen()
+import loadgen  # noqa: E402  (bench/loadgen.py, on sys.path by conftest)
 
 _DATA = (int(WSMsgType.CONTINUATION), int(WSMsgType.TEXT), int(WSMsgType.BINARY))
 _CLOSE = int(WSMsgType.CLOSE)
