@@ -155,6 +155,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("- idle: connections held open through the proxy; KiB/connection = (PSS while "
                  "held - PSS before) / connections, both legs, all the proxy's processes")
     lines.append("")
+    lines += overview(summary, targets)
     for scenario, per_target in summary.items():
         mode = (meta.get("scenarios", {}).get(scenario) or {}).get("mode")
         if mode not in COLUMNS:
@@ -190,6 +191,29 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{'yes' if g['met'] else 'no' if g['met'] is False else '–'} |")
         lines.append("")
     return "\n".join(lines)
+
+
+# (scenario, figure, column title) of the overview table
+OVERVIEW = (("tp-64B", "msg/s", "64 B msg/s"), ("tp-64B", "proxy CPU µs/msg", "64 B CPU µs/msg"),
+            ("tp-1KiB", "msg/s", "1 KiB msg/s"), ("tp-1KiB", "proxy CPU µs/msg", "1 KiB CPU µs/msg"),
+            ("tp-64KiB", "MB/s", "64 KiB MB/s"), ("tp-64KiB", "proxy CPU µs/MB", "64 KiB CPU µs/MB"),
+            ("lat-5k/s", "p50 µs", "5k/s p50 µs"), ("lat-5k/s", "p99 µs", "5k/s p99 µs"),
+            ("connrate", "upgrades/s", "upgrades/s"), ("connrate", "proxy CPU µs/upgrade", "CPU µs/upgrade"),
+            ("idle", "KiB/connection", "idle KiB/conn"))
+
+
+def overview(summary: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> list[str]:
+    """One row per target, the headline figure of every scenario (medians; the tables below
+    give the ratios, the cores' load and the bottleneck)."""
+    cols = [c for c in OVERVIEW if c[0] in summary]
+    if not cols:
+        return []
+    out = ["### Overview", "", "| target | " + " | ".join(c[2] for c in cols) + " |",
+           "|---|" + "---:|" * len(cols)]
+    for t in targets:
+        row = [fmt(((summary.get(s) or {}).get(t) or {}).get(f)) for s, f, _ in cols]
+        out.append(f"| {t} | " + " | ".join(row) + " |")
+    return out + [""]
 
 
 def goals(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
