@@ -137,9 +137,9 @@ cdef class Leg:
         bint now_valid
         double wait                  # set by _apply_rules on VERDICT_DELAY
 
-        # Frames held by a delay, in arrival order: [first byte][raw][pad][stored size]
-        # [payload size][bytes]; data frames are stored as they came (raw), a CLOSE
-        # by its unmasked payload.
+        # Frames held by a delay, in arrival order: [first byte][pad][stored size]
+        # [payload size][bytes]; data frames are stored as they came, a CLOSE by
+        # its unmasked payload.
         char* held_data
         Py_ssize_t held_size
         Py_ssize_t held_cap
@@ -174,7 +174,7 @@ cdef class Leg:
     cdef void _give_back(self, int upto, bint first, double size, bint with_msg) noexcept
     cdef int _apply_rules(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1
     cdef int _reject(self, int rule_index) except -1
-    cdef int _hold(self, uint8_t first_byte, bint raw, const char* data, Py_ssize_t stored,
+    cdef int _hold(self, uint8_t first_byte, const char* data, Py_ssize_t stored,
                    Py_ssize_t size) except -1
     cdef int _start_hold(self, double wait) except -1
     cdef int _end_hold(self) except -1

@@ -98,6 +98,25 @@ cdef inline void _mask_copy(char* dst, const char* src, Py_ssize_t n, uint32_t m
         i += 1
 
 
+cdef inline int _grow(char** data, Py_ssize_t* cap, Py_ssize_t need) except -1:
+    """Make a malloc'd buffer hold at least `need` bytes (doubling, at least OUT_INITIAL)."""
+    cdef Py_ssize_t size
+    cdef char* p
+    if need <= cap[0]:
+        return 0
+    size = cap[0] * 2
+    if size < need:
+        size = need
+    if size < OUT_INITIAL:
+        size = OUT_INITIAL
+    p = <char*>realloc(data[0], size)
+    if p == NULL:
+        raise MemoryError()
+    data[0] = p
+    cap[0] = size
+    return 0
+
+
 @cython.final
 cdef class FlowStats:
     """Counters of one flow of one API (see _core.pxd)."""
@@ -160,22 +179,7 @@ cdef class Leg:
     # ---- output ---------------------------------------------------------
 
     cdef int _reserve(self, Py_ssize_t extra) except -1:
-        cdef Py_ssize_t need = self.out_size + extra
-        cdef Py_ssize_t cap
-        cdef char* data
-        if need <= self.out_cap:
-            return 0
-        cap = self.out_cap * 2
-        if cap < need:
-            cap = need
-        if cap < OUT_INITIAL:
-            cap = OUT_INITIAL
-        data = <char*>realloc(self.out_data, cap)
-        if data == NULL:
-            raise MemoryError()
-        self.out_data = data
-        self.out_cap = cap
-        return 0
+        return _grow(&self.out_data, &self.out_cap, self.out_size + extra)
 
     cdef int _unpass(self) except -1:
         """Copy the pending pass-through range into the output buffer (to keep
@@ -483,29 +487,17 @@ cdef class Leg:
         self.held_size = self.held_pos = 0
         return 0
 
-    cdef int _hold(self, uint8_t first_byte, bint raw, const char* data, Py_ssize_t stored,
+    cdef int _hold(self, uint8_t first_byte, const char* data, Py_ssize_t stored,
                    Py_ssize_t size) except -1:
-        """Keep a frame, in order, until the delay ends: a data frame as it came
-        (raw), a CLOSE by its unmasked payload."""
+        """Keep a frame, in order, until the delay ends: a data frame as it came,
+        a CLOSE by its unmasked payload."""
         cdef Py_ssize_t need = self.held_size + HELD_HEADER + stored
-        cdef Py_ssize_t cap
         cdef char* p
         cdef int64_t n = stored
         cdef int64_t m = size
-        if need > self.held_cap:
-            cap = self.held_cap * 2
-            if cap < need:
-                cap = need
-            if cap < OUT_INITIAL:
-                cap = OUT_INITIAL
-            p = <char*>realloc(self.held_data, cap)
-            if p == NULL:
-                raise MemoryError()
-            self.held_data = p
-            self.held_cap = cap
+        _grow(&self.held_data, &self.held_cap, need)
         p = self.held_data + self.held_size
         p[0] = <char>first_byte
-        p[1] = <char>raw
         memcpy(p + 8, &n, 8)
         memcpy(p + 16, &m, 8)
         if stored:
@@ -774,15 +766,9 @@ cdef class Leg:
     def feed(self, bytes data):
         """Bytes that arrived with the upgrade (read before the leg was attached)."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-        cdef char* p
         if n == 0:
             return
-        if self.in_size + n > self.in_cap:
-            p = <char*>realloc(self.in_data, self.in_size + n)
-            if p == NULL:
-                raise MemoryError()
-            self.in_data = p
-            self.in_cap = self.in_size + n
+        _grow(&self.in_data, &self.in_cap, self.in_size + n)
         memcpy(self.in_data + self.in_size, PyBytes_AS_STRING(data), n)
         self.in_size += n
         self._received(self.in_data, self.in_size, True)
@@ -793,7 +779,6 @@ cdef class Leg:
     cdef int _received(self, char* data, Py_ssize_t size, bint own) except -1:
         """Process the frames of one read; keep a partial frame for the next."""
         cdef Py_ssize_t used, rest
-        cdef char* p
         if self.gone or self.broken:
             self.in_size = 0
             return 0
@@ -812,12 +797,7 @@ cdef class Leg:
                 self.in_data = NULL
                 self.in_cap = 0
         elif rest:
-            if rest > self.in_cap:
-                p = <char*>realloc(self.in_data, rest)
-                if p == NULL:
-                    raise MemoryError()
-                self.in_data = p
-                self.in_cap = rest
+            _grow(&self.in_data, &self.in_cap, rest)
             memcpy(self.in_data, data + used, rest)
             self.in_size = rest
         return 0
@@ -901,7 +881,7 @@ cdef class Leg:
         if op <= OP_BINARY:
             if self._accept_data(first_byte, size):
                 if self.holding:
-                    self._hold(first_byte, True, frame, header + size, size)
+                    self._hold(first_byte, frame, header + size, size)
                 elif self.n_rules == 0:
                     self.peer.forward(frame, header + size, True)
                 else:
@@ -916,7 +896,7 @@ cdef class Leg:
                         self.peer.forward(frame, header + size, True)
                     elif verdict == VERDICT_DELAY:
                         self._start_hold(self.wait)
-                        self._hold(first_byte, True, frame, header + size, size)
+                        self._hold(first_byte, frame, header + size, size)
             return 0
         # Control frames are unmasked and answered or re-encoded per hop.
         if masked and size:
@@ -927,7 +907,7 @@ cdef class Leg:
                 self.queue_frame(0x80 | OP_PONG, payload, size)
         elif op == OP_CLOSE:
             if self.holding:
-                self._hold(first_byte, False, payload, size, size)
+                self._hold(first_byte, payload, size, size)
             else:
                 self._on_close(payload, size)
         # PONG: answers to our own pings only; never relayed.

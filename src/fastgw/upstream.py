@@ -151,7 +151,7 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     kwargs = {}
     if secure:
-        kwargs["ssl"] = upgrade.ssl_context if upgrade.ssl_context is not None else make_ssl_context(None)
+        kwargs["ssl"] = upgrade.ssl_context      # compiled for every wss:// target
         if upgrade.server_name:
             kwargs["server_hostname"] = upgrade.server_name
     loop = asyncio.get_running_loop()
