@@ -619,7 +619,10 @@ cdef class Leg:
         if reason is not None:
             n = PyBytes_GET_SIZE(reason)
             if n > 123:
+                # Cut at a character boundary: the reason must stay UTF-8 (RFC 6455 5.5.1).
                 n = 123
+                while n > 0 and (<uint8_t>PyBytes_AS_STRING(reason)[n] & 0xC0) == 0x80:
+                    n -= 1
             memcpy(payload + 2, PyBytes_AS_STRING(reason), n)
         self.queue_frame(0x80 | OP_CLOSE, payload, n + 2)
         self._after_close_sent()

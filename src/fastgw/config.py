@@ -91,17 +91,31 @@ __all__ = [
 ]
 
 
+# A ConfigError message longer than this (it quotes a long value or key) loses its middle.
+MAX_MESSAGE = 400
+
+
+def _one_bounded_line(message: str) -> str:
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    if len(message) > MAX_MESSAGE:
+        half = MAX_MESSAGE // 2 - 2
+        message = f"{message[:half]} ... {message[-half:]}"
+    return message
+
+
 class ConfigError(Exception):
     """A configuration that cannot be used.
 
     ``str(error)`` is ``"{file}:{line}: {message}"``, or ``"{file}: {message}"`` when the line is
     unknown. ``message`` ends with `` - at `$.path` `` when the problem has a place in the
-    document; ``path`` holds that ``$.path`` alone (or None).
+    document; ``path`` holds that ``$.path`` alone (or None). The message is one line (line
+    breaks of quoted values escaped) of at most MAX_MESSAGE characters.
     """
 
     def __init__(
         self, file: str, message: str, line: int | None = None, path: str | None = None
     ) -> None:
+        message = _one_bounded_line(message)
         super().__init__(file, message, line, path)
         self.file = file
         self.message = message
@@ -982,8 +996,12 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, _LineOf | None]:
             detail = f"{exc.problem} ({exc.context})"
         line = mark.line + 1 if mark else None
         raise ConfigError(name, f"Invalid YAML: {detail}", line) from None
+    except yaml.reader.ReaderError as exc:
+        # "unacceptable character #x000b: ...", then a second line giving the position.
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(name, f"Invalid YAML: {str(exc).splitlines()[0]}", line) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(name, f"Invalid YAML: {exc}") from None
+        raise ConfigError(name, f"Invalid YAML: {str(exc).splitlines()[0]}") from None
     finally:
         loader.dispose()
 
@@ -1620,7 +1638,10 @@ def loads(
     if not text.strip():
         raise ConfigError(name, "The configuration is empty")
 
-    data, line_of = parser(text, name)
+    try:
+        data, line_of = parser(text, name)
+    except RecursionError:
+        raise ConfigError(name, f"Invalid {fmt.upper()}: nested too deeply") from None
     if data is None:  # a YAML file holding only comments, or "---", or "null"
         raise ConfigError(name, "The configuration is empty")
     if not isinstance(data, dict):
@@ -1637,6 +1658,8 @@ def loads(
         config = _check(config, name)
         config = _resolve_files(config, base_dir)
         config = _load_clients_file(config, name, base_dir)
+    except RecursionError:
+        raise ConfigError(name, "The configuration is nested too deeply") from None
     except _Invalid as problem:
         file, file_line_of = problem.source if problem.source else (name, line_of)
         path = _format_path(problem.segments)
