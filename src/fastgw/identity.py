@@ -384,7 +384,12 @@ def _prepare_key(algorithm: str, material: Any) -> Any:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:       # an int beyond any float (JSON allows 1e400 written out)
+        return False
 
 
 class JwtAuth:
