@@ -127,16 +127,15 @@ def main() -> int:
             results.append(run_target(target, args, Path(scratch), artifacts))
     print(f"\n{'target':<9} {'inputs':>10} {'wall s':>7} {'exec/s':>7} {'cov':>6} {'ft':>6} "
           f"{'corpus':>6} {'rss MB':>11} {'native':>6}  findings")
-    failed = False
     for r in results:
-        bad = r["rc"] != 0 or r["findings"]
-        failed |= bool(bad)
         print(f"{r['target']:<9} {r['runs']:>10} {r['wall']:>7.0f} {r['exec_s']:>7} {r['cov']:>6} "
               f"{r['ft']:>6} {r['corpus']:>6} {r['rss_start']:>4}->{r['rss_peak']:<5} "
               f"{'yes' if r['native'] else '-':>6}  {', '.join(r['findings']) or 'none'}"
               + (f" (exit {r['rc']})" if r["rc"] else ""))
     print(f"\nlogs and findings: {artifacts}")
-    return 1 if failed else 0
+    bad = sum(1 for r in results if r["rc"] != 0 or r["findings"])
+    print(f"fuzz: {len(results) - bad} passed, {bad} failed")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
