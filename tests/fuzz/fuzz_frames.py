@@ -400,7 +400,11 @@ def test_one_input(data: bytes) -> None:
         byte_burst = float(fdp.PickValueInList([0, 50, 5000]))
         rule = ("fuzz", action, 0, 1e-9, burst, 1e-9 if byte_burst else 0.0, byte_burst or 1.0, 1, 2)
         leg = relay.client if fdp.ConsumeBool() else relay.backend
-        leg.set_policies([rule], None, None)
+        leg.set_policies([rule], None, None, stats=_core.FlowStats(True, True))
+    elif rules_kind == 4:
+        # No rule, the API's counters on (metrics enabled): messages by size.
+        relay.client.set_policies([], None, None, stats=_core.FlowStats(True, False))
+        relay.backend.set_policies([], None, None, stats=_core.FlowStats(False, False))
     client = Side("to-client", relay.client, loop, max_frame, masked_input=True)
     backend = Side("to-backend", relay.backend, loop, max_frame, masked_input=False)
     sides = (client, backend)
