@@ -20,6 +20,7 @@ from fastgw import config as cfgmod
 from fastgw import identity
 from fastgw._core import Lease, LimitZone, key_hash
 from fastgw.upstream import make_ssl_context
+from fastgw.uri import normalize_host
 
 # Values of the core's enums (see _core.pxd).
 ACTIONS = {"reject": 0, "delay": 1, "drop": 2}
@@ -337,7 +338,7 @@ def compile_api(api, config) -> CompiledApi:
     return CompiledApi(
         name=api.name,
         prefix=api.path.rstrip("/"),
-        host=api.host.lower() if api.host else None,
+        host=normalize_host(api.host) if api.host else None,
         upgrade=compile_upgrade(upgrade, config.tls_profiles),
         origins=frozenset(api.origins) if api.origins is not None else None,
         auth=auth,

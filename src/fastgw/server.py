@@ -31,6 +31,7 @@ from fastgw.identity import AuthError
 from fastgw.metrics import Metrics
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import UpstreamError, accept_key, dial
+from fastgw.uri import BadTarget, normalize_host, normalize_target
 
 log = logging.getLogger("fastgw")
 
@@ -47,6 +48,10 @@ _NOT_FORWARDED = frozenset({
     "sec-websocket-accept", "sec-websocket-protocol",
     "x-forwarded-proto", "x-forwarded-host",
 })
+
+# Headers that a request may carry once at most (400 otherwise), by lower-case name.
+_SINGLE = {"host": "Host", "content-length": "Content-Length",
+           "sec-websocket-key": "Sec-WebSocket-Key", "sec-websocket-version": "Sec-WebSocket-Version"}
 
 # RFC 9110 token characters; control characters in a target or a field value.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -122,11 +127,17 @@ def check_upgrade(req: Request, router: Router):
     hosts = req.get_all("host")
     if len(hosts) != 1 or not hosts[0]:
         raise Refusal(400, "exactly one Host header is required")
+    for name in _SINGLE:
+        if len(req.get_all(name)) > 1:
+            raise Refusal(400, f"duplicate {_SINGLE[name]} header")
     if req.get("transfer-encoding") is not None or req.get("content-length") not in (None, "0"):
         raise Refusal(400, "an upgrade request has no body")
-    host = hosts[0]
-    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    found = router.route(req.target, hostname.strip("[]"))
+    try:
+        target = normalize_target(req.target)
+        hostname = normalize_host(hosts[0])
+    except BadTarget as exc:
+        raise Refusal(400, str(exc)) from None
+    found = router.route(target, hostname)
     if found is None:
         raise Refusal(404, "no API at this path")
     api, rest = found
@@ -144,7 +155,13 @@ def check_upgrade(req: Request, router: Router):
             raise Refusal(400, "missing or malformed Sec-WebSocket-Key") from None
         offered = []
         for value in req.get_all("sec-websocket-protocol"):
-            offered.extend(p.strip() for p in value.split(",") if p.strip())
+            for p in value.split(","):
+                p = p.strip(" \t")
+                if not p:
+                    continue            # empty list elements are ignored (RFC 9110 5.6.1)
+                if not _TOKEN.fullmatch(p):
+                    raise Refusal(400, "malformed Sec-WebSocket-Protocol")
+                offered.append(p)
         allowed = api.upgrade.subprotocols
         if allowed is not None:
             offered = [p for p in offered if p in allowed]
