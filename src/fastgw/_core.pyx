@@ -58,6 +58,9 @@ cdef enum:
     OP_PING = 0x9
     OP_PONG = 0xA
     HELD_HEADER = 24
+    # PINGs folded into one pending PONG (a peer that floods pings and never
+    # reads the answers) before the connection is closed with 1008.
+    PING_COALESCE_MAX = 1024
 
 cdef char* SCRATCH = <char*>malloc(SCRATCH_SIZE)
 if SCRATCH == NULL:
@@ -175,6 +178,9 @@ cdef class Leg:
         if self.held_data != NULL:
             free(self.held_data)
             self.held_data = NULL
+        if self.pong_data != NULL:
+            free(self.pong_data)
+            self.pong_data = NULL
 
     # ---- output ---------------------------------------------------------
 
@@ -434,6 +440,10 @@ cdef class Leg:
         cdef double wait
         if not first and self.dropping:
             return VERDICT_DROP
+        if self.close_recv or self.peer.close_sent:
+            # Nothing this leg sends can be relayed any more (a rejection or a
+            # close is under way): not counted against any limit.
+            return VERDICT_DROP
         if first and not retry:
             self.dropping = False
         self.resume_rule = 0
@@ -678,6 +688,17 @@ cdef class Leg:
 
     def resume_writing(self):
         self.write_paused = False
+        if self.pong_pending:
+            self.pong_pending = False
+            self.pings_coalesced = 0
+            if not self.close_sent and not self.gone:
+                self.queue_frame(0x80 | OP_PONG, self.pong_data, self.pong_size)
+                self.flush()
+            free(self.pong_data)
+            self.pong_data = NULL
+            self.remove_pause(PAUSE_OWN_REPLY)
+            if self.write_paused:       # the PONG filled the transport again
+                return
         if self.peer is not None:
             self.peer.remove_pause(PAUSE_PEER_WRITE)
 
@@ -904,13 +925,41 @@ cdef class Leg:
             _mask_copy(payload, payload, size, mask)
         if op == OP_PING:
             if not self.close_sent:
-                self.queue_frame(0x80 | OP_PONG, payload, size)
+                self._answer_ping(payload, size)
         elif op == OP_CLOSE:
             if self.holding:
                 self._hold(first_byte, payload, size, size)
             else:
                 self._on_close(payload, size)
         # PONG: answers to our own pings only; never relayed.
+        return 0
+
+    cdef int _answer_ping(self, const char* payload, Py_ssize_t size) except -1:
+        """Queue the PONG for a PING of this leg; while this leg's transport holds
+        unsent bytes, keep only the latest one for later and stop reading the leg."""
+        if not self.write_paused:
+            self.queue_frame(0x80 | OP_PONG, payload, size)
+            return 0
+        if self.pong_data == NULL:
+            self.pong_data = <char*>malloc(125)
+            if self.pong_data == NULL:
+                raise MemoryError()
+        memcpy(self.pong_data, payload, size)
+        self.pong_size = <uint8_t>size
+        if self.pong_pending:
+            self.pings_coalesced += 1
+            if self.pings_coalesced > PING_COALESCE_MAX:
+                # Closing with unread input would reset the connection and lose the
+                # CLOSE: read on instead; what the leg sends is ignored until its
+                # CLOSE (close_sent), and the close timer cuts it if that never comes.
+                self.pong_pending = False
+                self.pings_coalesced = 0
+                self.fail(CLOSE_POLICY_VIOLATION, b"control frame flood",
+                          b"client control frame flood" if self.is_client else b"backend control frame flood")
+                self.remove_pause(PAUSE_OWN_REPLY)
+                return 0
+        self.pong_pending = True
+        self.add_pause(PAUSE_OWN_REPLY)
         return 0
 
     cdef inline bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1:
@@ -996,6 +1045,18 @@ cdef class Leg:
             free(self.in_data)
             self.in_data = NULL
             self.in_cap = 0
+        if self.out_data != NULL:
+            free(self.out_data)
+            self.out_data = NULL
+            self.out_cap = 0
+        if self.held_data != NULL:
+            free(self.held_data)
+            self.held_data = NULL
+            self.held_cap = 0
+        self.pong_pending = False
+        if self.pong_data != NULL:
+            free(self.pong_data)
+            self.pong_data = NULL
         if self.delay_timer is not None:
             self.delay_timer.cancel()
             self.delay_timer = None

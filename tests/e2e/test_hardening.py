@@ -143,3 +143,32 @@ async def test_refused_unsafe_path_is_counted_unrouted(split_gw):
             pass
     assert info.value.response.status_code == 400
     assert split_gw.gw.metrics.rejected_unrouted["bad_request"] == 1
+
+
+async def test_one_rejection_is_counted_once(gateway_factory, echo_backend):
+    """Messages that arrive after a 1008 rejection (in the same read, or before the
+    client has seen the close) are not counted as rejected again."""
+    from test_refusals import masked_frame, raw_ws, read_close_code
+    gw = await gateway_factory(f"""
+listeners: [{{host: 127.0.0.1, port: 0}}]
+apis:
+  - name: chat
+    path: /
+    assembly:
+      - policy: websocket-upgrade
+        target-url: ws://127.0.0.1:{echo_backend}/
+        request:
+          - {{policy: message-rate-limit, name: chat, messages: 1/1m, burst: 1, action: reject}}
+""")
+    reader, writer = await raw_ws(gw.port)
+    writer.write(b"".join(masked_frame(0x1, b"m%d" % i) for i in range(20)))
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"".join(masked_frame(0x1, b"late %d" % i) for i in range(5)))
+    await writer.drain()
+    assert await read_close_code(reader) == 1008
+    writer.close()
+    await gw.wait_idle()
+    stats = gw.gw.metrics.api("chat").request
+    assert stats.rejected == 1
+    assert stats.messages >= 2
