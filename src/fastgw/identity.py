@@ -53,10 +53,10 @@ __all__ = [
     "check_origin",
     "client_ip",
     "clients_by_key",
-    "key_digest",
-    "normalize_origin",
     "forwarded_node",
     "header_value",
+    "key_digest",
+    "normalize_origin",
     "peer_is_trusted",
     "remove_query_params",
 ]
@@ -587,7 +587,9 @@ class JwtAuth:
         return AuthError(401, description, [
             _challenge("Bearer", error="invalid_token", error_description=description)])
 
-    def _token(self, headers: Sequence[tuple[str, str]], query: str) -> tuple[str | None, tuple[str, str] | None]:
+    def _token(
+        self, headers: Sequence[tuple[str, str]], query: str
+    ) -> tuple[str | None, tuple[str, str] | None]:
         """The token and where it was read (see :attr:`Identity.credential`)."""
         for name, value in headers:
             if name == "authorization":

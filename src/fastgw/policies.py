@@ -248,8 +248,8 @@ class CompiledApi:
             who = identity.Identity(None, cfgmod.DEFAULT_PLAN, None)
         xff = [v for k, v in req.headers if k == "x-forwarded-for"]
         ip = identity.client_ip(req.peer_ip, xff, self.trusted) if self.trusted else req.peer_ip
-        adm = Admission(ip, who.client_id, who.plan, who.expires_at,
-                        peer_trusted=bool(self.trusted) and identity.peer_is_trusted(req.peer_ip, self.trusted))
+        trusted_peer = bool(self.trusted) and identity.peer_is_trusted(req.peer_ip, self.trusted)
+        adm = Admission(ip, who.client_id, who.plan, who.expires_at, peer_trusted=trusted_peer)
         if self.propagation is not None:
             self.propagation.apply(adm, who)
         try:
