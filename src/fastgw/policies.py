@@ -67,14 +67,18 @@ class Upgrade:
     max_message_size: int
     subprotocols: frozenset[str] | None
 
-    def backend_url(self, rest: str) -> str:
-        """The backend URL for the part of the request path after the API's prefix."""
+    def backend_url(self, rest: str, drop_params: frozenset[str] = frozenset()) -> str:
+        """The backend URL for the part of the request path after the API's prefix.
+        The client's query parameters named in `drop_params` are left out (those of
+        the target URL are kept)."""
         t = self.target
         path, _, query = t.path.partition("?")
         rest_path, sep, rest_query = rest.partition("?")
         if rest_path:
             path = path.rstrip("/") + rest_path
-        if sep:
+        if drop_params:
+            rest_query = identity.remove_query_params(rest_query, drop_params)
+        if rest_query:
             query = f"{query}&{rest_query}" if query else rest_query
         scheme = "wss" if t.secure else "ws"
         host = f"[{t.host}]" if ":" in t.host else t.host
@@ -101,7 +105,12 @@ class UpgradeRequest:
 
 @dataclass(slots=True)
 class Admission:
-    """The outcome of the pre-upgrade phase for one connection."""
+    """The outcome of the pre-upgrade phase for one connection.
+
+    `strip_headers` (lower-case names) and `strip_query` (parameter names) are what the
+    request sent to the backend must not carry (the credential when hidden, a client's
+    own identity headers); `add_headers` is the identity the gateway vouches for.
+    `peer_trusted`: the TCP peer is a trusted proxy (its forwarding headers are kept)."""
 
     client_ip: str
     client_id: str | None
@@ -112,6 +121,10 @@ class Admission:
     response_rules: list = field(default_factory=list)
     request_max_size: int = 0
     response_max_size: int = 0
+    peer_trusted: bool = False
+    strip_headers: frozenset = frozenset()
+    strip_query: frozenset = frozenset()
+    add_headers: tuple = ()
 
     @property
     def client_key(self) -> str:
@@ -122,6 +135,36 @@ class Admission:
         """Give back every connection slot held (safe to call again)."""
         for lease in self.leases:
             lease.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Propagation:
+    """What an api-key or jwt policy changes in the request sent to the backend."""
+
+    hide_credentials: bool = False
+    client_id_header: str | None = None      # as configured
+    plan_header: str | None = None
+
+    @property
+    def identity_headers(self) -> frozenset[str]:
+        """The headers the gateway sets (lower case): a client's own are always removed."""
+        return frozenset(h.lower() for h in (self.client_id_header, self.plan_header) if h)
+
+    def apply(self, adm: "Admission", who: identity.Identity) -> None:
+        strip = set(self.identity_headers)
+        if self.hide_credentials and who.credential is not None:
+            where, name = who.credential
+            if where == "header":
+                strip.add(name)
+            else:
+                adm.strip_query = frozenset((name,))
+        adm.strip_headers = frozenset(strip)
+        add = []
+        if self.client_id_header and who.client_id is not None:
+            add.append((self.client_id_header, identity.header_value(who.client_id)))
+        if self.plan_header:
+            add.append((self.plan_header, identity.header_value(who.plan)))
+        adm.add_headers = tuple(add)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +230,7 @@ class CompiledApi:
     upgrade: Upgrade
     origins: frozenset | None = None
     auth: object = None            # identity.ApiKeyAuth | identity.JwtAuth | None
+    propagation: Propagation | None = None   # of the auth policy
     close_on_expiry: bool = False
     trusted: tuple = ()            # networks whose X-Forwarded-For is believed
     pre: tuple = ()                # CountLimitRule | RateLimitRule, in assembly order
@@ -204,7 +248,10 @@ class CompiledApi:
             who = identity.Identity(None, cfgmod.DEFAULT_PLAN, None)
         xff = [v for k, v in req.headers if k == "x-forwarded-for"]
         ip = identity.client_ip(req.peer_ip, xff, self.trusted) if self.trusted else req.peer_ip
-        adm = Admission(ip, who.client_id, who.plan, who.expires_at)
+        trusted_peer = bool(self.trusted) and identity.peer_is_trusted(req.peer_ip, self.trusted)
+        adm = Admission(ip, who.client_id, who.plan, who.expires_at, peer_trusted=trusted_peer)
+        if self.propagation is not None:
+            self.propagation.apply(adm, who)
         try:
             if self.max_connections:
                 self._acquire(zone, adm, key_hash("cap|global"), self.max_connections,
@@ -325,11 +372,14 @@ def compile_flow(flow: str, policies) -> MessageRules | None:
 def compile_api(api, config) -> CompiledApi:
     upgrade = api.assembly[-1]
     auth = None
+    propagation = None
     close_on_expiry = False
     pre = []
     for index, policy in enumerate(api.assembly[:-1]):
         if isinstance(policy, cfgmod.IDENTITY_POLICY_TYPES):
             auth = compile_auth(policy, config)
+            propagation = Propagation(policy.hide_credentials, policy.client_id_header,
+                                      policy.plan_header)
             close_on_expiry = isinstance(policy, cfgmod.Jwt) and policy.close_on_expiry
         elif isinstance(policy, cfgmod.CountLimit):
             pre.append(CountLimitRule(index, policy.key, policy.max))
@@ -342,6 +392,7 @@ def compile_api(api, config) -> CompiledApi:
         upgrade=compile_upgrade(upgrade, config.tls_profiles),
         origins=frozenset(api.origins) if api.origins is not None else None,
         auth=auth,
+        propagation=propagation,
         close_on_expiry=close_on_expiry,
         trusted=tuple(config.trusted_networks()),
         pre=tuple(pre),

@@ -27,7 +27,8 @@ from http import HTTPStatus
 from fastgw._core import LimitZone, Relay
 from fastgw import config as cfgmod
 from fastgw import events as ev
-from fastgw.identity import AuthError
+from fastgw.identity import AuthError, forwarded_node
+from fastgw.logs import Throttle, clean, url_without_query
 from fastgw.metrics import Metrics
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import UpstreamError, accept_key, dial
@@ -46,7 +47,7 @@ _NOT_FORWARDED = frozenset({
     "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
     "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-accept", "sec-websocket-protocol",
-    "x-forwarded-proto", "x-forwarded-host",
+    "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
 })
 
 # Headers that a request may carry once at most (400 otherwise), by lower-case name.
@@ -171,21 +172,48 @@ def check_upgrade(req: Request, router: Router):
     return api, rest, offered
 
 
-def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str]) -> list[tuple[str, str]]:
-    """The client's end-to-end headers plus X-Forwarded-*, for the backend handshake."""
+def _forwarded_value(value: str) -> str:
+    """A Forwarded parameter value: a token as it is, else a quoted-string."""
+    if _TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str],
+                    admission=None) -> list[tuple[str, str]]:
+    """The client's end-to-end headers plus the forwarding headers, for the backend handshake.
+
+    `admission` (policies.Admission) says what the client is: its address (X-Real-IP),
+    whether the peer is a trusted proxy (whose Forwarded is kept, with the gateway's element
+    appended; from any other peer it is replaced), the headers to remove (a hidden
+    credential, a client's own identity headers) and those to add (the identity)."""
     dropped = set(_NOT_FORWARDED)
     dropped.update(req.tokens("connection"))
+    client_ip, trusted = peer_ip, False
+    if admission is not None:
+        dropped.update(admission.strip_headers)
+        client_ip, trusted = admission.client_ip, admission.peer_trusted
     out = []
     xff = []
+    forwarded = []
     for name, value in req.headers:
         if name == "x-forwarded-for":
             xff.append(value)
+        elif name == "forwarded":
+            forwarded.append(value)
         elif name not in dropped:
             out.append((name, value))
+    proto = "https" if secure else "http"
+    host = req.get("host") or ""
     xff.append(peer_ip)
     out.append(("X-Forwarded-For", ", ".join(xff)))
-    out.append(("X-Forwarded-Proto", "https" if secure else "http"))
-    out.append(("X-Forwarded-Host", req.get("host") or ""))
+    out.append(("X-Forwarded-Proto", proto))
+    out.append(("X-Forwarded-Host", host))
+    out.append(("X-Real-IP", client_ip))
+    element = f"for={forwarded_node(peer_ip)};host={_forwarded_value(host)};proto={proto}"
+    out.append(("Forwarded", ", ".join([*forwarded, element] if trusted else [element])))
+    if admission is not None:
+        out.extend(admission.add_headers)
     if offered:
         out.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
     return out
@@ -316,7 +344,9 @@ class Handshake(asyncio.Protocol):
         self._stop_timer()
         if count:
             self.gw.count_refusal(self, refusal)
-        log.info("refused %s: %d %s", self.peer_ip, refusal.status, refusal.reason)
+        reason = clean(refusal.reason)
+        self.gw.log_throttle.info(("refused", refusal.status, reason), "refused %s: %d %s",
+                                  clean(self.peer_ip), refusal.status, reason)
         self.transport.write(http_response(refusal.status, refusal.reason, refusal.headers))
         self.transport.close()
 
@@ -349,12 +379,16 @@ class Handshake(asyncio.Protocol):
                                        stats=stats.response if counting else None)
             conn.relay = relay
             dial_start = time.monotonic()
+            url = up.backend_url(rest, admission.strip_query)
             try:
-                chosen = await dial(up, up.backend_url(rest),
-                                    backend_headers(req, self.peer_ip, self.secure, offered),
+                chosen = await dial(up, url,
+                                    backend_headers(req, self.peer_ip, self.secure, offered, admission),
                                     offered, relay.backend)
             except UpstreamError as exc:
-                log.warning("api %s: %s -> %d: %s", api.name, up.backend_url(rest), exc.status, exc.reason)
+                reason = clean(exc.reason)
+                gw.log_throttle.warning(("upstream", api.name, exc.status, reason),
+                                        "api %s: %s -> %d: %s", api.name, url_without_query(url),
+                                        exc.status, reason)
                 relay.abort()
                 raise Refusal(exc.status, exc.reason,
                               kind="upstream_timeout" if exc.status == 504 else "upstream_error") from None
@@ -372,7 +406,8 @@ class Handshake(asyncio.Protocol):
                 relay.abort()
             raise
         except Exception as exc:     # never let a bug take the loop down
-            log.exception("internal error during upgrade")
+            gw.log_throttle.log(logging.ERROR, ("internal", type(exc).__name__),
+                                "internal error during upgrade", exc_info=exc)
             if relay is not None and not relay.ended:
                 relay.abort()
             if self.state == "done":        # already handed over: no HTTP answer possible
@@ -413,6 +448,7 @@ class Gateway:
                                enabled=config.metrics)
         self.metrics.active = self._active_by_api
         self.events = None                     # an events.EventSink, set by the CLI
+        self.log_throttle = Throttle(log)      # lines a request can cause (logs.Throttle)
         for api in self.router.apis:
             self.metrics.api(api.name)
         # Linear probing with a bounded probe finds no slot for a few keys past
