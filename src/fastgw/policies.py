@@ -45,6 +45,7 @@ class Refusal(Exception):
         self.reason = reason
         self.headers = headers or []
         self.kind = kind or _KIND_OF_STATUS.get(status, "bad_request")
+        self.client = None             # the client key, when the refusal came after identity
 
 
 _KIND_OF_STATUS = {400: "bad_request", 404: "not_found", 405: "bad_request", 426: "bad_request",
@@ -271,8 +272,10 @@ class CompiledApi:
                     if wait > 0.0:
                         raise Refusal(429, f"too many upgrade attempts ({rate} per {rule.key})",
                                       [("Retry-After", str(max(1, math.ceil(wait))))], kind="rate_limit")
-        except BaseException:
+        except BaseException as exc:
             adm.release()
+            if isinstance(exc, Refusal):
+                exc.client = adm.client_key
             raise
         up = self.upgrade
         if self.request is not None:

@@ -477,7 +477,7 @@ class Gateway:
         self.metrics.count_reject(api, refusal.kind)
         if self.events is not None:
             self.events.emit(ev.RejectEvent(api=api, reason=refusal.kind, status=refusal.status,
-                                            client=hs.client_key, remote=hs.peer_ip,
+                                            client=refusal.client or hs.client_key, remote=hs.peer_ip,
                                             detail=refusal.reason))
 
     def _active_by_api(self) -> dict[str, int]:

@@ -172,3 +172,46 @@ apis:
     stats = gw.gw.metrics.api("chat").request
     assert stats.rejected == 1
     assert stats.messages >= 2
+
+
+async def test_reject_events_name_the_identified_client(gateway_factory, echo_backend, tmp_path):
+    """count-limit and rate-limit refusals come after identity: their events carry
+    the client id (a 401 before identity carries none)."""
+    from fastgw.events import EventSink, RejectEvent, decode_event
+    gw = await gateway_factory(f"""
+listeners: [{{host: 127.0.0.1, port: 0}}]
+clients: [{{id: alice, key: alice-key}}]
+apis:
+  - name: conn
+    path: /conn
+    assembly:
+      - {{policy: api-key, header: X-API-Key}}
+      - {{policy: count-limit, key: client-id, max: 1}}
+      - {{policy: websocket-upgrade, target-url: "ws://127.0.0.1:{echo_backend}/"}}
+  - name: rate
+    path: /rate
+    assembly:
+      - {{policy: api-key, header: X-API-Key}}
+      - {{policy: rate-limit, key: client-id, rate: 1/1m, burst: 1}}
+      - {{policy: websocket-upgrade, target-url: "ws://127.0.0.1:{echo_backend}/"}}
+""")
+    log = tmp_path / "events.jsonl"
+    gw.gw.events = EventSink(str(log))
+    key = {"X-API-Key": "alice-key"}
+    held = await websockets.connect(gw.url("/conn"), additional_headers=key)
+    for path, expected in (("/conn", 429), ("/rate", None), ("/rate", 429), ("/rate", 401)):
+        headers = key if path != "/rate" or expected != 401 else {}
+        if expected is None:
+            async with websockets.connect(gw.url(path), additional_headers=headers):
+                pass
+            continue
+        with pytest.raises(InvalidStatus) as info:
+            async with websockets.connect(gw.url(path), additional_headers=headers):
+                pass
+        assert info.value.response.status_code == expected
+    await held.close()
+    await gw.wait_idle()
+    gw.gw.events.close()
+    rejects = [e for e in map(decode_event, log.read_bytes().splitlines()) if isinstance(e, RejectEvent)]
+    assert [(e.api, e.reason, e.client) for e in rejects] == [
+        ("conn", "count_limit", "alice"), ("rate", "rate_limit", "alice"), ("rate", "unauthorized", None)]
