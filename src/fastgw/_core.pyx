@@ -42,6 +42,9 @@ cdef extern from "<sys/socket.h>" nogil:
 
 # While a delay holds a sender, its connection is checked at least this often (s).
 cdef double HOLD_WATCH = 1.0
+# A message whose shared bucket found no slot in the limit table is over its
+# limit; a delay tries again after this long (s).
+cdef double TABLE_FULL_WAIT = 0.1
 
 cdef enum:
     # After a flush, an output buffer larger than this is given back.
@@ -432,12 +435,16 @@ cdef class Leg:
 
         A message is counted once, at its first frame; its bytes are counted
         frame by frame. A message dropped at its first frame is dropped whole.
+        A shared bucket with no slot in the limit table (take() < 0) is over
+        the limit: the rule's action applies (a delay tries again after
+        TABLE_FULL_WAIT), and the zone counts the message in message_overflows.
         """
         cdef bint first = (first_byte & 0x0F) != 0
         cdef int i = self.resume_rule
         cdef int end = self.n_rules * 2
         cdef MsgRule* rule
         cdef double wait
+        cdef bint no_slot
         if not first and self.dropping:
             return VERDICT_DROP
         if self.close_recv or self.peer.close_sent:
@@ -455,7 +462,10 @@ cdef class Leg:
                     wait = self._take(rule, True, self.now, <double>size)
             elif first and rule.msg_rate > 0.0:
                 wait = self._take(rule, False, self.now, 1.0)
-            if wait > 0.0:
+            if wait != 0.0:
+                no_slot = wait < 0.0        # the limit table is full: never a silent pass
+                if no_slot:
+                    wait = TABLE_FULL_WAIT
                 if rule.action == ACTION_DELAY:
                     self.resume_rule = i
                     # At least a microsecond: a rounding-sized wait must still move
@@ -466,6 +476,8 @@ cdef class Leg:
                         self.delayed += 1
                         if self.stats is not None:
                             self.stats.delayed += 1
+                        if no_slot:
+                            self.zone.header.message_overflows += 1
                     return VERDICT_DELAY
                 if rule.action == ACTION_DROP:
                     if first:
@@ -473,6 +485,8 @@ cdef class Leg:
                         self.dropped += 1
                         if self.stats is not None:
                             self.stats.dropped += 1
+                        if no_slot:
+                            self.zone.header.message_overflows += 1
                         self.dropping = True
                         return VERDICT_DROP
                     # A later frame of a message already let through: it follows its message.
@@ -481,6 +495,8 @@ cdef class Leg:
                     self.rejected += 1
                     if self.stats is not None:
                         self.stats.rejected += 1
+                    if no_slot:
+                        self.zone.header.message_overflows += 1
                     self._reject(i >> 1)
                     return VERDICT_REJECT
             i += 1

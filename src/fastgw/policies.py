@@ -29,23 +29,29 @@ SCOPES = {"connection": 0, "client": 1, "api": 2}
 # Retry-After for a count limit: there is no time at which a slot is due.
 COUNT_LIMIT_RETRY_AFTER = 1
 
+# The answer when the limit table has no slot for a key (limits.max-keys).
+TABLE_FULL_REASON = "the gateway's limit table is full"
+
 
 class Refusal(Exception):
     """An HTTP answer instead of the upgrade.
 
     `kind` names the reason for metrics and events: bad_request, not_found,
     unauthorized, forbidden, count_limit, rate_limit, capacity, upstream_error,
-    upstream_timeout (or timeout / internal for the gateway's own).
+    upstream_timeout (or timeout / internal for the gateway's own). `table_full`
+    names the policy (count-limit, rate-limit) whose key found no slot in the
+    limit table, for fastgw_limit_table_full_total.
     """
 
     def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None,
-                 kind: str | None = None):
+                 kind: str | None = None, table_full: str | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = headers or []
         self.kind = kind or _KIND_OF_STATUS.get(status, "bad_request")
         self.client = None             # the client key, when the refusal came after identity
+        self.table_full = table_full
 
 
 _KIND_OF_STATUS = {400: "bad_request", 404: "not_found", 405: "bad_request", 426: "bad_request",
@@ -269,6 +275,8 @@ class CompiledApi:
                     p = rule.policy
                     rate = p.rate.for_plan(who.plan)
                     wait = zone.take_py(k, rate.per_second, p.burst_for(who.plan), req.now, 1.0)
+                    if wait < 0.0:
+                        raise Refusal(503, TABLE_FULL_REASON, kind="capacity", table_full="rate-limit")
                     if wait > 0.0:
                         raise Refusal(429, f"too many upgrade attempts ({rate} per {rule.key})",
                                       [("Retry-After", str(max(1, math.ceil(wait))))], kind="rate_limit")
@@ -296,8 +304,8 @@ class CompiledApi:
         if isinstance(got, Lease):
             adm.leases.append(got)
             return
-        if got == -1:
-            raise Refusal(503, "the gateway's connection table is full", kind="capacity")
+        if got == -1:       # count-limit or limits.max-connections: both count here
+            raise Refusal(503, TABLE_FULL_REASON, kind="capacity", table_full="count-limit")
         raise refusal
 
 

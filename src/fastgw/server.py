@@ -29,7 +29,7 @@ from fastgw import config as cfgmod
 from fastgw import events as ev
 from fastgw.identity import AuthError, forwarded_node
 from fastgw.logs import Throttle, clean, url_without_query
-from fastgw.metrics import Metrics
+from fastgw.metrics import Metrics, TableFullWarnings
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import UpstreamError, accept_key, dial
 from fastgw.uri import BadTarget, normalize_host, normalize_target
@@ -363,7 +363,7 @@ class Handshake(asyncio.Protocol):
             _, _, query = req.target.partition("?")
             try:
                 admission = api.admit(gw.zone, UpgradeRequest(
-                    req.headers, query, self.peer_ip, time.monotonic(), time.time()))
+                    req.headers, query, self.peer_ip, gw.clock(), time.time()))
             except AuthError as exc:
                 raise Refusal(exc.status, exc.reason, list(exc.headers), kind=exc.kind) from None
             self.client_key = admission.client_key
@@ -440,6 +440,10 @@ class Handshake(asyncio.Protocol):
 class Gateway:
     """Listeners and live connections of one process."""
 
+    # A full limit table is logged at most this often (s), looked at this often (s).
+    TABLE_FULL_LOG_INTERVAL = 10.0
+    TABLE_FULL_CHECK = 1.0
+
     def __init__(self, config, config_path: str | None = None, histogram_factory=None):
         self.config = config
         self.config_path = config_path
@@ -454,6 +458,10 @@ class Gateway:
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
         self.zone = LimitZone(2 * config.limits.max_keys)
+        self.clock = time.monotonic            # the buckets' clock at upgrade (tests move it)
+        self.metrics.message_table_full = lambda: self.zone.message_overflows
+        self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
+        self._table_timer = None
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self.loop = None
@@ -473,12 +481,21 @@ class Gateway:
 
     def count_refusal(self, hs: "Handshake", refusal: Refusal) -> None:
         self.refused[refusal.status] = self.refused.get(refusal.status, 0) + 1
+        if refusal.table_full is not None:
+            self.metrics.table_full[refusal.table_full] += 1
         api = getattr(refusal, "api", None) or hs.api_name
         self.metrics.count_reject(api, refusal.kind)
         if self.events is not None:
             self.events.emit(ev.RejectEvent(api=api, reason=refusal.kind, status=refusal.status,
                                             client=refusal.client or hs.client_key, remote=hs.peer_ip,
                                             detail=refusal.reason))
+
+    def _watch_table(self) -> None:
+        """Log refusals for want of a limit-table slot (upgrades and messages alike)."""
+        line = self.table_warnings.check(time.monotonic())
+        if line is not None:
+            log.warning("%s", line)
+        self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
 
     def _active_by_api(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -488,6 +505,8 @@ class Gateway:
 
     async def start(self) -> list[tuple[str, str, int]]:
         self.loop = asyncio.get_running_loop()
+        if self._table_timer is None:
+            self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
         for lc in self.config.listeners:
             ctx = None
             if lc.tls is not None:
@@ -652,6 +671,11 @@ class Gateway:
         self.draining = True
         for server in self.servers:
             server.close()
+        if self._table_timer is not None:
+            self._table_timer.cancel()
+            line = self.table_warnings.check(float("inf"))     # what the last interval held
+            if line is not None:
+                log.warning("%s", line)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))
