@@ -559,6 +559,13 @@ class ApiKey(_Base, kw_only=True, tag_field="policy", tag="api-key"):
     """Request header holding the key (None: only the query parameter)."""
     query: NonEmptyStr | None = None
     """Query parameter holding the key (browsers cannot set headers on a WebSocket)."""
+    hide_credentials: bool = False
+    """Remove the key (the header or query parameter it was read from) from the request
+    sent to the backend."""
+    client_id_header: NonEmptyStr | None = None
+    """Header that gives the backend the client's id (the client's own is removed)."""
+    plan_header: NonEmptyStr | None = None
+    """Header that gives the backend the client's plan (the client's own is removed)."""
 
 
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
@@ -592,6 +599,13 @@ class Jwt(_Base, kw_only=True, tag_field="policy", tag="jwt"):
     """Allowed clock skew for exp/nbf/iat."""
     close_on_expiry: bool = False
     """Close the connection with 1008 when the token expires."""
+    hide_credentials: bool = False
+    """Remove the token (the Authorization header or the query parameter it was read from)
+    from the request sent to the backend."""
+    client_id_header: NonEmptyStr | None = None
+    """Header that gives the backend the client's id (the client's own is removed)."""
+    plan_header: NonEmptyStr | None = None
+    """Header that gives the backend the client's plan (the client's own is removed)."""
 
     def read_secret(self) -> bytes:
         """The HS256 secret: the environment variable's value (UTF-8), or the file's bytes
@@ -1315,6 +1329,7 @@ def _check_assembly(config: Config, api: Api, here: _Segments) -> None:
                     at,
                 )
             identity_at = at
+            _check_identity_headers(policy, at)
         if isinstance(policy, ApiKey):
             _check_api_key(policy, at)
         elif isinstance(policy, Jwt):
@@ -1335,6 +1350,36 @@ def _check_api_key(policy: ApiKey, here: _Segments) -> None:
         raise _Invalid(
             f"Invalid header name {policy.header!r} (must be an HTTP token)", (*here, "header")
         )
+
+
+# Headers the gateway writes itself, or that make the upgrade: no identity header may be one.
+_GATEWAY_HEADERS = frozenset({
+    "host", "connection", "upgrade", "keep-alive", "te", "trailer", "transfer-encoding",
+    "content-length", "proxy-authorization", "proxy-connection", "forwarded", "x-real-ip",
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+})
+
+
+def _check_identity_headers(policy: "ApiKey | Jwt", here: _Segments) -> None:
+    """client-id-header and plan-header: HTTP tokens, two names, none the gateway's own or
+    the credential's."""
+    credential = policy.header if isinstance(policy, ApiKey) else "Authorization"
+    seen: dict[str, str] = {}
+    for field in ("client-id-header", "plan-header"):
+        name = getattr(policy, field.replace("-", "_"))
+        if name is None:
+            continue
+        at = (*here, field)
+        lower = name.lower()
+        if not _TOKEN_RE.fullmatch(name):
+            raise _Invalid(f"Invalid header name {name!r} (must be an HTTP token)", at)
+        if lower in _GATEWAY_HEADERS or lower.startswith("sec-websocket-"):
+            raise _Invalid(f"{field} cannot be {name!r}: the gateway sets that header itself", at)
+        if credential is not None and lower == credential.lower():
+            raise _Invalid(f"{field} cannot be {name!r}: the credential is read from it", at)
+        if lower in seen:
+            raise _Invalid(f"{field} and {seen[lower]} name the same header {name!r}", at)
+        seen[lower] = field
 
 
 _SECRET_SOURCES = ("secret-env", "secret-file")

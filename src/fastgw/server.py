@@ -27,10 +27,12 @@ from http import HTTPStatus
 from fastgw._core import LimitZone, Relay
 from fastgw import config as cfgmod
 from fastgw import events as ev
-from fastgw.identity import AuthError
-from fastgw.metrics import Metrics
+from fastgw.identity import AuthError, forwarded_node
+from fastgw.logs import Throttle, clean, url_without_query
+from fastgw.metrics import Metrics, TableFullWarnings
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import UpstreamError, accept_key, dial
+from fastgw.uri import BadTarget, normalize_host, normalize_target
 
 log = logging.getLogger("fastgw")
 
@@ -45,8 +47,12 @@ _NOT_FORWARDED = frozenset({
     "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
     "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-accept", "sec-websocket-protocol",
-    "x-forwarded-proto", "x-forwarded-host",
+    "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
 })
+
+# Headers that a request may carry once at most (400 otherwise), by lower-case name.
+_SINGLE = {"host": "Host", "content-length": "Content-Length",
+           "sec-websocket-key": "Sec-WebSocket-Key", "sec-websocket-version": "Sec-WebSocket-Version"}
 
 # RFC 9110 token characters; control characters in a target or a field value.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -122,11 +128,17 @@ def check_upgrade(req: Request, router: Router):
     hosts = req.get_all("host")
     if len(hosts) != 1 or not hosts[0]:
         raise Refusal(400, "exactly one Host header is required")
+    for name in _SINGLE:
+        if len(req.get_all(name)) > 1:
+            raise Refusal(400, f"duplicate {_SINGLE[name]} header")
     if req.get("transfer-encoding") is not None or req.get("content-length") not in (None, "0"):
         raise Refusal(400, "an upgrade request has no body")
-    host = hosts[0]
-    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    found = router.route(req.target, hostname.strip("[]"))
+    try:
+        target = normalize_target(req.target)
+        hostname = normalize_host(hosts[0])
+    except BadTarget as exc:
+        raise Refusal(400, str(exc)) from None
+    found = router.route(target, hostname)
     if found is None:
         raise Refusal(404, "no API at this path")
     api, rest = found
@@ -144,7 +156,13 @@ def check_upgrade(req: Request, router: Router):
             raise Refusal(400, "missing or malformed Sec-WebSocket-Key") from None
         offered = []
         for value in req.get_all("sec-websocket-protocol"):
-            offered.extend(p.strip() for p in value.split(",") if p.strip())
+            for p in value.split(","):
+                p = p.strip(" \t")
+                if not p:
+                    continue            # empty list elements are ignored (RFC 9110 5.6.1)
+                if not _TOKEN.fullmatch(p):
+                    raise Refusal(400, "malformed Sec-WebSocket-Protocol")
+                offered.append(p)
         allowed = api.upgrade.subprotocols
         if allowed is not None:
             offered = [p for p in offered if p in allowed]
@@ -154,21 +172,48 @@ def check_upgrade(req: Request, router: Router):
     return api, rest, offered
 
 
-def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str]) -> list[tuple[str, str]]:
-    """The client's end-to-end headers plus X-Forwarded-*, for the backend handshake."""
+def _forwarded_value(value: str) -> str:
+    """A Forwarded parameter value: a token as it is, else a quoted-string."""
+    if _TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str],
+                    admission=None) -> list[tuple[str, str]]:
+    """The client's end-to-end headers plus the forwarding headers, for the backend handshake.
+
+    `admission` (policies.Admission) says what the client is: its address (X-Real-IP),
+    whether the peer is a trusted proxy (whose Forwarded is kept, with the gateway's element
+    appended; from any other peer it is replaced), the headers to remove (a hidden
+    credential, a client's own identity headers) and those to add (the identity)."""
     dropped = set(_NOT_FORWARDED)
     dropped.update(req.tokens("connection"))
+    client_ip, trusted = peer_ip, False
+    if admission is not None:
+        dropped.update(admission.strip_headers)
+        client_ip, trusted = admission.client_ip, admission.peer_trusted
     out = []
     xff = []
+    forwarded = []
     for name, value in req.headers:
         if name == "x-forwarded-for":
             xff.append(value)
+        elif name == "forwarded":
+            forwarded.append(value)
         elif name not in dropped:
             out.append((name, value))
+    proto = "https" if secure else "http"
+    host = req.get("host") or ""
     xff.append(peer_ip)
     out.append(("X-Forwarded-For", ", ".join(xff)))
-    out.append(("X-Forwarded-Proto", "https" if secure else "http"))
-    out.append(("X-Forwarded-Host", req.get("host") or ""))
+    out.append(("X-Forwarded-Proto", proto))
+    out.append(("X-Forwarded-Host", host))
+    out.append(("X-Real-IP", client_ip))
+    element = f"for={forwarded_node(peer_ip)};host={_forwarded_value(host)};proto={proto}"
+    out.append(("Forwarded", ", ".join([*forwarded, element] if trusted else [element])))
+    if admission is not None:
+        out.extend(admission.add_headers)
     if offered:
         out.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
     return out
@@ -299,7 +344,9 @@ class Handshake(asyncio.Protocol):
         self._stop_timer()
         if count:
             self.gw.count_refusal(self, refusal)
-        log.info("refused %s: %d %s", self.peer_ip, refusal.status, refusal.reason)
+        reason = clean(refusal.reason)
+        self.gw.log_throttle.info(("refused", refusal.status, reason), "refused %s: %d %s",
+                                  clean(self.peer_ip), refusal.status, reason)
         self.transport.write(http_response(refusal.status, refusal.reason, refusal.headers))
         self.transport.close()
 
@@ -316,7 +363,7 @@ class Handshake(asyncio.Protocol):
             _, _, query = req.target.partition("?")
             try:
                 admission = api.admit(gw.zone, UpgradeRequest(
-                    req.headers, query, self.peer_ip, time.monotonic(), time.time()))
+                    req.headers, query, self.peer_ip, gw.clock(), time.time()))
             except AuthError as exc:
                 raise Refusal(exc.status, exc.reason, list(exc.headers), kind=exc.kind) from None
             self.client_key = admission.client_key
@@ -332,12 +379,16 @@ class Handshake(asyncio.Protocol):
                                        stats=stats.response if counting else None)
             conn.relay = relay
             dial_start = time.monotonic()
+            url = up.backend_url(rest, admission.strip_query)
             try:
-                chosen = await dial(up, up.backend_url(rest),
-                                    backend_headers(req, self.peer_ip, self.secure, offered),
+                chosen = await dial(up, url,
+                                    backend_headers(req, self.peer_ip, self.secure, offered, admission),
                                     offered, relay.backend)
             except UpstreamError as exc:
-                log.warning("api %s: %s -> %d: %s", api.name, up.backend_url(rest), exc.status, exc.reason)
+                reason = clean(exc.reason)
+                gw.log_throttle.warning(("upstream", api.name, exc.status, reason),
+                                        "api %s: %s -> %d: %s", api.name, url_without_query(url),
+                                        exc.status, reason)
                 relay.abort()
                 raise Refusal(exc.status, exc.reason,
                               kind="upstream_timeout" if exc.status == 504 else "upstream_error") from None
@@ -355,7 +406,8 @@ class Handshake(asyncio.Protocol):
                 relay.abort()
             raise
         except Exception as exc:     # never let a bug take the loop down
-            log.exception("internal error during upgrade")
+            gw.log_throttle.log(logging.ERROR, ("internal", type(exc).__name__),
+                                "internal error during upgrade", exc_info=exc)
             if relay is not None and not relay.ended:
                 relay.abort()
             if self.state == "done":        # already handed over: no HTTP answer possible
@@ -388,6 +440,10 @@ class Handshake(asyncio.Protocol):
 class Gateway:
     """Listeners and live connections of one process."""
 
+    # A full limit table is logged at most this often (s), looked at this often (s).
+    TABLE_FULL_LOG_INTERVAL = 10.0
+    TABLE_FULL_CHECK = 1.0
+
     def __init__(self, config, config_path: str | None = None, histogram_factory=None):
         self.config = config
         self.config_path = config_path
@@ -396,11 +452,16 @@ class Gateway:
                                enabled=config.metrics)
         self.metrics.active = self._active_by_api
         self.events = None                     # an events.EventSink, set by the CLI
+        self.log_throttle = Throttle(log)      # lines a request can cause (logs.Throttle)
         for api in self.router.apis:
             self.metrics.api(api.name)
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
         self.zone = LimitZone(2 * config.limits.max_keys)
+        self.clock = time.monotonic            # the buckets' clock at upgrade (tests move it)
+        self.metrics.message_table_full = lambda: self.zone.message_overflows
+        self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
+        self._table_timer = None
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self.loop = None
@@ -420,12 +481,21 @@ class Gateway:
 
     def count_refusal(self, hs: "Handshake", refusal: Refusal) -> None:
         self.refused[refusal.status] = self.refused.get(refusal.status, 0) + 1
+        if refusal.table_full is not None:
+            self.metrics.table_full[refusal.table_full] += 1
         api = getattr(refusal, "api", None) or hs.api_name
         self.metrics.count_reject(api, refusal.kind)
         if self.events is not None:
             self.events.emit(ev.RejectEvent(api=api, reason=refusal.kind, status=refusal.status,
-                                            client=hs.client_key, remote=hs.peer_ip,
+                                            client=refusal.client or hs.client_key, remote=hs.peer_ip,
                                             detail=refusal.reason))
+
+    def _watch_table(self) -> None:
+        """Log refusals for want of a limit-table slot (upgrades and messages alike)."""
+        line = self.table_warnings.check(time.monotonic())
+        if line is not None:
+            log.warning("%s", line)
+        self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
 
     def _active_by_api(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -435,6 +505,8 @@ class Gateway:
 
     async def start(self) -> list[tuple[str, str, int]]:
         self.loop = asyncio.get_running_loop()
+        if self._table_timer is None:
+            self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
         for lc in self.config.listeners:
             ctx = None
             if lc.tls is not None:
@@ -599,6 +671,11 @@ class Gateway:
         self.draining = True
         for server in self.servers:
             server.close()
+        if self._table_timer is not None:
+            self._table_timer.cancel()
+            line = self.table_warnings.check(float("inf"))     # what the last interval held
+            if line is not None:
+                log.warning("%s", line)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))
