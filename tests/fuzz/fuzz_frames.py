@@ -17,7 +17,8 @@ Invariants:
   a CLOSE; data frames are relayed byte for byte, in order; pongs answer pings;
 - the partial-frame buffer never holds more than one frame (its cap included);
 - a leg that is gone (connection_lost) is never written to;
-- after both legs are gone, `on_end` ran exactly once (and not before).
+- after both legs are gone, `on_end` ran exactly once (and not before), and
+  neither leg keeps a buffer.
 
     python tests/fuzz/fuzz_frames.py [libFuzzer args]     (or tests/fuzz/run.py frames)
 """
@@ -483,6 +484,12 @@ def test_one_input(data: bytes) -> None:
 
     assert len(ended) == 1, f"on_end ran {len(ended)} times"
     assert ended[0] is relay and relay.ended
+    for s in sides:
+        if s.attached:
+            # A leg that is gone holds no buffer (no partial frame, output or held frames).
+            assert s.leg.input_buffer == (0, 0), f"{s.name}: input buffer {s.leg.input_buffer} kept"
+            assert s.leg.pending_bytes == 0, f"{s.name}: {s.leg.pending_bytes} bytes kept"
+            assert s.leg.hold_state[2] == 0, f"{s.name}: held frames kept"
     for s, peer in ((client, backend), (backend, client)):
         data_frames, closes, _ = peer.remote_frames()
         _, _, pings = s.remote_frames()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ CORE_SOURCES = [ROOT / "src" / "fastgw" / n for n in
                 ("_core.pyx", "_core.pxd", "limits.pxi", "limits_decl.pxi", "hdr.pxi", "hdr_decl.pxi")]
 CORE_BUILD = Path(os.environ.get("FASTGW_FUZZ_BUILD", ROOT / "build" / "fuzz-core"))
 
+TARGETS = ("head", "frames", "config", "identity")
 # The targets whose code under test is the Cython core.
 NATIVE_TARGETS = {"frames"}
 
@@ -115,7 +117,8 @@ def main(target: str, module) -> None:
     """
     use_instrumented_core(target)
     import atheris
-    args = list(sys.argv)
+    # libFuzzer runs argv[0] through the shell for -merge=1 (and -fork): the interpreter too.
+    args = [f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(sys.argv[0]))}", *sys.argv[1:]]
     flags = {a.split("=", 1)[0] for a in args[1:] if a.startswith("-")}
     dict_file = DICTS / f"{target}.dict"
     if "-dict" not in flags and dict_file.exists():

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fuzzlib  # noqa: E402
 
-TARGETS = ("head", "frames", "config", "identity")
+TARGETS = fuzzlib.TARGETS
 MAX_LEN = {"head": 4096, "frames": 4096, "config": 8192, "identity": 4096}
 STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/\S+.*?exec/s: (\d+) rss: (\d+)Mb")
 

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fuzzlib  # noqa: E402
-from run import TARGETS  # noqa: E402
+from fuzzlib import TARGETS  # noqa: E402  (not from run: bench/run.py is on sys.path too)
 
 pytest.importorskip("atheris", reason="the targets read their input with atheris' FuzzedDataProvider")
 
