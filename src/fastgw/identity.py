@@ -441,7 +441,7 @@ def _is_number(value: Any) -> bool:
         return False
     try:
         return math.isfinite(value)
-    except OverflowError:       # an int beyond any float (JSON allows 1e400 written out)
+    except OverflowError:       # an int beyond any float: JSON integers have no bound
         return False
 
 
