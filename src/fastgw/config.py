@@ -1526,9 +1526,10 @@ def _resolve_file(value: str, base_dir: str, segments: _Segments) -> str:
     try:
         with open(path, "rb"):
             pass
-    except OSError as exc:
+    except (OSError, ValueError) as exc:    # ValueError: a NUL in the name
         shown = repr(value) if path == value else f"{value!r} ({path})"
-        raise _Invalid(f"Cannot read file {shown}: {exc.strerror}", segments) from None
+        reason = exc.strerror if isinstance(exc, OSError) else "NUL in the file name"
+        raise _Invalid(f"Cannot read file {shown}: {reason}", segments) from None
     return path
 
 

@@ -664,6 +664,15 @@ def test_missing_tls_profile_file(confdir: Path) -> None:
     assert "Cannot read file 'certs/backend-ca.pem'" in info.value.message
 
 
+def test_nul_in_a_file_name_is_a_config_error(tmp_path: Path) -> None:
+    # Found by tests/fuzz/fuzz_config.py: open() raised ValueError ("embedded null byte").
+    text = MINIMAL_YAML + 'clients-file: "clients\\0.yaml"\n'
+    with pytest.raises(ConfigError) as info:
+        loads(text, "yaml", "x.yaml", base_dir=str(tmp_path))
+    assert "NUL in the file name" in info.value.message
+    assert info.value.path == "$.clients-file"
+
+
 def test_directory_is_not_a_readable_file(confdir: Path) -> None:
     path = write(confdir, "gateway.yaml", EXAMPLE_YAML.replace("certs/backend-ca.pem", "certs"))
     with pytest.raises(ConfigError) as info:
