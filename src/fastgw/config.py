@@ -9,7 +9,8 @@
 Decoding happens in three steps:
 
 1. the text is parsed into plain Python objects (for YAML we also keep the node tree, to map an
-   error's ``$.path`` back to a line number);
+   error's ``$.path`` back to a line number; for TOML and JSON a scan of the text, made when
+   an error needs it, gives the line of each key);
 2. ``msgspec.convert`` turns those objects into Structs; it checks key names, types and value
    limits, and reports errors with a ``$.path``. Durations and sizes have types of their own
    (float and int subclasses) that msgspec hands to ``_dec_hook``, so their errors carry the
@@ -1395,7 +1396,17 @@ def _policies_allowed_in(place: str | int) -> tuple[type[_Base], ...]:
     """The policies a list of that name may hold: an assembly, or a flow of messages."""
     if place == "assembly":
         return (*PRE_UPGRADE_POLICY_TYPES, WebsocketUpgrade)
-    return MESSAGE_POLICY_TYPES
+    if place in ("request", "response"):
+        return MESSAGE_POLICY_TYPES
+    return POLICY_TYPES
+
+
+def _is_tagged_struct(type_: Any) -> bool:
+    return (
+        isinstance(type_, type)
+        and issubclass(type_, msgspec.Struct)
+        and type_.__struct_config__.tag is not None
+    )
 
 
 def _bare_type(type_: Any) -> Any:
@@ -1422,11 +1433,14 @@ def _choices_at(root: Any, data: Any, segments: _Segments) -> tuple[str, ...] | 
         type_ = _bare_type(type_)
         origin = typing.get_origin(type_)
         if origin in (Union, types.UnionType):  # the policies, told apart by their tag
+            members = typing.get_args(type_)
+            if not all(_is_tagged_struct(member) for member in members):
+                return None
             if seg == "policy":
                 place = segments[depth - 2] if depth >= 2 else ""
                 return tuple(policy_tag(cls) for cls in _policies_allowed_in(place))
             tag = value.get("policy") if isinstance(value, dict) else None
-            matches = [cls for cls in typing.get_args(type_) if policy_tag(cls) == tag]
+            matches = [cls for cls in members if policy_tag(cls) == tag]
             if not matches:
                 return None
             type_ = matches[0]
@@ -1975,7 +1989,8 @@ def _check_api_key_clients(config: Config) -> None:
                     " (give clients, or a clients-file that holds some)",
                     at,
                 )
-            if not any(client.apis is None or api.name in client.apis for client in config.clients):
+            if not any(client.apis is None or api.name in client.apis
+                       for client in config.clients):
                 raise _Invalid(
                     f"No client may use the API {api.name!r}: the apis of every client name"
                     f" other APIs (add {api.name!r} to a client's apis)",
