@@ -484,7 +484,7 @@ def test_unmapped_paths_fall_back_to_the_nearest_parent() -> None:
     _, line_of = _PARSERS["toml"](TOML, "gw.toml")
     assert line_of(("apis", 1, "assembly", 0, "no-such-key", 3)) == 21  # its [[header]]
     assert line_of(("apis", 7)) == 5
-    assert line_of(("nothing",)) == 1
+    assert line_of(("nothing",)) == 2  # the first line after the comment
     _, line_of = _PARSERS["json"](JSON_TEXT, "gw.json")
     assert line_of(("apis", 0, "assembly", 1, "request", 5)) == 12
     assert line_of(("tls-profiles", "other", "ca")) == 17
