@@ -214,6 +214,9 @@ async def _start_backend(port: int):
     except TimeoutError:
         await _stop_backend(proc)
         return None, f"fastgw demo: the echo backend did not start within {BACKEND_START_TIMEOUT:g} s"
+    except BaseException:               # interrupted (SIGINT/SIGTERM cancel the demo)
+        await _stop_backend(proc)
+        raise
     err = (await proc.stderr.read()).decode("utf-8", "replace").strip()
     await _stop_backend(proc)
     last = err.splitlines()[-1] if err else f"exit status {proc.returncode}"
@@ -254,6 +257,29 @@ async def _demo(args) -> int:
         if exc is not None:
             print(_port_message(port, exc, role), file=sys.stderr, flush=True)
             return 1
+    # Until the gateway installs its own handlers, SIGINT/SIGTERM abort the start (and the
+    # backend started so far is stopped).
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    interrupted: list[int] = []
+
+    def on_early_signal(signum):
+        interrupted.append(signum)
+        main.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_early_signal, sig)
+    try:
+        return await _demo_run(args, loop)
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        print(f"fastgw demo: {signal.Signals(interrupted[0]).name} before the gateway was up; stopped",
+              file=sys.stderr, flush=True)
+        return 128 + interrupted[0]
+
+
+async def _demo_run(args, loop) -> int:
     proc, result = await _start_backend(args.backend_port)
     if proc is None:
         print(result, file=sys.stderr, flush=True)
@@ -263,7 +289,6 @@ async def _demo(args) -> int:
     # be pointed at another process holding that port.
     print(f"fastgw demo: echo backend on ws://{DEMO_HOST}:{backend_port} (pid {proc.pid})",
           file=sys.stderr, flush=True)
-    loop = asyncio.get_running_loop()
     stop = loop.create_future()
     backend_died = False
 
@@ -284,11 +309,11 @@ async def _demo(args) -> int:
 
     watcher = loop.create_task(watch_backend())
     forwarder = loop.create_task(_forward_stderr(proc))
-    config = demo_config(args.port, backend_port)
-    drain = float(args.drain_time if args.drain_time is not None else config.drain_time)
     try:
-        status = await _serve(config, drain, None, stop=stop,
-                              ready=ready, listen_error=lambda exc: _port_message(args.port, exc, "gateway"))
+        config = demo_config(args.port, backend_port)
+        drain = float(args.drain_time if args.drain_time is not None else config.drain_time)
+        status = await _serve(config, drain, None, stop=stop, ready=ready,
+                              listen_error=lambda exc: _port_message(args.port, exc, "gateway"))
     finally:
         watcher.cancel()
         await _stop_backend(proc)

@@ -90,21 +90,26 @@ def tls_context(insecure: bool, ca: str | None) -> ssl.SSLContext:
     return ctx
 
 
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def show(message: str | bytes) -> str:
-    """One received message as a line of text that is safe to print on a terminal."""
+    """One received message as text that is safe to print on a terminal."""
     if isinstance(message, str):
-        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", message)
+        return _escape(message)
     shown = message[:HEX_SHOWN].hex()
     more = len(message) - HEX_SHOWN
     return f"[binary {len(message)} bytes] {shown}" + (f" ... ({more} more bytes)" if more > 0 else "")
 
 
 def _body_line(exc: BaseException) -> str:
-    """The first line of the body of a refused upgrade (picows keeps what came with the head)."""
+    """The first line of the body of a refused upgrade: picows keeps the bytes that came in the
+    same read as the head (fastgw writes its refusals, head and body, in one write)."""
     cause = exc.__cause__
     body = getattr(cause, "raw_body", None) or b""
     line = body.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)[:300]
+    return _escape(line)[:300]
 
 
 def _refusal(exc: pws.InvalidStatus) -> str:
@@ -129,21 +134,32 @@ def _closed_line(exc: pws.ConnectionClosed) -> tuple[str, int]:
 
 class _StdinLines:
     """Lines of a file descriptor, read by a daemon thread (pipes, terminals and plain files
-    alike) and handed to the event loop; ``None`` at end of input."""
+    alike) and handed to the event loop; ``None`` at end of input. The thread waits while
+    ``QUEUED`` lines are not sent yet, so a large file is not read into memory at once."""
+
+    QUEUED = 256
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int):
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.room = threading.Semaphore(self.QUEUED)
         self.loop, self.fd = loop, fd
         threading.Thread(target=self._run, name="fastgw-client-stdin", daemon=True).start()
 
-    def _put(self, item: bytes | None) -> None:
+    async def get(self) -> bytes | None:
+        item = await self.queue.get()
+        self.room.release()
+        return item
+
+    def _put(self, item: bytes | None) -> bool:
+        self.room.acquire()
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:        # the loop is closed: we are exiting
-            pass
+            return False
+        return True
 
     def _run(self) -> None:
-        pending = b""
+        pending = bytearray()
         while True:
             try:
                 chunk = os.read(self.fd, 65536)
@@ -153,13 +169,17 @@ class _StdinLines:
                 chunk = b""
             if not chunk:
                 if pending:
-                    self._put(pending)
+                    self._put(bytes(pending))
                 self._put(None)
                 return
             pending += chunk
-            *lines, pending = pending.split(b"\n")
+            if b"\n" not in chunk:
+                continue
+            *lines, rest = pending.split(b"\n")
+            pending = bytearray(rest)
             for line in lines:
-                self._put(line)
+                if not self._put(bytes(line)):
+                    return
 
 
 async def session(url: str, headers: Sequence[tuple[str, str]] = (),
@@ -210,7 +230,8 @@ async def session(url: str, headers: Sequence[tuple[str, str]] = (),
 
     say(f"connected: {url}" + (f" (subprotocol: {ws.subprotocol})" if ws.subprotocol else ""))
     lines = _StdinLines(loop, stdin_fd)
-    interrupted: list[int] = []
+    interrupted: list[int] = []         # the signal(s) received
+    reader_gone: list[bool] = []        # stdout's reader went away
     main_task = asyncio.current_task()
 
     def on_signal(signum: int) -> None:
@@ -219,24 +240,33 @@ async def session(url: str, headers: Sequence[tuple[str, str]] = (),
             main_task.cancel()
             return
         interrupted.append(signum)
-        lines.queue.put_nowait(None)
+        lines.queue.put_nowait(None)        # wakes send() if it waits for a line
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
 
     async def receive() -> pws.ConnectionClosed:
+        printing = True
         while True:
             try:
                 message = await ws.recv()
             except pws.ConnectionClosed as exc:
                 return exc
-            print(show(message), file=out, flush=True)
+            if not printing:
+                continue
+            try:
+                print(show(message), file=out, flush=True)
+            except BrokenPipeError:     # `fastgw client URL | head -1`: nobody reads any more
+                printing = False
+                _silence(out)
+                reader_gone.append(True)
+                lines.queue.put_nowait(None)
 
     async def send() -> None:
         warned = False
         while True:
-            line = await lines.queue.get()
-            if line is None:
+            line = await lines.get()
+            if line is None or interrupted or reader_gone:   # end of input, Ctrl-C, or no reader
                 await ws.close(1000)
                 return
             if line.endswith(b"\r"):
@@ -272,7 +302,17 @@ async def session(url: str, headers: Sequence[tuple[str, str]] = (),
     say(text)
     if interrupted:
         return 128 + interrupted[0]
-    return status
+    return 1 if reader_gone else status
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a stream whose reader went away at /dev/null (no error again at exit)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def main(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
+import signal
 import sys
 
 import pytest
@@ -183,3 +183,35 @@ def unused_tcp_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def test_stdin_from_a_file_many_lines_in_order(gateway, tmp_path):
+    lines = [f"line {i} " + "y" * (i % 300) for i in range(3000)]
+    path = tmp_path / "input.txt"
+    path.write_text("".join(l + "\n" for l in lines))
+    with path.open("rb") as f:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fastgw", "client", gateway.url("/"), stdin=f,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 0, err
+    assert out.decode().split("\n") == lines + [""]
+
+
+async def test_sigint_closes_with_1000(gateway):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fastgw", "client", gateway.url("/"), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        proc.stdin.write(b"ping\n")
+        await proc.stdin.drain()
+        assert await asyncio.wait_for(proc.stdout.readline(), TIMEOUT) == b"ping\n"
+        proc.send_signal(signal.SIGINT)
+        err = await asyncio.wait_for(proc.stderr.read(), TIMEOUT)
+        assert await asyncio.wait_for(proc.wait(), TIMEOUT) == 130
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        proc.stdin.close()
+    assert err.decode().splitlines()[-1] == "closed: 1000"
