@@ -22,7 +22,8 @@ Decoding happens in three steps:
    and its clients are appended to ``Config.clients``.
 
 Key names in files are kebab-case (``tls-profiles``, ``target-url``); attributes are snake_case.
-This module imports nothing else from fastgw.
+This module imports nothing else from fastgw but ``fastgw.uri`` (pure functions: the normal
+form of an API's path and host).
 
 Value types of their own (decoded by ``_dec_hook``, so that their errors carry the ``$.path``):
 :class:`Duration`, :class:`Size`, :class:`Rate` ("100/1s"), :class:`ByteRate` ("1MiB/1s") and
@@ -50,6 +51,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 import yaml
+
+from fastgw.uri import BadTarget, normalize_host, normalize_path
 
 __all__ = [
     "DEFAULT_PLAN",
@@ -739,6 +742,9 @@ class Api(_Base, kw_only=True):
     origins: list[NonEmptyStr] | None = None
     """Allowed Origin header values ("https://app.example.com"), stored in lower case; compare
     the lower-cased header exactly. None: any origin."""
+    schemes: tuple[Literal["ws", "wss"], ...] = ("ws", "wss")
+    """The schemes clients may reach the API with: ["wss"] refuses it (403) on plain
+    listeners, as IBM API Connect's API-level schemes do."""
     assembly: list[Policy]  # type: ignore[valid-type]
     """Policies in order; the last one is the websocket-upgrade."""
 
@@ -882,7 +888,8 @@ class Target(msgspec.Struct, frozen=True):
 
 
 def parse_target(url: str) -> Target:
-    """Parse a ws:// or wss:// URL; raise ValueError with a readable message if it is bad."""
+    """Parse a ws:// or wss:// URL (http:// and https:// mean the same); raise ValueError
+    with a readable message if it is bad."""
 
     def invalid(reason: str) -> ValueError:
         return ValueError(f"Invalid target URL {url!r} ({reason})")
@@ -894,8 +901,8 @@ def parse_target(url: str) -> Target:
         port = parts.port
     except ValueError as exc:
         raise invalid(str(exc)) from None
-    if parts.scheme not in ("ws", "wss"):
-        raise invalid("scheme must be ws or wss")
+    if parts.scheme not in ("ws", "wss", "http", "https"):
+        raise invalid("scheme must be ws or wss (http and https mean ws and wss)")
     if not parts.hostname:
         raise invalid("missing host")
     if parts.username is not None or parts.password is not None:
@@ -904,12 +911,13 @@ def parse_target(url: str) -> Target:
         raise invalid("fragments are not allowed")
     if port == 0:
         raise invalid("port 0")
-    secure = parts.scheme == "wss"
+    # IBM API Connect's assemblies write http:// and https:// target URLs.
+    secure = parts.scheme in ("wss", "https")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
     return Target(
-        scheme=parts.scheme,
+        scheme="wss" if secure else "ws",
         host=parts.hostname,
         port=port if port is not None else (443 if secure else 80),
         path=path,
@@ -1465,8 +1473,8 @@ def _choices_at(root: Any, data: Any, segments: _Segments) -> tuple[str, ...] | 
             if field is None:
                 return None
             type_ = field.type
-        elif origin is list and isinstance(seg, int):
-            (type_,) = typing.get_args(type_)
+        elif origin in (list, tuple) and isinstance(seg, int):
+            type_ = typing.get_args(type_)[0]       # list[X] or tuple[X, ...]
         elif origin in (dict, PerPlan):
             type_ = typing.get_args(type_)[-1]
         else:
@@ -1588,7 +1596,26 @@ def _check(config: Config, name: str) -> Config:
         names_seen[api.name] = index
         if not api.path.startswith("/"):
             raise _Invalid(f"Invalid path {api.path!r} (must start with '/')", (*here, "path"))
-        host = api.host.lower() if api.host is not None else None
+        try:
+            canonical = normalize_path(api.path)
+        except BadTarget as exc:
+            raise _Invalid(f"Invalid path {api.path!r} ({exc})", (*here, "path")) from None
+        if canonical != api.path:
+            raise _Invalid(f"Invalid path {api.path!r} (requests are routed on their normal"
+                           f" form, write {canonical!r})", (*here, "path"))
+        host = None
+        if api.host is not None:
+            try:
+                host = normalize_host(api.host)
+            except BadTarget:
+                raise _Invalid(f"Invalid host {api.host!r}", (*here, "host")) from None
+            if host not in (api.host.lower(), api.host.lower().strip("[]")):
+                raise _Invalid(f"Invalid host {api.host!r} (a host name without port or"
+                               f" trailing dot: {host!r})", (*here, "host"))
+        if not api.schemes:
+            raise _Invalid("Invalid schemes (at least one of ws, wss)", (*here, "schemes"))
+        if len(set(api.schemes)) != len(api.schemes):
+            raise _Invalid(f"Duplicate scheme in {list(api.schemes)}", (*here, "schemes"))
         route = (host, api.path)
         if route in routes_seen:
             where = "" if host is None else f"host {host!r}, "

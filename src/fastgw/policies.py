@@ -244,6 +244,7 @@ class CompiledApi:
     request: MessageRules | None = None
     response: MessageRules | None = None
     max_connections: int = 0       # the gateway's global cap (0: none)
+    schemes: frozenset = frozenset(("ws", "wss"))   # what clients may reach it with
 
     def admit(self, zone: LimitZone, req: UpgradeRequest) -> Admission:
         """The pre-upgrade phase: identity, origin, connection and attempt limits."""
@@ -410,6 +411,7 @@ def compile_api(api, config) -> CompiledApi:
         request=compile_flow("request", upgrade.request),
         response=compile_flow("response", upgrade.response),
         max_connections=config.limits.max_connections,
+        schemes=frozenset(api.schemes),
     )
 
 

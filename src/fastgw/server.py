@@ -358,6 +358,10 @@ class Handshake(asyncio.Protocol):
             req = parse_head(bytes(self.buf[:end]))
             api, rest, offered = check_upgrade(req, gw.router)
             self.api_name = api.name
+            scheme = "wss" if self.secure else "ws"
+            if scheme not in api.schemes:
+                raise Refusal(403, f"this API requires {'ws' if self.secure else 'wss'}",
+                              kind="forbidden")
             if gw.draining:
                 raise Refusal(503, "gateway is shutting down", kind="capacity")
             _, _, query = req.target.partition("?")

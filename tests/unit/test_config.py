@@ -499,8 +499,8 @@ def test_json_error_has_path_and_line() -> None:
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("http://x", "scheme must be ws or wss"),
-        ("x:9000", "scheme must be ws or wss"),
+        ("ftp://x", "scheme must be ws or wss (http and https mean ws and wss)"),
+        ("x:9000", "scheme must be ws or wss (http and https mean ws and wss)"),
         ("ws://", "missing host"),
         ("ws://:9000/a", "missing host"),
         ("ws://h:99999", "Port out of range 0-65535"),

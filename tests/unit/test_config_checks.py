@@ -735,3 +735,61 @@ def test_toml_scan_finds_every_key(data: dict, multiline: bool) -> None:
 
     assert tomllib.loads(text) == data
     check_scan(text, _TomlLines(text).scan(), data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing in normal form; API schemes; http(s) target URLs (IBM API Connect)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, hint", [
+    ("/a/../b", "write '/b'"), ("/a//b", "write '/a/b'"), ("/%7Eme", "write '/~me'"),
+    ("/a/./b", "write '/a/b'"), ("/..", "climbs above the root"), ("/a%2Fb", "encoded '/'"),
+])
+def test_api_path_must_be_in_normal_form(path: str, hint: str) -> None:
+    error = error_of(MINIMAL_YAML.replace("path: /echo", f"path: {path!r}"))
+    assert error.path == "$.apis[0].path" and error.line == 5
+    assert hint in error.message
+
+
+@pytest.mark.parametrize("host", ["secret.example.", "secret.example:8080", "a b"])
+def test_api_host_without_port_or_trailing_dot(host: str) -> None:
+    text = MINIMAL_YAML.replace("    path: /echo\n", f"    path: /echo\n    host: {host!r}\n")
+    assert error_of(text).path == "$.apis[0].host"
+
+
+def test_api_host_in_any_case_is_fine() -> None:
+    text = MINIMAL_YAML.replace("    path: /echo\n", "    path: /echo\n    host: Secret.Example\n")
+    assert loads(text, "yaml").apis[0].host == "secret.example"
+
+
+@pytest.mark.parametrize("schemes, message", [
+    ("[]", "at least one of ws, wss"),
+    ("[wss, wss]", "Duplicate scheme"),
+    ("[https]", "expected one of: ws, wss"),
+])
+def test_api_schemes(schemes: str, message: str) -> None:
+    text = MINIMAL_YAML.replace("    path: /echo\n", f"    path: /echo\n    schemes: {schemes}\n")
+    error = error_of(text)
+    assert message in error.message and error.path.startswith("$.apis[0].schemes")
+
+
+def test_api_schemes_default_both() -> None:
+    assert loads(MINIMAL_YAML, "yaml").apis[0].schemes == ("ws", "wss")
+    text = MINIMAL_YAML.replace("    path: /echo\n", "    path: /echo\n    schemes: [wss]\n")
+    assert loads(text, "yaml").apis[0].schemes == ("wss",)
+
+
+@pytest.mark.parametrize("url, scheme, port", [
+    ("http://10.0.0.1/x", "ws", 80), ("https://10.0.0.1/x", "wss", 443),
+    ("https://10.0.0.1:8443/", "wss", 8443),
+])
+def test_http_and_https_target_urls_mean_ws_and_wss(url: str, scheme: str, port: int) -> None:
+    from fastgw.config import parse_target
+    t = parse_target(url)
+    assert (t.scheme, t.port, t.secure) == (scheme, port, scheme == "wss")
+
+
+def test_other_target_schemes_refused() -> None:
+    error = error_of(MINIMAL_YAML.replace("ws://127.0.0.1:9000/echo", "ftp://127.0.0.1/"))
+    assert "scheme must be ws or wss" in error.message
