@@ -77,6 +77,7 @@ __all__ = [
     "MessageRateLimit",
     "MessageSizeLimit",
     "PerPlan",
+    "PerSide",
     "Policy",
     "Rate",
     "RateLimit",
@@ -415,6 +416,37 @@ class PerPlan(_Frozen, Generic[_T]):
         return (PerPlan, (dict(self.values),))
 
 
+class PerSide(_Frozen):
+    """A duration for each side of a relayed connection. In a file either one duration (both
+    sides) or a mapping ``{client: 30s, backend: 10s}`` (a side left out has none).
+
+    ``client`` and ``backend`` are seconds (floats) or None.
+    """
+
+    __slots__ = ("client", "backend")
+    client: "float | None"
+    backend: "float | None"
+    SIDES = ("client", "backend")
+
+    def __init__(self, client: "float | None", backend: "float | None") -> None:
+        object.__setattr__(self, "client", client)
+        object.__setattr__(self, "backend", backend)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PerSide):
+            return NotImplemented
+        return (self.client, self.backend) == (other.client, other.backend)
+
+    def __hash__(self) -> int:
+        return hash((self.client, self.backend))
+
+    def __repr__(self) -> str:
+        return f"PerSide(client={self.client!r}, backend={self.backend!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PerSide, (self.client, self.backend))
+
+
 class _SubPathError(ValueError):
     """Raised by _dec_hook for a problem below the field msgspec knows of (a plan's entry).
 
@@ -458,6 +490,19 @@ def _decode_per_plan(value_type: Any, obj: Any) -> PerPlan[Any]:
     return PerPlan(values)
 
 
+def _decode_per_side(obj: Any) -> PerSide:
+    if not isinstance(obj, dict):
+        value = _convert_below(obj, Duration, ())
+        return PerSide(float(value), float(value))
+    sides: dict[str, float] = {}
+    for side, value in obj.items():
+        if side not in PerSide.SIDES:
+            raise _SubPathError(f"Unknown side {side!r} - expected one of: client, backend", (),
+                                in_key=True)
+        sides[side] = float(_convert_below(value, Duration, (side,)))
+    return PerSide(sides.get("client"), sides.get("backend"))
+
+
 def _dec_hook(type_: Any, obj: Any) -> Any:
     """msgspec decoding hook for our value types; its ValueErrors get the field's $.path."""
     if type_ is Duration:
@@ -476,6 +521,8 @@ def _dec_hook(type_: Any, obj: Any) -> Any:
     if typing.get_origin(type_) is PerPlan:
         (value_type,) = typing.get_args(type_)
         return _decode_per_plan(value_type, obj)
+    if type_ is PerSide:
+        return _decode_per_side(obj)
     raise NotImplementedError(f"Objects of type {type_!r} are not supported")
 
 
@@ -490,6 +537,8 @@ def enc_hook(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, PerPlan):
         return {plan: enc_hook(value) for plan, value in obj.values.items()}
+    if isinstance(obj, PerSide):
+        return {side: getattr(obj, side) for side in PerSide.SIDES if getattr(obj, side) is not None}
     if isinstance(obj, frozenset):
         return sorted(obj)
     if isinstance(obj, (int, float, str)):
@@ -703,6 +752,12 @@ class WebsocketUpgrade(_Base, kw_only=True, tag_field="policy", tag="websocket-u
     """A larger whole message (fragments included) closes the connection with 1009."""
     subprotocols: list[NonEmptyStr] | None = None
     """Optional allowlist of subprotocols forwarded to the backend."""
+    ping_interval: PerSide | None = None
+    """Liveness: the gateway pings a side that has sent nothing for this long (one duration
+    for both sides, or ``{client: 30s, backend: 10s}``)."""
+    ping_timeout: PerSide | None = None
+    """How long a pinged side has to send anything (default: its ping interval); then the
+    connection ends as if that side's connection were lost."""
     request: list["Policy"] = []  # type: ignore[valid-type]
     """Message policies of the request flow (client to backend), in order."""
     response: list["Policy"] = []  # type: ignore[valid-type]
@@ -1885,6 +1940,15 @@ def _check_websocket_upgrade(config: Config, policy: WebsocketUpgrade, here: _Se
                        ("max-message-size", policy.max_message_size)):
         if value is not None and value <= 0:
             raise _Invalid(f"{key} must be greater than 0", (*here, key))
+    for key, per_side in (("ping-interval", policy.ping_interval),
+                          ("ping-timeout", policy.ping_timeout)):
+        for side in PerSide.SIDES:
+            value = getattr(per_side, side) if per_side is not None else None
+            if value is not None and value <= 0:
+                where = (*here, key) if per_side.client == per_side.backend else (*here, key, side)
+                raise _Invalid(f"{key} must be greater than 0", where)
+    if policy.ping_timeout is not None and policy.ping_interval is None:
+        raise _Invalid("ping-timeout needs a ping-interval", (*here, "ping-timeout"))
     if policy.tls_profile is not None:
         if policy.tls_profile not in config.tls_profiles:
             known = ", ".join(sorted(config.tls_profiles)) or "none"

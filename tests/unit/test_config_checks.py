@@ -793,3 +793,38 @@ def test_http_and_https_target_urls_mean_ws_and_wss(url: str, scheme: str, port:
 def test_other_target_schemes_refused() -> None:
     error = error_of(MINIMAL_YAML.replace("ws://127.0.0.1:9000/echo", "ftp://127.0.0.1/"))
     assert "scheme must be ws or wss" in error.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Liveness: ping-interval / ping-timeout, one duration or per side
+# ---------------------------------------------------------------------------------------------
+
+UPGRADE_AT = "        target-url: ws://127.0.0.1:9000/echo\n"
+
+
+def _upgrade(extra: str):
+    return loads(MINIMAL_YAML.replace(UPGRADE_AT, UPGRADE_AT + extra), "yaml").apis[0].assembly[-1]
+
+
+def test_ping_settings_per_side() -> None:
+    from fastgw.config import PerSide
+    both = _upgrade("        ping-interval: 30s\n")
+    assert both.ping_interval == PerSide(30.0, 30.0) and both.ping_timeout is None
+    one = _upgrade("        ping-interval: {backend: 10s}\n        ping-timeout: {backend: 2s}\n")
+    assert one.ping_interval == PerSide(None, 10.0) and one.ping_timeout == PerSide(None, 2.0)
+
+
+@pytest.mark.parametrize("extra, message, path", [
+    ("ping-interval: 0", "ping-interval must be greater than 0", "$.apis[0].assembly[0].ping-interval"),
+    ("ping-interval: {client: 0s}", "ping-interval must be greater than 0",
+     "$.apis[0].assembly[0].ping-interval.client"),
+    ("ping-interval: {front: 1s}", "Unknown side 'front' - expected one of: client, backend", None),
+    ("ping-interval: 1e300", "must be finite", "$.apis[0].assembly[0].ping-interval"),
+    ("ping-timeout: 5s", "ping-timeout needs a ping-interval", "$.apis[0].assembly[0].ping-timeout"),
+])
+def test_ping_settings_refused(extra: str, message: str, path: str | None) -> None:
+    error = error_of(MINIMAL_YAML.replace(UPGRADE_AT, UPGRADE_AT + "        " + extra + "\n"))
+    assert message in error.message
+    if path is not None:
+        assert error.path == path
+    assert error.line == 9
