@@ -39,7 +39,7 @@ def test_check_valid(tmp_path):
 def test_check_reports_path_and_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(gateway_yaml("ws://127.0.0.1:9000/").replace("target-url: ws://127.0.0.1:9000/",
-                                                                 "target-url: http://127.0.0.1:9000/"))
+                                                                 "target-url: ftp://127.0.0.1:9000/"))
     out = fastgw("check", "-c", str(cfg))
     assert out.returncode == 2
     line = next(i for i, l in enumerate(cfg.read_text().splitlines(), 1) if "target-url" in l)
