@@ -158,6 +158,7 @@ cdef class Leg:
         double hold_started          # when the current hold began (monotonic s)
         object delay_timer
 
+        readonly uint64_t reads      # socket reads that brought bytes (liveness: server.py)
         readonly uint64_t messages   # whole data messages received from this leg
         readonly uint64_t frames     # data frames received from this leg
         readonly uint64_t bytes      # payload bytes received from this leg

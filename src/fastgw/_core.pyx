@@ -822,6 +822,7 @@ cdef class Leg:
         if self.gone or self.broken:
             self.in_size = 0
             return 0
+        self.reads += 1
         used = self._parse(data, size)
         self._end_of_read()
         rest = size - used
@@ -1096,6 +1097,15 @@ cdef class Leg:
             self.relay._leg_gone()
 
 
+    def send_ping(self, bytes payload):
+        """A PING of the gateway's own (liveness), unless this leg is closing or gone."""
+        if self.close_sent or self.gone or self.transport is None:
+            return False
+        self.queue_frame(0x80 | OP_PING, PyBytes_AS_STRING(payload),
+                         min(PyBytes_GET_SIZE(payload), 125))
+        self.flush()
+        return True
+
     # ---- introspection (Python) -----------------------------------------
 
     def abort_transport(self):
@@ -1220,6 +1230,23 @@ cdef class Relay:
         self._mark_end(END_GATEWAY, client_code, r, len(r))
         self.client.send_gateway_close(client_code, r)
         self.backend.send_gateway_close(backend_code, r)
+
+    def lost(self, bint client_side, reason):
+        """A side stopped answering (liveness): end the connection as if its TCP
+        connection were lost. The client side gone: the backend gets 1001 with the
+        reason; the backend side gone: the client gets 1014 with the reason. The dead
+        side's transport is cut without a close handshake."""
+        cdef bytes r = reason.encode() if isinstance(reason, str) else reason
+        cdef Leg dead = self.client if client_side else self.backend
+        cdef Leg other = dead.peer
+        if client_side:
+            self._mark_end(END_GATEWAY, 1006, r, len(r))
+            other.send_gateway_close(CLOSE_GOING_AWAY, r)
+        else:
+            self._mark_end(END_GATEWAY, CLOSE_BAD_GATEWAY, r, len(r))
+            other.send_gateway_close(CLOSE_BAD_GATEWAY, r)
+        if dead.transport is not None and not dead.gone:
+            dead.transport.abort()
 
     def abort(self):
         """The client will never be attached (failed upgrade): close the backend leg."""

@@ -73,6 +73,8 @@ class Upgrade:
     max_frame_size: int
     max_message_size: int
     subprotocols: frozenset[str] | None
+    # Liveness per side, (client, backend): (ping interval, ping timeout), 0.0 for none.
+    liveness: tuple = ((0.0, 0.0), (0.0, 0.0))
 
     def backend_url(self, rest: str, drop_params: frozenset[str] = frozenset()) -> str:
         """The backend URL for the part of the request path after the API's prefix.
@@ -244,6 +246,7 @@ class CompiledApi:
     request: MessageRules | None = None
     response: MessageRules | None = None
     max_connections: int = 0       # the gateway's global cap (0: none)
+    schemes: frozenset = frozenset(("ws", "wss"))   # what clients may reach it with
 
     def admit(self, zone: LimitZone, req: UpgradeRequest) -> Admission:
         """The pre-upgrade phase: identity, origin, connection and attempt limits."""
@@ -328,7 +331,17 @@ def compile_upgrade(policy, profiles) -> Upgrade:
         max_frame_size=int(policy.max_frame_size),
         max_message_size=int(policy.max_message_size),
         subprotocols=frozenset(policy.subprotocols) if policy.subprotocols is not None else None,
+        liveness=tuple(_liveness(policy, side) for side in ("client", "backend")),
     )
+
+
+def _liveness(policy, side: str) -> tuple[float, float]:
+    """(ping interval, ping timeout) of one side; the timeout defaults to the interval."""
+    interval = getattr(policy.ping_interval, side) if policy.ping_interval is not None else None
+    if not interval:
+        return (0.0, 0.0)
+    timeout = getattr(policy.ping_timeout, side) if policy.ping_timeout is not None else None
+    return (float(interval), float(timeout or interval))
 
 
 class Router:
@@ -410,6 +423,7 @@ def compile_api(api, config) -> CompiledApi:
         request=compile_flow("request", upgrade.request),
         response=compile_flow("response", upgrade.response),
         max_connections=config.limits.max_connections,
+        schemes=frozenset(api.schemes),
     )
 
 

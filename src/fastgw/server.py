@@ -233,7 +233,8 @@ class Connection:
     """What the server keeps about one live relayed connection."""
 
     __slots__ = ("id", "api", "peer", "started", "started_mono", "subprotocol", "relay", "admission",
-                 "lifetime_timer", "idle_timer", "expiry_timer", "removal_timer", "dial_us")
+                 "lifetime_timer", "idle_timer", "expiry_timer", "removal_timer", "dial_us",
+                 "ping_timers")
 
     def __init__(self, id_: int, api: str, peer: str, admission):
         self.id = id_
@@ -249,6 +250,7 @@ class Connection:
         self.idle_timer = None
         self.expiry_timer = None
         self.removal_timer = None
+        self.ping_timers = [None, None]     # liveness of the client side, the backend side
 
     def describe(self) -> dict:
         """The admin API's view of the connection."""
@@ -269,6 +271,10 @@ class Connection:
             if t is not None:
                 t.cancel()
         self.lifetime_timer = self.idle_timer = self.expiry_timer = self.removal_timer = None
+        for t in self.ping_timers:
+            if t is not None:
+                t.cancel()
+        self.ping_timers = [None, None]
 
 
 class Handshake(asyncio.Protocol):
@@ -358,6 +364,10 @@ class Handshake(asyncio.Protocol):
             req = parse_head(bytes(self.buf[:end]))
             api, rest, offered = check_upgrade(req, gw.router)
             self.api_name = api.name
+            scheme = "wss" if self.secure else "ws"
+            if scheme not in api.schemes:
+                raise Refusal(403, f"this API requires {'ws' if self.secure else 'wss'}",
+                              kind="forbidden")
             if gw.draining:
                 raise Refusal(503, "gateway is shutting down", kind="capacity")
             _, _, query = req.target.partition("?")
@@ -549,6 +559,33 @@ class Gateway:
                 up.max_lifetime, relay.close, 1001, "max lifetime reached")
         if up.idle_timeout:
             self._watch_idle(conn, up.idle_timeout, -1, time.monotonic())
+        for side, (interval, timeout) in enumerate(up.liveness):
+            if interval:
+                conn.ping_timers[side] = self.loop.call_later(
+                    interval, self._watch_liveness, conn, side, interval, timeout, -1, False)
+
+    def _watch_liveness(self, conn: Connection, side: int, interval: float, timeout: float,
+                        seen: int, pinged: bool) -> None:
+        """Ping a side (0: client, 1: backend) that has sent nothing for `interval`; if it
+        still sends nothing within `timeout`, it is gone (a dead peer sends no FIN)."""
+        relay = conn.relay
+        conn.ping_timers[side] = None
+        if relay is None or relay.ended:
+            return
+        leg = relay.client if side == 0 else relay.backend
+        reads = leg.reads
+        if reads != seen or leg.paused or leg.closing:
+            # It spoke; or its reading is paused (backpressure: it cannot be judged); or a
+            # close handshake is under way (the close timer bounds it).
+            seen, pinged, delay = reads, False, interval
+        elif not pinged:
+            leg.send_ping(b"fastgw liveness")
+            pinged, delay = True, timeout
+        else:
+            relay.lost(side == 0, "client ping timeout" if side == 0 else "backend ping timeout")
+            return
+        conn.ping_timers[side] = self.loop.call_later(
+            delay, self._watch_liveness, conn, side, interval, timeout, seen, pinged)
 
     def _watch_idle(self, conn: Connection, timeout: float, seen: int, since: float) -> None:
         relay = conn.relay
@@ -664,6 +701,8 @@ class Gateway:
             "accepted": self.accepted,
             "refused": {str(k): v for k, v in sorted(self.refused.items())},
             "draining": self.draining,
+            # Slots given back by a lease's deallocator instead of the end of life: a bug.
+            "lease_leaks": self.zone.lease_leaks,
         }
 
     async def shutdown(self, drain_time: float) -> None:

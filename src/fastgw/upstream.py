@@ -39,7 +39,9 @@ def make_ssl_context(profile) -> ssl.SSLContext:
     return ctx
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, secure: bool = False) -> str:
+    """The reason a dial failed, for the 502's body and the log. On a wss:// dial, a
+    connection reset or closed without an errno of connect() failed the TLS handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"backend certificate rejected: {exc.verify_message or exc}"
     if isinstance(exc, ssl.SSLError):
@@ -47,7 +49,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, HandshakeError):
         return str(exc)
     if isinstance(exc, OSError):
-        return f"backend unreachable: {exc.strerror or exc}"
+        what = exc.strerror or str(exc) or type(exc).__name__
+        if secure and isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return f"TLS handshake with backend failed: {what}"
+        return f"backend unreachable: {what}"
     return f"backend error: {exc!r}"
 
 
@@ -185,7 +190,7 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure of the dial is the backend's
-            raise UpstreamError(502, _describe(exc)) from None
+            raise UpstreamError(502, _describe(exc, secure)) from None
         try:
             status, response = _parse_response(head)
         except HandshakeError as exc:
