@@ -15,6 +15,7 @@ Invariants:
   client, minimal lengths, valid opcodes, unfragmented control frames of at
   most 125 bytes, fragmentation in order, a valid close code, nothing after
   a CLOSE; data frames are relayed byte for byte, in order; pongs answer pings;
+  pings are the gateway's own liveness pings (`send_ping`);
 - the partial-frame buffer never holds more than one frame (its cap included);
 - a leg that is gone (connection_lost) is never written to;
 - after both legs are gone, `on_end` ran exactly once (and not before), and
@@ -207,16 +208,18 @@ def valid_close_code(code: int) -> bool:
 
 
 def check_output(transport: Transport, masked: bool, max_frame: int, sent_data: list[bytes],
-                 sent_closes: list[bytes], sent_pings: list[bytes]) -> None:
+                 sent_closes: list[bytes], sent_pings: list[bytes], own_pings: list[bytes]) -> None:
     """What a leg wrote: whole well-formed frames, each write on frame boundaries.
 
     `sent_data`: the raw data frames the peer leg received (candidates for the
     relay, in order); `sent_closes`: CLOSE payloads the peer sent; `sent_pings`:
-    PING payloads this leg's own remote sent (answered with pongs)."""
+    PING payloads this leg's own remote sent (answered with pongs); `own_pings`: the
+    gateway's own PINGs to this leg (Leg.send_ping)."""
     in_message = False
     closed = False
     data_index = 0
     ping_index = 0
+    own_ping_index = 0
     for write in transport.writes:
         for item in parse_frames(write):
             if isinstance(item, int):
@@ -261,7 +264,11 @@ def check_output(transport: Transport, masked: bool, max_frame: int, sent_data: 
                 assert ping_index < len(sent_pings), f"{where}: pong without its ping"
                 ping_index += 1
             else:
-                raise AssertionError(f"{where}: the gateway sends no pings of its own")
+                # A ping of the gateway's own (send_ping), in order, payload unchanged.
+                while own_ping_index < len(own_pings) and own_pings[own_ping_index] != payload:
+                    own_ping_index += 1
+                assert own_ping_index < len(own_pings), f"{where}: a ping the gateway never sent"
+                own_ping_index += 1
 
 
 # --------------------------------------------------------------------------------------
@@ -328,6 +335,7 @@ class Side:
         self.received = bytearray()        # everything delivered to the leg
         self.max_frame = max_frame
         self.fed = 0
+        self.gateway_pings: list[bytes] = []
         self.masked_input = masked_input
 
     def deliver(self, n: int) -> None:
@@ -447,7 +455,12 @@ def test_one_input(data: bytes) -> None:
             else:
                 side.leg.resume_writing()
         elif op == 12:
-            loop.fire_timers()
+            if fdp.ConsumeBool():
+                loop.fire_timers()
+            else:           # a liveness ping of the gateway's own (server.py's timer)
+                payload = fdp.ConsumeBytes(fdp.PickValueInList([0, 15, 125, 130]))
+                if side.leg.send_ping(payload):
+                    side.gateway_pings.append(payload[:125])
         elif op == 13:
             if not client.attached:
                 attach_client()
@@ -494,7 +507,7 @@ def test_one_input(data: bytes) -> None:
         data_frames, closes, _ = peer.remote_frames()
         _, _, pings = s.remote_frames()
         check_output(s.transport, masked=s is backend, max_frame=max_frame, sent_data=data_frames,
-                     sent_closes=closes, sent_pings=pings)
+                     sent_closes=closes, sent_pings=pings, own_pings=s.gateway_pings)
 
 
 if __name__ == "__main__":
