@@ -1294,9 +1294,18 @@ class _JsonLines(_LineScan):
             elif token in "}]":
                 stack.pop()
                 expect_key = False  # "{}"
+                if not stack:
+                    # The end of the document. (After a duplicate key json.loads stopped
+                    # inside the text: what follows need not be JSON at all.)
+                    return
             elif expect_key:  # a key of the object on top
                 top = stack[-1]
-                key = json.loads(token)
+                if not token.startswith('"'):
+                    raise _ScanStop
+                try:
+                    key = json.loads(token)
+                except ValueError:
+                    raise _ScanStop from None
                 if key in top[1] and self.duplicate is None:
                     self.duplicate = (top[0], key, line)
                 top[1].add(key)

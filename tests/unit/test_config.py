@@ -670,6 +670,19 @@ def test_missing_tls_profile_file(confdir: Path) -> None:
     assert "Cannot read file 'certs/backend-ca.pem'" in info.value.message
 
 
+@pytest.mark.parametrize("text, path", [
+    ('{"listeners": [], "listeners": []}\x02ners": []}', "$"),   # found by fuzz_config.py
+    ('[{"a": 1, "a": 2}], ]', "$[0]"),
+    ('{"a": {"b": 1, "b": 2}, abc: 1}', "$.a"),
+    ('{"a": {"b": 1, "b": 2}, "\\q": 1}', "$.a"),
+])
+def test_json_duplicate_key_before_text_that_is_not_json(text: str, path: str) -> None:
+    # json.loads stops at the duplicate; the scan for its line must not read on into the rest.
+    with pytest.raises(ConfigError) as info:
+        loads(text, "json", "x.json")
+    assert info.value.message.startswith("Duplicate key") and info.value.path == path
+
+
 def test_nul_in_a_file_name_is_a_config_error(tmp_path: Path) -> None:
     # Found by tests/fuzz/fuzz_config.py: open() raised ValueError ("embedded null byte").
     text = MINIMAL_YAML + 'clients-file: "clients\\0.yaml"\n'
