@@ -10,7 +10,7 @@ RSS limit (leaks). A crash, a hang, an out-of-memory or a broken invariant
 leaves its input in the artifacts directory printed at the end.
 
 --update-corpus merges what the run found into the corpus with libFuzzer's
--merge=1 (keeping only inputs that add coverage; hand-written seeds, named
+-set_cover_merge=1 (a small set of inputs with all the features; hand-written seeds, named
 seed-*, are always kept).
 """
 
@@ -86,7 +86,7 @@ def merge(target: str, work: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         merged = Path(tmp) / "merged"
         merged.mkdir()
-        subprocess.run([sys.executable, str(HERE / f"fuzz_{target}.py"), "-merge=1",
+        subprocess.run([sys.executable, str(HERE / f"fuzz_{target}.py"), "-set_cover_merge=1",
                         f"-max_len={MAX_LEN[target]}", str(merged), str(corpus), str(work)],
                        check=True, cwd=fuzzlib.ROOT, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
