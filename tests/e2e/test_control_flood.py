@@ -94,9 +94,10 @@ async def read_until_close(reader, timeout: float = 10.0):
     return pongs, None, None
 
 
-async def _flooding_client(gp):
+async def _flooding_client(gp, rcvbuf: int = 64 * 1024):
+    """An upgraded raw connection with a small receive buffer (and a small reader limit)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gp.port, limit=16 * 1024)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     writer.write(client_handshake())
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
     return reader, writer
@@ -170,10 +171,7 @@ async def test_ping_burst_while_the_transport_is_full_closes_1008(gateway_factor
     """Thousands of pings in one read while the client's PONGs cannot be written:
     1008 "control frame flood", which the client gets once it reads."""
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, limit=16 * 1024)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
-    writer.write(client_handshake())
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    reader, writer = await _flooding_client(gw, rcvbuf=32 * 1024)
     await _fill_the_way_back(gw, writer)
     writer.write(masked(PING, b"") * 4000)          # 24 KB: one read
     await writer.drain()
@@ -192,10 +190,7 @@ async def test_a_slow_reader_gets_the_latest_pong(gateway_factory, echo_backend)
     """A client whose transport is full gets one PONG, for its latest PING, once
     it reads again, and its connection stays usable."""
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, limit=16 * 1024)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
-    writer.write(client_handshake())
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    reader, writer = await _flooding_client(gw, rcvbuf=32 * 1024)
     await _fill_the_way_back(gw, writer)
     conns = list(gw.gw.live.values())
     leg = conns[0].relay.client
