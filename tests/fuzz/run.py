@@ -17,7 +17,6 @@ seed-*, are always kept).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
