@@ -18,8 +18,9 @@ GET     /histograms/{name}               JSON; ``?format=hdr``: the compressed e
 GET     /connections?api=&client=        the live connections
 DELETE  /connections/{id}                close one connection (1001)
 DELETE  /connections?client=KEY          close every connection of one client
-POST    /reload                          reload the configuration file
-POST    /drain?grace=SECONDS             start draining (default grace 10 s)
+POST    /reload                          reload the configuration file (422: not applied)
+POST    /drain?grace=SECONDS&exit=BOOL   start draining (default grace 10 s); exit=true:
+                                         the process exits once the drain is over
 ======  ===============================  =============================================
 
 When a token is configured, every route but ``/healthz`` needs
@@ -71,6 +72,7 @@ REALM = "fastgw-admin"
 DEFAULT_DRAIN_GRACE = 10.0
 
 _DIGITS = re.compile(r"[0-9]+")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class AdminBackend(Protocol):
@@ -109,8 +111,9 @@ class AdminBackend(Protocol):
         """Reload the configuration: None once applied, else the error text."""
         ...
 
-    async def drain(self, grace: float) -> None:
-        """Start draining (returns once it has started, not when it ends)."""
+    async def drain(self, grace: float, exit: bool = False) -> None:
+        """Start draining (returns once it has started, not when it ends); with `exit`, the
+        process exits once the drain is over."""
         ...
 
 
@@ -262,8 +265,12 @@ async def _drain(request: web.Request) -> web.Response:
             grace = math.nan
         if not math.isfinite(grace) or grace < 0:
             return _error(400, f"grace must be a number of seconds >= 0, not {text!r}")
-    await _backend(request).drain(grace)
-    return web.json_response({"draining": True}, status=202)
+    text = request.query.get("exit", "false")
+    exit_ = _BOOLEANS.get(text.lower())
+    if exit_ is None:
+        return _error(400, f"exit must be true or false, not {text!r}")
+    await _backend(request).drain(grace, exit=exit_)
+    return web.json_response({"draining": True, "exit": exit_}, status=202)
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -36,7 +36,8 @@ def cmd_check(args) -> int:
     return 0
 
 
-async def _serve(config, drain_time: float, config_path: str) -> int:
+async def _serve(config, drain_time: float | None, config_path: str) -> int:
+    """Run until SIGTERM/SIGINT or `POST /drain?exit=true`; drain_time None: the file's."""
     from fastgw.admin import start_admin
     from fastgw.server import Gateway
     from fastgw.events import EventSink
@@ -63,6 +64,7 @@ async def _serve(config, drain_time: float, config_path: str) -> int:
         print(f"fastgw: listening on {scheme}://{shown}:{port}", file=sys.stderr, flush=True)
     if admin is not None:
         print(f"fastgw: admin on {admin.url}", file=sys.stderr, flush=True)
+    print(f"fastgw: {gw.capacity_note()}", file=sys.stderr, flush=True)
     interval_log = log_task = None
     if config.histogram_log is not None:
         from fastgw.metrics import IntervalLog
@@ -88,6 +90,13 @@ async def _serve(config, drain_time: float, config_path: str) -> int:
             print(f"fastgw: {signame}: draining {len(gw.live)} connections", file=sys.stderr, flush=True)
             stop.set_result(signame)
 
+    def on_drained():                   # POST /drain?exit=true, once the drain is over
+        if not stop.done():
+            print("fastgw: drained, exiting", file=sys.stderr, flush=True)
+            stop.set_result("drain")
+
+    gw.on_exit = on_drained
+
     def on_status():
         print("fastgw: status " + json.dumps(gw.status()), file=sys.stderr, flush=True)
 
@@ -96,7 +105,7 @@ async def _serve(config, drain_time: float, config_path: str) -> int:
     loop.add_signal_handler(signal.SIGUSR1, on_status)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop
-    await gw.shutdown(drain_time)
+    await gw.shutdown(drain_time if drain_time is not None else float(gw.config.drain_time))
     if admin is not None:
         await admin.close()
     if gw.events is not None:
@@ -119,7 +128,8 @@ def cmd_run(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="fastgw: %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastgw.picows").setLevel(logging.ERROR)
-    drain = float(args.drain_time if args.drain_time is not None else config.drain_time)
+    # The file's drain-time is read when the drain begins (a reload may change it).
+    drain = float(args.drain_time) if args.drain_time is not None else None
     import uvloop
     # A thread (the event writer) gives the GIL back to the relay's loop within
     # 0.5 ms instead of the default 5 ms.

@@ -191,7 +191,6 @@ class CompiledApi:
     pre: tuple = ()                # CountLimitRule | RateLimitRule, in assembly order
     request: MessageRules | None = None
     response: MessageRules | None = None
-    max_connections: int = 0       # the gateway's global cap (0: none)
 
     def admit(self, zone: LimitZone, req: UpgradeRequest) -> Admission:
         """The pre-upgrade phase: identity, origin, connection and attempt limits."""
@@ -205,9 +204,6 @@ class CompiledApi:
         ip = identity.client_ip(req.peer_ip, xff, self.trusted) if self.trusted else req.peer_ip
         adm = Admission(ip, who.client_id, who.plan, who.expires_at)
         try:
-            if self.max_connections:
-                self._acquire(zone, adm, key_hash("cap|global"), self.max_connections,
-                              Refusal(503, "the gateway is at its connection limit", kind="capacity"))
             for rule in self.pre:
                 kind = "c" if isinstance(rule, CountLimitRule) else "r"
                 k = key_hash(_limit_key(f"{kind}{rule.index}", rule.key, self.name, ip, who.client_id))
@@ -346,7 +342,6 @@ def compile_api(api, config) -> CompiledApi:
         pre=tuple(pre),
         request=compile_flow("request", upgrade.request),
         response=compile_flow("response", upgrade.response),
-        max_connections=config.limits.max_connections,
     )
 
 

@@ -18,11 +18,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
+import json
 import logging
+import os
 import re
+import resource
+import socket
 import ssl
 import time
 from http import HTTPStatus
+
+import msgspec
 
 from fastgw._core import LimitZone, Relay
 from fastgw import config as cfgmod
@@ -385,6 +392,182 @@ class Handshake(asyncio.Protocol):
             transport.resume_reading()
 
 
+# ---- listeners and descriptors ------------------------------------------------------
+
+# Descriptors kept out of the derived max-connections (besides one per listening socket):
+# the process's own, about 20 at idle (standard streams, the event loop, the admin API's
+# listener, log and event files), the spare descriptors below, admin clients, DNS look-ups
+# and the files a reload reads.
+RESERVED_FDS = 32
+# Held open on /dev/null and closed when accept() fails for want of descriptors, so that the
+# admin API and the dials of clients already accepted still find some; taken back before
+# the listeners accept again.
+SPARE_FDS = 8
+# accept() calls per readiness wake-up of one listening socket.
+ACCEPT_BATCH = 64
+# Pause of the listeners after EMFILE/ENFILE: doubled while it repeats, up to the maximum.
+ACCEPT_BACKOFF_MIN = 0.1
+ACCEPT_BACKOFF_MAX = 1.0
+# A repeated warning (descriptors out, cap reached, per-address cap) at most once per this.
+WARN_INTERVAL = 10.0
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft before, soft now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def derived_max_connections(fd_limit: int, listening_sockets: int) -> int:
+    """`limits.max-connections: auto`, as HAProxy derives maxconn from its descriptor limit:
+    two descriptors per connection (the client's and the backend's) once RESERVED_FDS and
+    one per listening socket are set aside."""
+    return max(1, (fd_limit - RESERVED_FDS - listening_sockets) // 2)
+
+
+def _listener_context(index: int, lc) -> ssl.SSLContext | None:
+    """The server TLS context of a listener (read from its files now), or None."""
+    if lc.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"listeners[{index}].tls: cannot load {lc.tls.cert} / {lc.tls.key}: {exc}") from None
+    return ctx
+
+
+class Listener:
+    """One configured listener: its listening sockets and the TLS context of new clients."""
+
+    __slots__ = ("host", "port", "sockets", "ctx")
+
+    def __init__(self, host: str, port: int, sockets: list[socket.socket], ctx):
+        self.host, self.port = host, port        # as configured (port 0: any)
+        self.sockets = sockets
+        self.ctx = ctx                           # replaced by a reload; None: plain ws
+
+    @property
+    def addresses(self) -> list[tuple[str, str, int]]:
+        scheme = "wss" if self.ctx is not None else "ws"
+        return [(scheme, *s.getsockname()[:2]) for s in self.sockets if s.fileno() >= 0]
+
+    def describe(self) -> str:
+        return ", ".join(f"{scheme}://{f'[{h}]' if ':' in h else h}:{p}" for scheme, h, p in self.addresses)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+
+
+async def _bind(loop, index: int, lc, backlog: int) -> list[socket.socket]:
+    """Listening sockets for one listener (one per address its host resolves to), as
+    asyncio's create_server makes them: SO_REUSEADDR, IPv6 sockets IPv6-only."""
+    where = f"{lc.host}:{lc.port}"
+    try:
+        infos = await loop.getaddrinfo(lc.host, lc.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise OSError(f"listeners[{index}]: cannot resolve {lc.host}: {exc}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in dict.fromkeys(infos):
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(addr)
+            s.listen(backlog)
+            s.setblocking(False)
+    except OSError as exc:
+        for s in socks:
+            s.close()
+        raise OSError(f"listeners[{index}]: cannot listen on {where}: {exc.strerror or exc}") from None
+    return socks
+
+
+class HandshakeTable:
+    """The client connections in their handshake (TLS, request head, dial), by peer address.
+
+    A connection counts from its accept() to its hand-over to the relay or its end, whichever
+    comes first: `expect` at accept(), then `add` / `discard` by the Handshake protocol
+    (connection_made; hand-over or connection_lost), or `forget` by the accept path when
+    connection_made never came (a failed TLS handshake). Iterating gives the Handshake
+    protocols that have their transport."""
+
+    __slots__ = ("_set", "_ip", "by_ip", "_on_end")
+
+    def __init__(self, on_end):
+        self._set: set = set()
+        self._ip: dict = {}              # every counted connection's Handshake -> peer address
+        self.by_ip: dict[str, int] = {}
+        self._on_end = on_end
+
+    @property
+    def counted(self) -> int:
+        return len(self._ip)
+
+    def expect(self, hs, ip: str) -> None:
+        self._ip[hs] = ip
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+
+    def add(self, hs) -> None:
+        self._set.add(hs)
+
+    def discard(self, hs) -> None:
+        self._set.discard(hs)
+        self._end(hs)
+
+    def forget(self, hs) -> None:
+        if hs not in self._set:
+            self._end(hs)
+
+    def _end(self, hs) -> None:
+        ip = self._ip.pop(hs, None)
+        if ip is None:
+            return
+        n = self.by_ip[ip] - 1
+        if n:
+            self.by_ip[ip] = n
+        else:
+            del self.by_ip[ip]
+        self._on_end()
+
+    def __iter__(self):
+        return iter(self._set)
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+    def __contains__(self, hs) -> bool:
+        return hs in self._set
+
+
+def _show(value) -> str:
+    return json.dumps(msgspec.to_builtins(value), separators=(", ", ": "))
+
+
+def _unreloadable(old, new) -> str | None:
+    """What a reload from `old` to `new` would change that is read once at start."""
+    fields = (("admin", old.admin, new.admin), ("events", old.events, new.events),
+              ("histogram-log", old.histogram_log, new.histogram_log),
+              ("metrics", old.metrics, new.metrics),
+              ("limits.max-keys", old.limits.max_keys, new.limits.max_keys))
+    changed = [f"{name} ({_show(a)} -> {_show(b)})" for name, a, b in fields if a != b]
+    if not changed:
+        return None
+    return ("cannot change on reload (read once at start; restart the gateway to apply): "
+            + "; ".join(changed))
+
+
 class Gateway:
     """Listeners and live connections of one process."""
 
@@ -395,6 +578,7 @@ class Gateway:
         self.metrics = Metrics(histogram_factory, intervals=config.histogram_log is not None,
                                enabled=config.metrics)
         self.metrics.active = self._active_by_api
+        self.metrics.max_connections = lambda: self.max_connections
         self.events = None                     # an events.EventSink, set by the CLI
         for api in self.router.apis:
             self.metrics.api(api.name)
@@ -404,15 +588,29 @@ class Gateway:
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self.loop = None
-        self.servers = []
-        self.addresses = []          # (scheme, host, port)
-        self.handshakes: set[Handshake] = set()
+        self.listeners: list[Listener] = []
+        self.handshakes = HandshakeTable(self._handshake_ended)
         self.live: dict[int, Connection] = {}
         self.draining = False
+        self.on_exit = None                    # called once a drain asked to exit is over (the CLI)
         self._ids = 0
         self.accepted = 0
         self.refused: dict[int, int] = {}
         self._idle = None
+        self._drain_task = None
+        self._exit_asked = False
+        # Descriptors and accepting (see README, "Descriptors and accepting").
+        self.fd_limit_at_start = self.fd_limit = 0
+        self.max_connections = 0               # effective cap (0: none)
+        self.derived_max_connections = 0
+        self.max_handshakes_per_ip = 0
+        self._open = False                     # listeners open (between start and close)
+        self._watching = False                 # readers on the listening sockets
+        self._backing_off = False
+        self._backoff = ACCEPT_BACKOFF_MIN
+        self._spares: list[int] = []
+        self._connecting: dict = {}            # task -> (socket, Handshake) until connection_made
+        self._warned: dict[str, tuple[float, int]] = {}
 
     def next_id(self) -> int:
         self._ids += 1
@@ -433,24 +631,195 @@ class Gateway:
             out[conn.api] = out.get(conn.api, 0) + 1
         return out
 
+    @property
+    def addresses(self) -> list[tuple[str, str, int]]:
+        """(scheme, host, port) of every listening socket, in the order of the configuration."""
+        return [a for listener in self.listeners for a in listener.addresses]
+
+    def _warn(self, key: str, msg: str, *args) -> None:
+        """A warning at most once per WARN_INTERVAL per key; the next one says how many were held."""
+        now = time.monotonic()
+        last, held = self._warned.get(key, (-WARN_INTERVAL, 0))
+        if now - last < WARN_INTERVAL:
+            self._warned[key] = (last, held + 1)
+            return
+        self._warned[key] = (now, 0)
+        if held:
+            msg += f" ({held} more since the last such warning)"
+        log.warning(msg, *args)
+
+    # ---- start, accepting -------------------------------------------------
+
     async def start(self) -> list[tuple[str, str, int]]:
+        """Raise the descriptor limit, open the listeners and start accepting."""
         self.loop = asyncio.get_running_loop()
-        for lc in self.config.listeners:
-            ctx = None
-            if lc.tls is not None:
-                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
-            secure = ctx is not None
-            server = await self.loop.create_server(
-                lambda secure=secure: Handshake(self, secure),
-                lc.host, lc.port, ssl=ctx, backlog=self.config.backlog,
-                reuse_address=True, ssl_handshake_timeout=self.handshake_timeout if ctx else None,
-            )
-            self.servers.append(server)
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                self.addresses.append(("wss" if secure else "ws", host, port))
+        self.fd_limit_at_start, self.fd_limit = raise_fd_limit()
+        self._take_spares()
+        listeners = []
+        try:
+            for i, lc in enumerate(self.config.listeners):
+                ctx = _listener_context(i, lc)
+                listeners.append(Listener(lc.host, lc.port,
+                                          await _bind(self.loop, i, lc, self.config.backlog), ctx))
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            self._release_spares()
+            raise
+        self.listeners = listeners
+        self._apply_limits(self.config)
+        self._open = True
+        self._update_accepting()
         return self.addresses
+
+    def _apply_limits(self, config) -> None:
+        sockets = sum(len(listener.sockets) for listener in self.listeners)
+        self.derived_max_connections = derived_max_connections(self.fd_limit, sockets) if self.fd_limit else 0
+        value = config.limits.max_connections
+        self.max_connections = self.derived_max_connections if value == "auto" else int(value)
+        self.max_handshakes_per_ip = int(config.limits.max_handshakes_per_ip)
+        if value != "auto" and self.derived_max_connections and \
+                (value == 0 or value > self.derived_max_connections):
+            log.warning("limits.max-connections %s: the descriptor limit %d holds about %d "
+                        "connections; past them accept() fails with EMFILE (and is retried)",
+                        value or "0 (no cap)", self.fd_limit, self.derived_max_connections)
+
+    def capacity_note(self) -> str:
+        """One line for the start: the cap and where it comes from."""
+        value = self.config.limits.max_connections
+        limit = f"descriptor limit {self.fd_limit}"
+        if self.fd_limit > self.fd_limit_at_start:
+            limit += f", raised from {self.fd_limit_at_start}"
+        if value == "auto":
+            sockets = sum(len(listener.sockets) for listener in self.listeners)
+            cap = (f"max-connections {self.max_connections} (auto: ({limit}) - "
+                   f"{RESERVED_FDS + sockets} reserved, / 2 per connection)")
+        elif value == 0:
+            cap = f"max-connections: no cap ({limit})"
+        else:
+            cap = f"max-connections {self.max_connections} ({limit})"
+        per_ip = self.max_handshakes_per_ip or "no cap"
+        return f"{cap}; max-handshakes-per-ip {per_ip}"
+
+    def _may_accept(self) -> bool:
+        cap = self.max_connections
+        return not cap or self.handshakes.counted + len(self.live) < cap
+
+    def _update_accepting(self) -> None:
+        """Watch the listening sockets exactly while a new client may be accepted."""
+        want = self._open and not self._backing_off and self._may_accept()
+        if want == self._watching:
+            return
+        self._watching = want
+        for listener in self.listeners:
+            for s in listener.sockets:
+                if want:
+                    self.loop.add_reader(s.fileno(), self._on_readable, s, listener)
+                else:
+                    self.loop.remove_reader(s.fileno())
+        if not want and self._open and not self._backing_off:
+            self._warn("cap", "at max-connections %d (%d relayed, %d in handshake): new clients "
+                       "wait in the listen backlog until a connection ends", self.max_connections,
+                       len(self.live), self.handshakes.counted)
+
+    def _handshake_ended(self) -> None:
+        if not self._watching:
+            self._update_accepting()
+
+    def _on_readable(self, sock: socket.socket, listener: Listener) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if not self._may_accept():
+                self._update_accepting()
+                return
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if self._accept_failed(exc):
+                    return
+                continue
+            self._backoff = ACCEPT_BACKOFF_MIN
+            self._accept(conn, addr[0] if isinstance(addr, tuple) else "", listener)
+
+    def _accept(self, conn: socket.socket, ip: str, listener: Listener) -> None:
+        per_ip = self.max_handshakes_per_ip
+        if per_ip and self.handshakes.by_ip.get(ip, 0) >= per_ip:
+            conn.close()
+            self.metrics.count_reject(None, "handshake_limit")
+            self._warn("per-ip", "closed a new connection from %s at once: %d connections of "
+                       "that address in their handshake (limits.max-handshakes-per-ip)", ip, per_ip)
+            return
+        ctx = listener.ctx
+        hs = Handshake(self, ctx is not None)
+        self.handshakes.expect(hs, ip)
+        task = self.loop.create_task(self._connect(conn, hs, ctx))
+        self._connecting[task] = (conn, hs)
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task) -> None:
+        del self._connecting[task]
+
+    async def _connect(self, conn: socket.socket, hs: "Handshake", ctx) -> None:
+        """Give an accepted socket its transport (and TLS); the Handshake takes it from there."""
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: hs, conn, ssl=ctx,
+                ssl_handshake_timeout=self.handshake_timeout if ctx is not None else None)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as exc:     # a failed TLS handshake, a client gone before it began
+            log.debug("accepted connection from %s ended before its request: %r",
+                      self.handshakes._ip.get(hs, "?"), exc)
+            conn.close()             # no-op once the transport has the socket
+        finally:
+            self.handshakes.forget(hs)
+
+    def _accept_failed(self, exc: OSError) -> bool:
+        """Count a failed accept(); True when the listeners pause (out of descriptors or memory)."""
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        self.metrics.accept_errors[name] += 1
+        if exc.errno not in _RESOURCE_ERRNOS:
+            log.debug("accept: %s", exc)         # ECONNABORTED and the like: the client left first
+            return False
+        self._release_spares()
+        delay = self._backoff
+        self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
+        self._warn("accept", "accept: %s (%s; descriptor limit %d, %d client connections held): "
+                   "not accepting for %.1f s", exc.strerror, name, self.fd_limit,
+                   len(self.live) + self.handshakes.counted, delay)
+        self._backing_off = True
+        self._update_accepting()
+        self.loop.call_later(delay, self._backoff_over)
+        return True
+
+    def _backoff_over(self) -> None:
+        if not self._open:
+            return
+        if not self._take_spares():              # still out of descriptors: wait longer
+            delay = self._backoff
+            self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
+            self.loop.call_later(delay, self._backoff_over)
+            return
+        self._backing_off = False
+        self._update_accepting()
+
+    def _take_spares(self) -> bool:
+        """All SPARE_FDS spare descriptors, or none (what is free stays free for the admin API)."""
+        while len(self._spares) < SPARE_FDS:
+            try:
+                self._spares.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                self._release_spares()
+                return False
+        return True
+
+    def _release_spares(self) -> None:
+        while self._spares:
+            os.close(self._spares.pop())
+
+    # ---- live connections -------------------------------------------------
 
     def attach(self, relay, api, head_at: float) -> None:
         """A relay whose client is about to get its 101 joins the live table."""
@@ -468,6 +837,9 @@ class Gateway:
                 id=conn.id, api=conn.api, client=conn.client_key, remote=conn.peer,
                 subprotocol=conn.subprotocol, handshake_ms=handshake_us / 1e3,
                 plan=conn.admission.plan))
+        if self.draining:            # dialled before the drain began: it ends with the others
+            self.loop.call_soon(relay.close, 1001, "gateway shutting down")
+            return
         expires = conn.admission.expires_at
         if api.close_on_expiry and expires is not None:
             conn.expiry_timer = self.loop.call_later(
@@ -512,13 +884,15 @@ class Gateway:
                     delayed=c.delayed + b.delayed, dropped=c.dropped + b.dropped))
         conn.relay = None
         self.live.pop(conn.id, None)
-        if self.draining and not self.live and self._idle is not None and not self._idle.done():
+        if not self.live and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
+        if not self._watching:
+            self._update_accepting()
 
     # ---- the admin API's view (admin.AdminBackend) ------------------------
 
     def ready(self) -> bool:
-        return bool(self.servers) and not self.draining
+        return self._open and bool(self.listeners) and not self.draining
 
     async def metrics_text(self) -> str:
         """Formatted on the loop one API at a time (see metrics.render_async)."""
@@ -555,7 +929,8 @@ class Gateway:
         return n
 
     async def reload(self) -> str | None:
-        """Re-read the configuration file; None when applied, else why not."""
+        """Re-read the configuration file and apply it; None when applied, else why not
+        (and nothing was changed)."""
         if self.config_path is None:
             return "no configuration file to reload"
         try:
@@ -565,60 +940,161 @@ class Gateway:
             return str(exc)
         except (OSError, ValueError) as exc:
             return f"{self.config_path}: {exc}"
-        kept = {a.name for a in router.apis}
+        problem = _unreloadable(self.config, config)
+        if problem is not None:
+            return f"{self.config_path}: {problem}"
+        # Listeners: contexts read and new sockets bound before anything changes.
+        current = {(listener.host, listener.port): listener for listener in self.listeners}
+        plan: list[tuple[Listener, object]] = []
+        opened: list[Listener] = []
+        try:
+            for i, lc in enumerate(config.listeners):
+                ctx = _listener_context(i, lc)
+                old = current.get((lc.host, lc.port))
+                if old is None:
+                    old = Listener(lc.host, lc.port, await _bind(self.loop, i, lc, config.backlog), None)
+                    opened.append(old)
+                plan.append((old, ctx))
+        except OSError as exc:
+            for listener in opened:
+                listener.close()
+            return f"{self.config_path}: {exc}"
+        kept = {id(listener) for listener, _ in plan}
+        removed = [listener for listener in self.listeners if id(listener) not in kept]
+        if self._watching:               # readers are added again below, for the new set
+            self._update_accepting_off()
+        for listener, ctx in plan:
+            listener.ctx = ctx
+            if listener not in opened and config.backlog != self.config.backlog:
+                for s in listener.sockets:
+                    s.listen(config.backlog)
+        for listener in removed:
+            listener.close()             # live connections accepted there are not touched
+        self.listeners = [listener for listener, _ in plan]
+        names = {a.name for a in router.apis}
         self.config, self.router = config, router
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
-        for name in kept:
+        self._apply_limits(config)
+        for name in names:
             self.metrics.api(name)
         grace = float(config.reload_grace)
         for conn in self.live.values():
-            if conn.api not in kept and conn.relay is not None and conn.removal_timer is None:
+            if conn.api not in names and conn.relay is not None and conn.removal_timer is None:
                 conn.removal_timer = self.loop.call_later(
                     grace, conn.relay.close, 1001, "API removed by reload")
-        log.warning("configuration reloaded from %s", self.config_path)
+        self._update_accepting()
+        changes = [f"+{listener.describe()}" for listener in opened]
+        changes += [f"-{listener.host}:{listener.port}" for listener in removed]
+        log.warning("configuration reloaded from %s%s", self.config_path,
+                    f" (listeners: {', '.join(changes)})" if changes else "")
         return None
 
-    async def drain(self, grace: float) -> None:
-        """Stop accepting (readyz turns false) and close live connections over `grace`."""
-        if self.draining:
-            return
-        self.loop.create_task(self.shutdown(grace))
+    def _update_accepting_off(self) -> None:
+        """Stop watching every listening socket (before the set of listeners changes)."""
+        for listener in self.listeners:
+            for s in listener.sockets:
+                self.loop.remove_reader(s.fileno())
+        self._watching = False
 
-    def status(self) -> dict:
-        return {
-            "active": len(self.live),
-            "handshakes": len(self.handshakes),
-            "accepted": self.accepted,
-            "refused": {str(k): v for k, v in sorted(self.refused.items())},
-            "draining": self.draining,
-        }
+    # ---- drain and shutdown -----------------------------------------------
 
-    async def shutdown(self, drain_time: float) -> None:
-        """Stop accepting, close live connections with 1001, wait up to drain_time."""
-        self.draining = True
-        for server in self.servers:
-            server.close()
+    async def drain(self, grace: float, exit: bool = False) -> None:
+        """Start draining and return: `/readyz` turns false, new upgrades get 503, live
+        connections get 1001 and are cut after `grace`. The listeners stay open (answering
+        503); with `exit`, once the drain is over the process is asked to exit (`on_exit`),
+        or, without one, the listeners are closed."""
+        task = self._start_drain(grace)
+        if exit and not self._exit_asked:
+            self._exit_asked = True
+            task.add_done_callback(self._drained_exit)
+
+    def _start_drain(self, grace: float):
+        if self._drain_task is None:
+            self.draining = True
+            self._drain_task = self.loop.create_task(self._drain(grace))
+        return self._drain_task
+
+    def _drained_exit(self, _task) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
+        else:
+            self.loop.create_task(self.close())
+
+    async def _drain(self, grace: float) -> None:
+        log.warning("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
+                    len(self.live), grace)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))
         for conn in list(self.live.values()):
             if conn.relay is not None:
                 conn.relay.close(1001, "gateway shutting down")
-        if self.live:
+        if not await self._wait_live_gone(grace):
+            log.warning("drain time over: cutting %d connections", len(self.live))
+            self._cut()
+        log.warning("drained")
+
+    async def _wait_live_gone(self, timeout: float) -> bool:
+        if not self.live:
+            return True
+        if self._idle is None or self._idle.done():
             self._idle = self.loop.create_future()
-            try:
-                await asyncio.wait_for(self._idle, drain_time)
-            except TimeoutError:
-                log.warning("drain time over: cutting %d connections", len(self.live))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _cut(self) -> None:
         for conn in list(self.live.values()):
             relay = conn.relay
             if relay is not None:
                 for leg in (relay.client, relay.backend):
                     if leg.connected:
                         leg.abort_transport()
-        for server in self.servers:
-            try:
-                await asyncio.wait_for(server.wait_closed(), 1.0)
-            except (TimeoutError, Exception):
-                pass
+
+    def status(self) -> dict:
+        return {
+            "active": len(self.live),
+            "handshakes": self.handshakes.counted,
+            "accepted": self.accepted,
+            "refused": {str(k): v for k, v in sorted(self.refused.items())},
+            "draining": self.draining,
+            "accepting": self._watching,
+            "max_connections": self.max_connections,
+            "fd_limit": self.fd_limit,
+        }
+
+    async def shutdown(self, drain_time: float) -> None:
+        """Drain (or go on with a drain already begun, cut after `drain_time` at most),
+        then close the listeners."""
+        if self.loop is None:
+            return
+        task = self._start_drain(drain_time)
+        done, _ = await asyncio.wait({task}, timeout=drain_time)
+        if not done:
+            log.warning("drain time over: cutting %d connections", len(self.live))
+            self._cut()
+            await asyncio.wait({task}, timeout=1.0)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the listeners; handshakes still open get 503, connections still live are cut
+        (after up to 1 s for those closing)."""
+        if not self._open:
+            return
+        self._open = False
+        if self._watching:
+            self._update_accepting_off()
+        for listener in self.listeners:
+            listener.close()
+        for task, (conn, hs) in list(self._connecting.items()):
+            task.cancel()                # it may not have begun: its socket and count go here
+            conn.close()
+            self.handshakes.forget(hs)
+        for hs in list(self.handshakes):
+            hs.refuse(Refusal(503, "gateway is shutting down"))
+        if not await self._wait_live_gone(1.0):
+            self._cut()
+        self._release_spares()

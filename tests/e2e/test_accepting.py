@@ -1,0 +1,255 @@
+"""Accepting under limits: the descriptor limit, the derived max-connections, EMFILE, and the
+per-address cap on handshakes in progress. `fastgw run` processes under a low RLIMIT_NOFILE,
+real sockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from conftest import GatewayProcess, gateway_yaml
+from test_observability import get_metrics, samples, value
+
+
+class AdminGatewayProcess(GatewayProcess):
+    admin_url: str = ""
+    config_path: Path
+
+    def write_config(self, yaml_text: str) -> None:
+        """Rewrite the configuration file (with the same admin section), for a reload."""
+        self.config_path.write_text(yaml_text + ADMIN)
+
+
+ADMIN = "admin: {host: 127.0.0.1, port: 0}\n"
+
+
+@pytest.fixture
+def gateway_with_admin(tmp_path):
+    """`fastgw run` with its admin API on a free port; with soft/hard, under that RLIMIT_NOFILE."""
+    procs: list[AdminGatewayProcess] = []
+
+    def start(yaml_text: str, soft: int | None = None, hard: int | None = None) -> AdminGatewayProcess:
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(yaml_text + ADMIN)
+        err = tmp_path / "gateway.stderr"
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+        proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=err.open("w"),
+                                preexec_fn=limit if soft is not None else None)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = err.read_text()
+            port = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", text)
+            admin = re.search(r"admin on (http://\S+)", text)
+            if port and admin:
+                for _ in range(40):      # the line after "admin on" (this version prints it)
+                    if "max-connections" in err.read_text():
+                        break
+                    time.sleep(0.05)
+                gp = AdminGatewayProcess(proc, int(port.group(1)), err)
+                gp.admin_url = admin.group(1)
+                gp.config_path = cfg
+                procs.append(gp)
+                return gp
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {text}")
+            time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError(f"gateway did not start: {err.read_text()}")
+
+    yield start
+    for gp in procs:
+        if gp.proc.poll() is None:
+            gp.proc.send_signal(signal.SIGTERM)
+            try:
+                gp.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                gp.proc.kill()
+                gp.proc.wait()
+
+
+async def connect(url: str, **kw):
+    return await websockets.connect(url, **kw)
+
+
+async def admin_metrics(http: aiohttp.ClientSession, url: str) -> dict:
+    async with http.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
+        assert r.status == 200
+        return samples(await r.text())
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' line")
+
+
+async def test_soft_descriptor_limit_raised_to_the_hard_one(gateway_with_admin, echo_backend):
+    gp = gateway_with_admin(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"), soft=64, hard=300)
+    assert open_files_limit(gp.proc.pid) == (300, 300)
+    err = gp.stderr()
+    m = re.search(r"max-connections (\d+) \(auto: \(descriptor limit 300, raised from 64\) - "
+                  r"(\d+) reserved, / 2 per connection\)", err)
+    assert m, err
+    assert int(m.group(1)) == (300 - int(m.group(2))) // 2
+    async with aiohttp.ClientSession() as http:
+        metrics = await admin_metrics(http, gp.admin_url)
+    assert value(metrics, "fastgw_connections_max") == int(m.group(1))
+
+
+async def test_low_descriptor_limit_clients_wait_in_the_backlog_and_are_served(
+        gateway_with_admin, echo_backend):
+    gp = gateway_with_admin(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"), soft=64, hard=64)
+    cap = int(re.search(r"max-connections (\d+) \(auto", gp.stderr()).group(1))
+    assert 4 <= cap <= 20          # 64 descriptors: two per connection after the reserve
+    extra = 8
+    tasks = [asyncio.create_task(connect(gp.url("/"), open_timeout=60))
+             for _ in range(cap + extra)]
+    await wait_for(lambda: sum(t.done() for t in tasks) >= cap, 30, f"{cap} upgrades")
+    await asyncio.sleep(0.5)
+    done = [t for t in tasks if t.done()]
+    assert len(done) == cap, "more clients were accepted than max-connections"
+    assert all(t.exception() is None for t in done), [t.exception() for t in done]
+    held = [t.result() for t in done]
+    waiting = [t for t in tasks if not t.done()]
+    async with aiohttp.ClientSession() as http:
+        # The admin API answers while the gateway holds all it may.
+        metrics = await admin_metrics(http, gp.admin_url)
+        assert value(metrics, "fastgw_connections_active", api="test") == cap
+        assert value(metrics, "fastgw_connections_max") == cap
+        async with http.get(f"{gp.admin_url}/readyz") as r:
+            assert r.status == 200
+        for ws in held[:extra]:
+            await ws.close()
+        await wait_for(lambda: all(t.done() for t in waiting), 30, "the waiting clients")
+        assert all(t.exception() is None for t in waiting), [t.exception() for t in waiting]
+        served = held[extra:] + [t.result() for t in waiting]
+        for i, ws in enumerate(served):
+            await ws.send(f"m{i}")
+            assert await ws.recv() == f"m{i}"
+        metrics = await admin_metrics(http, gp.admin_url)
+        assert value(metrics, "fastgw_connections_active", api="test") == cap
+        assert value(metrics, "fastgw_upgrades_rejected_total", api="test", reason="upstream_error") == 0
+        for ws in served:
+            await ws.close()
+    err = gp.stderr()
+    assert err.count(f"at max-connections {cap} ") == 1, err
+    assert "Traceback" not in err
+
+
+async def test_out_of_descriptors_backs_off_counts_and_the_admin_api_answers(
+        gateway_with_admin, echo_backend):
+    # No cap: the gateway accepts until accept() fails with EMFILE.
+    gp = gateway_with_admin(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
+                                      extra_top="handshake-timeout: 60s\nlimits: {max-connections: 0}"),
+                         soft=64, hard=64)
+    assert "holds about" in gp.stderr()          # the warning that 0 means no cap on descriptors
+    raw = [await asyncio.open_connection("127.0.0.1", gp.port) for _ in range(60)]
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 20
+        while True:
+            metrics = await admin_metrics(http, gp.admin_url)     # answers throughout
+            if value(metrics, "fastgw_accept_errors_total", errno="EMFILE") >= 1:
+                break
+            assert time.monotonic() < deadline, "no EMFILE counted"
+            await asyncio.sleep(0.1)
+        assert value(metrics, "fastgw_accept_errors_total", errno="ENFILE") == 0
+        client = asyncio.create_task(connect(gp.url("/"), open_timeout=60))
+        # Nobody was reset or closed: accepted or not, every raw connection is still open.
+        reads = await asyncio.gather(*(asyncio.wait_for(r.read(1), 0.5) for r, _ in raw),
+                                     return_exceptions=True)
+        assert all(isinstance(x, TimeoutError) for x in reads), reads
+        assert not client.done()
+        async with http.get(f"{gp.admin_url}/healthz") as r:
+            assert r.status == 200
+        for _, w in raw:
+            w.close()
+        ws = await asyncio.wait_for(client, 30)
+        await ws.send("after the back-off")
+        assert await ws.recv() == "after the back-off"
+        await ws.close()
+    err = gp.stderr()
+    assert err.count("accept: Too many open files (EMFILE") == 1, err
+    assert "Traceback" not in err
+
+
+async def test_max_connections_makes_clients_wait_not_503(gateway_factory, echo_backend):
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
+                                            extra_top="limits: {max-connections: 3}"))
+    assert gw.gw.max_connections == 3
+    held = [await websockets.connect(gw.url("/")) for _ in range(3)]
+    late = asyncio.create_task(connect(gw.url("/"), open_timeout=30))
+    await asyncio.sleep(0.5)
+    assert not late.done(), late.done() and (late.exception() or "accepted")
+    assert gw.gw.status()["accepting"] is False
+    await held[0].close()
+    ws = await asyncio.wait_for(late, 10)
+    await ws.send("late")
+    assert await ws.recv() == "late"
+    for c in held[1:] + [ws]:
+        await c.close()
+
+
+async def raw_held(host_from: str, port: int):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(host_from, 0))
+    return reader, writer
+
+
+async def test_max_handshakes_per_ip_closes_the_excess_of_one_address_only(
+        gateway_factory, echo_backend):
+    from fastgw.admin import start_admin
+    gw = await gateway_factory(gateway_yaml(
+        f"ws://127.0.0.1:{echo_backend}/",
+        extra_top="handshake-timeout: 30s\nlimits: {max-handshakes-per-ip: 4}"))
+    admin = await start_admin(gw.gw, "127.0.0.1", 0, None)
+    try:
+        slow = [await raw_held("127.0.0.1", gw.port) for _ in range(4)]   # heads never sent
+        await wait_for(lambda: gw.gw.handshakes.by_ip.get("127.0.0.1") == 4, 5, "4 handshakes")
+        reader, writer = await raw_held("127.0.0.1", gw.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""            # closed at once
+        writer.close()
+        # Another address is not affected; the held ones are not either.
+        async with websockets.connect(gw.url("/"), local_addr=("127.0.0.2", 0)) as other:
+            await other.send("from 127.0.0.2")
+            assert await other.recv() == "from 127.0.0.2"
+        reads = await asyncio.gather(*(asyncio.wait_for(r.read(1), 0.3) for r, _ in slow),
+                                     return_exceptions=True)
+        assert all(isinstance(x, TimeoutError) for x in reads), reads
+        # Once one of them leaves, that address may start a handshake again.
+        slow[0][1].close()
+        await wait_for(lambda: gw.gw.handshakes.by_ip.get("127.0.0.1") == 3, 5, "3 handshakes")
+        async with websockets.connect(gw.url("/")) as ws:
+            await ws.send("again")
+            assert await ws.recv() == "again"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{admin.url}/metrics") as r:
+                metrics = samples(await r.text())
+        assert value(metrics, "fastgw_upgrades_rejected_total", api="", reason="handshake_limit") == 1
+        for _, w in slow[1:]:
+            w.close()
+    finally:
+        await admin.close()
