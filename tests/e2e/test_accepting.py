@@ -124,18 +124,24 @@ async def test_soft_descriptor_limit_raised_to_the_hard_one(gateway_with_admin, 
 async def test_low_descriptor_limit_clients_wait_in_the_backlog_and_are_served(
         gateway_with_admin, echo_backend):
     gp = gateway_with_admin(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"), soft=64, hard=64)
-    cap = int(re.search(r"max-connections (\d+) \(auto", gp.stderr()).group(1))
-    assert 4 <= cap <= 20          # 64 descriptors: two per connection after the reserve
-    extra = 8
-    tasks = [asyncio.create_task(connect(gp.url("/"), open_timeout=60))
-             for _ in range(cap + extra)]
-    await wait_for(lambda: sum(t.done() for t in tasks) >= cap, 30, f"{cap} upgrades")
-    await asyncio.sleep(0.5)
+    # 40 clients need about 100 descriptors: more than 64 hold.
+    tasks = [asyncio.create_task(connect(gp.url("/"), open_timeout=60)) for _ in range(40)]
+    deadline, seen, since = time.monotonic() + 30, -1, time.monotonic()
+    while time.monotonic() < deadline:          # until no client gets an answer for 1 s
+        n = sum(t.done() for t in tasks)
+        if n != seen:
+            seen, since = n, time.monotonic()
+        elif time.monotonic() - since > 1.0:
+            break
+        await asyncio.sleep(0.05)
     done = [t for t in tasks if t.done()]
-    assert len(done) == cap, "more clients were accepted than max-connections"
-    assert all(t.exception() is None for t in done), [t.exception() for t in done]
+    failed = [repr(t.exception()) for t in done if t.exception() is not None]
+    assert not failed, failed
+    cap = len(done)
+    assert 4 <= cap < len(tasks)
+    assert re.search(rf"max-connections {cap} \(auto: \(descriptor limit 64\)", gp.stderr()), gp.stderr()
     held = [t.result() for t in done]
-    waiting = [t for t in tasks if not t.done()]
+    pending = [t for t in tasks if not t.done()]
     async with aiohttp.ClientSession() as http:
         # The admin API answers while the gateway holds all it may.
         metrics = await admin_metrics(http, gp.admin_url)
@@ -143,19 +149,23 @@ async def test_low_descriptor_limit_clients_wait_in_the_backlog_and_are_served(
         assert value(metrics, "fastgw_connections_max") == cap
         async with http.get(f"{gp.admin_url}/readyz") as r:
             assert r.status == 200
-        for ws in held[:extra]:
-            await ws.close()
-        await wait_for(lambda: all(t.done() for t in waiting), 30, "the waiting clients")
-        assert all(t.exception() is None for t in waiting), [t.exception() for t in waiting]
-        served = held[extra:] + [t.result() for t in waiting]
-        for i, ws in enumerate(served):
-            await ws.send(f"m{i}")
-            assert await ws.recv() == f"m{i}"
+        while held:
+            # Each one that leaves lets one waiting in the backlog in.
+            for i, ws in enumerate(held):
+                await ws.send(f"m{i}")
+                assert await ws.recv() == f"m{i}"
+                await ws.close()
+            want = min(len(pending), cap)
+            await wait_for(lambda: sum(t.done() for t in pending) >= want, 30, "the waiting clients")
+            await asyncio.sleep(0.2)
+            now = [t for t in pending if t.done()]
+            assert len(now) == want
+            assert all(t.exception() is None for t in now), [t.exception() for t in now]
+            held = [t.result() for t in now]
+            pending = [t for t in pending if not t.done()]
         metrics = await admin_metrics(http, gp.admin_url)
-        assert value(metrics, "fastgw_connections_active", api="test") == cap
+        assert value(metrics, "fastgw_connections_total", api="test") == len(tasks)
         assert value(metrics, "fastgw_upgrades_rejected_total", api="test", reason="upstream_error") == 0
-        for ws in served:
-            await ws.close()
     err = gp.stderr()
     assert err.count(f"at max-connections {cap} ") == 1, err
     assert "Traceback" not in err
@@ -167,7 +177,6 @@ async def test_out_of_descriptors_backs_off_counts_and_the_admin_api_answers(
     gp = gateway_with_admin(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
                                       extra_top="handshake-timeout: 60s\nlimits: {max-connections: 0}"),
                          soft=64, hard=64)
-    assert "holds about" in gp.stderr()          # the warning that 0 means no cap on descriptors
     raw = [await asyncio.open_connection("127.0.0.1", gp.port) for _ in range(60)]
     async with aiohttp.ClientSession() as http:
         deadline = time.monotonic() + 20
@@ -193,6 +202,7 @@ async def test_out_of_descriptors_backs_off_counts_and_the_admin_api_answers(
         assert await ws.recv() == "after the back-off"
         await ws.close()
     err = gp.stderr()
+    assert "holds about" in err                 # the warning at start: 0 means no cap
     assert err.count("accept: Too many open files (EMFILE") == 1, err
     assert "Traceback" not in err
 
@@ -200,7 +210,6 @@ async def test_out_of_descriptors_backs_off_counts_and_the_admin_api_answers(
 async def test_max_connections_makes_clients_wait_not_503(gateway_factory, echo_backend):
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
                                             extra_top="limits: {max-connections: 3}"))
-    assert gw.gw.max_connections == 3
     held = [await websockets.connect(gw.url("/")) for _ in range(3)]
     late = asyncio.create_task(connect(gw.url("/"), open_timeout=30))
     await asyncio.sleep(0.5)
