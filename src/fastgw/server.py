@@ -687,17 +687,16 @@ class Gateway:
     def capacity_note(self) -> str:
         """One line for the start: the cap and where it comes from."""
         value = self.config.limits.max_connections
-        limit = f"descriptor limit {self.fd_limit}"
-        if self.fd_limit > self.fd_limit_at_start:
-            limit += f", raised from {self.fd_limit_at_start}"
+        raised = (f"; the limit was raised from {self.fd_limit_at_start}"
+                  if self.fd_limit > self.fd_limit_at_start else "")
         if value == "auto":
             sockets = sum(len(listener.sockets) for listener in self.listeners)
-            cap = (f"max-connections {self.max_connections} (auto: ({limit}) - "
-                   f"{RESERVED_FDS + sockets} reserved, / 2 per connection)")
+            cap = (f"max-connections {self.max_connections} (auto: (descriptor limit {self.fd_limit}"
+                   f" - {RESERVED_FDS + sockets} reserved) / 2 per connection{raised})")
         elif value == 0:
-            cap = f"max-connections: no cap ({limit})"
+            cap = f"max-connections: no cap (descriptor limit {self.fd_limit}{raised})"
         else:
-            cap = f"max-connections {self.max_connections} ({limit})"
+            cap = f"max-connections {self.max_connections} (descriptor limit {self.fd_limit}{raised})"
         per_ip = self.max_handshakes_per_ip or "no cap"
         return f"{cap}; max-handshakes-per-ip {per_ip}"
 
