@@ -15,10 +15,12 @@ One accepted connection goes through these steps (see README, "One connection"):
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import base64
 import binascii
 import errno
+import functools
 import json
 import logging
 import os
@@ -494,6 +496,20 @@ async def _bind(loop, index: int, lc, backlog: int) -> list[socket.socket]:
     return socks
 
 
+class _AcceptedSocket(_socket.socket):
+    """An accepted socket handed to `loop.connect_accepted_socket`.
+
+    The C socket type, not `socket.socket`: its `family` and `type` are plain ints (the Python
+    class converts them to enums on every access, which uvloop does twice), and the transport
+    owns the descriptor: uvloop's transport calls `close()` after libuv closed the descriptor,
+    which must then only forget it (never close a number another socket may have by then)."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        self.detach()
+
+
 class HandshakeTable:
     """The client connections in their handshake (TLS, request head, dial), by peer address.
 
@@ -609,7 +625,7 @@ class Gateway:
         self._backing_off = False
         self._backoff = ACCEPT_BACKOFF_MIN
         self._spares: list[int] = []
-        self._connecting: dict = {}            # task -> (socket, Handshake) until connection_made
+        self._connecting: dict = {}            # connect_accepted_socket coroutine -> Handshake
         self._warned: dict[str, tuple[float, int]] = {}
 
     def next_id(self) -> int:
@@ -713,7 +729,7 @@ class Gateway:
         for listener in self.listeners:
             for s in listener.sockets:
                 if want:
-                    self.loop.add_reader(s.fileno(), self._on_readable, s, listener)
+                    self.loop.add_reader(s.fileno(), self._on_readable, s, int(s.family), listener)
                 else:
                     self.loop.remove_reader(s.fileno())
         if not want and self._open and not self._backing_off:
@@ -725,55 +741,71 @@ class Gateway:
         if not self._watching:
             self._update_accepting()
 
-    def _on_readable(self, sock: socket.socket, listener: Listener) -> None:
-        for _ in range(ACCEPT_BATCH):
-            if not self._may_accept():
-                self._update_accepting()
-                return
+    def _on_readable(self, sock: socket.socket, family: int, listener: Listener) -> None:
+        cap = self.max_connections
+        room = cap - self.handshakes.counted - len(self.live) if cap else ACCEPT_BATCH
+        for _ in range(min(room, ACCEPT_BATCH)):
             try:
-                conn, addr = sock.accept()
+                fd, addr = sock._accept()        # no socket.socket object: see _AcceptedSocket
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:
                 if self._accept_failed(exc):
                     return
                 continue
-            self._backoff = ACCEPT_BACKOFF_MIN
-            self._accept(conn, addr[0] if isinstance(addr, tuple) else "", listener)
+            self._accept(fd, addr[0], family, listener)
+        else:
+            if room <= ACCEPT_BATCH:             # the cap, not the batch, ended the loop
+                self._update_accepting()
+        self._backoff = ACCEPT_BACKOFF_MIN
 
-    def _accept(self, conn: socket.socket, ip: str, listener: Listener) -> None:
+    def _accept(self, fd: int, ip: str, family: int, listener: Listener) -> None:
         per_ip = self.max_handshakes_per_ip
         if per_ip and self.handshakes.by_ip.get(ip, 0) >= per_ip:
-            conn.close()
+            os.close(fd)
             self.metrics.count_reject(None, "handshake_limit")
             self._warn("per-ip", "closed a new connection from %s at once: %d connections of "
                        "that address in their handshake (limits.max-handshakes-per-ip)", ip, per_ip)
             return
+        conn = _AcceptedSocket(family, socket.SOCK_STREAM, 0, fd)
         ctx = listener.ctx
         hs = Handshake(self, ctx is not None)
         self.handshakes.expect(hs, ip)
-        task = self.loop.create_task(self._connect(conn, hs, ctx))
-        self._connecting[task] = (conn, hs)
-        task.add_done_callback(self._connected)
-
-    def _connected(self, task) -> None:
-        del self._connecting[task]
-
-    async def _connect(self, conn: socket.socket, hs: "Handshake", ctx) -> None:
-        """Give an accepted socket its transport (and TLS); the Handshake takes it from there."""
+        if ctx is None:
+            coro = self.loop.connect_accepted_socket(lambda: hs, conn)
+        else:
+            coro = self.loop.connect_accepted_socket(lambda: hs, conn, ssl=ctx,
+                                                     ssl_handshake_timeout=self.handshake_timeout)
+        # Driven by hand rather than by a Task (half the cost of an accept): the first step
+        # runs now, up to the wait for connection_made (or the end of the TLS handshake).
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: hs, conn, ssl=ctx,
-                ssl_handshake_timeout=self.handshake_timeout if ctx is not None else None)
-        except asyncio.CancelledError:
-            conn.close()
-            raise
-        except Exception as exc:     # a failed TLS handshake, a client gone before it began
-            log.debug("accepted connection from %s ended before its request: %r",
-                      self.handshakes._ip.get(hs, "?"), exc)
-            conn.close()             # no-op once the transport has the socket
-        finally:
+            waiter = coro.send(None)
+        except StopIteration:                    # not expected: connection_made comes later
             self.handshakes.forget(hs)
+            return
+        except Exception as exc:                 # raised before the transport took the socket
+            _socket.socket.close(conn)
+            self.handshakes.forget(hs)
+            log.debug("accepted connection from %s not served: %r", ip, exc)
+            return
+        self._connecting[coro] = hs
+        waiter.add_done_callback(functools.partial(self._connected, coro))
+
+    def _connected(self, coro, _waiter) -> None:
+        """The accepted socket's transport is made (or its TLS handshake failed): finish
+        connect_accepted_socket; from now on the Handshake or its end counts the connection."""
+        hs = self._connecting.pop(coro, None)
+        if hs is None:                           # close() ended it
+            return
+        try:
+            coro.send(None)
+        except StopIteration:
+            pass
+        except (Exception, asyncio.CancelledError) as exc:   # the transport was closed for it
+            log.debug("accepted connection ended before its request: %r", exc)
+        else:                                    # not expected: connect_accepted_socket waits once
+            coro.close()
+        self.handshakes.forget(hs)
 
     def _accept_failed(self, exc: OSError) -> bool:
         """Count a failed accept(); True when the listeners pause (out of descriptors or memory)."""
@@ -1088,9 +1120,9 @@ class Gateway:
             self._update_accepting_off()
         for listener in self.listeners:
             listener.close()
-        for task, (conn, hs) in list(self._connecting.items()):
-            task.cancel()                # it may not have begun: its socket and count go here
-            conn.close()
+        for coro, hs in list(self._connecting.items()):
+            del self._connecting[coro]
+            coro.close()                 # closes its transport (a TLS handshake under way)
             self.handshakes.forget(hs)
         for hs in list(self.handshakes):
             hs.refuse(Refusal(503, "gateway is shutting down"))
