@@ -32,6 +32,7 @@ is the rule the configuration checker applies to anything else.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import io
@@ -42,6 +43,8 @@ import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
+
+from fastgw.accept import Acceptor, listen
 
 if TYPE_CHECKING:
     from hdrh.histogram import HdrHistogram
@@ -352,12 +355,13 @@ def _url_host(host: str) -> str:
 class AdminServer:
     """A running admin API (see :func:`start_admin`)."""
 
-    def __init__(self, runner: web.AppRunner):
+    def __init__(self, runner: web.AppRunner, acceptor: Acceptor):
         self.runner = runner
+        self.acceptor = acceptor
         # A host name may be bound on several addresses; with port 0 each gets its own
         # port, so the URL names the first socket actually bound.
         self.addresses: list[tuple[str, int]] = [
-            (addr[0], addr[1]) for addr in runner.addresses
+            s.getsockname()[:2] for s in acceptor.sockets
         ]
         host, self.port = self.addresses[0]
         self.url = f"http://{_url_host(host)}:{self.port}"
@@ -368,14 +372,18 @@ class AdminServer:
 
     async def close(self) -> None:
         """Stop listening and close open admin connections (idempotent)."""
+        self.acceptor.close()
         await self.runner.cleanup()
 
 
 async def start_admin(backend: AdminBackend, host: str, port: int,
-                      token: str | None) -> AdminServer:
+                      token: str | None, on_short=None) -> AdminServer:
     """Start the admin API on ``host:port`` (port 0: any free port) in the running loop.
 
-    No access log and no signal handlers: the gateway owns both.
+    No access log and no signal handlers: the gateway owns both. It accepts its clients
+    itself (:mod:`fastgw.accept`): when accept() finds no descriptor, ``on_short(exc)`` (the
+    gateway's ``accept_error``) may free some, else it retries 100 ms later; its listener
+    is never closed for it, as uvloop's servers are.
     """
     app = create_app(backend, token)
     # A short shutdown timeout: an admin request in flight must not hold up the
@@ -383,9 +391,9 @@ async def start_admin(backend: AdminBackend, host: str, port: int,
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        return AdminServer(runner)
+        loop = asyncio.get_running_loop()
+        sockets = await listen(loop, host, port, backlog=128)
+        return AdminServer(runner, Acceptor(loop, sockets, runner.server, on_short))
     except BaseException:
         await runner.cleanup()
         raise

@@ -55,7 +55,8 @@ async def _serve(config, drain_time: float | None, config_path: str) -> int:
         addresses = await gw.start()
         if config.admin is not None:
             token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
-            admin = await start_admin(gw, config.admin.host, config.admin.port, token)
+            admin = await start_admin(gw, config.admin.host, config.admin.port, token,
+                                      on_short=gw.accept_error)
     except OSError as exc:
         print(f"fastgw: cannot listen: {exc}", file=sys.stderr)
         return 1

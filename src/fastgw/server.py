@@ -15,17 +15,14 @@ One accepted connection goes through these steps (see README, "One connection"):
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import base64
 import binascii
 import errno
-import functools
 import json
 import logging
 import os
 import re
-import resource
 import socket
 import ssl
 import time
@@ -34,6 +31,8 @@ from http import HTTPStatus
 import msgspec
 
 from fastgw._core import LimitZone, Relay
+from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
+                           derived_max_connections, listen, raise_fd_limit)
 from fastgw import config as cfgmod
 from fastgw import events as ev
 from fastgw.identity import AuthError
@@ -394,44 +393,15 @@ class Handshake(asyncio.Protocol):
             transport.resume_reading()
 
 
-# ---- listeners and descriptors ------------------------------------------------------
+# ---- listeners -----------------------------------------------------------------------
 
-# Descriptors kept out of the derived max-connections (besides one per listening socket):
-# the process's own, about 20 at idle (standard streams, the event loop, the admin API's
-# listener, log and event files), the spare descriptors below, admin clients, DNS look-ups
-# and the files a reload reads.
-RESERVED_FDS = 32
-# Held open on /dev/null and closed when accept() fails for want of descriptors, so that the
-# admin API and the dials of clients already accepted still find some; taken back before
-# the listeners accept again.
-SPARE_FDS = 8
-# accept() calls per readiness wake-up of one listening socket.
+# Most accept() calls per readiness wake-up of one listening socket.
 ACCEPT_BATCH = 64
 # Pause of the listeners after EMFILE/ENFILE: doubled while it repeats, up to the maximum.
 ACCEPT_BACKOFF_MIN = 0.1
 ACCEPT_BACKOFF_MAX = 1.0
 # A repeated warning (descriptors out, cap reached, per-address cap) at most once per this.
 WARN_INTERVAL = 10.0
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft before, soft now)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
-    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def derived_max_connections(fd_limit: int, listening_sockets: int) -> int:
-    """`limits.max-connections: auto`, as HAProxy derives maxconn from its descriptor limit:
-    two descriptors per connection (the client's and the backend's) once RESERVED_FDS and
-    one per listening socket are set aside."""
-    return max(1, (fd_limit - RESERVED_FDS - listening_sockets) // 2)
 
 
 def _listener_context(index: int, lc) -> ssl.SSLContext | None:
@@ -470,92 +440,51 @@ class Listener:
 
 
 async def _bind(loop, index: int, lc, backlog: int) -> list[socket.socket]:
-    """Listening sockets for one listener (one per address its host resolves to), as
-    asyncio's create_server makes them: SO_REUSEADDR, IPv6 sockets IPv6-only."""
-    where = f"{lc.host}:{lc.port}"
     try:
-        infos = await loop.getaddrinfo(lc.host, lc.port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+        return await listen(loop, lc.host, lc.port, backlog)
     except OSError as exc:
-        raise OSError(f"listeners[{index}]: cannot resolve {lc.host}: {exc}") from None
-    socks: list[socket.socket] = []
-    try:
-        for family, type_, proto, _, addr in dict.fromkeys(infos):
-            s = socket.socket(family, type_, proto)
-            socks.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.bind(addr)
-            s.listen(backlog)
-            s.setblocking(False)
-    except OSError as exc:
-        for s in socks:
-            s.close()
-        raise OSError(f"listeners[{index}]: cannot listen on {where}: {exc.strerror or exc}") from None
-    return socks
-
-
-class _AcceptedSocket(_socket.socket):
-    """An accepted socket handed to `loop.connect_accepted_socket`.
-
-    The C socket type, not `socket.socket`: its `family` and `type` are plain ints (the Python
-    class converts them to enums on every access, which uvloop does twice), and the transport
-    owns the descriptor: uvloop's transport calls `close()` after libuv closed the descriptor,
-    which must then only forget it (never close a number another socket may have by then)."""
-
-    __slots__ = ()
-
-    def close(self) -> None:
-        self.detach()
+        raise OSError(f"listeners[{index}]: {exc}") from None
 
 
 class HandshakeTable:
     """The client connections in their handshake (TLS, request head, dial), by peer address.
 
     A connection counts from its accept() to its hand-over to the relay or its end, whichever
-    comes first: `expect` at accept(), then `add` / `discard` by the Handshake protocol
+    comes first: counted by Gateway._accept, then `add` / `discard` by the Handshake protocol
     (connection_made; hand-over or connection_lost), or `forget` by the accept path when
     connection_made never came (a failed TLS handshake). Iterating gives the Handshake
-    protocols that have their transport."""
+    protocols that have their transport. `wake`, when set (the listeners paused at the cap),
+    is called as a connection stops counting."""
 
-    __slots__ = ("_set", "_ip", "by_ip", "_on_end")
+    __slots__ = ("_set", "_ip", "by_ip", "wake", "add")
 
-    def __init__(self, on_end):
+    def __init__(self):
         self._set: set = set()
         self._ip: dict = {}              # every counted connection's Handshake -> peer address
         self.by_ip: dict[str, int] = {}
-        self._on_end = on_end
+        self.wake = None
+        self.add = self._set.add         # connection_made: a C call
 
     @property
     def counted(self) -> int:
         return len(self._ip)
 
-    def expect(self, hs, ip: str) -> None:
-        self._ip[hs] = ip
-        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
-
-    def add(self, hs) -> None:
-        self._set.add(hs)
-
     def discard(self, hs) -> None:
         self._set.discard(hs)
-        self._end(hs)
+        ip = self._ip.pop(hs, None)
+        if ip is not None:
+            by_ip = self.by_ip
+            n = by_ip[ip] - 1
+            if n:
+                by_ip[ip] = n
+            else:
+                del by_ip[ip]
+            if self.wake is not None:
+                self.wake()
 
     def forget(self, hs) -> None:
         if hs not in self._set:
-            self._end(hs)
-
-    def _end(self, hs) -> None:
-        ip = self._ip.pop(hs, None)
-        if ip is None:
-            return
-        n = self.by_ip[ip] - 1
-        if n:
-            self.by_ip[ip] = n
-        else:
-            del self.by_ip[ip]
-        self._on_end()
+            self.discard(hs)
 
     def __iter__(self):
         return iter(self._set)
@@ -605,7 +534,7 @@ class Gateway:
         self.max_header_size = int(config.max_header_size)
         self.loop = None
         self.listeners: list[Listener] = []
-        self.handshakes = HandshakeTable(self._handshake_ended)
+        self.handshakes = HandshakeTable()
         self.live: dict[int, Connection] = {}
         self.draining = False
         self.on_exit = None                    # called once a drain asked to exit is over (the CLI)
@@ -624,7 +553,9 @@ class Gateway:
         self._watching = False                 # readers on the listening sockets
         self._backing_off = False
         self._backoff = ACCEPT_BACKOFF_MIN
-        self._spares: list[int] = []
+        self._burst = 1                        # accept() calls per wake-up (see _on_readable)
+        self._full = 0
+        self.spares = Spares()
         self._connecting: dict = {}            # connect_accepted_socket coroutine -> Handshake
         self._warned: dict[str, tuple[float, int]] = {}
 
@@ -670,7 +601,7 @@ class Gateway:
         """Raise the descriptor limit, open the listeners and start accepting."""
         self.loop = asyncio.get_running_loop()
         self.fd_limit_at_start, self.fd_limit = raise_fd_limit()
-        self._take_spares()
+        self.spares.take()
         listeners = []
         try:
             for i, lc in enumerate(self.config.listeners):
@@ -680,7 +611,7 @@ class Gateway:
         except BaseException:
             for listener in listeners:
                 listener.close()
-            self._release_spares()
+            self.spares.release()
             raise
         self.listeners = listeners
         self._apply_limits(self.config)
@@ -726,6 +657,7 @@ class Gateway:
         if want == self._watching:
             return
         self._watching = want
+        self.handshakes.wake = None if want else self._update_accepting
         for listener in self.listeners:
             for s in listener.sockets:
                 if want:
@@ -737,26 +669,34 @@ class Gateway:
                        "wait in the listen backlog until a connection ends", self.max_connections,
                        len(self.live), self.handshakes.counted)
 
-    def _handshake_ended(self) -> None:
-        if not self._watching:
-            self._update_accepting()
-
     def _on_readable(self, sock: socket.socket, family: int, listener: Listener) -> None:
+        # Up to `_burst` accept() calls per wake-up: it doubles after 4 wake-ups in a row that
+        # found that many clients and halves when one comes up empty. One client per wake-up
+        # (the usual case) then costs one accept(), without the EAGAIN of a second; readiness
+        # is level-triggered, so a client left in the queue wakes us again.
         cap = self.max_connections
-        room = cap - self.handshakes.counted - len(self.live) if cap else ACCEPT_BATCH
-        for _ in range(min(room, ACCEPT_BATCH)):
+        burst = self._burst
+        room = cap - len(self.handshakes._ip) - len(self.live) if cap else burst
+        for _ in range(min(room, burst)):
             try:
-                fd, addr = sock._accept()        # no socket.socket object: see _AcceptedSocket
+                fd, addr = sock._accept()        # an int, no socket.socket (accept.AcceptedSocket)
             except (BlockingIOError, InterruptedError):
+                self._burst = max(1, burst >> 1)
+                self._full = 0
                 break
             except OSError as exc:
-                if self._accept_failed(exc):
+                if self.accept_error(exc):
                     return
                 continue
             self._accept(fd, addr[0], family, listener)
         else:
-            if room <= ACCEPT_BATCH:             # the cap, not the batch, ended the loop
+            if room < burst:                     # the cap, not the burst, ended the loop
                 self._update_accepting()
+            else:
+                self._full += 1
+                if self._full >= 4:
+                    self._burst = min(2 * burst, ACCEPT_BATCH)
+                    self._full = 0
         self._backoff = ACCEPT_BACKOFF_MIN
 
     def _accept(self, fd: int, ip: str, family: int, listener: Listener) -> None:
@@ -767,88 +707,60 @@ class Gateway:
             self._warn("per-ip", "closed a new connection from %s at once: %d connections of "
                        "that address in their handshake (limits.max-handshakes-per-ip)", ip, per_ip)
             return
-        conn = _AcceptedSocket(family, socket.SOCK_STREAM, 0, fd)
         ctx = listener.ctx
         hs = Handshake(self, ctx is not None)
-        self.handshakes.expect(hs, ip)
-        if ctx is None:
-            coro = self.loop.connect_accepted_socket(lambda: hs, conn)
-        else:
-            coro = self.loop.connect_accepted_socket(lambda: hs, conn, ssl=ctx,
-                                                     ssl_handshake_timeout=self.handshake_timeout)
-        # Driven by hand rather than by a Task (half the cost of an accept): the first step
-        # runs now, up to the wait for connection_made (or the end of the TLS handshake).
+        table = self.handshakes
+        table._ip[hs] = ip                       # it counts from now (see HandshakeTable)
+        table.by_ip[ip] = table.by_ip.get(ip, 0) + 1
         try:
-            waiter = coro.send(None)
-        except StopIteration:                    # not expected: connection_made comes later
-            self.handshakes.forget(hs)
-            return
-        except Exception as exc:                 # raised before the transport took the socket
-            _socket.socket.close(conn)
-            self.handshakes.forget(hs)
+            coro = connect_accepted(self.loop, fd, family, lambda: hs, self._connected, hs, ctx,
+                                    self.handshake_timeout if ctx is not None else None)
+        except Exception as exc:
             log.debug("accepted connection from %s not served: %r", ip, exc)
-            return
-        self._connecting[coro] = hs
-        waiter.add_done_callback(functools.partial(self._connected, coro))
+            coro = None
+        if coro is None:
+            self._connected(None, hs)
+        else:
+            self._connecting[coro] = hs
 
-    def _connected(self, coro, _waiter) -> None:
-        """The accepted socket's transport is made (or its TLS handshake failed): finish
-        connect_accepted_socket; from now on the Handshake or its end counts the connection."""
-        hs = self._connecting.pop(coro, None)
-        if hs is None:                           # close() ended it
-            return
-        try:
-            coro.send(None)
-        except StopIteration:
-            pass
-        except (Exception, asyncio.CancelledError) as exc:   # the transport was closed for it
-            log.debug("accepted connection ended before its request: %r", exc)
-        else:                                    # not expected: connect_accepted_socket waits once
-            coro.close()
-        self.handshakes.forget(hs)
+    def _connected(self, coro, hs) -> None:
+        """The accepted socket's transport is made (or its TLS handshake failed)."""
+        if coro is not None and self._connecting.pop(coro, None) is None:
+            return                               # close() ended it
+        if hs not in self.handshakes._set:       # no connection_made: it stops counting here
+            self.handshakes.discard(hs)
 
-    def _accept_failed(self, exc: OSError) -> bool:
-        """Count a failed accept(); True when the listeners pause (out of descriptors or memory)."""
+    def accept_error(self, exc: OSError) -> bool:
+        """A failed accept() on a listener of the process (the admin API's too), counted.
+        Out of descriptors or memory: the spare descriptors are released and the listeners
+        pause (back-off). True then (and the caller stops accepting for now)."""
         name = errno.errorcode.get(exc.errno, str(exc.errno))
         self.metrics.accept_errors[name] += 1
-        if exc.errno not in _RESOURCE_ERRNOS:
+        if exc.errno not in RESOURCE_ERRNOS:
             log.debug("accept: %s", exc)         # ECONNABORTED and the like: the client left first
             return False
-        self._release_spares()
-        delay = self._backoff
-        self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
-        self._warn("accept", "accept: %s (%s; descriptor limit %d, %d client connections held): "
-                   "not accepting for %.1f s", exc.strerror, name, self.fd_limit,
-                   len(self.live) + self.handshakes.counted, delay)
-        self._backing_off = True
-        self._update_accepting()
-        self.loop.call_later(delay, self._backoff_over)
+        self.spares.release()
+        if not self._backing_off:
+            delay = self._backoff
+            self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
+            self._warn("accept", "accept: %s (%s; descriptor limit %d, %d client connections "
+                       "held): not accepting for %.1f s", exc.strerror, name, self.fd_limit,
+                       len(self.live) + self.handshakes.counted, delay)
+            self._backing_off = True
+            self._update_accepting()
+            self.loop.call_later(delay, self._backoff_over)
         return True
 
     def _backoff_over(self) -> None:
         if not self._open:
             return
-        if not self._take_spares():              # still out of descriptors: wait longer
+        if not self.spares.take():              # still out of descriptors: wait longer
             delay = self._backoff
             self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
             self.loop.call_later(delay, self._backoff_over)
             return
         self._backing_off = False
         self._update_accepting()
-
-    def _take_spares(self) -> bool:
-        """All SPARE_FDS spare descriptors, or none (what is free stays free for the admin API)."""
-        while len(self._spares) < SPARE_FDS:
-            try:
-                self._spares.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-            except OSError:
-                self._release_spares()
-                return False
-        return True
-
-    def _release_spares(self) -> None:
-        while self._spares:
-            os.close(self._spares.pop())
 
     # ---- live connections -------------------------------------------------
 
@@ -1128,4 +1040,4 @@ class Gateway:
             hs.refuse(Refusal(503, "gateway is shutting down"))
         if not await self._wait_live_gone(1.0):
             self._cut()
-        self._release_spares()
+        self.spares.release()

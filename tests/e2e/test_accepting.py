@@ -5,6 +5,7 @@ real sockets on loopback."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import resource
 import signal
@@ -262,3 +263,41 @@ async def test_max_handshakes_per_ip_closes_the_excess_of_one_address_only(
             w.close()
     finally:
         await admin.close()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_admin_api_answers_when_the_gateway_holds_every_descriptor(
+        gateway_with_admin, echo_backend):
+    # No cap: clients that send nothing take the last free descriptor, the spares still held,
+    # and no client waits to make accept() fail: the admin API's own accept() finds none.
+    gp = gateway_with_admin(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
+                                         extra_top="handshake-timeout: 60s\nlimits: {max-connections: 0}"),
+                            soft=64, hard=64)
+    pid = gp.proc.pid
+    raw = []
+    while open_fds(pid) < 64:
+        before = open_fds(pid)
+        raw.append(await asyncio.open_connection("127.0.0.1", gp.port))
+        await wait_for(lambda: open_fds(pid) > before, 5, "the gateway to accept")
+    assert open_fds(pid) == 64
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gp.admin_url}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            assert r.status == 200
+            metrics = samples(await r.text())
+        assert value(metrics, "fastgw_accept_errors_total", errno="EMFILE") >= 1
+        async with http.get(f"{gp.admin_url}/healthz") as r:
+            assert r.status == 200
+    for _, w in raw:
+        w.close()
+    await echoes_later(gp.url("/"))
+    assert "Traceback" not in gp.stderr()
+
+
+async def echoes_later(url: str) -> None:
+    ws = await asyncio.wait_for(connect(url, open_timeout=30), 30)
+    await ws.send("served")
+    assert await ws.recv() == "served"
+    await ws.close()
