@@ -417,14 +417,20 @@ def _listener_context(index: int, lc) -> ssl.SSLContext | None:
 
 
 class Listener:
-    """One configured listener: its listening sockets and the TLS context of new clients."""
+    """One configured listener: its listening sockets and the TLS context of new clients.
 
-    __slots__ = ("host", "port", "sockets", "ctx")
+    Its sockets are accepted either by the gateway's readers (`reading`) or, for a plain
+    listener far from the cap, by uvloop servers made on duplicates of them (`native`):
+    closing one of those closes only its duplicate, and the clients queued stay queued."""
+
+    __slots__ = ("host", "port", "sockets", "ctx", "reading", "native")
 
     def __init__(self, host: str, port: int, sockets: list[socket.socket], ctx):
         self.host, self.port = host, port        # as configured (port 0: any)
         self.sockets = sockets
         self.ctx = ctx                           # replaced by a reload; None: plain ws
+        self.reading = False
+        self.native: list | None = None          # uvloop Servers, one per socket
 
     @property
     def addresses(self) -> list[tuple[str, str, int]]:
@@ -435,8 +441,17 @@ class Listener:
         return ", ".join(f"{scheme}://{f'[{h}]' if ':' in h else h}:{p}" for scheme, h, p in self.addresses)
 
     def close(self) -> None:
+        """Close the sockets (stop accepting first)."""
         for s in self.sockets:
             s.close()
+
+    def native_alive(self) -> bool:
+        """False once uvloop has closed a server of ours (it does on a failed accept())."""
+        for server in self.native or ():
+            for s in server.sockets or (None,):
+                if s is None or s.fileno() < 0:
+                    return False
+        return True
 
 
 async def _bind(loop, index: int, lc, backlog: int) -> list[socket.socket]:
@@ -453,21 +468,32 @@ class HandshakeTable:
     comes first: counted by Gateway._accept, then `add` / `discard` by the Handshake protocol
     (connection_made; hand-over or connection_lost), or `forget` by the accept path when
     connection_made never came (a failed TLS handshake). Iterating gives the Handshake
-    protocols that have their transport. `wake`, when set (the listeners paused at the cap),
-    is called as a connection stops counting."""
+    protocols that have their transport. A connection accepted by a uvloop server counts
+    from its connection_made (`add`), and `added(hs, n)` is called then (n: the connections
+    of its address now). `wake`, when set, is called as a connection stops counting."""
 
-    __slots__ = ("_set", "_ip", "by_ip", "wake", "add")
+    __slots__ = ("_set", "_ip", "by_ip", "wake", "added")
 
     def __init__(self):
         self._set: set = set()
         self._ip: dict = {}              # every counted connection's Handshake -> peer address
         self.by_ip: dict[str, int] = {}
         self.wake = None
-        self.add = self._set.add         # connection_made: a C call
+        self.added = None
 
     @property
     def counted(self) -> int:
         return len(self._ip)
+
+    def add(self, hs) -> None:
+        self._set.add(hs)
+        if hs not in self._ip:           # accepted by a uvloop server: it counts from now
+            ip = hs.peer_ip
+            self._ip[hs] = ip
+            n = self.by_ip.get(ip, 0) + 1
+            self.by_ip[ip] = n
+            if self.added is not None:
+                self.added(hs, n)
 
     def discard(self, hs) -> None:
         self._set.discard(hs)
@@ -550,7 +576,12 @@ class Gateway:
         self.derived_max_connections = 0
         self.max_handshakes_per_ip = 0
         self._open = False                     # listeners open (between start and close)
-        self._watching = False                 # readers on the listening sockets
+        self._mode = "off"                     # accepting: "off", "own" (readers), "native"
+        self._native_ok = False                # uvloop servers allowed (see _desired_mode)
+        self._native_broken = False
+        self._native_timer = None
+        self._slack = 0
+        self._recheck = False                  # _update_accepting on each connection's end
         self._backing_off = False
         self._backoff = ACCEPT_BACKOFF_MIN
         self._burst = 1                        # accept() calls per wake-up (see _on_readable)
@@ -625,6 +656,9 @@ class Gateway:
         value = config.limits.max_connections
         self.max_connections = self.derived_max_connections if value == "auto" else int(value)
         self.max_handshakes_per_ip = int(config.limits.max_handshakes_per_ip)
+        self._slack = int(config.backlog) + 64
+        self._native_ok = (not self._native_broken and 0 < self.max_connections
+                           <= self.derived_max_connections)
         if value != "auto" and self.derived_max_connections and \
                 (value == 0 or value > self.derived_max_connections):
             log.warning("limits.max-connections %s: the descriptor limit %d holds about %d "
@@ -647,27 +681,129 @@ class Gateway:
         per_ip = self.max_handshakes_per_ip or "no cap"
         return f"{cap}; max-handshakes-per-ip {per_ip}"
 
-    def _may_accept(self) -> bool:
+    @property
+    def _watching(self) -> bool:
+        return self._mode != "off"
+
+    def _desired_mode(self) -> str:
+        """How new clients are accepted now.
+
+        "off": not at all (closed, backing off, or at the cap: clients wait in the backlog).
+        "native": plain listeners by uvloop servers (its accept path costs less per
+        connection); only while room for more than `_slack` connections is left (twice
+        that to go back to it), since one wake-up of a uvloop server accepts every client
+        queued (up to the backlog), and only with a cap the descriptors can hold.
+        "own": by the gateway's readers, one accept() at a time against the cap."""
+        if not self._open or self._backing_off:
+            return "off"
         cap = self.max_connections
-        return not cap or self.handshakes.counted + len(self.live) < cap
+        if not cap:
+            return "own"
+        room = cap - len(self.handshakes._ip) - len(self.live)
+        if room <= 0:
+            return "off"
+        if self._native_ok and room > (self._slack if self._mode == "native" else 2 * self._slack):
+            return "native"
+        return "own"
 
     def _update_accepting(self) -> None:
-        """Watch the listening sockets exactly while a new client may be accepted."""
-        want = self._open and not self._backing_off and self._may_accept()
-        if want == self._watching:
+        """Accept new clients exactly as `_desired_mode` says."""
+        mode = self._desired_mode()
+        if mode == self._mode:
             return
-        self._watching = want
-        self.handshakes.wake = None if want else self._update_accepting
-        for listener in self.listeners:
-            for s in listener.sockets:
-                if want:
-                    self.loop.add_reader(s.fileno(), self._on_readable, s, int(s.family), listener)
-                else:
-                    self.loop.remove_reader(s.fileno())
-        if not want and self._open and not self._backing_off:
+        self._apply_mode(mode)
+        if mode == "off" and self._open and not self._backing_off:
             self._warn("cap", "at max-connections %d (%d relayed, %d in handshake): new clients "
                        "wait in the listen backlog until a connection ends", self.max_connections,
                        len(self.live), self.handshakes.counted)
+
+    def _apply_mode(self, mode: str) -> None:
+        self._mode = mode
+        for listener in self.listeners:
+            self._set_listener(listener, mode)
+        # Who looks again, and when: at each connection's end while off (room returns) or
+        # while "own" could go back to "native"; at each connection's start while "native".
+        self._recheck = mode == "off" or (mode == "own" and self._native_ok)
+        self.handshakes.wake = self._update_accepting if self._recheck else None
+        self.handshakes.added = self._native_added if mode == "native" else None
+        if mode == "native" and self._native_timer is None:
+            self._native_timer = self.loop.call_later(1.0, self._check_native)
+
+    def _set_listener(self, listener: Listener, mode: str) -> None:
+        native = mode == "native" and listener.ctx is None
+        if native and listener.native is None and not self._start_native(listener):
+            native = False
+        reading = mode != "off" and not native
+        if reading and not listener.reading:
+            for s in listener.sockets:
+                self.loop.add_reader(s.fileno(), self._on_readable, s, int(s.family), listener)
+            listener.reading = True
+        elif not reading and listener.reading:
+            for s in listener.sockets:
+                self.loop.remove_reader(s.fileno())
+            listener.reading = False
+        if not native and listener.native is not None:
+            for server in listener.native:
+                server.close()               # closes its duplicate only
+            listener.native = None
+
+    def _start_native(self, listener: Listener) -> bool:
+        servers = []
+        try:
+            for s in listener.sockets:
+                dup = socket.socket(s.family, s.type, s.proto, os.dup(s.fileno()))
+                # create_server(sock=...) does not wait for anything: one step ends it.
+                coro = self.loop.create_server(lambda: Handshake(self, False), sock=dup,
+                                               backlog=self.config.backlog)
+                try:
+                    coro.send(None)
+                except StopIteration as done:
+                    servers.append(done.value)
+                    done.value.sockets           # cached now: native_alive() reads them
+                else:
+                    coro.close()
+                    dup.close()
+                    raise RuntimeError("loop.create_server(sock=...) did not complete at once")
+        except Exception as exc:
+            for server in servers:
+                server.close()
+            log.warning("accepting by ourselves only: cannot serve a listener with uvloop: %r", exc)
+            self._native_broken = True
+            self._native_ok = False
+            return False
+        listener.native = servers
+        return True
+
+    def _native_added(self, hs: "Handshake", n: int) -> None:
+        """A connection accepted by a uvloop server starts (connection_made)."""
+        per_ip = self.max_handshakes_per_ip
+        if per_ip and n > per_ip:
+            hs.transport.abort()                 # its connection_lost ends its count
+            self._refused_at_accept(hs.peer_ip)
+        if self.max_connections - len(self.handshakes._ip) - len(self.live) <= self._slack:
+            self._update_accepting()
+
+    def _check_native(self) -> None:
+        """Every second while uvloop servers accept: uvloop closes one for good when its
+        accept() fails (after libuv's reserve descriptor reset a client): then accept
+        ourselves, from now on."""
+        self._native_timer = None
+        if self._mode != "native":
+            return
+        if all(listener.native_alive() for listener in self.listeners):
+            self._native_timer = self.loop.call_later(1.0, self._check_native)
+            return
+        log.warning("uvloop closed a listening socket of its own after a failed accept() (out "
+                    "of descriptors?); the gateway accepts by itself from now on")
+        self._native_broken = True
+        self._native_ok = False
+        self._update_accepting()
+
+    def _refused_at_accept(self, ip: str) -> None:
+        self.metrics.count_reject(None, "handshake_limit")
+        self._warn("per-ip", "closed a new connection from %s at once: %d connections of that "
+                   "address in their handshake (limits.max-handshakes-per-ip)", ip,
+                   self.max_handshakes_per_ip)
 
     def _on_readable(self, sock: socket.socket, family: int, listener: Listener) -> None:
         # Up to `_burst` accept() calls per wake-up: it doubles after 4 wake-ups in a row that
@@ -703,9 +839,7 @@ class Gateway:
         per_ip = self.max_handshakes_per_ip
         if per_ip and self.handshakes.by_ip.get(ip, 0) >= per_ip:
             os.close(fd)
-            self.metrics.count_reject(None, "handshake_limit")
-            self._warn("per-ip", "closed a new connection from %s at once: %d connections of "
-                       "that address in their handshake (limits.max-handshakes-per-ip)", ip, per_ip)
+            self._refused_at_accept(ip)
             return
         ctx = listener.ctx
         hs = Handshake(self, ctx is not None)
@@ -829,7 +963,7 @@ class Gateway:
         self.live.pop(conn.id, None)
         if not self.live and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
-        if not self._watching:
+        if self._recheck:
             self._update_accepting()
 
     # ---- the admin API's view (admin.AdminBackend) ------------------------
@@ -904,8 +1038,7 @@ class Gateway:
             return f"{self.config_path}: {exc}"
         kept = {id(listener) for listener, _ in plan}
         removed = [listener for listener in self.listeners if id(listener) not in kept]
-        if self._watching:               # readers are added again below, for the new set
-            self._update_accepting_off()
+        self._update_accepting_off()     # and on again below, for the new set
         for listener, ctx in plan:
             listener.ctx = ctx
             if listener not in opened and config.backlog != self.config.backlog:
@@ -934,11 +1067,8 @@ class Gateway:
         return None
 
     def _update_accepting_off(self) -> None:
-        """Stop watching every listening socket (before the set of listeners changes)."""
-        for listener in self.listeners:
-            for s in listener.sockets:
-                self.loop.remove_reader(s.fileno())
-        self._watching = False
+        """Stop accepting on every listener (before the set of listeners changes, or the end)."""
+        self._apply_mode("off")
 
     # ---- drain and shutdown -----------------------------------------------
 
@@ -1028,8 +1158,11 @@ class Gateway:
         if not self._open:
             return
         self._open = False
-        if self._watching:
-            self._update_accepting_off()
+        self._update_accepting_off()
+        self.handshakes.wake = None
+        if self._native_timer is not None:
+            self._native_timer.cancel()
+            self._native_timer = None
         for listener in self.listeners:
             listener.close()
         for coro, hs in list(self._connecting.items()):

@@ -229,12 +229,16 @@ async def raw_held(host_from: str, port: int):
     return reader, writer
 
 
+# Far from the cap, uvloop's servers accept (counted at connection_made); near it, the
+# gateway's own accept loop (counted at accept()): the cap per address holds in both.
+@pytest.mark.parametrize("limits, mode", [("{max-handshakes-per-ip: 4}", "native"),
+                                          ("{max-handshakes-per-ip: 4, max-connections: 50}", "own")])
 async def test_max_handshakes_per_ip_closes_the_excess_of_one_address_only(
-        gateway_factory, echo_backend):
+        gateway_factory, echo_backend, limits, mode):
     from fastgw.admin import start_admin
     gw = await gateway_factory(gateway_yaml(
-        f"ws://127.0.0.1:{echo_backend}/",
-        extra_top="handshake-timeout: 30s\nlimits: {max-handshakes-per-ip: 4}"))
+        f"ws://127.0.0.1:{echo_backend}/", extra_top=f"handshake-timeout: 30s\nlimits: {limits}"))
+    assert gw.gw._mode == mode
     admin = await start_admin(gw.gw, "127.0.0.1", 0, None)
     try:
         slow = [await raw_held("127.0.0.1", gw.port) for _ in range(4)]   # heads never sent
@@ -301,3 +305,44 @@ async def echoes_later(url: str) -> None:
     await ws.send("served")
     assert await ws.recv() == "served"
     await ws.close()
+
+
+async def test_the_cap_holds_when_uvloop_servers_hand_over_to_the_accept_loop(
+        gateway_factory, echo_backend):
+    # backlog 16: uvloop's servers accept while more than 2 x 80 places are free, the
+    # gateway's accept loop from 80 places before the cap on.
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
+                                            extra_top="backlog: 16\nlimits: {max-connections: 200}"))
+    assert gw.gw._mode == "native"
+    held = [await websockets.connect(gw.url("/")) for _ in range(130)]
+    assert gw.gw._mode == "own"
+    tasks = [asyncio.create_task(connect(gw.url("/"), open_timeout=30)) for _ in range(80)]
+    await wait_for(lambda: sum(t.done() for t in tasks) >= 70, 30, "70 more upgrades")
+    await asyncio.sleep(0.5)
+    done = [t for t in tasks if t.done()]
+    failed = [repr(t.exception()) for t in done if t.exception() is not None]
+    assert not failed, failed
+    assert len(done) == 70 and len(gw.gw.live) == 200 and gw.gw._mode == "off"
+    held += [t.result() for t in done]
+    for ws in held[:10]:
+        await ws.close()
+    await wait_for(lambda: all(t.done() for t in tasks), 30, "the waiting clients")
+    held = held[10:] + [t.result() for t in tasks if t not in done]
+    for i, ws in enumerate(held):
+        await ws.send(f"m{i}")
+        assert await ws.recv() == f"m{i}"
+    for ws in held:
+        await ws.close()
+    await gw.wait_idle()
+    assert gw.gw._mode == "native"                    # room again: back to uvloop's servers
+    await echoes_later(gw.url("/"))
+
+
+async def test_a_uvloop_server_closed_under_us_is_replaced_by_the_accept_loop(
+        gateway_factory, echo_backend):
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
+    assert gw.gw._mode == "native"
+    for server in gw.gw.listeners[0].native:
+        server.close()                    # as uvloop does after a failed accept()
+    await wait_for(lambda: gw.gw._mode == "own", 5, "the accept loop")
+    await echoes_later(gw.url("/"))
