@@ -747,9 +747,9 @@ class Limits(_Base, kw_only=True):
     max_connections: Annotated[int, msgspec.Meta(ge=0)] | Literal["auto"] = "auto"
     """Most client connections held at once, in their handshake or relayed; at it the
     listeners stop accepting (new clients wait in the listen backlog). "auto": derived from
-    the descriptor limit (see server.derived_max_connections); 0: no cap."""
+    the descriptor limit (see accept.derived_max_connections); 0: no cap."""
     max_handshakes_per_ip: Annotated[int, msgspec.Meta(ge=0)] = 128
-    """Most connections in their handshake (TLS and request head) from one peer address;
+    """Most connections in their handshake (TLS, request head, dial) from one peer address;
     past it a new connection from that address is closed at once. 0: no cap."""
 
 
