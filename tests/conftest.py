@@ -5,6 +5,7 @@ a `fastgw run` subprocess (for signals and memory)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import signal
@@ -85,12 +86,17 @@ async def gateway_factory():
     yield start
     for rg in started:
         await rg.wait_idle()
-        live, handshakes = dict(rg.gw.live), set(rg.gw.handshakes)
+        live = [c.describe() for c in rg.gw.live.values()]
+        handshakes = len(rg.gw.handshakes)
         slots = rg.gw.zone.counts_used()
         await rg.gw.shutdown(1.0)
+        gc.collect()
         assert not live, f"connections left in the table: {live}"
-        assert not handshakes, "handshakes left open"
+        assert not handshakes, f"{handshakes} handshakes left open"
         assert slots == 0, f"{slots} connection-limit slots still held"
+        # A slot given back by a lease's deallocator, not by the end of life, is a bug
+        # that a later client would have paid for (429) until the garbage collector ran.
+        assert rg.gw.zone.lease_leaks == 0, f"{rg.gw.zone.lease_leaks} slots released by a deallocator"
 
 
 @pytest.fixture
@@ -167,11 +173,17 @@ def gateway_process(tmp_path):
         return gp
 
     yield start
+    leaks = 0
     for gp in procs:
         if gp.proc.poll() is None:
+            try:
+                leaks += gp.status()["lease_leaks"]
+            except (TimeoutError, ProcessLookupError, KeyError):
+                pass                    # gone or stopped by the test itself
             gp.proc.send_signal(signal.SIGTERM)
             try:
                 gp.proc.wait(10)
             except subprocess.TimeoutExpired:
                 gp.proc.kill()
                 gp.proc.wait()
+    assert leaks == 0, f"{leaks} slots released by a deallocator in a gateway process"

@@ -24,6 +24,7 @@ include "hdr_decl.pxi"
 cdef enum PauseReason:
     PAUSE_PEER_WRITE = 1      # the peer's write buffer is over its high-water mark
     PAUSE_PEER_NOT_READY = 2  # the peer leg is not attached yet (client before its 101)
+    PAUSE_OWN_REPLY = 4       # this leg's own transport holds bytes and a PONG for it waits
     PAUSE_DELAY = 8           # a message-rate-limit with action delay holds this leg
 
 
@@ -121,6 +122,14 @@ cdef class Leg:
         uint64_t msg_bytes           # bytes of the current message so far
 
         uint32_t pause_flags         # why this leg's reading is paused (PauseReason bits)
+
+        # A PONG owed to this leg while its transport holds unsent bytes: only the
+        # latest PING is answered (RFC 6455 5.5.3), once the transport drains, and
+        # reading pauses meanwhile, so replies never pile up in memory.
+        char* pong_data              # 125 bytes, allocated on first use
+        uint8_t pong_size
+        bint pong_pending
+        uint32_t pings_coalesced     # PINGs folded into the pending PONG (a cap ends the connection)
         uint32_t rng                 # xorshift state for mask keys
 
         # The message policies of the flow this leg reads (request flow on the
@@ -149,6 +158,7 @@ cdef class Leg:
         double hold_started          # when the current hold began (monotonic s)
         object delay_timer
 
+        readonly uint64_t reads      # socket reads that brought bytes (liveness: server.py)
         readonly uint64_t messages   # whole data messages received from this leg
         readonly uint64_t frames     # data frames received from this leg
         readonly uint64_t bytes      # payload bytes received from this leg
@@ -180,6 +190,7 @@ cdef class Leg:
     cdef int _end_hold(self) except -1
     cdef bint _socket_alive(self) noexcept
     cdef int _on_close(self, const char* payload, Py_ssize_t size) except -1
+    cdef int _answer_ping(self, const char* payload, Py_ssize_t size) except -1
     cdef inline bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1
     cdef int send_gateway_close(self, int code, bytes reason) except -1
     cdef int _after_close_sent(self) except -1

@@ -42,6 +42,9 @@ cdef extern from "<sys/socket.h>" nogil:
 
 # While a delay holds a sender, its connection is checked at least this often (s).
 cdef double HOLD_WATCH = 1.0
+# A message whose shared bucket found no slot in the limit table is over its
+# limit; a delay tries again after this long (s).
+cdef double TABLE_FULL_WAIT = 0.1
 
 cdef enum:
     # After a flush, an output buffer larger than this is given back.
@@ -58,6 +61,9 @@ cdef enum:
     OP_PING = 0x9
     OP_PONG = 0xA
     HELD_HEADER = 24
+    # PINGs folded into one pending PONG (a peer that floods pings and never
+    # reads the answers) before the connection is closed with 1008.
+    PING_COALESCE_MAX = 1024
 
 cdef char* SCRATCH = <char*>malloc(SCRATCH_SIZE)
 if SCRATCH == NULL:
@@ -175,6 +181,9 @@ cdef class Leg:
         if self.held_data != NULL:
             free(self.held_data)
             self.held_data = NULL
+        if self.pong_data != NULL:
+            free(self.pong_data)
+            self.pong_data = NULL
 
     # ---- output ---------------------------------------------------------
 
@@ -426,13 +435,21 @@ cdef class Leg:
 
         A message is counted once, at its first frame; its bytes are counted
         frame by frame. A message dropped at its first frame is dropped whole.
+        A shared bucket with no slot in the limit table (take() < 0) is over
+        the limit: the rule's action applies (a delay tries again after
+        TABLE_FULL_WAIT), and the zone counts the message in message_overflows.
         """
         cdef bint first = (first_byte & 0x0F) != 0
         cdef int i = self.resume_rule
         cdef int end = self.n_rules * 2
         cdef MsgRule* rule
         cdef double wait
+        cdef bint no_slot
         if not first and self.dropping:
+            return VERDICT_DROP
+        if self.close_recv or self.peer.close_sent:
+            # Nothing this leg sends can be relayed any more (a rejection or a
+            # close is under way): not counted against any limit.
             return VERDICT_DROP
         if first and not retry:
             self.dropping = False
@@ -445,7 +462,10 @@ cdef class Leg:
                     wait = self._take(rule, True, self.now, <double>size)
             elif first and rule.msg_rate > 0.0:
                 wait = self._take(rule, False, self.now, 1.0)
-            if wait > 0.0:
+            if wait != 0.0:
+                no_slot = wait < 0.0        # the limit table is full: never a silent pass
+                if no_slot:
+                    wait = TABLE_FULL_WAIT
                 if rule.action == ACTION_DELAY:
                     self.resume_rule = i
                     # At least a microsecond: a rounding-sized wait must still move
@@ -456,6 +476,8 @@ cdef class Leg:
                         self.delayed += 1
                         if self.stats is not None:
                             self.stats.delayed += 1
+                        if no_slot:
+                            self.zone.header.message_overflows += 1
                     return VERDICT_DELAY
                 if rule.action == ACTION_DROP:
                     if first:
@@ -463,6 +485,8 @@ cdef class Leg:
                         self.dropped += 1
                         if self.stats is not None:
                             self.stats.dropped += 1
+                        if no_slot:
+                            self.zone.header.message_overflows += 1
                         self.dropping = True
                         return VERDICT_DROP
                     # A later frame of a message already let through: it follows its message.
@@ -471,6 +495,8 @@ cdef class Leg:
                     self.rejected += 1
                     if self.stats is not None:
                         self.stats.rejected += 1
+                    if no_slot:
+                        self.zone.header.message_overflows += 1
                     self._reject(i >> 1)
                     return VERDICT_REJECT
             i += 1
@@ -678,6 +704,17 @@ cdef class Leg:
 
     def resume_writing(self):
         self.write_paused = False
+        if self.pong_pending:
+            self.pong_pending = False
+            self.pings_coalesced = 0
+            if not self.close_sent and not self.gone:
+                self.queue_frame(0x80 | OP_PONG, self.pong_data, self.pong_size)
+                self.flush()
+            free(self.pong_data)
+            self.pong_data = NULL
+            self.remove_pause(PAUSE_OWN_REPLY)
+            if self.write_paused:       # the PONG filled the transport again
+                return
         if self.peer is not None:
             self.peer.remove_pause(PAUSE_PEER_WRITE)
 
@@ -782,6 +819,7 @@ cdef class Leg:
         if self.gone or self.broken:
             self.in_size = 0
             return 0
+        self.reads += 1
         used = self._parse(data, size)
         self._end_of_read()
         rest = size - used
@@ -904,13 +942,41 @@ cdef class Leg:
             _mask_copy(payload, payload, size, mask)
         if op == OP_PING:
             if not self.close_sent:
-                self.queue_frame(0x80 | OP_PONG, payload, size)
+                self._answer_ping(payload, size)
         elif op == OP_CLOSE:
             if self.holding:
                 self._hold(first_byte, payload, size, size)
             else:
                 self._on_close(payload, size)
         # PONG: answers to our own pings only; never relayed.
+        return 0
+
+    cdef int _answer_ping(self, const char* payload, Py_ssize_t size) except -1:
+        """Queue the PONG for a PING of this leg; while this leg's transport holds
+        unsent bytes, keep only the latest one for later and stop reading the leg."""
+        if not self.write_paused:
+            self.queue_frame(0x80 | OP_PONG, payload, size)
+            return 0
+        if self.pong_data == NULL:
+            self.pong_data = <char*>malloc(125)
+            if self.pong_data == NULL:
+                raise MemoryError()
+        memcpy(self.pong_data, payload, size)
+        self.pong_size = <uint8_t>size
+        if self.pong_pending:
+            self.pings_coalesced += 1
+            if self.pings_coalesced > PING_COALESCE_MAX:
+                # Closing with unread input would reset the connection and lose the
+                # CLOSE: read on instead; what the leg sends is ignored until its
+                # CLOSE (close_sent), and the close timer cuts it if that never comes.
+                self.pong_pending = False
+                self.pings_coalesced = 0
+                self.fail(CLOSE_POLICY_VIOLATION, b"control frame flood",
+                          b"client control frame flood" if self.is_client else b"backend control frame flood")
+                self.remove_pause(PAUSE_OWN_REPLY)
+                return 0
+        self.pong_pending = True
+        self.add_pause(PAUSE_OWN_REPLY)
         return 0
 
     cdef inline bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1:
@@ -996,6 +1062,18 @@ cdef class Leg:
             free(self.in_data)
             self.in_data = NULL
             self.in_cap = 0
+        if self.out_data != NULL:
+            free(self.out_data)
+            self.out_data = NULL
+            self.out_cap = 0
+        if self.held_data != NULL:
+            free(self.held_data)
+            self.held_data = NULL
+            self.held_cap = 0
+        self.pong_pending = False
+        if self.pong_data != NULL:
+            free(self.pong_data)
+            self.pong_data = NULL
         if self.delay_timer is not None:
             self.delay_timer.cancel()
             self.delay_timer = None
@@ -1015,6 +1093,15 @@ cdef class Leg:
         if self.relay is not None:
             self.relay._leg_gone()
 
+
+    def send_ping(self, bytes payload):
+        """A PING of the gateway's own (liveness), unless this leg is closing or gone."""
+        if self.close_sent or self.gone or self.transport is None:
+            return False
+        self.queue_frame(0x80 | OP_PING, PyBytes_AS_STRING(payload),
+                         min(PyBytes_GET_SIZE(payload), 125))
+        self.flush()
+        return True
 
     # ---- introspection (Python) -----------------------------------------
 
@@ -1140,6 +1227,23 @@ cdef class Relay:
         self._mark_end(END_GATEWAY, client_code, r, len(r))
         self.client.send_gateway_close(client_code, r)
         self.backend.send_gateway_close(backend_code, r)
+
+    def lost(self, bint client_side, reason):
+        """A side stopped answering (liveness): end the connection as if its TCP
+        connection were lost. The client side gone: the backend gets 1001 with the
+        reason; the backend side gone: the client gets 1014 with the reason. The dead
+        side's transport is cut without a close handshake."""
+        cdef bytes r = reason.encode() if isinstance(reason, str) else reason
+        cdef Leg dead = self.client if client_side else self.backend
+        cdef Leg other = dead.peer
+        if client_side:
+            self._mark_end(END_GATEWAY, 1006, r, len(r))
+            other.send_gateway_close(CLOSE_GOING_AWAY, r)
+        else:
+            self._mark_end(END_GATEWAY, CLOSE_BAD_GATEWAY, r, len(r))
+            other.send_gateway_close(CLOSE_BAD_GATEWAY, r)
+        if dead.transport is not None and not dead.gone:
+            dead.transport.abort()
 
     def abort(self):
         """The client will never be attached (failed upgrade): close the backend leg."""

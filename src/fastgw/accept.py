@@ -52,6 +52,13 @@ def derived_max_connections(fd_limit: int, listening_sockets: int) -> int:
     return max(1, (fd_limit - RESERVED_FDS - listening_sockets) // 2)
 
 
+class ListenError(OSError):
+    """An OSError whose text is the message alone (its errno kept: EADDRINUSE, ...)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class Spares:
     """SPARE_FDS descriptors held open on /dev/null, released when descriptors run out."""
 
@@ -84,11 +91,11 @@ class Spares:
 async def listen(loop, host: str, port: int, backlog: int) -> list[socket.socket]:
     """Non-blocking listening sockets on host:port, one per address the host resolves to,
     as asyncio's create_server makes them (SO_REUSEADDR; IPv6 sockets IPv6-only).
-    OSError says "cannot listen on HOST:PORT: why"."""
+    Raises ListenError: "cannot listen on HOST:PORT: why", with the errno."""
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
-        raise OSError(f"cannot resolve {host}: {exc}") from None
+        raise ListenError(exc.errno, f"cannot resolve {host}: {exc}") from None
     socks: list[socket.socket] = []
     try:
         for family, type_, proto, _, addr in dict.fromkeys(infos):
@@ -103,7 +110,7 @@ async def listen(loop, host: str, port: int, backlog: int) -> list[socket.socket
     except OSError as exc:
         for s in socks:
             s.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return socks
 
 

@@ -43,6 +43,9 @@ import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from fastgw.logs import Throttle, clean
 
 from fastgw.accept import Acceptor, listen
 
@@ -184,6 +187,8 @@ def _histogram_json(name: str, histogram: HdrHistogram) -> dict[str, Any]:
 # --- the application -----------------------------------------------------------------
 
 _BACKEND = web.AppKey("backend", object)
+# Lines a request can cause: one per key and interval (see logs.Throttle).
+_THROTTLE = web.AppKey("log_throttle", Throttle)
 
 
 def _backend(request: web.Request) -> AdminBackend:
@@ -293,7 +298,8 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
         headers = {k: exc.headers[k] for k in _KEPT_HEADERS if k in exc.headers}
         return _error(exc.status, exc.reason, headers)
     except Exception:
-        log.exception("admin: %s %s failed", request.method, request.path)
+        request.app[_THROTTLE].log(logging.ERROR, "failed", "admin: %s %s failed",
+                                   clean(request.method), clean(request.path), exc_info=True)
         return _error(500, "internal error")
 
 
@@ -330,6 +336,7 @@ def create_app(backend: AdminBackend, token: str | None) -> web.Application:
         middlewares.insert(0, _token_middleware(token))
     app = web.Application(middlewares=middlewares)
     app[_BACKEND] = backend
+    app[_THROTTLE] = Throttle(log)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -350,6 +357,25 @@ def create_app(backend: AdminBackend, token: str | None) -> web.Application:
 def _url_host(host: str) -> str:
     """A host as it is written in a URL (IPv6 addresses in brackets)."""
     return f"[{host}]" if ":" in host else host
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger for the admin API. A request aiohttp cannot parse (a
+    200 KB header, a bad request line) is answered 400 by aiohttp and logged here as one
+    short, throttled warning, not an ERROR with a traceback (whose text would hold the
+    offending bytes: a header may be a credential). Everything else passes on."""
+
+    def __init__(self, logger: logging.Logger, throttle: Throttle):
+        super().__init__(logger, {})
+        self.throttle = throttle
+
+    def log(self, level, msg, *args, exc_info=None, **kwargs):
+        if isinstance(exc_info, HttpProcessingError):
+            self.throttle.warning(("bad-request", type(exc_info).__name__),
+                                 "admin: malformed request answered %d (%s)",
+                                 exc_info.code, type(exc_info).__name__)
+            return
+        super().log(level, msg, *args, exc_info=exc_info, **kwargs)
 
 
 class AdminServer:
@@ -388,7 +414,8 @@ async def start_admin(backend: AdminBackend, host: str, port: int,
     app = create_app(backend, token)
     # A short shutdown timeout: an admin request in flight must not hold up the
     # gateway's own shutdown.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                           logger=_ServerLog(logging.getLogger("aiohttp.server"), app[_THROTTLE]))
     await runner.setup()
     try:
         loop = asyncio.get_running_loop()

@@ -9,7 +9,8 @@
 Decoding happens in three steps:
 
 1. the text is parsed into plain Python objects (for YAML we also keep the node tree, to map an
-   error's ``$.path`` back to a line number);
+   error's ``$.path`` back to a line number; for TOML and JSON a scan of the text, made when
+   an error needs it, gives the line of each key);
 2. ``msgspec.convert`` turns those objects into Structs; it checks key names, types and value
    limits, and reports errors with a ``$.path``. Durations and sizes have types of their own
    (float and int subclasses) that msgspec hands to ``_dec_hook``, so their errors carry the
@@ -21,7 +22,8 @@ Decoding happens in three steps:
    and its clients are appended to ``Config.clients``.
 
 Key names in files are kebab-case (``tls-profiles``, ``target-url``); attributes are snake_case.
-This module imports nothing else from fastgw.
+This module imports nothing else from fastgw but ``fastgw.uri`` (pure functions: the normal
+form of an API's path and host).
 
 Value types of their own (decoded by ``_dec_hook``, so that their errors carry the ``$.path``):
 :class:`Duration`, :class:`Size`, :class:`Rate` ("100/1s"), :class:`ByteRate` ("1MiB/1s") and
@@ -34,6 +36,7 @@ policy list decodes the union of all of them, so that a policy in the wrong plac
 saying where it belongs rather than "invalid tag".
 """
 
+import bisect
 import ipaddress
 import json
 import math
@@ -49,10 +52,14 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from fastgw.uri import BadTarget, normalize_host, normalize_path
+
 __all__ = [
     "DEFAULT_PLAN",
     "IDENTITY_POLICY_TYPES",
+    "MAX_DURATION",
     "MESSAGE_POLICY_TYPES",
+    "MIN_HEADER_SIZE",
     "POLICY_TYPES",
     "PRE_UPGRADE_POLICY_TYPES",
     "Api",
@@ -70,6 +77,7 @@ __all__ = [
     "MessageRateLimit",
     "MessageSizeLimit",
     "PerPlan",
+    "PerSide",
     "Policy",
     "Rate",
     "RateLimit",
@@ -158,10 +166,16 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+MAX_DURATION = 365 * 86400.0
+"""The longest duration a file may give (365 days, 8760h): every timer the gateway arms
+stays within what the event loop's clock handles."""
+
+
 def parse_duration(value: object) -> float:
     """Return ``value`` (a number of seconds, or a string such as "250ms") as float seconds.
 
-    Raises ValueError for anything else, including negative and non-finite numbers.
+    Raises ValueError for anything else, including negative and non-finite numbers and
+    durations longer than ``MAX_DURATION``.
     """
     seconds: float | None = None
     if _is_number(value):
@@ -170,10 +184,12 @@ def parse_duration(value: object) -> float:
         match = _DURATION_RE.fullmatch(value.strip())
         if match:
             seconds = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+    if seconds is None or seconds < 0:
         raise ValueError(
             f"Invalid duration {value!r} (use a number of seconds, or 250ms, 10s, 2m, 1h)"
         )
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ValueError(f"Invalid duration {value!r} (must be finite and at most 365 days: 8760h)")
     return seconds
 
 
@@ -400,6 +416,37 @@ class PerPlan(_Frozen, Generic[_T]):
         return (PerPlan, (dict(self.values),))
 
 
+class PerSide(_Frozen):
+    """A duration for each side of a relayed connection. In a file either one duration (both
+    sides) or a mapping ``{client: 30s, backend: 10s}`` (a side left out has none).
+
+    ``client`` and ``backend`` are seconds (floats) or None.
+    """
+
+    __slots__ = ("client", "backend")
+    client: "float | None"
+    backend: "float | None"
+    SIDES = ("client", "backend")
+
+    def __init__(self, client: "float | None", backend: "float | None") -> None:
+        object.__setattr__(self, "client", client)
+        object.__setattr__(self, "backend", backend)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PerSide):
+            return NotImplemented
+        return (self.client, self.backend) == (other.client, other.backend)
+
+    def __hash__(self) -> int:
+        return hash((self.client, self.backend))
+
+    def __repr__(self) -> str:
+        return f"PerSide(client={self.client!r}, backend={self.backend!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PerSide, (self.client, self.backend))
+
+
 class _SubPathError(ValueError):
     """Raised by _dec_hook for a problem below the field msgspec knows of (a plan's entry).
 
@@ -443,6 +490,19 @@ def _decode_per_plan(value_type: Any, obj: Any) -> PerPlan[Any]:
     return PerPlan(values)
 
 
+def _decode_per_side(obj: Any) -> PerSide:
+    if not isinstance(obj, dict):
+        value = _convert_below(obj, Duration, ())
+        return PerSide(float(value), float(value))
+    sides: dict[str, float] = {}
+    for side, value in obj.items():
+        if side not in PerSide.SIDES:
+            raise _SubPathError(f"Unknown side {side!r} - expected one of: client, backend", (),
+                                in_key=True)
+        sides[side] = float(_convert_below(value, Duration, (side,)))
+    return PerSide(sides.get("client"), sides.get("backend"))
+
+
 def _dec_hook(type_: Any, obj: Any) -> Any:
     """msgspec decoding hook for our value types; its ValueErrors get the field's $.path."""
     if type_ is Duration:
@@ -461,6 +521,8 @@ def _dec_hook(type_: Any, obj: Any) -> Any:
     if typing.get_origin(type_) is PerPlan:
         (value_type,) = typing.get_args(type_)
         return _decode_per_plan(value_type, obj)
+    if type_ is PerSide:
+        return _decode_per_side(obj)
     raise NotImplementedError(f"Objects of type {type_!r} are not supported")
 
 
@@ -475,6 +537,8 @@ def enc_hook(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, PerPlan):
         return {plan: enc_hook(value) for plan, value in obj.values.items()}
+    if isinstance(obj, PerSide):
+        return {side: getattr(obj, side) for side in PerSide.SIDES if getattr(obj, side) is not None}
     if isinstance(obj, frozenset):
         return sorted(obj)
     if isinstance(obj, (int, float, str)):
@@ -490,6 +554,9 @@ NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 MIB = 1024 * 1024
+MIN_HEADER_SIZE = 1024
+"""The smallest ``max-header-size``: a WebSocket upgrade request head needs a few hundred
+bytes."""
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
@@ -545,6 +612,13 @@ class ApiKey(_Base, kw_only=True, tag_field="policy", tag="api-key"):
     """Request header holding the key (None: only the query parameter)."""
     query: NonEmptyStr | None = None
     """Query parameter holding the key (browsers cannot set headers on a WebSocket)."""
+    hide_credentials: bool = False
+    """Remove the key (the header or query parameter it was read from) from the request
+    sent to the backend."""
+    client_id_header: NonEmptyStr | None = None
+    """Header that gives the backend the client's id (the client's own is removed)."""
+    plan_header: NonEmptyStr | None = None
+    """Header that gives the backend the client's plan (the client's own is removed)."""
 
 
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
@@ -578,6 +652,13 @@ class Jwt(_Base, kw_only=True, tag_field="policy", tag="jwt"):
     """Allowed clock skew for exp/nbf/iat."""
     close_on_expiry: bool = False
     """Close the connection with 1008 when the token expires."""
+    hide_credentials: bool = False
+    """Remove the token (the Authorization header or the query parameter it was read from)
+    from the request sent to the backend."""
+    client_id_header: NonEmptyStr | None = None
+    """Header that gives the backend the client's id (the client's own is removed)."""
+    plan_header: NonEmptyStr | None = None
+    """Header that gives the backend the client's plan (the client's own is removed)."""
 
     def read_secret(self) -> bytes:
         """The HS256 secret: the environment variable's value (UTF-8), or the file's bytes
@@ -671,6 +752,12 @@ class WebsocketUpgrade(_Base, kw_only=True, tag_field="policy", tag="websocket-u
     """A larger whole message (fragments included) closes the connection with 1009."""
     subprotocols: list[NonEmptyStr] | None = None
     """Optional allowlist of subprotocols forwarded to the backend."""
+    ping_interval: PerSide | None = None
+    """Liveness: the gateway pings a side that has sent nothing for this long (one duration
+    for both sides, or ``{client: 30s, backend: 10s}``)."""
+    ping_timeout: PerSide | None = None
+    """How long a pinged side has to send anything (default: its ping interval); then the
+    connection ends as if that side's connection were lost."""
     request: list["Policy"] = []  # type: ignore[valid-type]
     """Message policies of the request flow (client to backend), in order."""
     response: list["Policy"] = []  # type: ignore[valid-type]
@@ -710,6 +797,9 @@ class Api(_Base, kw_only=True):
     origins: list[NonEmptyStr] | None = None
     """Allowed Origin header values ("https://app.example.com"), stored in lower case; compare
     the lower-cased header exactly. None: any origin."""
+    schemes: tuple[Literal["ws", "wss"], ...] = ("ws", "wss")
+    """The schemes clients may reach the API with: ["wss"] refuses it (403) on plain
+    listeners, as IBM API Connect's API-level schemes do."""
     assembly: list[Policy]  # type: ignore[valid-type]
     """Policies in order; the last one is the websocket-upgrade."""
 
@@ -858,7 +948,8 @@ class Target(msgspec.Struct, frozen=True):
 
 
 def parse_target(url: str) -> Target:
-    """Parse a ws:// or wss:// URL; raise ValueError with a readable message if it is bad."""
+    """Parse a ws:// or wss:// URL (http:// and https:// mean the same); raise ValueError
+    with a readable message if it is bad."""
 
     def invalid(reason: str) -> ValueError:
         return ValueError(f"Invalid target URL {url!r} ({reason})")
@@ -870,8 +961,8 @@ def parse_target(url: str) -> Target:
         port = parts.port
     except ValueError as exc:
         raise invalid(str(exc)) from None
-    if parts.scheme not in ("ws", "wss"):
-        raise invalid("scheme must be ws or wss")
+    if parts.scheme not in ("ws", "wss", "http", "https"):
+        raise invalid("scheme must be ws or wss (http and https mean ws and wss)")
     if not parts.hostname:
         raise invalid("missing host")
     if parts.username is not None or parts.password is not None:
@@ -880,12 +971,13 @@ def parse_target(url: str) -> Target:
         raise invalid("fragments are not allowed")
     if port == 0:
         raise invalid("port 0")
-    secure = parts.scheme == "wss"
+    # IBM API Connect's assemblies write http:// and https:// target URLs.
+    secure = parts.scheme in ("wss", "https")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
     return Target(
-        scheme=parts.scheme,
+        scheme="wss" if secure else "ws",
         host=parts.hostname,
         port=port if port is not None else (443 if secure else 80),
         path=path,
@@ -989,6 +1081,8 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, _LineOf | None]:
         raise ConfigError(name, f"Invalid YAML: {detail}", line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(name, f"Invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(name, "Invalid YAML: nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -1057,29 +1151,286 @@ def _check_yaml_duplicate_keys(root: yaml.Node, name: str) -> None:
 
 def _parse_toml(text: str, name: str) -> tuple[Any, _LineOf | None]:
     try:
-        return tomllib.loads(text), None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # Python 3.11-3.13 only give the position inside the message: "... (at line 2, column 5)".
         message = str(exc).splitlines()[0]
         line = getattr(exc, "lineno", None)
         if match := re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message):
             message, line = f"{match[1]} (column {match[3]})", int(match[2])
+        elif line is None and message.endswith("(at end of document)"):
+            line = _last_line(text)
         raise ConfigError(name, f"Invalid TOML: {message}", line) from None
+    except RecursionError:
+        raise ConfigError(name, "Invalid TOML: nested too deeply") from None
+    return data, _lazy_line_of(lambda: _TomlLines(text).scan())
 
 
 def _parse_json(text: str, name: str) -> tuple[Any, _LineOf | None]:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise ConfigError(name, f"Duplicate key {key!r}")
-            result[key] = value
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            raise _JsonDuplicateKey
         return result
 
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates), None
+        data = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise ConfigError(name, f"Invalid JSON: {exc.msg} (column {exc.colno})", exc.lineno) from None
+    except RecursionError:
+        raise ConfigError(name, "Invalid JSON: nested too deeply") from None
+    except _JsonDuplicateKey:
+        scan = _JsonLines(text)
+        scan.scan()
+        if scan.duplicate is None:  # not expected: the scan sees what json.loads saw
+            raise ConfigError(name, "Duplicate key") from None
+        segments, key, line = scan.duplicate
+        path = _format_path(segments)
+        raise ConfigError(name, f"Duplicate key {key!r} - at `{path}`", line, path) from None
+    return data, _lazy_line_of(lambda: _JsonLines(text).scan())
+
+
+def _last_line(text: str) -> int:
+    """The line of the last character that is not white space (1 for a blank text)."""
+    return text.rstrip().count("\n") + 1
+
+
+def _lazy_line_of(scan: Callable[[], dict[_Segments, int]]) -> _LineOf:
+    """A line_of for a map path -> line that ``scan`` builds when first needed; a path not in
+    the map gets the line of its nearest parent that is."""
+    lines: dict[_Segments, int] | None = None
+
+    def line_of(segments: _Segments) -> int | None:
+        nonlocal lines
+        if lines is None:
+            lines = scan()
+        for end in range(len(segments), -1, -1):
+            if segments[:end] in lines:
+                return lines[segments[:end]]
+        return None
+
+    return line_of
+
+
+class _JsonDuplicateKey(Exception):
+    """An object with a key given twice (the scan of _JsonLines finds where)."""
+
+
+class _ScanStop(Exception):
+    """Text a _LineScan did not expect."""
+
+
+class _LineScan:
+    """The line of each key (and list item) of a document that its parser has accepted.
+
+    ``scan()`` returns {path: line}: the line of the key for a mapping entry, of the item's
+    first character for a list item, of the first content for the top level ``()``. The scan
+    trusts the parser: on text it does not expect it stops and keeps what it found.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+        self.lines: dict[_Segments, int] = {}
+        self._line_starts = [0, *(match.end() for match in re.finditer("\n", text))]
+
+    def line(self, pos: int | None = None) -> int:
+        return bisect.bisect_right(self._line_starts, self.pos if pos is None else pos)
+
+    def record(self, segments: _Segments, line: int) -> None:
+        """Record ``line`` for ``segments``, and for each parent that has no line yet."""
+        for end in range(len(segments)):
+            self.lines.setdefault(segments[:end], line)
+        self.lines.setdefault(segments, line)
+
+    def scan(self) -> dict[_Segments, int]:
+        try:
+            self._scan()
+        except (_ScanStop, RecursionError):
+            pass
+        return self.lines
+
+    def _scan(self) -> None:
+        raise NotImplementedError
+
+
+_JSON_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+')
+
+
+class _JsonLines(_LineScan):
+    """Lines of a JSON document; also finds the first duplicate key (``duplicate``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.duplicate: tuple[_Segments, str, int] | None = None
+
+    def _scan(self) -> None:
+        # The containers being read: [path, keys seen (None for a list), current key or index].
+        stack: list[list[Any]] = []
+        expect_key = False
+        for match in _JSON_TOKEN_RE.finditer(self.text):
+            token, line = match[0], self.line(match.start())
+            if token == ",":
+                top = stack[-1]
+                if top[1] is None:
+                    top[2] += 1
+                else:
+                    expect_key = True
+            elif token == ":":
+                pass
+            elif token in "}]":
+                stack.pop()
+                expect_key = False  # "{}"
+            elif expect_key:  # a key of the object on top
+                top = stack[-1]
+                key = json.loads(token)
+                if key in top[1] and self.duplicate is None:
+                    self.duplicate = (top[0], key, line)
+                top[1].add(key)
+                top[2] = key
+                self.record((*top[0], key), line)
+                expect_key = False
+            else:  # a value
+                segments: _Segments = (*stack[-1][0], stack[-1][2]) if stack else ()
+                self.record(segments, line)
+                if token == "{":
+                    stack.append([segments, set(), None])
+                    expect_key = True
+                elif token == "[":
+                    stack.append([segments, None, 0])
+
+
+# Pieces of TOML text.
+_TOML_BLANK_RE = re.compile(r"(?:[ \t\r\n]|#[^\n]*)*")
+_TOML_SPACE_RE = re.compile(r"[ \t]*")
+_TOML_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_BASIC_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"')
+_TOML_LITERAL_RE = re.compile(r"'[^'\n]*'")
+_TOML_ML_BASIC_RE = re.compile(r'"""(?:[^"\\]|\\.|"{1,2}(?!"))*""""{0,2}', re.S)
+_TOML_ML_LITERAL_RE = re.compile(r"'''.*?''''{0,2}", re.S)
+_TOML_SCALAR_RE = re.compile(r"[^,\]}\r\n#]+")
+
+
+class _TomlLines(_LineScan):
+    """Lines of a TOML document: ``[table]`` and ``[[array]]`` headers, ``key = value`` lines,
+    the keys of inline tables and the items of arrays."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.array_lengths: dict[_Segments, int] = {}  # arrays of tables met so far
+
+    def _scan(self) -> None:
+        table: _Segments = ()
+        self.skip(_TOML_BLANK_RE)
+        self.record((), self.line())
+        while self.pos < len(self.text):
+            line = self.line()
+            if self.text.startswith("[[", self.pos):
+                self.pos += 2
+                table = self.table(self.keys(), array=True)
+                self.expect("]]")
+                self.record(table, line)
+            elif self.text.startswith("[", self.pos):
+                self.pos += 1
+                table = self.table(self.keys(), array=False)
+                self.expect("]")
+                self.record(table, line)
+            else:
+                path = (*table, *self.keys())
+                self.record(path, line)
+                self.expect("=")
+                self.value(path)
+            self.skip(_TOML_BLANK_RE)
+
+    def table(self, keys: list[str], array: bool) -> _Segments:
+        """The path of a table header. A key naming an array of tables means its last item;
+        the header of an array of tables (``array``) adds an item to it."""
+        segments: list[str | int] = []
+        for index, key in enumerate(keys):
+            segments.append(key)
+            length = self.array_lengths.get(tuple(segments), 0)
+            if array and index == len(keys) - 1:
+                length += 1
+                self.array_lengths[tuple(segments)] = length
+            if length:
+                segments.append(length - 1)
+        return tuple(segments)
+
+    def skip(self, pattern: re.Pattern[str]) -> str:
+        match = pattern.match(self.text, self.pos)
+        if match is None:
+            raise _ScanStop
+        self.pos = match.end()
+        return match[0]
+
+    def expect(self, literal: str) -> None:
+        self.skip(_TOML_SPACE_RE)
+        if not self.text.startswith(literal, self.pos):
+            raise _ScanStop
+        self.pos += len(literal)
+
+    def keys(self) -> list[str]:
+        """A dotted key: ``a.b``, ``"a b".c``, ``'x'``."""
+        keys = []
+        while True:
+            self.skip(_TOML_SPACE_RE)
+            if self.text.startswith('"', self.pos):
+                raw = self.skip(_TOML_BASIC_RE)
+                keys.append(tomllib.loads(f"k = {raw}")["k"] if "\\" in raw else raw[1:-1])
+            elif self.text.startswith("'", self.pos):
+                keys.append(self.skip(_TOML_LITERAL_RE)[1:-1])
+            else:
+                keys.append(self.skip(_TOML_BARE_KEY_RE))
+            self.skip(_TOML_SPACE_RE)
+            if not self.text.startswith(".", self.pos):
+                return keys
+            self.pos += 1
+
+    def value(self, path: _Segments) -> None:
+        self.skip(_TOML_SPACE_RE)
+        text = self.text
+        if text.startswith('"""', self.pos):
+            self.skip(_TOML_ML_BASIC_RE)
+        elif text.startswith("'''", self.pos):
+            self.skip(_TOML_ML_LITERAL_RE)
+        elif text.startswith('"', self.pos):
+            self.skip(_TOML_BASIC_RE)
+        elif text.startswith("'", self.pos):
+            self.skip(_TOML_LITERAL_RE)
+        elif text.startswith("[", self.pos):  # an array: items may be on lines of their own
+            self.pos += 1
+            self.items(path, "]", self.array_item)
+        elif text.startswith("{", self.pos):  # an inline table
+            self.pos += 1
+            self.items(path, "}", self.table_entry)
+        else:  # a number, a boolean, a date
+            self.skip(_TOML_SCALAR_RE)
+
+    def items(self, path: _Segments, close: str, item: Callable[[_Segments, int], None]) -> None:
+        index = 0
+        while True:
+            self.skip(_TOML_BLANK_RE)
+            if self.text.startswith(close, self.pos):
+                self.pos += 1
+                return
+            item(path, index)
+            self.skip(_TOML_BLANK_RE)
+            if self.text.startswith(",", self.pos):
+                self.pos += 1
+                index += 1
+            elif not self.text.startswith(close, self.pos):
+                raise _ScanStop
+
+    def array_item(self, path: _Segments, index: int) -> None:
+        self.record((*path, index), self.line())
+        self.value((*path, index))
+
+    def table_entry(self, path: _Segments, index: int) -> None:
+        line = self.line()
+        keys = self.keys()
+        self.record((*path, *keys), line)
+        self.expect("=")
+        self.value((*path, *keys))
 
 
 _PARSERS: dict[str, Callable[[str, str], tuple[Any, _LineOf | None]]] = {
@@ -1118,9 +1469,104 @@ def _decode(data: dict[str, Any]) -> Config:
                 except msgspec.ValidationError as inner:
                     found = _split_validation_error(inner)
                     found.segments = (segs[0], key, *found.segments)
-                    raise found from None
-        raise problem from None
+                    raise _name_choices(found, Config, data) from None
+        raise _name_choices(problem, Config, data) from None
     return config
+
+
+def _policies_allowed_in(place: str | int) -> tuple[type[_Base], ...]:
+    """The policies a list of that name may hold: an assembly, or a flow of messages."""
+    if place == "assembly":
+        return (*PRE_UPGRADE_POLICY_TYPES, WebsocketUpgrade)
+    if place in ("request", "response"):
+        return MESSAGE_POLICY_TYPES
+    return POLICY_TYPES
+
+
+def _is_tagged_struct(type_: Any) -> bool:
+    return (
+        isinstance(type_, type)
+        and issubclass(type_, msgspec.Struct)
+        and type_.__struct_config__.tag is not None
+    )
+
+
+def _bare_type(type_: Any) -> Any:
+    """``type_`` without Annotated metadata and without ``| None``."""
+    while True:
+        origin = typing.get_origin(type_)
+        if origin is Annotated:
+            type_ = typing.get_args(type_)[0]
+        elif origin in (Union, types.UnionType):
+            members = [arg for arg in typing.get_args(type_) if arg is not type(None)]
+            if len(members) != 1:
+                return type_
+            type_ = members[0]
+        else:
+            return type_
+
+
+def _choices_at(root: Any, data: Any, segments: _Segments) -> tuple[str, ...] | None:
+    """The values allowed at ``segments`` when that place takes one of a fixed set of strings
+    (a Literal, or the ``policy`` tag of a policy list), else None. ``data`` is the document,
+    which says the tag of each policy on the way."""
+    type_, value = root, data
+    for depth, seg in enumerate(segments):
+        type_ = _bare_type(type_)
+        origin = typing.get_origin(type_)
+        if origin in (Union, types.UnionType):  # the policies, told apart by their tag
+            members = typing.get_args(type_)
+            if not all(_is_tagged_struct(member) for member in members):
+                return None
+            if seg == "policy":
+                place = segments[depth - 2] if depth >= 2 else ""
+                return tuple(policy_tag(cls) for cls in _policies_allowed_in(place))
+            tag = value.get("policy") if isinstance(value, dict) else None
+            matches = [cls for cls in members if policy_tag(cls) == tag]
+            if not matches:
+                return None
+            type_ = matches[0]
+        if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
+            field = next(
+                (f for f in msgspec.structs.fields(type_) if f.encode_name == seg), None
+            )
+            if field is None:
+                return None
+            type_ = field.type
+        elif origin in (list, tuple) and isinstance(seg, int):
+            type_ = typing.get_args(type_)[0]       # list[X] or tuple[X, ...]
+        elif origin in (dict, PerPlan):
+            type_ = typing.get_args(type_)[-1]
+        else:
+            return None
+        if isinstance(value, dict):
+            value = value.get(seg)
+        elif isinstance(value, list) and isinstance(seg, int) and seg < len(value):
+            value = value[seg]
+        else:
+            value = None
+    type_ = _bare_type(type_)
+    if typing.get_origin(type_) is Literal:
+        return tuple(str(arg) for arg in typing.get_args(type_))
+    return None
+
+
+_CHOICE_ERROR_RE = re.compile(r"Invalid (?:enum )?value (.*)|Expected `str( \| null)?`, got .*")
+
+
+def _name_choices(problem: _Invalid, root: Any, data: Any) -> _Invalid:
+    """Add the allowed values to msgspec's "Invalid enum value 'x'" (a Literal) and "Invalid
+    value 'x'" (a policy tag): "Invalid value 'x' - expected one of: a, b"."""
+    match = _CHOICE_ERROR_RE.fullmatch(problem.message)
+    if match is None or problem.in_key:
+        return problem
+    choices = _choices_at(root, data, problem.segments)
+    if not choices:
+        return problem
+    if match[1] is not None:
+        problem.message = f"Invalid value {match[1]}"
+    problem.message += f" - expected one of: {', '.join(choices)}"
+    return problem
 
 
 # An HTTP token (RFC 9110), what a subprotocol name must be.
@@ -1139,19 +1585,33 @@ def _is_loopback(host: str) -> bool:
 def _check(config: Config, name: str) -> Config:
     """Checks spanning several fields. Returns the config with api hosts and origins in lower
     case and trusted-proxies in canonical form. ``name`` is the configuration's file name."""
-    listeners_seen: dict[tuple[str, int], int] = {}
+    _check_settings(config)
     for index, listener in enumerate(config.listeners):
-        address = (listener.host.lower(), listener.port)
-        if listener.port != 0 and address in listeners_seen:
-            raise _Invalid(
-                f"Duplicate listener {listener.host}:{listener.port}"
-                f" (same as `{_format_path(('listeners', listeners_seen[address]))}`)",
-                ("listeners", index),
-            )
-        listeners_seen[address] = index
+        for other_index, other in enumerate(config.listeners[:index]):
+            if _same_socket(listener.host, listener.port, other.host, other.port):
+                raise _Invalid(
+                    f"Duplicate listener {listener.host}:{listener.port}"
+                    f" (same as `{_format_path(('listeners', other_index))}`)",
+                    ("listeners", index),
+                )
+            if _sockets_overlap(listener.host, listener.port, other.host, other.port):
+                raise _Invalid(
+                    f"Listener {listener.host}:{listener.port} overlaps"
+                    f" {other.host}:{other.port} (`{_format_path(('listeners', other_index))}`):"
+                    " a wildcard address takes the port on every address",
+                    ("listeners", index),
+                )
 
     admin = config.admin
     if admin is not None:
+        for index, listener in enumerate(config.listeners):
+            if _sockets_overlap(admin.host, admin.port, listener.host, listener.port):
+                raise _Invalid(
+                    f"The admin API {admin.host}:{admin.port} and the listener"
+                    f" {listener.host}:{listener.port}"
+                    f" (`{_format_path(('listeners', index))}`) cannot share a port",
+                    ("admin", "port"),
+                )
         if not _is_loopback(admin.host) and admin.token_env is None:
             raise _Invalid(
                 f"the admin API would listen beyond loopback ({admin.host}) without a token:"
@@ -1196,7 +1656,26 @@ def _check(config: Config, name: str) -> Config:
         names_seen[api.name] = index
         if not api.path.startswith("/"):
             raise _Invalid(f"Invalid path {api.path!r} (must start with '/')", (*here, "path"))
-        host = api.host.lower() if api.host is not None else None
+        try:
+            canonical = normalize_path(api.path)
+        except BadTarget as exc:
+            raise _Invalid(f"Invalid path {api.path!r} ({exc})", (*here, "path")) from None
+        if canonical != api.path:
+            raise _Invalid(f"Invalid path {api.path!r} (requests are routed on their normal"
+                           f" form, write {canonical!r})", (*here, "path"))
+        host = None
+        if api.host is not None:
+            try:
+                host = normalize_host(api.host)
+            except BadTarget:
+                raise _Invalid(f"Invalid host {api.host!r}", (*here, "host")) from None
+            if host not in (api.host.lower(), api.host.lower().strip("[]")):
+                raise _Invalid(f"Invalid host {api.host!r} (a host name without port or"
+                               f" trailing dot: {host!r})", (*here, "host"))
+        if not api.schemes:
+            raise _Invalid("Invalid schemes (at least one of ws, wss)", (*here, "schemes"))
+        if len(set(api.schemes)) != len(api.schemes):
+            raise _Invalid(f"Duplicate scheme in {list(api.schemes)}", (*here, "schemes"))
         route = (host, api.path)
         if route in routes_seen:
             where = "" if host is None else f"host {host!r}, "
@@ -1220,6 +1699,62 @@ def _check(config: Config, name: str) -> Config:
     config = msgspec.structs.replace(config, apis=apis, trusted_proxies=trusted)
     _ClientChecker(config).check(config.clients, ("clients",), name)
     return config
+
+
+def _check_settings(config: Config) -> None:
+    """Values of the top-level settings that no client could work with."""
+    if config.handshake_timeout <= 0:
+        raise _Invalid("handshake-timeout must be greater than 0", ("handshake-timeout",))
+    if config.max_header_size < MIN_HEADER_SIZE:
+        raise _Invalid(
+            f"max-header-size must be at least 1KiB ({MIN_HEADER_SIZE} bytes):"
+            " a smaller one cannot hold a WebSocket upgrade request",
+            ("max-header-size",),
+        )
+    if config.histogram_log is not None and config.histogram_log.interval <= 0:
+        raise _Invalid("interval must be greater than 0", ("histogram-log", "interval"))
+
+
+_WILDCARDS = {"0.0.0.0": 4, "::": 6}
+
+
+def _bind_addresses(host: str) -> set[tuple[int, str]]:
+    """What binding ``host`` takes: (IP version, address) pairs, "*" for every address of that
+    version, version 0 for a host name that resolves to either ("localhost": both loopbacks)."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return {(4, "127.0.0.1"), (6, "::1")}
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return {(0, name)}
+    text = str(address)
+    if text in _WILDCARDS:
+        return {(_WILDCARDS[text], "*")}
+    return {(address.version, text)}
+
+
+def _same_socket(host: str, port: int, other_host: str, other_port: int) -> bool:
+    return port != 0 and port == other_port and (
+        _bind_addresses(host) == _bind_addresses(other_host)
+    )
+
+
+def _sockets_overlap(host: str, port: int, other_host: str, other_port: int) -> bool:
+    """Whether two sockets cannot both bind: the same port (0 picks a free one, never the
+    same) on the same address, or a wildcard address (0.0.0.0, ::) and an address of its IP
+    version or a host name. (0.0.0.0 and :: do not overlap: IPv6 sockets are IPv6-only.)"""
+    if port == 0 or port != other_port:
+        return False
+    for version, address in _bind_addresses(host):
+        for other_version, other_address in _bind_addresses(other_host):
+            if (version, address) == (other_version, other_address):
+                return True
+            if "*" in (address, other_address) and (
+                version == other_version or 0 in (version, other_version)
+            ):
+                return True
+    return False
 
 
 def _canonical_network(value: str, segments: _Segments) -> str:
@@ -1302,6 +1837,7 @@ def _check_assembly(config: Config, api: Api, here: _Segments) -> None:
                     at,
                 )
             identity_at = at
+            _check_identity_headers(policy, at)
         if isinstance(policy, ApiKey):
             _check_api_key(policy, at)
         elif isinstance(policy, Jwt):
@@ -1322,6 +1858,36 @@ def _check_api_key(policy: ApiKey, here: _Segments) -> None:
         raise _Invalid(
             f"Invalid header name {policy.header!r} (must be an HTTP token)", (*here, "header")
         )
+
+
+# Headers the gateway writes itself, or that make the upgrade: no identity header may be one.
+_GATEWAY_HEADERS = frozenset({
+    "host", "connection", "upgrade", "keep-alive", "te", "trailer", "transfer-encoding",
+    "content-length", "proxy-authorization", "proxy-connection", "forwarded", "x-real-ip",
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+})
+
+
+def _check_identity_headers(policy: "ApiKey | Jwt", here: _Segments) -> None:
+    """client-id-header and plan-header: HTTP tokens, two names, none the gateway's own or
+    the credential's."""
+    credential = policy.header if isinstance(policy, ApiKey) else "Authorization"
+    seen: dict[str, str] = {}
+    for field in ("client-id-header", "plan-header"):
+        name = getattr(policy, field.replace("-", "_"))
+        if name is None:
+            continue
+        at = (*here, field)
+        lower = name.lower()
+        if not _TOKEN_RE.fullmatch(name):
+            raise _Invalid(f"Invalid header name {name!r} (must be an HTTP token)", at)
+        if lower in _GATEWAY_HEADERS or lower.startswith("sec-websocket-"):
+            raise _Invalid(f"{field} cannot be {name!r}: the gateway sets that header itself", at)
+        if credential is not None and lower == credential.lower():
+            raise _Invalid(f"{field} cannot be {name!r}: the credential is read from it", at)
+        if lower in seen:
+            raise _Invalid(f"{field} and {seen[lower]} name the same header {name!r}", at)
+        seen[lower] = field
 
 
 _SECRET_SOURCES = ("secret-env", "secret-file")
@@ -1379,6 +1945,15 @@ def _check_websocket_upgrade(config: Config, policy: WebsocketUpgrade, here: _Se
                        ("max-message-size", policy.max_message_size)):
         if value is not None and value <= 0:
             raise _Invalid(f"{key} must be greater than 0", (*here, key))
+    for key, per_side in (("ping-interval", policy.ping_interval),
+                          ("ping-timeout", policy.ping_timeout)):
+        for side in PerSide.SIDES:
+            value = getattr(per_side, side) if per_side is not None else None
+            if value is not None and value <= 0:
+                where = (*here, key) if per_side.client == per_side.backend else (*here, key, side)
+                raise _Invalid(f"{key} must be greater than 0", where)
+    if policy.ping_timeout is not None and policy.ping_interval is None:
+        raise _Invalid("ping-timeout needs a ping-interval", (*here, "ping-timeout"))
     if policy.tls_profile is not None:
         if policy.tls_profile not in config.tls_profiles:
             known = ", ".join(sorted(config.tls_profiles)) or "none"
@@ -1536,6 +2111,34 @@ def _resolve_files(config: Config, base_dir: str) -> Config:
     )
 
 
+def _utf8_problem(raw: bytes, exc: UnicodeDecodeError) -> tuple[str, int]:
+    """The message and line of a text that is not UTF-8."""
+    return f"Not valid UTF-8 (byte {exc.start})", raw.count(b"\n", 0, exc.start) + 1
+
+
+def _check_api_key_clients(config: Config) -> None:
+    """An api-key policy needs a client that may use its API: without one, every request to
+    it would be refused."""
+    for api_index, api in enumerate(config.apis):
+        for index, policy in enumerate(api.assembly):
+            if not isinstance(policy, ApiKey):
+                continue
+            at: _Segments = ("apis", api_index, "assembly", index)
+            if not config.clients:
+                raise _Invalid(
+                    "An api-key policy needs clients, and there are none"
+                    " (give clients, or a clients-file that holds some)",
+                    at,
+                )
+            if not any(client.apis is None or api.name in client.apis
+                       for client in config.clients):
+                raise _Invalid(
+                    f"No client may use the API {api.name!r}: the apis of every client name"
+                    f" other APIs (add {api.name!r} to a client's apis)",
+                    at,
+                )
+
+
 class _ClientsFile(_Base, kw_only=True):
     """A clients-file holding a mapping (the only form TOML can hold)."""
 
@@ -1564,7 +2167,7 @@ def _load_clients_file(config: Config, name: str, base_dir: str) -> Config:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(path, f"Not valid UTF-8 (byte {exc.start})") from None
+        raise ConfigError(path, *_utf8_problem(raw, exc)) from None
 
     data, line_of = _PARSERS[fmt](text, path) if text.strip() else (None, None)
     source = (path, line_of)
@@ -1585,7 +2188,7 @@ def _load_clients_file(config: Config, name: str, base_dir: str) -> Config:
     except msgspec.ValidationError as exc:
         problem = _split_validation_error(exc)
         problem.source = source
-        raise problem from None
+        raise _name_choices(problem, _ClientsFile if prefix else list[Client], data) from None
     except _Invalid as problem:
         problem.source = source
         raise
@@ -1621,7 +2224,7 @@ def loads(
         try:
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise ConfigError(name, f"Not valid UTF-8 (byte {exc.start})") from None
+            raise ConfigError(name, *_utf8_problem(text, exc)) from None
     if not text.strip():
         raise ConfigError(name, "The configuration is empty")
 
@@ -1642,6 +2245,7 @@ def loads(
         config = _check(config, name)
         config = _resolve_files(config, base_dir)
         config = _load_clients_file(config, name, base_dir)
+        _check_api_key_clients(config)
     except _Invalid as problem:
         file, file_line_of = problem.source if problem.source else (name, line_of)
         path = _format_path(problem.segments)

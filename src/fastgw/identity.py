@@ -31,11 +31,11 @@ import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote_plus, urlsplit
 
 import jwt
 from cryptography import x509
@@ -53,8 +53,12 @@ __all__ = [
     "check_origin",
     "client_ip",
     "clients_by_key",
+    "forwarded_node",
+    "header_value",
     "key_digest",
     "normalize_origin",
+    "peer_is_trusted",
+    "remove_query_params",
 ]
 
 #: The realm named in every ``WWW-Authenticate`` challenge.
@@ -127,12 +131,15 @@ class Identity:
     ``client_id`` is ``None`` for an anonymous client (identified by address
     only). ``expires_at`` is the Unix time at which the credential stops being
     valid (a JWT's ``exp``), so that the connection can be closed then; ``None``
-    when the credential does not expire.
+    when the credential does not expire. ``credential`` says where the credential
+    was read, so that it can be kept from the backend: ``("header", name)`` (name in
+    lower case) or ``("query", parameter)``; ``None`` for an anonymous client.
     """
 
     client_id: str | None
     plan: str
     expires_at: float | None
+    credential: tuple[str, str] | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -154,6 +161,29 @@ def _query_param(query: str, name: str) -> str | None:
         return None
     values = parse_qs(query).get(name)
     return values[0] if values else None
+
+
+def remove_query_params(query: str, names: frozenset[str] | set[str]) -> str:
+    """``query`` without its parameters called one of ``names``, the others kept as
+    they are and in order. Names are compared after decoding, as :func:`parse_qs`
+    reads them (``api%5Fkey`` is ``api_key``), so every parameter that could have
+    been read under one of ``names`` goes."""
+    if not query or not names:
+        return query
+    kept = [part for part in query.split("&")
+            if unquote_plus(part.partition("=")[0]) not in names]
+    return "&".join(kept)
+
+
+# Printable ASCII but "%": what an identity header value keeps as it is.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if c != 0x25)
+
+
+def header_value(text: str) -> str:
+    """``text`` as a header value the backend can read back: printable ASCII as it is,
+    anything else (spaces, controls, non-ASCII) percent-encoded from UTF-8. A client id or
+    plan from a token's claims can never break the request's header block."""
+    return quote(text, safe=_HEADER_SAFE)
 
 
 def _quote(value: str) -> str:
@@ -214,6 +244,25 @@ def _parse_address(text: str) -> IPAddress | None:
 def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
     # An IPv4 address is simply not "in" an IPv6 network (and vice versa).
     return any(address in network for network in trusted)
+
+
+def peer_is_trusted(peer_ip: str, trusted: Sequence[IPNetwork]) -> bool:
+    """Whether the TCP peer is one of the trusted proxies (whose forwarding headers
+    are believed and passed on)."""
+    peer = _parse_address(peer_ip)
+    return peer is not None and _is_trusted(peer, trusted)
+
+
+def forwarded_node(address: str) -> str:
+    """An address as a ``Forwarded`` ``for=`` value (RFC 7239 section 6): an IPv6
+    address in brackets and quotes; anything not an address as an obfuscated
+    identifier would be, ``unknown``."""
+    parsed = _parse_address(address)
+    if parsed is None:
+        return "unknown"
+    if parsed.version == 6:
+        return f'"[{parsed}]"'
+    return str(parsed)
 
 
 def client_ip(peer_ip: str, xff_values: list[str], trusted: Sequence[IPNetwork]) -> str:
@@ -328,10 +377,13 @@ class ApiKeyAuth:
         called the same way.
         """
         key = None
+        source = None
         if self._header:
             key = _first_header(headers, self._header)
+            source = ("header", self._header)
         if not key and self._query:
             key = _query_param(query, self._query)
+            source = ("query", self._query)
         if not key:
             raise AuthError(401, "missing API key", self._challenge)
         # Looked up by digest: how long the lookup takes may depend on how much
@@ -341,7 +393,8 @@ class ApiKeyAuth:
             raise AuthError(401, "invalid API key", self._challenge)
         if client.apis is not None and api not in client.apis:
             raise AuthError(403, "client may not use this API")
-        return Identity(client_id=client.id, plan=client.plan, expires_at=None)
+        return Identity(client_id=client.id, plan=client.plan, expires_at=None,
+                        credential=source)
 
 
 # --------------------------------------------------------------------------------------
@@ -534,15 +587,18 @@ class JwtAuth:
         return AuthError(401, description, [
             _challenge("Bearer", error="invalid_token", error_description=description)])
 
-    def _token(self, headers: Sequence[tuple[str, str]], query: str) -> str | None:
+    def _token(
+        self, headers: Sequence[tuple[str, str]], query: str
+    ) -> tuple[str | None, tuple[str, str] | None]:
+        """The token and where it was read (see :attr:`Identity.credential`)."""
         for name, value in headers:
             if name == "authorization":
                 scheme, _, token = value.strip().partition(" ")
                 if scheme.lower() == "bearer" and token.strip():
-                    return token.strip()
+                    return token.strip(), ("header", "authorization")
         if self._query:
-            return _query_param(query, self._query)
-        return None
+            return _query_param(query, self._query), ("query", self._query)
+        return None, None
 
     def _key_for(self, header: dict[str, Any], algorithm: str) -> Any:
         """The key that verifies a token with this header, or AuthError."""
@@ -607,7 +663,7 @@ class JwtAuth:
         ``now`` defaults to the real clock. ``api`` is not used (yet): a token
         is valid for every API that accepts its issuer and audience.
         """
-        token = self._token(headers, query)
+        token, source = self._token(headers, query)
         if not token:
             raise AuthError(401, "missing bearer token", [_challenge("Bearer")])
         if now is None:
@@ -649,6 +705,7 @@ class JwtAuth:
             client_id=client_id,
             plan=plan if isinstance(plan, str) and plan else "default",
             expires_at=expires_at,
+            credential=source,
         )
 
 

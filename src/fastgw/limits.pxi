@@ -14,7 +14,7 @@ from posix.mman cimport (
 
 
 cdef enum:
-    ZONE_VERSION = 1
+    ZONE_VERSION = 2              # 2: take() returns ZONE_NO_SLOT; message_overflows
     ZONE_PROBE_MAX = 32           # slots looked at from a key's home slot
     ZONE_MIN_KEYS = 16
     ZONE_MAX_KEYS = 1 << 30
@@ -24,6 +24,8 @@ cdef enum:
 cdef uint64_t ZONE_MAGIC = 0x54494D494C574746ULL
 # Where a caller's key 0 is stored: 0 marks a slot never used.
 cdef uint64_t ZONE_KEY_ZERO = 0xFFFFFFFFFFFFFFFFULL
+# What take() returns when the bucket table has no slot for the key.
+cdef double ZONE_NO_SLOT = -1.0
 
 
 # ---------------------------------------------------------------- buckets
@@ -103,13 +105,15 @@ cpdef uint64_t key_hash(object key) except 0:
 cdef inline BucketSlot* _bucket_slot(ZoneHeader* h, BucketSlot* table, uint32_t mask,
                                      uint32_t probe, uint64_t key, double burst,
                                      double now) noexcept nogil:
-    # The slot of key, inserted (full) if absent; NULL if no slot is free
+    # The slot of key, inserted (full) if absent; NULL if no slot can be had
     # within the probe bound. An idle slot (full again by now) counts as
-    # absent: the key's own is reset to full, another key's may be taken over.
+    # absent: the key's own is reset to full. A new key goes to the
+    # never-used slot that ends its chain, else in place of the least
+    # recently used idle slot of the window (smallest full_at).
     cdef uint32_t i = <uint32_t>_mix64(key) & mask
     cdef uint32_t n
     cdef BucketSlot* s
-    cdef BucketSlot* spare = NULL
+    cdef BucketSlot* lru = NULL
     for n in range(probe):
         s = &table[i]
         if s.key == key:
@@ -117,19 +121,18 @@ cdef inline BucketSlot* _bucket_slot(ZoneHeader* h, BucketSlot* table, uint32_t 
                 bucket_init(&s.state, burst, now)
             return s
         if s.key == 0:              # end of the chain: key is not further on
-            if spare == NULL:
-                spare = s
-            break
-        if spare == NULL and s.full_at <= now:
-            spare = s
+            s.key = key
+            bucket_init(&s.state, burst, now)
+            return s
+        if s.full_at <= now and (lru == NULL or s.full_at < lru.full_at):
+            lru = s
         i = (i + 1) & mask
-    if spare == NULL:
+    if lru == NULL:
         return NULL
-    if spare.key != 0:
-        h.bucket_reuses += 1
-    spare.key = key
-    bucket_init(&spare.state, burst, now)
-    return spare
+    h.bucket_reuses += 1
+    lru.key = key
+    bucket_init(&lru.state, burst, now)
+    return lru
 
 
 cdef inline BucketSlot* _bucket_find(BucketSlot* table, uint32_t mask, uint32_t probe,
@@ -229,7 +232,7 @@ cdef class LimitZone:
         cdef double wait
         if s == NULL:
             self.header.bucket_overflows += 1
-            return 0.0
+            return ZONE_NO_SLOT
         wait = bucket_take(&s.state, rate, burst, now, cost)
         s.full_at = s.state.stamp + (burst - s.state.tokens) / rate
         return wait
@@ -265,7 +268,8 @@ cdef class LimitZone:
     # -- Python
 
     def take_py(self, uint64_t key, double rate, double burst, double now, double cost=1.0):
-        """take() from Python: 0.0 if admitted, else the seconds to wait."""
+        """take() from Python: 0.0 if admitted, > 0 the seconds to wait, -1.0 if
+        the table has no slot for the key (nothing admitted: refuse)."""
         if not (rate > 0.0) or not (burst >= 1.0) or not (cost >= 0.0):
             raise ValueError("need rate > 0, burst >= 1, cost >= 0")
         return self.take(key, rate, burst, now, cost)
@@ -361,8 +365,13 @@ cdef class LimitZone:
 
     @property
     def overflows(self):
-        """take() calls that found no slot (admitted without a bucket)."""
+        """take() calls that found no slot (-1.0: refused)."""
         return self.header.bucket_overflows
+
+    @property
+    def message_overflows(self):
+        """Messages a message-rate-limit limited because take() found no slot."""
+        return self.header.message_overflows
 
     @property
     def count_overflows(self):

@@ -11,12 +11,25 @@
 #   region_size             = count_off + count_cap * 16
 #
 # Both tables use open addressing with linear probing from the slot
-# mix64(key) & (cap - 1), at most probe_limit slots (min(32, cap)). Key 0
-# marks a slot never used; a used slot never becomes empty again, so probe
-# chains stay intact. An idle bucket slot (full_at <= now) or a count slot
-# whose count is 0 is equivalent to an absent key and may be taken over in
-# place by another key. Key 0 given by a caller is stored as 2**64 - 1
-# (the two are one key); key_hash() never returns either.
+# mix64(key) & (cap - 1), at most probe_limit slots (min(32, cap)): a key's
+# window. Key 0 marks a slot never used; a used slot never becomes empty
+# again, so probe chains stay intact. An idle bucket slot (full_at <= now)
+# or a count slot whose count is 0 is equivalent to an absent key and may be
+# taken over in place by another key (eviction loses nothing):
+#
+#   - a new bucket key takes the never-used slot that ends its chain; when
+#     its window has none, the idle slot of the window that has been full
+#     the longest (the least recently used: smallest full_at, the first in
+#     probe order on a tie); when the window holds only other keys' active
+#     buckets, there is no slot: take() returns ZONE_NO_SLOT (-1.0);
+#   - a new count key takes the first slot of its window that is never used
+#     or at count 0 (all such slots are alike); when there is none,
+#     acquire() returns -1.
+#
+# A caller never admits without a slot: the gateway answers 503 to an upgrade
+# (rate-limit, count-limit, max-connections), and a message rule treats the
+# message as over its limit (its action applies). Key 0 given by a caller is
+# stored as 2**64 - 1 (the two are one key); key_hash() never returns either.
 
 cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
@@ -54,12 +67,14 @@ cdef struct ZoneHeader:     # 128 bytes at offset 0 of the region
     uint32_t count_slot_size    # sizeof(CountSlot)
     uint32_t reserved0
     # Counters (their own cache line).
-    uint64_t bucket_overflows   # take() found no slot: admitted without a bucket
+    uint64_t bucket_overflows   # take() found no slot: ZONE_NO_SLOT (every caller, every call)
     uint64_t count_overflows    # acquire() found no slot: -1
     uint64_t bucket_reuses      # idle bucket slots taken over by another key
     uint64_t count_reuses       # zero-count slots taken over by another key
     uint64_t lease_leaks        # leases released by their deallocation, not by release()
-    uint64_t reserved1
+    uint64_t message_overflows  # messages a message-rate-limit limited (reject, delay, drop)
+                                # because take() found no slot for its key (the core's Leg;
+                                # counted once per limited message, as MsgRule.limited)
     uint64_t reserved2
     uint64_t reserved3
 
@@ -78,7 +93,8 @@ cdef class LimitZone:
 
     # Find or insert key's bucket, then bucket_take(). 0.0: admitted; > 0:
     # seconds until `cost` (at most `burst`) would be available, nothing taken.
-    # No slot within the probe bound: counts an overflow and admits (0.0).
+    # No slot within the probe bound: counts an overflow (bucket_overflows),
+    # takes nothing and returns ZONE_NO_SLOT (-1.0): the caller must refuse.
     cdef double take(self, uint64_t key, double rate, double burst, double now, double cost) noexcept
     # 1: counted; 0: key at its limit; -1: no slot for the key (table full).
     cdef int acquire(self, uint64_t key, uint32_t limit) noexcept

@@ -16,6 +16,8 @@ from fastgw._core import FlowStats
 
 REJECT_REASONS = ("bad_request", "not_found", "unauthorized", "forbidden", "count_limit",
                   "rate_limit", "capacity", "upstream_error", "upstream_timeout")
+# The `policy` label of fastgw_limit_table_full_total.
+TABLE_FULL_POLICIES = ("count-limit", "rate-limit", "message-rate-limit")
 
 # Bucket bounds (seconds) of the latency histograms derived from HDR data.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -80,6 +82,8 @@ class Metrics:
         self._factory = (histogram_factory or default_histogram_factory()) if enabled else None
         self._intervals = intervals and enabled
         self.rejected_unrouted: Counter[str] = Counter()   # refusals before an API was known
+        self.table_full: Counter[str] = Counter()          # upgrades refused for want of a slot, by policy
+        self.message_table_full = lambda: 0                # messages limited for want of a slot (the zone)
         self.events_dropped = lambda: 0
         self.active = lambda: {}                           # api -> live connections
         self.accept_errors: Counter[str] = Counter()       # errno name -> failed accept() calls
@@ -97,9 +101,41 @@ class Metrics:
         else:
             self.api(api).rejected[reason] += 1
 
+    def table_full_counts(self) -> dict[str, int]:
+        """Refusals for want of a limit-table slot so far, by policy (every policy listed)."""
+        counts = {policy: self.table_full[policy] for policy in TABLE_FULL_POLICIES}
+        counts["message-rate-limit"] = int(self.message_table_full())     # counted by the core
+        return counts
+
     async def render(self) -> str:
         """The Prometheus text exposition (version 0.0.4) of every metric."""
         return await render_async(self)
+
+
+class TableFullWarnings:
+    """The WARNING about a full limit table: at most one line every `interval` seconds,
+    with the refusals since the last line by policy (never a key or a client)."""
+
+    def __init__(self, metrics: Metrics, interval: float = 10.0):
+        self.metrics = metrics
+        self.interval = interval
+        self.reported = metrics.table_full_counts()
+        self.last: float | None = None          # when the last line was written
+
+    def check(self, now: float) -> str | None:
+        """The line to log at monotonic time `now`, or None (nothing new, or too soon)."""
+        if self.last is not None and now - self.last < self.interval:
+            return None
+        counts = self.metrics.table_full_counts()
+        new = {p: n - self.reported.get(p, 0) for p, n in counts.items()}
+        total = sum(new.values())
+        if total <= 0:
+            return None
+        self.reported, self.last = counts, now
+        parts = ", ".join(f"{p}: {n}" for p, n in new.items() if n)
+        plural = "" if total == 1 else "s"
+        return (f"the limit table is full: {total} refusal{plural} for want of a slot since the "
+                f"last report ({parts}); raise limits.max-keys")
 
 
 class IntervalLog:
@@ -168,6 +204,8 @@ _FAMILIES = (
     ("fastgw_connection_duration_seconds", "histogram", "Lifetime of ended connections."),
     ("fastgw_message_size_bytes", "histogram", "Relayed message sizes (buckets are powers of 4)."),
     ("fastgw_events_dropped_total", "counter", "Events dropped because the sink was behind."),
+    ("fastgw_limit_table_full_total", "counter",
+     "Upgrades refused (503) and messages limited because the limit table had no slot for the key."),
     ("fastgw_accept_errors_total", "counter", "Failed accept() calls on the listeners, by errno."),
     ("fastgw_connections_max", "gauge", "Client connections held at most (limits.max-connections; 0: no cap)."),
 )
@@ -241,6 +279,9 @@ async def render_async(metrics: "Metrics") -> str:
     for reason, n in sorted(metrics.rejected_unrouted.items()):
         rej.append(f'fastgw_upgrades_rejected_total{{api="",reason="{_label(reason)}"}} {_num(n)}')
     families["fastgw_events_dropped_total"].append(f"fastgw_events_dropped_total {_num(metrics.events_dropped())}")
+    for policy, n in metrics.table_full_counts().items():
+        families["fastgw_limit_table_full_total"].append(
+            f'fastgw_limit_table_full_total{{policy="{policy}"}} {_num(n)}')
     for name in sorted(set(ACCEPT_ERRNOS) | set(metrics.accept_errors)):
         families["fastgw_accept_errors_total"].append(
             f'fastgw_accept_errors_total{{errno="{_label(name)}"}} {_num(metrics.accept_errors.get(name, 0))}')

@@ -20,6 +20,7 @@ from fastgw import config as cfgmod
 from fastgw import identity
 from fastgw._core import Lease, LimitZone, key_hash
 from fastgw.upstream import make_ssl_context
+from fastgw.uri import normalize_host
 
 # Values of the core's enums (see _core.pxd).
 ACTIONS = {"reject": 0, "delay": 1, "drop": 2}
@@ -28,22 +29,29 @@ SCOPES = {"connection": 0, "client": 1, "api": 2}
 # Retry-After for a count limit: there is no time at which a slot is due.
 COUNT_LIMIT_RETRY_AFTER = 1
 
+# The answer when the limit table has no slot for a key (limits.max-keys).
+TABLE_FULL_REASON = "the gateway's limit table is full"
+
 
 class Refusal(Exception):
     """An HTTP answer instead of the upgrade.
 
     `kind` names the reason for metrics and events: bad_request, not_found,
     unauthorized, forbidden, count_limit, rate_limit, capacity, upstream_error,
-    upstream_timeout (or timeout / internal for the gateway's own).
+    upstream_timeout (or timeout / internal for the gateway's own). `table_full`
+    names the policy (count-limit, rate-limit) whose key found no slot in the
+    limit table, for fastgw_limit_table_full_total.
     """
 
     def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None,
-                 kind: str | None = None):
+                 kind: str | None = None, table_full: str | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = headers or []
         self.kind = kind or _KIND_OF_STATUS.get(status, "bad_request")
+        self.client = None             # the client key, when the refusal came after identity
+        self.table_full = table_full
 
 
 _KIND_OF_STATUS = {400: "bad_request", 404: "not_found", 405: "bad_request", 426: "bad_request",
@@ -65,15 +73,21 @@ class Upgrade:
     max_frame_size: int
     max_message_size: int
     subprotocols: frozenset[str] | None
+    # Liveness per side, (client, backend): (ping interval, ping timeout), 0.0 for none.
+    liveness: tuple = ((0.0, 0.0), (0.0, 0.0))
 
-    def backend_url(self, rest: str) -> str:
-        """The backend URL for the part of the request path after the API's prefix."""
+    def backend_url(self, rest: str, drop_params: frozenset[str] = frozenset()) -> str:
+        """The backend URL for the part of the request path after the API's prefix.
+        The client's query parameters named in `drop_params` are left out (those of
+        the target URL are kept)."""
         t = self.target
         path, _, query = t.path.partition("?")
         rest_path, sep, rest_query = rest.partition("?")
         if rest_path:
             path = path.rstrip("/") + rest_path
-        if sep:
+        if drop_params:
+            rest_query = identity.remove_query_params(rest_query, drop_params)
+        if rest_query:
             query = f"{query}&{rest_query}" if query else rest_query
         scheme = "wss" if t.secure else "ws"
         host = f"[{t.host}]" if ":" in t.host else t.host
@@ -100,7 +114,12 @@ class UpgradeRequest:
 
 @dataclass(slots=True)
 class Admission:
-    """The outcome of the pre-upgrade phase for one connection."""
+    """The outcome of the pre-upgrade phase for one connection.
+
+    `strip_headers` (lower-case names) and `strip_query` (parameter names) are what the
+    request sent to the backend must not carry (the credential when hidden, a client's
+    own identity headers); `add_headers` is the identity the gateway vouches for.
+    `peer_trusted`: the TCP peer is a trusted proxy (its forwarding headers are kept)."""
 
     client_ip: str
     client_id: str | None
@@ -111,6 +130,10 @@ class Admission:
     response_rules: list = field(default_factory=list)
     request_max_size: int = 0
     response_max_size: int = 0
+    peer_trusted: bool = False
+    strip_headers: frozenset = frozenset()
+    strip_query: frozenset = frozenset()
+    add_headers: tuple = ()
 
     @property
     def client_key(self) -> str:
@@ -121,6 +144,36 @@ class Admission:
         """Give back every connection slot held (safe to call again)."""
         for lease in self.leases:
             lease.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Propagation:
+    """What an api-key or jwt policy changes in the request sent to the backend."""
+
+    hide_credentials: bool = False
+    client_id_header: str | None = None      # as configured
+    plan_header: str | None = None
+
+    @property
+    def identity_headers(self) -> frozenset[str]:
+        """The headers the gateway sets (lower case): a client's own are always removed."""
+        return frozenset(h.lower() for h in (self.client_id_header, self.plan_header) if h)
+
+    def apply(self, adm: "Admission", who: identity.Identity) -> None:
+        strip = set(self.identity_headers)
+        if self.hide_credentials and who.credential is not None:
+            where, name = who.credential
+            if where == "header":
+                strip.add(name)
+            else:
+                adm.strip_query = frozenset((name,))
+        adm.strip_headers = frozenset(strip)
+        add = []
+        if self.client_id_header and who.client_id is not None:
+            add.append((self.client_id_header, identity.header_value(who.client_id)))
+        if self.plan_header:
+            add.append((self.plan_header, identity.header_value(who.plan)))
+        adm.add_headers = tuple(add)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,11 +239,13 @@ class CompiledApi:
     upgrade: Upgrade
     origins: frozenset | None = None
     auth: object = None            # identity.ApiKeyAuth | identity.JwtAuth | None
+    propagation: Propagation | None = None   # of the auth policy
     close_on_expiry: bool = False
     trusted: tuple = ()            # networks whose X-Forwarded-For is believed
     pre: tuple = ()                # CountLimitRule | RateLimitRule, in assembly order
     request: MessageRules | None = None
     response: MessageRules | None = None
+    schemes: frozenset = frozenset(("ws", "wss"))   # what clients may reach it with
 
     def admit(self, zone: LimitZone, req: UpgradeRequest) -> Admission:
         """The pre-upgrade phase: identity, origin, connection and attempt limits."""
@@ -202,7 +257,10 @@ class CompiledApi:
             who = identity.Identity(None, cfgmod.DEFAULT_PLAN, None)
         xff = [v for k, v in req.headers if k == "x-forwarded-for"]
         ip = identity.client_ip(req.peer_ip, xff, self.trusted) if self.trusted else req.peer_ip
-        adm = Admission(ip, who.client_id, who.plan, who.expires_at)
+        trusted_peer = bool(self.trusted) and identity.peer_is_trusted(req.peer_ip, self.trusted)
+        adm = Admission(ip, who.client_id, who.plan, who.expires_at, peer_trusted=trusted_peer)
+        if self.propagation is not None:
+            self.propagation.apply(adm, who)
         try:
             for rule in self.pre:
                 kind = "c" if isinstance(rule, CountLimitRule) else "r"
@@ -216,11 +274,15 @@ class CompiledApi:
                     p = rule.policy
                     rate = p.rate.for_plan(who.plan)
                     wait = zone.take_py(k, rate.per_second, p.burst_for(who.plan), req.now, 1.0)
+                    if wait < 0.0:
+                        raise Refusal(503, TABLE_FULL_REASON, kind="capacity", table_full="rate-limit")
                     if wait > 0.0:
                         raise Refusal(429, f"too many upgrade attempts ({rate} per {rule.key})",
                                       [("Retry-After", str(max(1, math.ceil(wait))))], kind="rate_limit")
-        except BaseException:
+        except BaseException as exc:
             adm.release()
+            if isinstance(exc, Refusal):
+                exc.client = adm.client_key
             raise
         up = self.upgrade
         if self.request is not None:
@@ -242,7 +304,7 @@ class CompiledApi:
             adm.leases.append(got)
             return
         if got == -1:
-            raise Refusal(503, "the gateway's connection table is full", kind="capacity")
+            raise Refusal(503, TABLE_FULL_REASON, kind="capacity", table_full="count-limit")
         raise refusal
 
 
@@ -265,7 +327,17 @@ def compile_upgrade(policy, profiles) -> Upgrade:
         max_frame_size=int(policy.max_frame_size),
         max_message_size=int(policy.max_message_size),
         subprotocols=frozenset(policy.subprotocols) if policy.subprotocols is not None else None,
+        liveness=tuple(_liveness(policy, side) for side in ("client", "backend")),
     )
+
+
+def _liveness(policy, side: str) -> tuple[float, float]:
+    """(ping interval, ping timeout) of one side; the timeout defaults to the interval."""
+    interval = getattr(policy.ping_interval, side) if policy.ping_interval is not None else None
+    if not interval:
+        return (0.0, 0.0)
+    timeout = getattr(policy.ping_timeout, side) if policy.ping_timeout is not None else None
+    return (float(interval), float(timeout or interval))
 
 
 class Router:
@@ -320,11 +392,14 @@ def compile_flow(flow: str, policies) -> MessageRules | None:
 def compile_api(api, config) -> CompiledApi:
     upgrade = api.assembly[-1]
     auth = None
+    propagation = None
     close_on_expiry = False
     pre = []
     for index, policy in enumerate(api.assembly[:-1]):
         if isinstance(policy, cfgmod.IDENTITY_POLICY_TYPES):
             auth = compile_auth(policy, config)
+            propagation = Propagation(policy.hide_credentials, policy.client_id_header,
+                                      policy.plan_header)
             close_on_expiry = isinstance(policy, cfgmod.Jwt) and policy.close_on_expiry
         elif isinstance(policy, cfgmod.CountLimit):
             pre.append(CountLimitRule(index, policy.key, policy.max))
@@ -333,15 +408,17 @@ def compile_api(api, config) -> CompiledApi:
     return CompiledApi(
         name=api.name,
         prefix=api.path.rstrip("/"),
-        host=api.host.lower() if api.host else None,
+        host=normalize_host(api.host) if api.host else None,
         upgrade=compile_upgrade(upgrade, config.tls_profiles),
         origins=frozenset(api.origins) if api.origins is not None else None,
         auth=auth,
+        propagation=propagation,
         close_on_expiry=close_on_expiry,
         trusted=tuple(config.trusted_networks()),
         pre=tuple(pre),
         request=compile_flow("request", upgrade.request),
         response=compile_flow("response", upgrade.response),
+        schemes=frozenset(api.schemes),
     )
 
 

@@ -31,14 +31,16 @@ from http import HTTPStatus
 import msgspec
 
 from fastgw._core import LimitZone, Relay
-from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
+from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, ListenError, Spares, connect_accepted,
                            derived_max_connections, listen, raise_fd_limit)
 from fastgw import config as cfgmod
 from fastgw import events as ev
-from fastgw.identity import AuthError
-from fastgw.metrics import Metrics
+from fastgw.identity import AuthError, forwarded_node
+from fastgw.logs import Throttle, clean, url_without_query
+from fastgw.metrics import Metrics, TableFullWarnings
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import UpstreamError, accept_key, dial
+from fastgw.uri import BadTarget, normalize_host, normalize_target
 
 log = logging.getLogger("fastgw")
 
@@ -53,8 +55,12 @@ _NOT_FORWARDED = frozenset({
     "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
     "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-accept", "sec-websocket-protocol",
-    "x-forwarded-proto", "x-forwarded-host",
+    "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
 })
+
+# Headers that a request may carry once at most (400 otherwise), by lower-case name.
+_SINGLE = {"host": "Host", "content-length": "Content-Length",
+           "sec-websocket-key": "Sec-WebSocket-Key", "sec-websocket-version": "Sec-WebSocket-Version"}
 
 # RFC 9110 token characters; control characters in a target or a field value.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -130,11 +136,17 @@ def check_upgrade(req: Request, router: Router):
     hosts = req.get_all("host")
     if len(hosts) != 1 or not hosts[0]:
         raise Refusal(400, "exactly one Host header is required")
+    for name in _SINGLE:
+        if len(req.get_all(name)) > 1:
+            raise Refusal(400, f"duplicate {_SINGLE[name]} header")
     if req.get("transfer-encoding") is not None or req.get("content-length") not in (None, "0"):
         raise Refusal(400, "an upgrade request has no body")
-    host = hosts[0]
-    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    found = router.route(req.target, hostname.strip("[]"))
+    try:
+        target = normalize_target(req.target)
+        hostname = normalize_host(hosts[0])
+    except BadTarget as exc:
+        raise Refusal(400, str(exc)) from None
+    found = router.route(target, hostname)
     if found is None:
         raise Refusal(404, "no API at this path")
     api, rest = found
@@ -152,7 +164,13 @@ def check_upgrade(req: Request, router: Router):
             raise Refusal(400, "missing or malformed Sec-WebSocket-Key") from None
         offered = []
         for value in req.get_all("sec-websocket-protocol"):
-            offered.extend(p.strip() for p in value.split(",") if p.strip())
+            for p in value.split(","):
+                p = p.strip(" \t")
+                if not p:
+                    continue            # empty list elements are ignored (RFC 9110 5.6.1)
+                if not _TOKEN.fullmatch(p):
+                    raise Refusal(400, "malformed Sec-WebSocket-Protocol")
+                offered.append(p)
         allowed = api.upgrade.subprotocols
         if allowed is not None:
             offered = [p for p in offered if p in allowed]
@@ -162,21 +180,48 @@ def check_upgrade(req: Request, router: Router):
     return api, rest, offered
 
 
-def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str]) -> list[tuple[str, str]]:
-    """The client's end-to-end headers plus X-Forwarded-*, for the backend handshake."""
+def _forwarded_value(value: str) -> str:
+    """A Forwarded parameter value: a token as it is, else a quoted-string."""
+    if _TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def backend_headers(req: Request, peer_ip: str, secure: bool, offered: list[str],
+                    admission=None) -> list[tuple[str, str]]:
+    """The client's end-to-end headers plus the forwarding headers, for the backend handshake.
+
+    `admission` (policies.Admission) says what the client is: its address (X-Real-IP),
+    whether the peer is a trusted proxy (whose Forwarded is kept, with the gateway's element
+    appended; from any other peer it is replaced), the headers to remove (a hidden
+    credential, a client's own identity headers) and those to add (the identity)."""
     dropped = set(_NOT_FORWARDED)
     dropped.update(req.tokens("connection"))
+    client_ip, trusted = peer_ip, False
+    if admission is not None:
+        dropped.update(admission.strip_headers)
+        client_ip, trusted = admission.client_ip, admission.peer_trusted
     out = []
     xff = []
+    forwarded = []
     for name, value in req.headers:
         if name == "x-forwarded-for":
             xff.append(value)
+        elif name == "forwarded":
+            forwarded.append(value)
         elif name not in dropped:
             out.append((name, value))
+    proto = "https" if secure else "http"
+    host = req.get("host") or ""
     xff.append(peer_ip)
     out.append(("X-Forwarded-For", ", ".join(xff)))
-    out.append(("X-Forwarded-Proto", "https" if secure else "http"))
-    out.append(("X-Forwarded-Host", req.get("host") or ""))
+    out.append(("X-Forwarded-Proto", proto))
+    out.append(("X-Forwarded-Host", host))
+    out.append(("X-Real-IP", client_ip))
+    element = f"for={forwarded_node(peer_ip)};host={_forwarded_value(host)};proto={proto}"
+    out.append(("Forwarded", ", ".join([*forwarded, element] if trusted else [element])))
+    if admission is not None:
+        out.extend(admission.add_headers)
     if offered:
         out.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
     return out
@@ -196,7 +241,8 @@ class Connection:
     """What the server keeps about one live relayed connection."""
 
     __slots__ = ("id", "api", "peer", "started", "started_mono", "subprotocol", "relay", "admission",
-                 "lifetime_timer", "idle_timer", "expiry_timer", "removal_timer", "dial_us")
+                 "lifetime_timer", "idle_timer", "expiry_timer", "removal_timer", "dial_us",
+                 "ping_timers")
 
     def __init__(self, id_: int, api: str, peer: str, admission):
         self.id = id_
@@ -212,6 +258,7 @@ class Connection:
         self.idle_timer = None
         self.expiry_timer = None
         self.removal_timer = None
+        self.ping_timers = [None, None]     # liveness of the client side, the backend side
 
     def describe(self) -> dict:
         """The admin API's view of the connection."""
@@ -232,6 +279,10 @@ class Connection:
             if t is not None:
                 t.cancel()
         self.lifetime_timer = self.idle_timer = self.expiry_timer = self.removal_timer = None
+        for t in self.ping_timers:
+            if t is not None:
+                t.cancel()
+        self.ping_timers = [None, None]
 
 
 class Handshake(asyncio.Protocol):
@@ -307,7 +358,9 @@ class Handshake(asyncio.Protocol):
         self._stop_timer()
         if count:
             self.gw.count_refusal(self, refusal)
-        log.info("refused %s: %d %s", self.peer_ip, refusal.status, refusal.reason)
+        reason = clean(refusal.reason)
+        self.gw.log_throttle.info(("refused", refusal.status, reason), "refused %s: %d %s",
+                                  clean(self.peer_ip), refusal.status, reason)
         self.transport.write(http_response(refusal.status, refusal.reason, refusal.headers))
         self.transport.close()
 
@@ -319,12 +372,16 @@ class Handshake(asyncio.Protocol):
             req = parse_head(bytes(self.buf[:end]))
             api, rest, offered = check_upgrade(req, gw.router)
             self.api_name = api.name
+            scheme = "wss" if self.secure else "ws"
+            if scheme not in api.schemes:
+                raise Refusal(403, f"this API requires {'ws' if self.secure else 'wss'}",
+                              kind="forbidden")
             if gw.draining:
                 raise Refusal(503, "gateway is shutting down", kind="capacity")
             _, _, query = req.target.partition("?")
             try:
                 admission = api.admit(gw.zone, UpgradeRequest(
-                    req.headers, query, self.peer_ip, time.monotonic(), time.time()))
+                    req.headers, query, self.peer_ip, gw.clock(), time.time()))
             except AuthError as exc:
                 raise Refusal(exc.status, exc.reason, list(exc.headers), kind=exc.kind) from None
             self.client_key = admission.client_key
@@ -340,12 +397,16 @@ class Handshake(asyncio.Protocol):
                                        stats=stats.response if counting else None)
             conn.relay = relay
             dial_start = time.monotonic()
+            url = up.backend_url(rest, admission.strip_query)
             try:
-                chosen = await dial(up, up.backend_url(rest),
-                                    backend_headers(req, self.peer_ip, self.secure, offered),
+                chosen = await dial(up, url,
+                                    backend_headers(req, self.peer_ip, self.secure, offered, admission),
                                     offered, relay.backend)
             except UpstreamError as exc:
-                log.warning("api %s: %s -> %d: %s", api.name, up.backend_url(rest), exc.status, exc.reason)
+                reason = clean(exc.reason)
+                gw.log_throttle.warning(("upstream", api.name, exc.status, reason),
+                                        "api %s: %s -> %d: %s", api.name, url_without_query(url),
+                                        exc.status, reason)
                 relay.abort()
                 raise Refusal(exc.status, exc.reason,
                               kind="upstream_timeout" if exc.status == 504 else "upstream_error") from None
@@ -363,7 +424,8 @@ class Handshake(asyncio.Protocol):
                 relay.abort()
             raise
         except Exception as exc:     # never let a bug take the loop down
-            log.exception("internal error during upgrade")
+            gw.log_throttle.log(logging.ERROR, ("internal", type(exc).__name__),
+                                "internal error during upgrade", exc_info=exc)
             if relay is not None and not relay.ended:
                 relay.abort()
             if self.state == "done":        # already handed over: no HTTP answer possible
@@ -412,7 +474,8 @@ def _listener_context(index: int, lc) -> ssl.SSLContext | None:
     try:
         ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
     except (OSError, ssl.SSLError) as exc:
-        raise OSError(f"listeners[{index}].tls: cannot load {lc.tls.cert} / {lc.tls.key}: {exc}") from None
+        raise ListenError(getattr(exc, "errno", None),
+                          f"listeners[{index}].tls: cannot load {lc.tls.cert} / {lc.tls.key}: {exc}") from None
     return ctx
 
 
@@ -458,7 +521,7 @@ async def _bind(loop, index: int, lc, backlog: int) -> list[socket.socket]:
     try:
         return await listen(loop, lc.host, lc.port, backlog)
     except OSError as exc:
-        raise OSError(f"listeners[{index}]: {exc}") from None
+        raise ListenError(exc.errno, f"listeners[{index}]: {exc}") from None
 
 
 class HandshakeTable:
@@ -542,6 +605,10 @@ def _unreloadable(old, new) -> str | None:
 class Gateway:
     """Listeners and live connections of one process."""
 
+    # A full limit table is logged at most this often (s), looked at this often (s).
+    TABLE_FULL_LOG_INTERVAL = 10.0
+    TABLE_FULL_CHECK = 1.0
+
     def __init__(self, config, config_path: str | None = None, histogram_factory=None):
         self.config = config
         self.config_path = config_path
@@ -551,11 +618,16 @@ class Gateway:
         self.metrics.active = self._active_by_api
         self.metrics.max_connections = lambda: self.max_connections
         self.events = None                     # an events.EventSink, set by the CLI
+        self.log_throttle = Throttle(log)      # lines a request can cause (logs.Throttle)
         for api in self.router.apis:
             self.metrics.api(api.name)
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
         self.zone = LimitZone(2 * config.limits.max_keys)
+        self.clock = time.monotonic            # the buckets' clock at upgrade (tests move it)
+        self.metrics.message_table_full = lambda: self.zone.message_overflows
+        self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
+        self._table_timer = None
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self.loop = None
@@ -596,12 +668,21 @@ class Gateway:
 
     def count_refusal(self, hs: "Handshake", refusal: Refusal) -> None:
         self.refused[refusal.status] = self.refused.get(refusal.status, 0) + 1
+        if refusal.table_full is not None:
+            self.metrics.table_full[refusal.table_full] += 1
         api = getattr(refusal, "api", None) or hs.api_name
         self.metrics.count_reject(api, refusal.kind)
         if self.events is not None:
             self.events.emit(ev.RejectEvent(api=api, reason=refusal.kind, status=refusal.status,
-                                            client=hs.client_key, remote=hs.peer_ip,
+                                            client=refusal.client or hs.client_key, remote=hs.peer_ip,
                                             detail=refusal.reason))
+
+    def _watch_table(self) -> None:
+        """Log refusals for want of a limit-table slot (upgrades and messages alike)."""
+        line = self.table_warnings.check(time.monotonic())
+        if line is not None:
+            log.warning("%s", line)
+        self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
 
     def _active_by_api(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -631,6 +712,8 @@ class Gateway:
     async def start(self) -> list[tuple[str, str, int]]:
         """Raise the descriptor limit, open the listeners and start accepting."""
         self.loop = asyncio.get_running_loop()
+        if self._table_timer is None:
+            self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
         self.fd_limit_at_start, self.fd_limit = raise_fd_limit()
         self.spares.take()
         listeners = []
@@ -926,6 +1009,33 @@ class Gateway:
                 up.max_lifetime, relay.close, 1001, "max lifetime reached")
         if up.idle_timeout:
             self._watch_idle(conn, up.idle_timeout, -1, time.monotonic())
+        for side, (interval, timeout) in enumerate(up.liveness):
+            if interval:
+                conn.ping_timers[side] = self.loop.call_later(
+                    interval, self._watch_liveness, conn, side, interval, timeout, -1, False)
+
+    def _watch_liveness(self, conn: Connection, side: int, interval: float, timeout: float,
+                        seen: int, pinged: bool) -> None:
+        """Ping a side (0: client, 1: backend) that has sent nothing for `interval`; if it
+        still sends nothing within `timeout`, it is gone (a dead peer sends no FIN)."""
+        relay = conn.relay
+        conn.ping_timers[side] = None
+        if relay is None or relay.ended:
+            return
+        leg = relay.client if side == 0 else relay.backend
+        reads = leg.reads
+        if reads != seen or leg.paused or leg.closing:
+            # It spoke; or its reading is paused (backpressure: it cannot be judged); or a
+            # close handshake is under way (the close timer bounds it).
+            seen, pinged, delay = reads, False, interval
+        elif not pinged:
+            leg.send_ping(b"fastgw liveness")
+            pinged, delay = True, timeout
+        else:
+            relay.lost(side == 0, "client ping timeout" if side == 0 else "backend ping timeout")
+            return
+        conn.ping_timers[side] = self.loop.call_later(
+            delay, self._watch_liveness, conn, side, interval, timeout, seen, pinged)
 
     def _watch_idle(self, conn: Connection, timeout: float, seen: int, since: float) -> None:
         relay = conn.relay
@@ -1137,6 +1247,8 @@ class Gateway:
             "accepting": self._watching,
             "max_connections": self.max_connections,
             "fd_limit": self.fd_limit,
+            # Slots given back by a lease's deallocator instead of the end of life: a bug.
+            "lease_leaks": self.zone.lease_leaks,
         }
 
     async def shutdown(self, drain_time: float) -> None:
@@ -1163,6 +1275,12 @@ class Gateway:
         if self._native_timer is not None:
             self._native_timer.cancel()
             self._native_timer = None
+        if self._table_timer is not None:
+            self._table_timer.cancel()
+            self._table_timer = None
+            line = self.table_warnings.check(float("inf"))     # what the last interval held
+            if line is not None:
+                log.warning("%s", line)
         for listener in self.listeners:
             listener.close()
         for coro, hs in list(self._connecting.items()):

@@ -39,7 +39,9 @@ def make_ssl_context(profile) -> ssl.SSLContext:
     return ctx
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, secure: bool = False) -> str:
+    """The reason a dial failed, for the 502's body and the log. On a wss:// dial, a
+    connection reset or closed without an errno of connect() failed the TLS handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"backend certificate rejected: {exc.verify_message or exc}"
     if isinstance(exc, ssl.SSLError):
@@ -47,7 +49,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, HandshakeError):
         return str(exc)
     if isinstance(exc, OSError):
-        return f"backend unreachable: {exc.strerror or exc}"
+        what = exc.strerror or str(exc) or type(exc).__name__
+        if secure and isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return f"TLS handshake with backend failed: {what}"
+        return f"backend unreachable: {what}"
     return f"backend error: {exc!r}"
 
 
@@ -122,19 +127,35 @@ def accept_key(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-@functools.lru_cache(maxsize=4096)
-def _target(url: str) -> tuple[str, int, bool, str]:
-    """(host, port, secure, the fixed lines of the upgrade request) of a backend URL."""
-    parts = urlsplit(url)
+@functools.lru_cache(maxsize=256)
+def _endpoint(origin: str) -> tuple[str, int, bool, str]:
+    """(host, port, secure, the fixed header lines of the upgrade request) of a backend URL's
+    ``scheme://host:port``. Cached on that alone: the path and query, which come from the
+    client, are added per request (keyed on them, the cache would grow with every query)."""
+    parts = urlsplit(origin)
     secure = parts.scheme == "wss"
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
     default_port = parts.port is None or parts.port == (443 if secure else 80)
     host_header = (f"[{host}]" if ":" in host else host) + ("" if default_port else f":{port}")
-    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    fixed = "\r\n".join([f"GET {path} HTTP/1.1", f"Host: {host_header}", "Upgrade: websocket",
+    fixed = "\r\n".join([f"Host: {host_header}", "Upgrade: websocket",
                           "Connection: Upgrade", "Sec-WebSocket-Version: 13"])
     return host, port, secure, fixed
+
+
+def _target(url: str) -> tuple[str, int, bool, str]:
+    """(host, port, secure, the fixed lines of the upgrade request) of a backend URL.
+    The URL is split by hand: urlsplit caches what it is given, client paths included."""
+    start = url.find("://") + 3
+    end = len(url)
+    for sep in "/?#":
+        i = url.find(sep, start)
+        if 0 <= i < end:
+            end = i
+    path, _, query = url[end:].partition("#")[0].partition("?")
+    path = (path or "/") + ("?" + query if query else "")
+    host, port, secure, fixed = _endpoint(url[:end])
+    return host, port, secure, f"GET {path} HTTP/1.1\r\n{fixed}"
 
 
 async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str], listener):
@@ -169,7 +190,7 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure of the dial is the backend's
-            raise UpstreamError(502, _describe(exc)) from None
+            raise UpstreamError(502, _describe(exc, secure)) from None
         try:
             status, response = _parse_response(head)
         except HandshakeError as exc:

@@ -39,7 +39,7 @@ def test_check_valid(tmp_path):
 def test_check_reports_path_and_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(gateway_yaml("ws://127.0.0.1:9000/").replace("target-url: ws://127.0.0.1:9000/",
-                                                                 "target-url: http://127.0.0.1:9000/"))
+                                                                 "target-url: ftp://127.0.0.1:9000/"))
     out = fastgw("check", "-c", str(cfg))
     assert out.returncode == 2
     line = next(i for i, l in enumerate(cfg.read_text().splitlines(), 1) if "target-url" in l)
@@ -71,29 +71,189 @@ def test_run_with_invalid_config_exits_nonzero(tmp_path):
     assert "bad.json" in out.stderr and "Traceback" not in out.stderr
 
 
-async def test_demo_relays_messages(tmp_path):
-    """`fastgw demo`: the bundled example and echo backend, on ports 8080 and 9000."""
+def free_ports(n: int = 2) -> list[int]:
+    """n distinct ports free on 127.0.0.1 (held together while they are picked)."""
     import socket
-    for port in (8080, 9000):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.skip(f"port {port} is in use on this machine")
-    proc = subprocess.Popen([sys.executable, "-m", "fastgw", "demo"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    socks = [socket.socket() for _ in range(n)]
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                async with websockets.connect("ws://127.0.0.1:8080/echo", open_timeout=2) as ws:
-                    await ws.send("hello through the demo")
-                    assert await ws.recv() == "hello through the demo"
-                break
-            except (OSError, websockets.InvalidStatus):
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                await asyncio.sleep(0.2)
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def echo_backend_pids(port: int) -> list[int]:
+    """Processes running `python -m fastgw.echo ... --port PORT` on this machine."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"fastgw.echo" in argv and str(port).encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def occupied(port: int):
+    """A listening socket of our own on 127.0.0.1:port."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
+
+
+def start_demo(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fastgw", "demo", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+async def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 30) -> tuple[re.Match, str]:
+    """Read proc's stderr (in a thread) until a line matches; return the match and the text."""
+    seen = []
+
+    def read():
+        for line in proc.stderr:
+            seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+        return None
+
+    m = await asyncio.wait_for(asyncio.to_thread(read), timeout)
+    assert m is not None, "".join(seen)
+    return m, "".join(seen)
+
+
+def test_demo_default_ports():
+    from fastgw.cli import build_parser
+    args = build_parser().parse_args(["demo"])
+    assert (args.port, args.backend_port) == (8080, 9000)
+
+
+async def test_demo_relays_messages_on_chosen_ports():
+    """`fastgw demo --port P --backend-port B`: the bundled example pointed at B, the echo
+    backend on B, talked to with the websockets library; SIGINT stops both."""
+    port, backend_port = free_ports(2)
+    proc = start_demo("--port", str(port), "--backend-port", str(backend_port))
+    try:
+        m, _ = await wait_for_line(proc, rf"echo backend on ws://127\.0\.0\.1:{backend_port} \(pid (\d+)\)")
+        backend_pid = int(m.group(1))
+        assert echo_backend_pids(backend_port) == [backend_pid]
+        _, text = await wait_for_line(proc, r"try +.* client ws://127\.0\.0\.1:(\d+)/echo")
+        assert f"listening on ws://127.0.0.1:{port}" in text
+        async with websockets.connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+            await ws.send("hello through the demo")
+            assert await ws.recv() == "hello through the demo"
+        # The backend really is on B (the gateway's target), not on the default port.
+        async with websockets.connect(f"ws://127.0.0.1:{backend_port}/", open_timeout=10) as ws:
+            await ws.send("direct")
+            assert await ws.recv() == "direct"
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=15)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+    assert not alive(backend_pid), "the echo backend outlived the demo"
+
+
+@pytest.mark.parametrize("taken", ["gateway", "backend"])
+def test_demo_fails_clearly_when_a_port_is_taken(taken):
+    port, backend_port = free_ports(2)
+    held = port if taken == "gateway" else backend_port
+    with occupied(held):
+        before = set(echo_backend_pids(backend_port))
+        out = subprocess.run([sys.executable, "-m", "fastgw", "demo", "--port", str(port),
+                              "--backend-port", str(backend_port)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        lines = out.stderr.splitlines()
+        assert len(lines) == 1, out.stderr
+        assert lines[0].startswith(f"fastgw demo: port {held} is in use ("), out.stderr
+        # Nothing left running: no echo backend, and the other port is free.
+        assert set(echo_backend_pids(backend_port)) == before == set()
+        other = backend_port if taken == "gateway" else port
+        occupied(other).close()
+
+
+async def test_demo_stops_when_its_backend_dies():
+    port, backend_port = free_ports(2)
+    proc = start_demo("--port", str(port), "--backend-port", str(backend_port))
+    try:
+        m, _ = await wait_for_line(proc, rf"echo backend on ws://127\.0\.0\.1:{backend_port} \(pid (\d+)\)")
+        await wait_for_line(proc, r"try +.* client ")
+        os.kill(int(m.group(1)), signal.SIGKILL)
+        _, text = await wait_for_line(proc, r"the echo backend was killed by signal 9; stopping")
+        assert proc.wait(30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The gateway went with it: nothing listens on its port any more.
+    occupied(port).close()
+
+
+async def test_demo_sigterm_with_a_client_connected():
+    port, backend_port = free_ports(2)
+    proc = start_demo("--port", str(port), "--backend-port", str(backend_port), "--drain-time", "5")
+    try:
+        m, _ = await wait_for_line(proc, rf"\(pid (\d+)\)")
+        backend_pid = int(m.group(1))
+        await wait_for_line(proc, r"try +.* client ")
+        async with websockets.connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:
+            await ws.send("before")
+            assert await ws.recv() == "before"
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 20)
+            assert info.value.rcvd.code == 1001
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not alive(backend_pid)
+
+
+async def test_demo_backend_that_cannot_bind_is_reported():
+    """The check before starting is not the only guard: an echo backend that loses the race
+    for its port is reported as such, and is gone."""
+    from fastgw import cli
+    [backend_port] = free_ports(1)
+    with occupied(backend_port):
+        proc, message = await cli._start_backend(backend_port)
+    assert proc is None
+    assert message.startswith(f"fastgw demo: port {backend_port} is in use ("), message
+    assert echo_backend_pids(backend_port) == []
+
+
+async def test_demo_gateway_that_cannot_bind_stops_its_backend(monkeypatch, capsys):
+    """A gateway port taken after the check: one line, exit 1, the backend started is stopped."""
+    from fastgw import cli
+    monkeypatch.setattr(cli, "_port_in_use", lambda port: None)     # skip the check before
+    port, backend_port = free_ports(2)
+    args = cli.build_parser().parse_args(["demo", "--port", str(port),
+                                          "--backend-port", str(backend_port)])
+    with occupied(port):
+        assert await cli._demo(args) == 1
+    err = capsys.readouterr().err
+    m = re.search(r"\(pid (\d+)\)", err)
+    assert m, err
+    assert f"fastgw demo: port {port} is in use (" in err
+    assert not alive(int(m.group(1)))
+    assert echo_backend_pids(backend_port) == []

@@ -1,5 +1,6 @@
 """`pip install .` and the wheel from `python -m build`, each in a fresh venv,
-run `fastgw --version` and relay a message through the gateway."""
+run `fastgw --version` and relay a message through the gateway; in the first, the README's
+two commands (`fastgw demo`, then `fastgw client`) with nothing else installed."""
 
 from __future__ import annotations
 
@@ -61,6 +62,38 @@ async def relay_through(bin_dir: Path, tmp_path: Path) -> None:
                 p.wait(10)
 
 
+def newcomer_path(bin_dir: Path, tmp_path: Path) -> None:
+    """The README's two commands in a venv that has only what `pip install .` brought:
+    `fastgw demo` (on free ports), then `fastgw client` talking to it."""
+    out = subprocess.run([str(bin_dir / "python"), "-c", "import websockets"], capture_output=True)
+    assert out.returncode != 0, "websockets is installed: the check below would prove nothing"
+    import socket
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    port, backend_port = (s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    err = tmp_path / "demo.err"
+    demo = subprocess.Popen([str(bin_dir / "fastgw"), "demo", "--port", str(port),
+                             "--backend-port", str(backend_port)], stderr=err.open("w"), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (m := re.search(r"try +(\S+) client (\S+)", err.read_text())):
+            assert time.monotonic() < deadline and demo.poll() is None, err.read_text()
+            time.sleep(0.05)
+        assert m.group(1) == str(bin_dir / "fastgw")
+        assert m.group(2) == f"ws://127.0.0.1:{port}/echo"
+        out = subprocess.run([m.group(1), "client", m.group(2)], input="hello newcomer\n",
+                             capture_output=True, text=True, timeout=30)
+        assert (out.returncode, out.stdout) == (0, "hello newcomer\n"), out.stderr
+        assert out.stderr.splitlines()[-1] == "closed: 1000"
+    finally:
+        demo.terminate()
+        demo.wait(15)
+    assert demo.returncode == 0, err.read_text()
+
+
 @pytest.mark.slow
 async def test_pip_install_and_wheel_in_fresh_venvs(tmp_path):
     src = copy_source(tmp_path / "src")
@@ -69,6 +102,7 @@ async def test_pip_install_and_wheel_in_fresh_venvs(tmp_path):
     out = subprocess.run([str(env_bin / "fastgw"), "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("fastgw ")
     await relay_through(env_bin, tmp_path)
+    newcomer_path(env_bin, tmp_path)
 
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(src)],

@@ -275,3 +275,84 @@ def test_client_scope_drop_shared_across_connections(router):
     token2 = jwt.encode({"sub": "frank", "iss": "https://issuer.example", "exp": now + 60}, SECRET, algorithm="HS256")
     adm = other.admit(zone, request([("authorization", f"Bearer {token2}")], wall=now))
     assert relay_for(adm, zone).client.decide(1, True, 5, 7.0)[0] == "pass"
+
+
+# ------------------------------------------------------------------ a full limit table
+
+def full_buckets(zone, now=0.0):
+    """Every bucket slot of a 16-slot zone held by another key, active for 1000 s."""
+    for k in range(1, 17):
+        assert zone.take_py(10_000 + k, 0.001, 1.0, now, 1.0) == 0.0
+    assert zone.buckets_used(now) == 16
+
+
+def test_rate_limit_at_a_full_table_refuses_503(router):
+    chat = api_named(router, "chat")
+    zone = LimitZone(16)
+    full_buckets(zone, 100.0)
+    for _ in range(3):             # every attempt refused and counted; none admitted
+        with pytest.raises(Refusal) as info:
+            chat.admit(zone, request([("x-api-key", "bob-key")], now=100.0))
+        r = info.value
+        assert (r.status, r.kind, r.table_full) == (503, "capacity", "rate-limit")
+        assert r.reason == "the gateway's limit table is full"
+    assert zone.overflows == 3
+    assert zone.counts_used() == 0            # the count-limit slot taken first was given back
+    # Once the other keys' buckets are full again (t = 1100), the oldest idle one is evicted.
+    chat.admit(zone, request([("x-api-key", "bob-key")], now=1100.0)).release()
+    assert zone.bucket_reuses == 1 and zone.overflows == 3
+
+
+def test_count_limit_at_a_full_table_refuses_503(router):
+    # (limits.max-connections is no key of the table: the listeners stop accepting at it.)
+    chat = api_named(router, "chat")
+    for api in (chat,):
+        zone = LimitZone(16)
+        for k in range(1, 17):                 # every count slot held by another key
+            assert zone.acquire_py(10_000 + k, 5) == 1
+        with pytest.raises(Refusal) as info:
+            api.admit(zone, request([("x-api-key", "bob-key")]))
+        r = info.value
+        assert (r.status, r.kind, r.table_full) == (503, "capacity", "count-limit")
+        assert r.reason == "the gateway's limit table is full"
+        assert zone.count_overflows == 1 and zone.counts_used() == 16
+        zone.release_py(10_001)                # a key at count 0: its slot is taken over
+        api.admit(zone, request([("x-api-key", "bob-key")])).release()
+        assert zone.count_reuses == 1
+
+
+def client_scope_leg(zone, action, name="per-client"):
+    from fastgw._core import key_hash
+    relay = Relay(None, None)
+    leg = relay.client
+    # (name, action, scope client, 1 message/s, burst 2, no byte limit, keys)
+    leg.set_policies([(name, {"reject": 0, "delay": 1, "drop": 2}[action], 1, 1.0, 2.0, 0.0, 1.0,
+                       key_hash("m|chat|request|0|bob|m"), key_hash("m|chat|request|0|bob|b"))],
+                     zone, now=0.0)
+    return relay, leg
+
+
+@pytest.mark.parametrize("action", ["reject", "delay", "drop"])
+def test_client_scope_message_at_a_full_table_is_over_the_limit(action):
+    zone = LimitZone(16)
+    full_buckets(zone, 0.0)
+    relay, leg = client_scope_leg(zone, action)
+    verdict, wait = leg.decide(1, True, 10, 1.0)
+    assert verdict == action                   # never "pass": the rule's own action
+    assert zone.message_overflows == 1 and zone.overflows == 1
+    assert leg.rule_limited() == [1]
+    if action == "delay":
+        assert wait == pytest.approx(0.1)      # tried again a little later
+        assert leg.decide(1, True, 10, 1.1, retry=True) == ("delay", pytest.approx(0.1))
+        assert zone.message_overflows == 1 and leg.delayed == 1   # one message, counted once
+        # The other keys' buckets are full again at t = 1000: the held message passes.
+        assert leg.decide(1, True, 10, 1000.0, retry=True) == ("pass", 0.0)
+        assert zone.bucket_reuses == 1
+    elif action == "drop":
+        assert leg.decide(0, True, 10, 1.0)[0] == "drop"          # the rest of the message
+        assert leg.dropped == 1 and zone.message_overflows == 1
+        assert leg.decide(1, True, 10, 2.0)[0] == "drop"          # the next message too
+        assert zone.message_overflows == 2
+    else:
+        assert leg.rejected == 1 and relay.end_code == 1008
+        assert relay.end_reason == b"message rate limit exceeded: per-client"

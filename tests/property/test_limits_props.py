@@ -17,13 +17,18 @@ Bucket properties, for a bucket of rate r > 0 and burst b >= 1:
    (With b < 2 * cost, irregular arrivals can waste refill at the clamp: the
    bound is not claimed there.)
 
-Table properties: with a 16-slot zone (the probe covers the whole table),
-take() equals a model of independent per-key buckets, where an idle bucket
-(full again) is the same as an absent one and a new key finds no slot only
-when 16 other keys are active; the connection table equals a dict of counts
-through any sequence of acquire, release, try_acquire and lease releases
-(twice included). Times, rates and costs of the table models are dyadic
-(exact in binary floating point), so the model is compared for equality.
+Table properties: in a key's window of W slots (a 16-slot zone, where the
+probe covers the whole table; or keys that all share one home slot in a
+1024-slot zone, whose probe bound is 32), take() equals a model of
+independent per-key buckets, where an idle bucket (full again) is the same
+as an absent one, held in a table of W entries: a new key takes a free entry,
+else evicts the idle entry full again the longest (any of them on a tie),
+else finds no slot and is refused (-1.0, counted), nothing evicted. The
+connection table equals a dict of counts through any sequence of acquire,
+release, try_acquire and lease releases (twice included), a new key being
+refused (-1) only when W other keys have a count. Times, rates and costs of
+the table models are dyadic (exact in binary floating point), so the model
+is compared for equality.
 """
 
 from __future__ import annotations
@@ -149,25 +154,47 @@ CAP = 16
 KEYS = list(range(0, 32))          # twice as many keys as slots; key 0 included
 
 
-def _params(key):
-    """Fixed dyadic rate and burst per key."""
-    return (0.0625, 0.25, 1.0, 4.0)[key % 4], (1.0, 2.0, 4.0, 8.0)[(key // 4) % 4]
+def _params(index):
+    """Fixed dyadic rate and burst per key (by its index)."""
+    return (0.0625, 0.25, 1.0, 4.0)[index % 4], (1.0, 2.0, 4.0, 8.0)[(index // 4) % 4]
+
+
+def _colliding(z, n):
+    """n keys with the same home slot in zone z."""
+    home = z.home_slot(1)
+    keys, k = [1], 2
+    while len(keys) < n:
+        if z.home_slot(k) == home:
+            keys.append(k)
+        k += 1
+    return keys
 
 
 class BucketModel:
-    def __init__(self):
-        self.entries = {}          # key -> [tokens, stamp, full_at]
+    """Per-key buckets in a table of `cap` entries: see the module's docstring."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.entries = {}          # key -> [tokens, stamp, full_at]: the keys holding a slot
         self.overflows = 0
+        self.reuses = 0
+        self.evicting = ()         # the keys one of which the last take evicted
 
     def take(self, key, rate, burst, now, cost):
+        self.evicting = ()
         e = self.entries.get(key)
-        if e is None or e[2] <= now:           # absent, or idle: the same
-            # A new bucket, full; the key may have lost its slot: it needs one.
-            active = sum(1 for v in self.entries.values() if v[2] > now)
-            if active >= CAP:
-                self.overflows += 1
-                return 0.0
+        if e is None:
+            if len(self.entries) >= self.cap:
+                idle = [k for k, v in self.entries.items() if v[2] <= now]
+                if not idle:                   # a full window: refused, nothing evicted
+                    self.overflows += 1
+                    return -1.0
+                oldest = min(self.entries[k][2] for k in idle)
+                self.evicting = tuple(k for k in idle if self.entries[k][2] == oldest)
+                self.reuses += 1
             e = self.entries[key] = [burst, now, now]
+        elif e[2] <= now:                      # idle: the same as a new bucket, full
+            e[:] = [burst, now, now]
         if now > e[1]:
             e[0] = min(burst, e[0] + (now - e[1]) * rate)
             e[1] = now
@@ -182,46 +209,87 @@ class BucketModel:
         e[2] = e[1] + (burst - e[0]) / rate
         return wait
 
+    def evicted(self, key):
+        """The zone chose `key` among the least recently used idle entries."""
+        assert key in self.evicting, (key, self.evicting)
+        del self.entries[key]
+        self.evicting = ()
+
     def used(self, now):
         return sum(1 for v in self.entries.values() if v[2] > now)
 
 
-bucket_ops = st.lists(
-    st.tuples(st.sampled_from(KEYS),
-              st.integers(-16, 8).map(lambda q: max(q, 0) / 8.0),  # time step, often 0
-              st.integers(0, 12).map(lambda q: q / 2.0)),     # cost, may exceed the burst
-    min_size=40, max_size=300)
+def _bucket_ops(n_keys):
+    return st.lists(
+        st.tuples(st.integers(0, n_keys - 1),                           # the key's index
+                  st.integers(-16, 8).map(lambda q: max(q, 0) / 8.0),  # time step, often 0
+                  st.integers(0, 12).map(lambda q: q / 2.0)),          # cost, may exceed the burst
+        min_size=40, max_size=300)
 
 
-@given(bucket_ops)
-def test_keyed_buckets_match_independent_buckets(ops):
-    z = LimitZone(CAP)
-    model = BucketModel()
+def _run_bucket_model(z, keys, cap, ops):
+    model = BucketModel(cap)
     now = 0.0
-    for key, dt, cost in ops:
+    for index, dt, cost in ops:
         now += dt
-        rate, burst = _params(key)
+        key = keys[index]
+        rate, burst = _params(index)
         assert z.take_py(key, rate, burst, now, cost) == model.take(key, rate, burst, now, cost)
+        if model.evicting:
+            gone = [k for k in model.evicting if z.bucket(k) is None]
+            assert len(gone) == 1, (gone, model.evicting)
+            model.evicted(gone[0])
         assert z.overflows == model.overflows
+        assert z.bucket_reuses == model.reuses
         assert z.buckets_used(now) == model.used(now)
-    for key, e in model.entries.items():
+    for key in keys:                           # every key holding a slot, with its state
+        e = model.entries.get(key)
         got = z.bucket(key)
-        if e[2] > now:                          # active keys are all in the table
-            assert got is not None and list(got) == e
+        assert (got is None) if e is None else (got is not None and list(got) == e), (key, got, e)
+    return model
+
+
+@given(_bucket_ops(len(KEYS)))
+def test_keyed_buckets_match_independent_buckets(ops):
+    _run_bucket_model(LimitZone(CAP), KEYS, CAP, ops)
+
+
+@settings(max_examples=50)
+@given(_bucket_ops(64))
+def test_keyed_buckets_in_one_probe_window_match_the_model(ops):
+    # 64 keys sharing one home slot: their window is the 32 slots from it.
+    z = LimitZone(1024)
+    assert z.layout()["probe_limit"] == 32
+    _run_bucket_model(z, _colliding(z, 64), 32, ops)
+
+
+def test_bucket_model_refuses_at_a_full_window_and_evicts_the_oldest_idle():
+    # A fixed sequence through the model's three cases: keys 0..15 drained at t = 0
+    # (full again at burst / rate: key 3 at 0.25 s, key 7 at 0.5 s, the others later);
+    # key 16 refused at t = 0.125, then given key 3's slot at 0.25; key 17 key 7's at 0.5.
+    z = LimitZone(CAP)
+    ops = [(k, 0.0, _params(k)[1]) for k in range(16)]
+    ops += [(16, 0.125, 1.0), (16, 0.125, 1.0), (17, 0.25, 1.0)]
+    model = _run_bucket_model(z, KEYS, CAP, ops)
+    assert model.overflows == 1 and model.reuses == 2
+    assert z.overflows == 1 and z.bucket_reuses == 2
+    assert z.bucket(3) is None and z.bucket(7) is None
+    assert z.bucket(16) is not None and z.bucket(17) is not None
 
 
 # ---------------------------------------------------------------- connection table against a model
 
 class CountModel:
-    def __init__(self):
+    def __init__(self, cap):
+        self.cap = cap
         self.counts = {}
 
     def acquire(self, key, limit):
         c = self.counts.get(key, 0)
         if c >= limit:
             return 0
-        if c == 0 and sum(1 for v in self.counts.values() if v > 0) >= CAP:
-            return -1
+        if c == 0 and sum(1 for v in self.counts.values() if v > 0) >= self.cap:
+            return -1               # a full window: refused
         self.counts[key] = c + 1
         return 1
 
@@ -240,22 +308,40 @@ class CountModel:
 
 
 limits = st.integers(0, 3)
-acquires = st.tuples(st.just("acquire"), st.sampled_from(KEYS), limits)
-count_ops = st.lists(st.one_of(
-    acquires, acquires,            # more acquires than releases: the table fills up
-    st.tuples(st.just("release"), st.sampled_from(KEYS)),
-    st.tuples(st.just("lease"), st.lists(st.tuples(st.sampled_from(KEYS), limits), max_size=4)),
-    st.tuples(st.just("drop"), st.integers(0, 50)),                    # release a lease
-), min_size=40, max_size=300)
+
+
+def _count_ops(n_keys):
+    keys = st.integers(0, n_keys - 1)          # indexes into the keys of the test
+    acquires = st.tuples(st.just("acquire"), keys, limits)
+    return st.lists(st.one_of(
+        acquires, acquires,            # more acquires than releases: the table fills up
+        st.tuples(st.just("release"), keys),
+        st.tuples(st.just("lease"), st.lists(st.tuples(keys, limits), max_size=4)),
+        st.tuples(st.just("drop"), st.integers(0, 50)),                    # release a lease
+    ), min_size=40, max_size=300)
 
 
 @settings(max_examples=150)
-@given(count_ops)
+@given(_count_ops(len(KEYS)))
 def test_connection_table_matches_a_dict(ops):
-    z = LimitZone(CAP)
-    model = CountModel()
+    _run_count_model(LimitZone(CAP), KEYS, CAP, ops)
+
+
+@settings(max_examples=50)
+@given(_count_ops(64))
+def test_connection_table_in_one_probe_window_matches_a_dict(ops):
+    z = LimitZone(1024)
+    _run_count_model(z, _colliding(z, 64), 32, ops)
+
+
+def _run_count_model(z, keys, cap, ops):
+    model = CountModel(cap)
     leases = []                      # (Lease, model keys)
     for op in ops:
+        if op[0] in ("acquire", "release"):
+            op = (op[0], keys[op[1]], *op[2:])
+        elif op[0] == "lease":
+            op = ("lease", [(keys[i], limit) for i, limit in op[1]])
         if op[0] == "acquire":
             _, key, limit = op
             before = z.count(key)
@@ -276,18 +362,18 @@ def test_connection_table_matches_a_dict(ops):
             else:
                 assert got == want
         elif leases:                  # release a lease, possibly again
-            lease, keys = leases[op[1] % len(leases)]
+            lease, held = leases[op[1] % len(leases)]
             if not lease.released:
-                for k in keys:
+                for k in held:
                     model.release(k)
             lease.release()
             assert lease.released
-        for key in KEYS:
+        for key in keys:
             assert z.count(key) == model.counts.get(key, 0) >= 0
         assert z.counts_used() == sum(1 for v in model.counts.values() if v > 0)
-    for lease, keys in leases:
+    for lease, held in leases:
         if not lease.released:
-            for k in keys:
+            for k in held:
                 model.release(k)
         lease.release()
     assert z.counts_used() == sum(1 for v in model.counts.values() if v > 0)

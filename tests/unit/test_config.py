@@ -371,12 +371,12 @@ def test_bad_size_names_the_field() -> None:
     )
 
 
-def test_bad_duration_in_toml_has_no_line() -> None:
-    text = 'drain-time = "soon"\n[[listeners]]\nport = 1\n'
+def test_bad_duration_in_toml_has_its_line() -> None:
+    text = '[[listeners]]\nport = 1\n\n[histogram-log]\npath = "h"\ninterval = "soon"\n'
     error = error_of(text, "toml", "gw.toml")
     assert str(error) == (
-        "gw.toml: Invalid duration 'soon' (use a number of seconds, or 250ms, 10s, 2m, 1h)"
-        " - at `$.drain-time`"
+        "gw.toml:6: Invalid duration 'soon' (use a number of seconds, or 250ms, 10s, 2m, 1h)"
+        " - at `$.histogram-log.interval`"
     )
 
 
@@ -442,7 +442,10 @@ def test_policy_key_is_required() -> None:
 
 def test_unknown_policy() -> None:
     error = error_of(MINIMAL_YAML.replace("policy: websocket-upgrade", "policy: rate-limitt"))
-    assert str(error) == "gw.yaml:7: Invalid value 'rate-limitt' - at `$.apis[0].assembly[0].policy`"
+    assert str(error) == (
+        "gw.yaml:7: Invalid value 'rate-limitt' - expected one of: api-key, jwt, count-limit,"
+        " rate-limit, websocket-upgrade - at `$.apis[0].assembly[0].policy`"
+    )
 
 
 def test_error_inside_a_tls_profile_names_the_profile() -> None:
@@ -472,17 +475,20 @@ def test_duplicate_yaml_key() -> None:
 
 def test_duplicate_json_key() -> None:
     error = error_of('{"backlog": 1, "backlog": 2}', "json", "gw.json")
-    assert str(error) == "gw.json: Duplicate key 'backlog'"
+    assert str(error) == "gw.json:1: Duplicate key 'backlog' - at `$`"
+    error = error_of('{\n "listeners": [\n  {"port": 1,\n   "port": 2}]}', "json", "gw.json")
+    assert str(error) == "gw.json:4: Duplicate key 'port' - at `$.listeners[0]`"
+    assert error.path == "$.listeners[0]"
 
 
-def test_json_error_has_path_but_no_line() -> None:
+def test_json_error_has_path_and_line() -> None:
     data = {
         "listeners": [{"port": 8080}],
         "apis": [{"name": "", "path": "/", "assembly": []}],
     }
     error = error_of(json.dumps(data, indent=2), "json", "gw.json")
-    assert str(error) == "gw.json: Expected `str` of length >= 1 - at `$.apis[0].name`"
-    assert error.line is None
+    assert str(error) == "gw.json:9: Expected `str` of length >= 1 - at `$.apis[0].name`"
+    assert error.line == 9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,8 +499,8 @@ def test_json_error_has_path_but_no_line() -> None:
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("http://x", "scheme must be ws or wss"),
-        ("x:9000", "scheme must be ws or wss"),
+        ("ftp://x", "scheme must be ws or wss (http and https mean ws and wss)"),
+        ("x:9000", "scheme must be ws or wss (http and https mean ws and wss)"),
         ("ws://", "missing host"),
         ("ws://:9000/a", "missing host"),
         ("ws://h:99999", "Port out of range 0-65535"),
@@ -748,7 +754,7 @@ def test_top_level_must_be_a_mapping() -> None:
     error = error_of("\n- port: 1\n")
     assert str(error) == "gw.yaml:2: The top level must be a mapping of settings, not a list"
     error = error_of('"hello"', "json", "gw.json")
-    assert str(error) == "gw.json: The top level must be a mapping of settings, not a str"
+    assert str(error) == "gw.json:1: The top level must be a mapping of settings, not a str"
 
 
 def test_yaml_syntax_error() -> None:
@@ -768,7 +774,7 @@ def test_toml_syntax_error() -> None:
     error = error_of("backlog = 1\nlisteners = ]\n", "toml", "gw.toml")
     assert str(error) == "gw.toml:2: Invalid TOML: Invalid value (column 13)"
     error = error_of("backlog = 1\nlisteners = [\n", "toml", "gw.toml")
-    assert str(error) == "gw.toml: Invalid TOML: Invalid value (at end of document)"
+    assert str(error) == "gw.toml:2: Invalid TOML: Invalid value (at end of document)"
 
 
 def test_json_syntax_error() -> None:
@@ -778,7 +784,7 @@ def test_json_syntax_error() -> None:
 
 def test_invalid_utf8() -> None:
     error = error_of(b"backlog: 1\n\xff\n", "yaml", "gw.yaml")
-    assert str(error) == "gw.yaml: Not valid UTF-8 (byte 11)"
+    assert str(error) == "gw.yaml:2: Not valid UTF-8 (byte 11)"
 
 
 def test_config_error_pickles() -> None:

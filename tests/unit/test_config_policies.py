@@ -868,7 +868,8 @@ def test_upgrade_inside_a_flow() -> None:
 def test_unknown_policy_in_a_flow() -> None:
     error = error_of(with_flow("request", "{policy: message-size, max: 1}"))
     assert str(error) == (
-        "gw.yaml:10: Invalid value 'message-size' - at `$.apis[0].assembly[0].request[0].policy`"
+        "gw.yaml:10: Invalid value 'message-size' - expected one of: message-rate-limit,"
+        " message-size-limit - at `$.apis[0].assembly[0].request[0].policy`"
     )
 
 
@@ -925,7 +926,10 @@ def test_one_identity_policy_per_assembly() -> None:
 
 def test_limit_key_must_be_known() -> None:
     error = error_of(with_assembly("{policy: count-limit, key: user, max: 1}"))
-    assert str(error) == "gw.yaml:7: Invalid enum value 'user' - at `$.apis[0].assembly[0].key`"
+    assert str(error) == (
+        "gw.yaml:7: Invalid value 'user' - expected one of: client-ip, client-id, api, global"
+        " - at `$.apis[0].assembly[0].key`"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -934,9 +938,10 @@ def test_limit_key_must_be_known() -> None:
 
 
 def test_api_key_defaults_and_query_only() -> None:
-    config = loads(with_assembly("{policy: api-key}"), "yaml")
+    clients = "clients: [{id: a, key: k}]\n"
+    config = loads(with_assembly("{policy: api-key}") + clients, "yaml")
     assert config.apis[0].assembly[0] == ApiKey(header="X-API-Key", query=None)
-    config = loads(with_assembly("{policy: api-key, header: null, query: key}"), "yaml")
+    config = loads(with_assembly("{policy: api-key, header: null, query: key}") + clients, "yaml")
     assert config.apis[0].assembly[0] == ApiKey(header=None, query="key")
 
 
@@ -1006,7 +1011,8 @@ def test_jwt_algorithms(tmp_path: Path) -> None:
     )
     error = error_of(with_assembly("{policy: jwt, algorithms: [none], secret-env: FASTGW_TEST_JWT_SECRET}"))
     assert str(error) == (
-        "gw.yaml:7: Invalid enum value 'none' - at `$.apis[0].assembly[0].algorithms[0]`"
+        "gw.yaml:7: Invalid value 'none' - expected one of: HS256, RS256, ES256"
+        " - at `$.apis[0].assembly[0].algorithms[0]`"
     )
 
 
@@ -1118,8 +1124,8 @@ def test_byte_burst_without_bytes() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("scope", "user", "Invalid enum value 'user'"),
-        ("action", "close", "Invalid enum value 'close'"),
+        ("scope", "user", "Invalid value 'user' - expected one of: connection, client, api"),
+        ("action", "close", "Invalid value 'close' - expected one of: reject, delay, drop"),
         ("name", "''", "Expected `str` of length >= 1"),
     ],
 )
@@ -1373,10 +1379,10 @@ def test_clients_file_duplicate_within_it(tmp_path: Path) -> None:
     text = '[[clients]]\nid = "b"\nkey = "1"\n[[clients]]\nid = "b"\nkey = "2"\n'
     error = clients_file_error(tmp_path, "clients.toml", text)
     assert str(error) == (
-        f"{tmp_path / 'clients.toml'}: Duplicate client id 'b' (same as `$.clients[0]`)"
+        f"{tmp_path / 'clients.toml'}:5: Duplicate client id 'b' (same as `$.clients[0]`)"
         " - at `$.clients[1].id`"
     )
-    assert error.line is None
+    assert error.line == 5
 
 
 def test_clients_file_missing(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def test_region_layout():
     lay = z.layout()
     assert z.capacity == 128                    # rounded up to a power of two
     assert lay["magic"] == int.from_bytes(b"FGWLIMIT", "little")
-    assert lay["version"] == 1
+    assert lay["version"] == 2
     assert lay["header_size"] == lay["bucket_off"] == 128
     assert lay["bucket_slot_size"] == 32 and lay["count_slot_size"] == 16
     assert lay["bucket_cap"] == lay["count_cap"] == 128
@@ -171,26 +171,63 @@ def test_key_zero_is_a_key():
     assert z.count(0) == 1 and z.counts_used() == 1
 
 
-def test_tiny_table_full_of_active_keys_overflows_and_admits():
+def test_tiny_table_full_of_active_keys_refuses_new_keys():
     z = LimitZone(16)
     for k in range(1, 17):                       # 16 keys, each drained: active for 10 s
         assert z.take_py(k, 0.1, 1.0, 0.0) == 0.0
     assert z.buckets_used(0.0) == 16
     assert z.overflows == 0
-    # A 17th key finds no slot: admitted (fail open), counted, over and over.
+    before = [z.bucket(k) for k in range(1, 17)]
+    # A 17th key finds no slot: never admitted (-1.0: the caller refuses), counted every time.
     for _ in range(3):
-        assert z.take_py(1000, 0.1, 1.0, 1.0) == 0.0
-    assert z.overflows == 3
+        assert z.take_py(1000, 0.1, 1.0, 1.0) == -1.0
+    assert z.overflows == 3 and z.bucket_reuses == 0
     assert z.bucket(1000) is None
+    assert [z.bucket(k) for k in range(1, 17)] == before     # no active state evicted
     # The 16 keys are still limited.
     assert all(z.take_py(k, 0.1, 1.0, 1.0) > 0.0 for k in range(1, 17))
+    # Once one of them is full again (t = 10), the new key takes its slot.
+    assert z.take_py(1000, 0.1, 1.0, 10.0) == 0.0
+    assert z.overflows == 3 and z.bucket_reuses == 1
+
+
+def test_a_new_key_evicts_the_least_recently_used_idle_bucket():
+    z = LimitZone(16)
+    # Keys 1..16, full again at t = 1 + (k * 5) % 16 (all distinct, in a shuffled order).
+    for k in range(1, 17):
+        full_at = 1 + (k * 5) % 16
+        assert z.take_py(k, 1.0 / full_at, 1.0, 0.0) == 0.0
+        assert z.bucket(k)[2] == pytest.approx(full_at)
+    order = sorted(range(1, 17), key=lambda k: (k * 5) % 16)   # least recently used first
+    # At t = 100 all are idle: each new key evicts the one full again the longest.
+    for i, new in enumerate(range(101, 117)):
+        assert z.take_py(new, 1.0, 4.0, 100.0) == 0.0
+        assert z.bucket(order[i]) is None
+        assert all(z.bucket(k) is not None for k in order[i + 1:])
+    assert z.bucket_reuses == 16 and z.overflows == 0
+    # Only idle ones go: keys 101.. are full again at t = 101 (a token out of 4 taken),
+    # so a newcomer finds no slot before, and takes the slot of one of them then.
+    assert z.take_py(200, 1.0, 4.0, 100.5) == -1.0
+    assert z.take_py(200, 1.0, 4.0, 101.0) == 0.0
+    assert sum(z.bucket(k) is None for k in range(101, 117)) == 1
+    assert z.overflows == 1 and z.bucket_reuses == 17
+
+
+def test_a_never_used_slot_is_taken_before_an_idle_one_is_evicted():
+    z = LimitZone(1024)
+    a, b, c = _colliding(z, 3)
+    assert z.take_py(a, 10.0, 1.0, 0.0) == 0.0              # idle from t = 0.1
+    assert z.take_py(b, 10.0, 1.0, 1.0) == 0.0              # b goes past a's idle slot
+    assert z.take_py(c, 10.0, 1.0, 1.0) == 0.0
+    assert z.bucket_reuses == 0
+    assert all(z.bucket(k) is not None for k in (a, b, c))
 
 
 def test_idle_slots_are_reused_by_new_keys():
     z = LimitZone(16)
     for k in range(1, 17):
         z.take_py(k, 1.0, 1.0, 0.0)              # full again at t = 1
-    assert z.take_py(100, 1.0, 1.0, 0.5) == 0.0 and z.overflows == 1
+    assert z.take_py(100, 1.0, 1.0, 0.5) == -1.0 and z.overflows == 1
     # At t = 1 every old bucket is idle: 16 new keys get slots, with their own state.
     for k in range(101, 117):
         assert z.take_py(k, 1.0, 1.0, 1.0) == 0.0
@@ -223,8 +260,8 @@ def test_probe_bound_and_reuse_inside_a_chain():
     assert z.take_py(keys[0], 10.0, 1.0, 0.0) == 0.0
     for k in keys[1:32]:
         assert z.take_py(k, 0.01, 1.0, 0.0) == 0.0
-    # The chain holds 32 slots: the 33rd colliding key overflows.
-    assert z.take_py(keys[32], 0.01, 1.0, 0.0) == 0.0
+    # The chain holds 32 slots: the 33rd colliding key finds none.
+    assert z.take_py(keys[32], 0.01, 1.0, 0.0) == -1.0
     assert z.overflows == 1 and z.bucket(keys[32]) is None
     # Once the first is idle, a key further on is still found (not put in the idle slot)...
     assert z.take_py(keys[20], 0.01, 1.0, 0.5) > 0.0
