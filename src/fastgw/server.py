@@ -462,8 +462,6 @@ ACCEPT_BATCH = 64
 # Pause of the listeners after EMFILE/ENFILE: doubled while it repeats, up to the maximum.
 ACCEPT_BACKOFF_MIN = 0.1
 ACCEPT_BACKOFF_MAX = 1.0
-# A repeated warning (descriptors out, cap reached, per-address cap) at most once per this.
-WARN_INTERVAL = 10.0
 
 
 def _listener_context(index: int, lc) -> ssl.SSLContext | None:
@@ -660,7 +658,6 @@ class Gateway:
         self._full = 0
         self.spares = Spares()
         self._connecting: dict = {}            # connect_accepted_socket coroutine -> Handshake
-        self._warned: dict[str, tuple[float, int]] = {}
 
     def next_id(self) -> int:
         self._ids += 1
@@ -694,18 +691,6 @@ class Gateway:
     def addresses(self) -> list[tuple[str, str, int]]:
         """(scheme, host, port) of every listening socket, in the order of the configuration."""
         return [a for listener in self.listeners for a in listener.addresses]
-
-    def _warn(self, key: str, msg: str, *args) -> None:
-        """A warning at most once per WARN_INTERVAL per key; the next one says how many were held."""
-        now = time.monotonic()
-        last, held = self._warned.get(key, (-WARN_INTERVAL, 0))
-        if now - last < WARN_INTERVAL:
-            self._warned[key] = (last, held + 1)
-            return
-        self._warned[key] = (now, 0)
-        if held:
-            msg += f" ({held} more since the last such warning)"
-        log.warning(msg, *args)
 
     # ---- start, accepting -------------------------------------------------
 
@@ -796,9 +781,10 @@ class Gateway:
             return
         self._apply_mode(mode)
         if mode == "off" and self._open and not self._backing_off:
-            self._warn("cap", "at max-connections %d (%d relayed, %d in handshake): new clients "
-                       "wait in the listen backlog until a connection ends", self.max_connections,
-                       len(self.live), self.handshakes.counted)
+            self.log_throttle.warning(
+                "at-cap", "at max-connections %d (%d relayed, %d in handshake): new clients wait "
+                "in the listen backlog until a connection ends", self.max_connections,
+                len(self.live), self.handshakes.counted)
 
     def _apply_mode(self, mode: str) -> None:
         self._mode = mode
@@ -884,9 +870,10 @@ class Gateway:
 
     def _refused_at_accept(self, ip: str) -> None:
         self.metrics.count_reject(None, "handshake_limit")
-        self._warn("per-ip", "closed a new connection from %s at once: %d connections of that "
-                   "address in their handshake (limits.max-handshakes-per-ip)", ip,
-                   self.max_handshakes_per_ip)
+        self.log_throttle.warning(
+            "per-ip-cap", "closed a new connection from %s at once: %d connections of that "
+            "address in their handshake (limits.max-handshakes-per-ip)", ip,
+            self.max_handshakes_per_ip)
 
     def _on_readable(self, sock: socket.socket, family: int, listener: Listener) -> None:
         # Up to `_burst` accept() calls per wake-up: it doubles after 4 wake-ups in a row that
@@ -960,9 +947,10 @@ class Gateway:
         if not self._backing_off:
             delay = self._backoff
             self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
-            self._warn("accept", "accept: %s (%s; descriptor limit %d, %d client connections "
-                       "held): not accepting for %.1f s", exc.strerror, name, self.fd_limit,
-                       len(self.live) + self.handshakes.counted, delay)
+            self.log_throttle.warning(
+                "accept-error", "accept: %s (%s; descriptor limit %d, %d client connections "
+                "held): not accepting for %.1f s", exc.strerror, name, self.fd_limit,
+                len(self.live) + self.handshakes.counted, delay)
             self._backing_off = True
             self._update_accepting()
             self.loop.call_later(delay, self._backoff_over)
@@ -1205,8 +1193,8 @@ class Gateway:
             self.loop.create_task(self.close())
 
     async def _drain(self, grace: float) -> None:
-        log.warning("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
-                    len(self.live), grace)
+        log.info("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
+                 len(self.live), grace)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))
@@ -1216,7 +1204,7 @@ class Gateway:
         if not await self._wait_live_gone(grace):
             log.warning("drain time over: cutting %d connections", len(self.live))
             self._cut()
-        log.warning("drained")
+        log.info("drained")
 
     async def _wait_live_gone(self, timeout: float) -> bool:
         if not self.live:
