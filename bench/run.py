@@ -67,6 +67,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 
 GATEWAY_YAML = """\
 listeners: [{{host: 127.0.0.1, port: 0}}]
+limits: {{max-handshakes-per-ip: 0}}    # the whole load comes from one address
 apis:
   - name: bench
     path: /

@@ -18,8 +18,9 @@ GET     /histograms/{name}               JSON; ``?format=hdr``: the compressed e
 GET     /connections?api=&client=        the live connections
 DELETE  /connections/{id}                close one connection (1001)
 DELETE  /connections?client=KEY          close every connection of one client
-POST    /reload                          reload the configuration file
-POST    /drain?grace=SECONDS             start draining (default grace 10 s)
+POST    /reload                          reload the configuration file (422: not applied)
+POST    /drain?grace=SECONDS&exit=BOOL   start draining (default grace 10 s); exit=true:
+                                         the process exits once the drain is over
 ======  ===============================  =============================================
 
 When a token is configured, every route but ``/healthz`` needs
@@ -31,6 +32,7 @@ is the rule the configuration checker applies to anything else.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import io
@@ -44,6 +46,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from fastgw.logs import Throttle, clean
+
+from fastgw.accept import Acceptor, listen
 
 if TYPE_CHECKING:
     from hdrh.histogram import HdrHistogram
@@ -74,6 +78,7 @@ REALM = "fastgw-admin"
 DEFAULT_DRAIN_GRACE = 10.0
 
 _DIGITS = re.compile(r"[0-9]+")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class AdminBackend(Protocol):
@@ -112,8 +117,9 @@ class AdminBackend(Protocol):
         """Reload the configuration: None once applied, else the error text."""
         ...
 
-    async def drain(self, grace: float) -> None:
-        """Start draining (returns once it has started, not when it ends)."""
+    async def drain(self, grace: float, exit: bool = False) -> None:
+        """Start draining (returns once it has started, not when it ends); with `exit`, the
+        process exits once the drain is over."""
         ...
 
 
@@ -267,8 +273,12 @@ async def _drain(request: web.Request) -> web.Response:
             grace = math.nan
         if not math.isfinite(grace) or grace < 0:
             return _error(400, f"grace must be a number of seconds >= 0, not {text!r}")
-    await _backend(request).drain(grace)
-    return web.json_response({"draining": True}, status=202)
+    text = request.query.get("exit", "false")
+    exit_ = _BOOLEANS.get(text.lower())
+    if exit_ is None:
+        return _error(400, f"exit must be true or false, not {text!r}")
+    await _backend(request).drain(grace, exit=exit_)
+    return web.json_response({"draining": True, "exit": exit_}, status=202)
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -371,12 +381,13 @@ class _ServerLog(logging.LoggerAdapter):
 class AdminServer:
     """A running admin API (see :func:`start_admin`)."""
 
-    def __init__(self, runner: web.AppRunner):
+    def __init__(self, runner: web.AppRunner, acceptor: Acceptor):
         self.runner = runner
+        self.acceptor = acceptor
         # A host name may be bound on several addresses; with port 0 each gets its own
         # port, so the URL names the first socket actually bound.
         self.addresses: list[tuple[str, int]] = [
-            (addr[0], addr[1]) for addr in runner.addresses
+            s.getsockname()[:2] for s in acceptor.sockets
         ]
         host, self.port = self.addresses[0]
         self.url = f"http://{_url_host(host)}:{self.port}"
@@ -387,14 +398,18 @@ class AdminServer:
 
     async def close(self) -> None:
         """Stop listening and close open admin connections (idempotent)."""
+        self.acceptor.close()
         await self.runner.cleanup()
 
 
 async def start_admin(backend: AdminBackend, host: str, port: int,
-                      token: str | None) -> AdminServer:
+                      token: str | None, on_short=None) -> AdminServer:
     """Start the admin API on ``host:port`` (port 0: any free port) in the running loop.
 
-    No access log and no signal handlers: the gateway owns both.
+    No access log and no signal handlers: the gateway owns both. It accepts its clients
+    itself (:mod:`fastgw.accept`): when accept() finds no descriptor, ``on_short(exc)`` (the
+    gateway's ``accept_error``) may free some, else it retries 100 ms later; its listener
+    is never closed for it, as uvloop's servers are.
     """
     app = create_app(backend, token)
     # A short shutdown timeout: an admin request in flight must not hold up the
@@ -403,9 +418,9 @@ async def start_admin(backend: AdminBackend, host: str, port: int,
                            logger=_ServerLog(logging.getLogger("aiohttp.server"), app[_THROTTLE]))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        return AdminServer(runner)
+        loop = asyncio.get_running_loop()
+        sockets = await listen(loop, host, port, backlog=128)
+        return AdminServer(runner, Acceptor(loop, sockets, runner.server, on_short))
     except BaseException:
         await runner.cleanup()
         raise

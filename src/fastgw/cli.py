@@ -38,11 +38,12 @@ def cmd_check(args) -> int:
     return 0
 
 
-async def _serve(config, drain_time: float, config_path: str | None, stop=None, ready=None,
-                 listen_error=None) -> int:
-    """Run the gateway until SIGTERM/SIGINT, or until the future ``stop`` is done (``fastgw
-    demo`` ends it when its backend dies). ``ready(addresses)`` is called once listening;
-    ``listen_error(exc)`` formats the message when a listener cannot be opened."""
+async def _serve(config, drain_time: float | None, config_path: str | None, stop=None,
+                 ready=None, listen_error=None) -> int:
+    """Run the gateway until SIGTERM/SIGINT, `POST /drain?exit=true`, or until the future
+    ``stop`` is done (``fastgw demo`` ends it when its backend dies). ``ready(addresses)`` is
+    called once listening; ``listen_error(exc)`` formats the message when a listener cannot
+    be opened. ``drain_time`` None: the file's (as last reloaded)."""
     from fastgw.admin import start_admin
     from fastgw.server import Gateway
     from fastgw.events import EventSink
@@ -60,7 +61,8 @@ async def _serve(config, drain_time: float, config_path: str | None, stop=None, 
         addresses = await gw.start()
         if config.admin is not None:
             token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
-            admin = await start_admin(gw, config.admin.host, config.admin.port, token)
+            admin = await start_admin(gw, config.admin.host, config.admin.port, token,
+                                      on_short=gw.accept_error)
     except OSError as exc:
         message = listen_error(exc) if listen_error is not None else f"fastgw: cannot listen: {exc}"
         print(message, file=sys.stderr, flush=True)
@@ -70,6 +72,7 @@ async def _serve(config, drain_time: float, config_path: str | None, stop=None, 
         print(f"fastgw: listening on {scheme}://{shown}:{port}", file=sys.stderr, flush=True)
     if admin is not None:
         print(f"fastgw: admin on {admin.url}", file=sys.stderr, flush=True)
+    print(f"fastgw: {gw.capacity_note()}", file=sys.stderr, flush=True)
     if ready is not None:
         ready(addresses)
     interval_log = log_task = None
@@ -98,6 +101,13 @@ async def _serve(config, drain_time: float, config_path: str | None, stop=None, 
             print(f"fastgw: {signame}: draining {len(gw.live)} connections", file=sys.stderr, flush=True)
             stop.set_result(signame)
 
+    def on_drained():                   # POST /drain?exit=true, once the drain is over
+        if not stop.done():
+            print("fastgw: drained, exiting", file=sys.stderr, flush=True)
+            stop.set_result("drain")
+
+    gw.on_exit = on_drained
+
     def on_status():
         print("fastgw: status " + json.dumps(gw.status()), file=sys.stderr, flush=True)
 
@@ -106,7 +116,7 @@ async def _serve(config, drain_time: float, config_path: str | None, stop=None, 
     loop.add_signal_handler(signal.SIGUSR1, on_status)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop
-    await gw.shutdown(drain_time)
+    await gw.shutdown(drain_time if drain_time is not None else float(gw.config.drain_time))
     if admin is not None:
         await admin.close()
     if gw.events is not None:
@@ -129,7 +139,8 @@ def cmd_run(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="fastgw: %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastgw.picows").setLevel(logging.ERROR)
-    drain = float(args.drain_time if args.drain_time is not None else config.drain_time)
+    # The file's drain-time is read when the drain begins (a reload may change it).
+    drain = float(args.drain_time) if args.drain_time is not None else None
     import uvloop
     # A thread (the event writer) gives the GIL back to the relay's loop within
     # 0.5 ms instead of the default 5 ms.

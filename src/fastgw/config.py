@@ -848,8 +848,13 @@ class Limits(_Base, kw_only=True):
 
     max_keys: Annotated[int, msgspec.Meta(ge=16)] = 65536
     """Slots of the keyed bucket table and of the connection table."""
-    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
-    """Global cap on live connections (0: none); over it, upgrades get 503."""
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] | Literal["auto"] = "auto"
+    """Most client connections held at once, in their handshake or relayed; at it the
+    listeners stop accepting (new clients wait in the listen backlog). "auto": derived from
+    the descriptor limit (see accept.derived_max_connections); 0: no cap."""
+    max_handshakes_per_ip: Annotated[int, msgspec.Meta(ge=0)] = 128
+    """Most connections in their handshake (TLS, request head, dial) from one peer address;
+    past it a new connection from that address is closed at once. 0: no cap."""
 
 
 class Admin(_Base, kw_only=True):

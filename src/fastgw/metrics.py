@@ -86,6 +86,8 @@ class Metrics:
         self.message_table_full = lambda: 0                # messages limited for want of a slot (the zone)
         self.events_dropped = lambda: 0
         self.active = lambda: {}                           # api -> live connections
+        self.accept_errors: Counter[str] = Counter()       # errno name -> failed accept() calls
+        self.max_connections = lambda: 0                   # the listeners' cap (0: none)
 
     def api(self, name: str) -> ApiMetrics:
         m = self.apis.get(name)
@@ -204,7 +206,12 @@ _FAMILIES = (
     ("fastgw_events_dropped_total", "counter", "Events dropped because the sink was behind."),
     ("fastgw_limit_table_full_total", "counter",
      "Upgrades refused (503) and messages limited because the limit table had no slot for the key."),
+    ("fastgw_accept_errors_total", "counter", "Failed accept() calls on the listeners, by errno."),
+    ("fastgw_connections_max", "gauge", "Client connections held at most (limits.max-connections; 0: no cap)."),
 )
+
+# Always written, so that a dashboard finds the series before the first error.
+ACCEPT_ERRNOS = ("EMFILE", "ENFILE")
 _LATENCY = (("fastgw_handshake_seconds", "handshake", LATENCY_BUCKETS, 1e6),
             ("fastgw_upstream_connect_seconds", "upstream_connect", LATENCY_BUCKETS, 1e6),
             ("fastgw_connection_duration_seconds", "duration", DURATION_BUCKETS, 1e3))
@@ -275,6 +282,10 @@ async def render_async(metrics: "Metrics") -> str:
     for policy, n in metrics.table_full_counts().items():
         families["fastgw_limit_table_full_total"].append(
             f'fastgw_limit_table_full_total{{policy="{policy}"}} {_num(n)}')
+    for name in sorted(set(ACCEPT_ERRNOS) | set(metrics.accept_errors)):
+        families["fastgw_accept_errors_total"].append(
+            f'fastgw_accept_errors_total{{errno="{_label(name)}"}} {_num(metrics.accept_errors.get(name, 0))}')
+    families["fastgw_connections_max"].append(f"fastgw_connections_max {_num(metrics.max_connections())}")
     text = []
     for name, kind, help_ in _FAMILIES:
         base = name[:-6] if kind == "counter" and name.endswith("_total") else name

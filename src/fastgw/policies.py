@@ -245,7 +245,6 @@ class CompiledApi:
     pre: tuple = ()                # CountLimitRule | RateLimitRule, in assembly order
     request: MessageRules | None = None
     response: MessageRules | None = None
-    max_connections: int = 0       # the gateway's global cap (0: none)
     schemes: frozenset = frozenset(("ws", "wss"))   # what clients may reach it with
 
     def admit(self, zone: LimitZone, req: UpgradeRequest) -> Admission:
@@ -263,9 +262,6 @@ class CompiledApi:
         if self.propagation is not None:
             self.propagation.apply(adm, who)
         try:
-            if self.max_connections:
-                self._acquire(zone, adm, key_hash("cap|global"), self.max_connections,
-                              Refusal(503, "the gateway is at its connection limit", kind="capacity"))
             for rule in self.pre:
                 kind = "c" if isinstance(rule, CountLimitRule) else "r"
                 k = key_hash(_limit_key(f"{kind}{rule.index}", rule.key, self.name, ip, who.client_id))
@@ -307,7 +303,7 @@ class CompiledApi:
         if isinstance(got, Lease):
             adm.leases.append(got)
             return
-        if got == -1:       # count-limit or limits.max-connections: both count here
+        if got == -1:
             raise Refusal(503, TABLE_FULL_REASON, kind="capacity", table_full="count-limit")
         raise refusal
 
@@ -422,7 +418,6 @@ def compile_api(api, config) -> CompiledApi:
         pre=tuple(pre),
         request=compile_flow("request", upgrade.request),
         response=compile_flow("response", upgrade.response),
-        max_connections=config.limits.max_connections,
         schemes=frozenset(api.schemes),
     )
 

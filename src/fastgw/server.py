@@ -18,13 +18,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
+import json
 import logging
+import os
 import re
+import socket
 import ssl
 import time
 from http import HTTPStatus
 
+import msgspec
+
 from fastgw._core import LimitZone, Relay
+from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, ListenError, Spares, connect_accepted,
+                           derived_max_connections, listen, raise_fd_limit)
 from fastgw import config as cfgmod
 from fastgw import events as ev
 from fastgw.identity import AuthError, forwarded_node
@@ -447,6 +455,151 @@ class Handshake(asyncio.Protocol):
             transport.resume_reading()
 
 
+# ---- listeners -----------------------------------------------------------------------
+
+# Most accept() calls per readiness wake-up of one listening socket.
+ACCEPT_BATCH = 64
+# Pause of the listeners after EMFILE/ENFILE: doubled while it repeats, up to the maximum.
+ACCEPT_BACKOFF_MIN = 0.1
+ACCEPT_BACKOFF_MAX = 1.0
+
+
+def _listener_context(index: int, lc) -> ssl.SSLContext | None:
+    """The server TLS context of a listener (read from its files now), or None."""
+    if lc.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ListenError(getattr(exc, "errno", None),
+                          f"listeners[{index}].tls: cannot load {lc.tls.cert} / {lc.tls.key}: {exc}") from None
+    return ctx
+
+
+class Listener:
+    """One configured listener: its listening sockets and the TLS context of new clients.
+
+    Its sockets are accepted either by the gateway's readers (`reading`) or, for a plain
+    listener far from the cap, by uvloop servers made on duplicates of them (`native`):
+    closing one of those closes only its duplicate, and the clients queued stay queued."""
+
+    __slots__ = ("host", "port", "sockets", "ctx", "reading", "native")
+
+    def __init__(self, host: str, port: int, sockets: list[socket.socket], ctx):
+        self.host, self.port = host, port        # as configured (port 0: any)
+        self.sockets = sockets
+        self.ctx = ctx                           # replaced by a reload; None: plain ws
+        self.reading = False
+        self.native: list | None = None          # uvloop Servers, one per socket
+
+    @property
+    def addresses(self) -> list[tuple[str, str, int]]:
+        scheme = "wss" if self.ctx is not None else "ws"
+        return [(scheme, *s.getsockname()[:2]) for s in self.sockets if s.fileno() >= 0]
+
+    def describe(self) -> str:
+        return ", ".join(f"{scheme}://{f'[{h}]' if ':' in h else h}:{p}" for scheme, h, p in self.addresses)
+
+    def close(self) -> None:
+        """Close the sockets (stop accepting first)."""
+        for s in self.sockets:
+            s.close()
+
+    def native_alive(self) -> bool:
+        """False once uvloop has closed a server of ours (it does on a failed accept())."""
+        for server in self.native or ():
+            for s in server.sockets or (None,):
+                if s is None or s.fileno() < 0:
+                    return False
+        return True
+
+
+async def _bind(loop, index: int, lc, backlog: int) -> list[socket.socket]:
+    try:
+        return await listen(loop, lc.host, lc.port, backlog)
+    except OSError as exc:
+        raise ListenError(exc.errno, f"listeners[{index}]: {exc}") from None
+
+
+class HandshakeTable:
+    """The client connections in their handshake (TLS, request head, dial), by peer address.
+
+    A connection counts from its accept() to its hand-over to the relay or its end, whichever
+    comes first: counted by Gateway._accept, then `add` / `discard` by the Handshake protocol
+    (connection_made; hand-over or connection_lost), or `forget` by the accept path when
+    connection_made never came (a failed TLS handshake). Iterating gives the Handshake
+    protocols that have their transport. A connection accepted by a uvloop server counts
+    from its connection_made (`add`), and `added(hs, n)` is called then (n: the connections
+    of its address now). `wake`, when set, is called as a connection stops counting."""
+
+    __slots__ = ("_set", "_ip", "by_ip", "wake", "added")
+
+    def __init__(self):
+        self._set: set = set()
+        self._ip: dict = {}              # every counted connection's Handshake -> peer address
+        self.by_ip: dict[str, int] = {}
+        self.wake = None
+        self.added = None
+
+    @property
+    def counted(self) -> int:
+        return len(self._ip)
+
+    def add(self, hs) -> None:
+        self._set.add(hs)
+        if hs not in self._ip:           # accepted by a uvloop server: it counts from now
+            ip = hs.peer_ip
+            self._ip[hs] = ip
+            n = self.by_ip.get(ip, 0) + 1
+            self.by_ip[ip] = n
+            if self.added is not None:
+                self.added(hs, n)
+
+    def discard(self, hs) -> None:
+        self._set.discard(hs)
+        ip = self._ip.pop(hs, None)
+        if ip is not None:
+            by_ip = self.by_ip
+            n = by_ip[ip] - 1
+            if n:
+                by_ip[ip] = n
+            else:
+                del by_ip[ip]
+            if self.wake is not None:
+                self.wake()
+
+    def forget(self, hs) -> None:
+        if hs not in self._set:
+            self.discard(hs)
+
+    def __iter__(self):
+        return iter(self._set)
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+    def __contains__(self, hs) -> bool:
+        return hs in self._set
+
+
+def _show(value) -> str:
+    return json.dumps(msgspec.to_builtins(value), separators=(", ", ": "))
+
+
+def _unreloadable(old, new) -> str | None:
+    """What a reload from `old` to `new` would change that is read once at start."""
+    fields = (("admin", old.admin, new.admin), ("events", old.events, new.events),
+              ("histogram-log", old.histogram_log, new.histogram_log),
+              ("metrics", old.metrics, new.metrics),
+              ("limits.max-keys", old.limits.max_keys, new.limits.max_keys))
+    changed = [f"{name} ({_show(a)} -> {_show(b)})" for name, a, b in fields if a != b]
+    if not changed:
+        return None
+    return ("cannot change on reload (read once at start; restart the gateway to apply): "
+            + "; ".join(changed))
+
+
 class Gateway:
     """Listeners and live connections of one process."""
 
@@ -461,6 +614,7 @@ class Gateway:
         self.metrics = Metrics(histogram_factory, intervals=config.histogram_log is not None,
                                enabled=config.metrics)
         self.metrics.active = self._active_by_api
+        self.metrics.max_connections = lambda: self.max_connections
         self.events = None                     # an events.EventSink, set by the CLI
         self.log_throttle = Throttle(log)      # lines a request can cause (logs.Throttle)
         for api in self.router.apis:
@@ -475,15 +629,35 @@ class Gateway:
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self.loop = None
-        self.servers = []
-        self.addresses = []          # (scheme, host, port)
-        self.handshakes: set[Handshake] = set()
+        self.listeners: list[Listener] = []
+        self.handshakes = HandshakeTable()
         self.live: dict[int, Connection] = {}
         self.draining = False
+        self.on_exit = None                    # called once a drain asked to exit is over (the CLI)
         self._ids = 0
         self.accepted = 0
         self.refused: dict[int, int] = {}
         self._idle = None
+        self._drain_task = None
+        self._exit_asked = False
+        # Descriptors and accepting (see README, "Descriptors and accepting").
+        self.fd_limit_at_start = self.fd_limit = 0
+        self.max_connections = 0               # effective cap (0: none)
+        self.derived_max_connections = 0
+        self.max_handshakes_per_ip = 0
+        self._open = False                     # listeners open (between start and close)
+        self._mode = "off"                     # accepting: "off", "own" (readers), "native"
+        self._native_ok = False                # uvloop servers allowed (see _desired_mode)
+        self._native_broken = False
+        self._native_timer = None
+        self._slack = 0
+        self._recheck = False                  # _update_accepting on each connection's end
+        self._backing_off = False
+        self._backoff = ACCEPT_BACKOFF_MIN
+        self._burst = 1                        # accept() calls per wake-up (see _on_readable)
+        self._full = 0
+        self.spares = Spares()
+        self._connecting: dict = {}            # connect_accepted_socket coroutine -> Handshake
 
     def next_id(self) -> int:
         self._ids += 1
@@ -513,26 +687,287 @@ class Gateway:
             out[conn.api] = out.get(conn.api, 0) + 1
         return out
 
+    @property
+    def addresses(self) -> list[tuple[str, str, int]]:
+        """(scheme, host, port) of every listening socket, in the order of the configuration."""
+        return [a for listener in self.listeners for a in listener.addresses]
+
+    # ---- start, accepting -------------------------------------------------
+
     async def start(self) -> list[tuple[str, str, int]]:
+        """Raise the descriptor limit, open the listeners and start accepting."""
         self.loop = asyncio.get_running_loop()
         if self._table_timer is None:
             self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
-        for lc in self.config.listeners:
-            ctx = None
-            if lc.tls is not None:
-                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
-            secure = ctx is not None
-            server = await self.loop.create_server(
-                lambda secure=secure: Handshake(self, secure),
-                lc.host, lc.port, ssl=ctx, backlog=self.config.backlog,
-                reuse_address=True, ssl_handshake_timeout=self.handshake_timeout if ctx else None,
-            )
-            self.servers.append(server)
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                self.addresses.append(("wss" if secure else "ws", host, port))
+        self.fd_limit_at_start, self.fd_limit = raise_fd_limit()
+        self.spares.take()
+        listeners = []
+        try:
+            for i, lc in enumerate(self.config.listeners):
+                ctx = _listener_context(i, lc)
+                listeners.append(Listener(lc.host, lc.port,
+                                          await _bind(self.loop, i, lc, self.config.backlog), ctx))
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            self.spares.release()
+            raise
+        self.listeners = listeners
+        self._apply_limits(self.config)
+        self._open = True
+        self._update_accepting()
         return self.addresses
+
+    def _apply_limits(self, config) -> None:
+        sockets = sum(len(listener.sockets) for listener in self.listeners)
+        self.derived_max_connections = derived_max_connections(self.fd_limit, sockets) if self.fd_limit else 0
+        value = config.limits.max_connections
+        self.max_connections = self.derived_max_connections if value == "auto" else int(value)
+        self.max_handshakes_per_ip = int(config.limits.max_handshakes_per_ip)
+        self._slack = int(config.backlog) + 64
+        self._native_ok = (not self._native_broken and 0 < self.max_connections
+                           <= self.derived_max_connections)
+        if value != "auto" and self.derived_max_connections and \
+                (value == 0 or value > self.derived_max_connections):
+            log.warning("limits.max-connections %s: the descriptor limit %d holds about %d "
+                        "connections; past them accept() fails with EMFILE (and is retried)",
+                        value or "0 (no cap)", self.fd_limit, self.derived_max_connections)
+
+    def capacity_note(self) -> str:
+        """One line for the start: the cap and where it comes from."""
+        value = self.config.limits.max_connections
+        raised = (f"; the limit was raised from {self.fd_limit_at_start}"
+                  if self.fd_limit > self.fd_limit_at_start else "")
+        if value == "auto":
+            sockets = sum(len(listener.sockets) for listener in self.listeners)
+            cap = (f"max-connections {self.max_connections} (auto: (descriptor limit {self.fd_limit}"
+                   f" - {RESERVED_FDS + sockets} reserved) / 2 per connection{raised})")
+        elif value == 0:
+            cap = f"max-connections: no cap (descriptor limit {self.fd_limit}{raised})"
+        else:
+            cap = f"max-connections {self.max_connections} (descriptor limit {self.fd_limit}{raised})"
+        per_ip = self.max_handshakes_per_ip or "no cap"
+        return f"{cap}; max-handshakes-per-ip {per_ip}"
+
+    @property
+    def _watching(self) -> bool:
+        return self._mode != "off"
+
+    def _desired_mode(self) -> str:
+        """How new clients are accepted now.
+
+        "off": not at all (closed, backing off, or at the cap: clients wait in the backlog).
+        "native": plain listeners by uvloop servers (its accept path costs less per
+        connection); only while room for more than `_slack` connections is left (twice
+        that to go back to it), since one wake-up of a uvloop server accepts every client
+        queued (up to the backlog), and only with a cap the descriptors can hold.
+        "own": by the gateway's readers, one accept() at a time against the cap."""
+        if not self._open or self._backing_off:
+            return "off"
+        cap = self.max_connections
+        if not cap:
+            return "own"
+        room = cap - len(self.handshakes._ip) - len(self.live)
+        if room <= 0:
+            return "off"
+        if self._native_ok and room > (self._slack if self._mode == "native" else 2 * self._slack):
+            return "native"
+        return "own"
+
+    def _update_accepting(self) -> None:
+        """Accept new clients exactly as `_desired_mode` says."""
+        mode = self._desired_mode()
+        if mode == self._mode:
+            return
+        self._apply_mode(mode)
+        if mode == "off" and self._open and not self._backing_off:
+            self.log_throttle.warning(
+                "at-cap", "at max-connections %d (%d relayed, %d in handshake): new clients wait "
+                "in the listen backlog until a connection ends", self.max_connections,
+                len(self.live), self.handshakes.counted)
+
+    def _apply_mode(self, mode: str) -> None:
+        self._mode = mode
+        for listener in self.listeners:
+            self._set_listener(listener, mode)
+        # Who looks again, and when: at each connection's end while off (room returns) or
+        # while "own" could go back to "native"; at each connection's start while "native".
+        self._recheck = mode == "off" or (mode == "own" and self._native_ok)
+        self.handshakes.wake = self._update_accepting if self._recheck else None
+        self.handshakes.added = self._native_added if mode == "native" else None
+        if mode == "native" and self._native_timer is None:
+            self._native_timer = self.loop.call_later(1.0, self._check_native)
+
+    def _set_listener(self, listener: Listener, mode: str) -> None:
+        native = mode == "native" and listener.ctx is None
+        if native and listener.native is None and not self._start_native(listener):
+            native = False
+        reading = mode != "off" and not native
+        if reading and not listener.reading:
+            for s in listener.sockets:
+                self.loop.add_reader(s.fileno(), self._on_readable, s, int(s.family), listener)
+            listener.reading = True
+        elif not reading and listener.reading:
+            for s in listener.sockets:
+                self.loop.remove_reader(s.fileno())
+            listener.reading = False
+        if not native and listener.native is not None:
+            for server in listener.native:
+                server.close()               # closes its duplicate only
+            listener.native = None
+
+    def _start_native(self, listener: Listener) -> bool:
+        servers = []
+        try:
+            for s in listener.sockets:
+                dup = socket.socket(s.family, s.type, s.proto, os.dup(s.fileno()))
+                # create_server(sock=...) does not wait for anything: one step ends it.
+                coro = self.loop.create_server(lambda: Handshake(self, False), sock=dup,
+                                               backlog=self.config.backlog)
+                try:
+                    coro.send(None)
+                except StopIteration as done:
+                    servers.append(done.value)
+                    done.value.sockets           # cached now: native_alive() reads them
+                else:
+                    coro.close()
+                    dup.close()
+                    raise RuntimeError("loop.create_server(sock=...) did not complete at once")
+        except Exception as exc:
+            for server in servers:
+                server.close()
+            log.warning("accepting by ourselves only: cannot serve a listener with uvloop: %r", exc)
+            self._native_broken = True
+            self._native_ok = False
+            return False
+        listener.native = servers
+        return True
+
+    def _native_added(self, hs: "Handshake", n: int) -> None:
+        """A connection accepted by a uvloop server starts (connection_made)."""
+        per_ip = self.max_handshakes_per_ip
+        if per_ip and n > per_ip:
+            hs.transport.abort()                 # its connection_lost ends its count
+            self._refused_at_accept(hs.peer_ip)
+        if self.max_connections - len(self.handshakes._ip) - len(self.live) <= self._slack:
+            self._update_accepting()
+
+    def _check_native(self) -> None:
+        """Every second while uvloop servers accept: uvloop closes one for good when its
+        accept() fails (after libuv's reserve descriptor reset a client): then accept
+        ourselves, from now on."""
+        self._native_timer = None
+        if self._mode != "native":
+            return
+        if all(listener.native_alive() for listener in self.listeners):
+            self._native_timer = self.loop.call_later(1.0, self._check_native)
+            return
+        log.warning("uvloop closed a listening socket of its own after a failed accept() (out "
+                    "of descriptors?); the gateway accepts by itself from now on")
+        self._native_broken = True
+        self._native_ok = False
+        self._update_accepting()
+
+    def _refused_at_accept(self, ip: str) -> None:
+        self.metrics.count_reject(None, "handshake_limit")
+        self.log_throttle.warning(
+            "per-ip-cap", "closed a new connection from %s at once: %d connections of that "
+            "address in their handshake (limits.max-handshakes-per-ip)", ip,
+            self.max_handshakes_per_ip)
+
+    def _on_readable(self, sock: socket.socket, family: int, listener: Listener) -> None:
+        # Up to `_burst` accept() calls per wake-up: it doubles after 4 wake-ups in a row that
+        # found that many clients and halves when one comes up empty. One client per wake-up
+        # (the usual case) then costs one accept(), without the EAGAIN of a second; readiness
+        # is level-triggered, so a client left in the queue wakes us again.
+        cap = self.max_connections
+        burst = self._burst
+        room = cap - len(self.handshakes._ip) - len(self.live) if cap else burst
+        for _ in range(min(room, burst)):
+            try:
+                fd, addr = sock._accept()        # an int, no socket.socket (accept.AcceptedSocket)
+            except (BlockingIOError, InterruptedError):
+                self._burst = max(1, burst >> 1)
+                self._full = 0
+                break
+            except OSError as exc:
+                if self.accept_error(exc):
+                    return
+                continue
+            self._accept(fd, addr[0], family, listener)
+        else:
+            if room < burst:                     # the cap, not the burst, ended the loop
+                self._update_accepting()
+            else:
+                self._full += 1
+                if self._full >= 4:
+                    self._burst = min(2 * burst, ACCEPT_BATCH)
+                    self._full = 0
+        self._backoff = ACCEPT_BACKOFF_MIN
+
+    def _accept(self, fd: int, ip: str, family: int, listener: Listener) -> None:
+        per_ip = self.max_handshakes_per_ip
+        if per_ip and self.handshakes.by_ip.get(ip, 0) >= per_ip:
+            os.close(fd)
+            self._refused_at_accept(ip)
+            return
+        ctx = listener.ctx
+        hs = Handshake(self, ctx is not None)
+        table = self.handshakes
+        table._ip[hs] = ip                       # it counts from now (see HandshakeTable)
+        table.by_ip[ip] = table.by_ip.get(ip, 0) + 1
+        try:
+            coro = connect_accepted(self.loop, fd, family, lambda: hs, self._connected, hs, ctx,
+                                    self.handshake_timeout if ctx is not None else None)
+        except Exception as exc:
+            log.debug("accepted connection from %s not served: %r", ip, exc)
+            coro = None
+        if coro is None:
+            self._connected(None, hs)
+        else:
+            self._connecting[coro] = hs
+
+    def _connected(self, coro, hs) -> None:
+        """The accepted socket's transport is made (or its TLS handshake failed)."""
+        if coro is not None and self._connecting.pop(coro, None) is None:
+            return                               # close() ended it
+        if hs not in self.handshakes._set:       # no connection_made: it stops counting here
+            self.handshakes.discard(hs)
+
+    def accept_error(self, exc: OSError) -> bool:
+        """A failed accept() on a listener of the process (the admin API's too), counted.
+        Out of descriptors or memory: the spare descriptors are released and the listeners
+        pause (back-off). True then (and the caller stops accepting for now)."""
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        self.metrics.accept_errors[name] += 1
+        if exc.errno not in RESOURCE_ERRNOS:
+            log.debug("accept: %s", exc)         # ECONNABORTED and the like: the client left first
+            return False
+        self.spares.release()
+        if not self._backing_off:
+            delay = self._backoff
+            self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
+            self.log_throttle.warning(
+                "accept-error", "accept: %s (%s; descriptor limit %d, %d client connections "
+                "held): not accepting for %.1f s", exc.strerror, name, self.fd_limit,
+                len(self.live) + self.handshakes.counted, delay)
+            self._backing_off = True
+            self._update_accepting()
+            self.loop.call_later(delay, self._backoff_over)
+        return True
+
+    def _backoff_over(self) -> None:
+        if not self._open:
+            return
+        if not self.spares.take():              # still out of descriptors: wait longer
+            delay = self._backoff
+            self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
+            self.loop.call_later(delay, self._backoff_over)
+            return
+        self._backing_off = False
+        self._update_accepting()
+
+    # ---- live connections -------------------------------------------------
 
     def attach(self, relay, api, head_at: float) -> None:
         """A relay whose client is about to get its 101 joins the live table."""
@@ -550,6 +985,9 @@ class Gateway:
                 id=conn.id, api=conn.api, client=conn.client_key, remote=conn.peer,
                 subprotocol=conn.subprotocol, handshake_ms=handshake_us / 1e3,
                 plan=conn.admission.plan))
+        if self.draining:            # dialled before the drain began: it ends with the others
+            self.loop.call_soon(relay.close, 1001, "gateway shutting down")
+            return
         expires = conn.admission.expires_at
         if api.close_on_expiry and expires is not None:
             conn.expiry_timer = self.loop.call_later(
@@ -621,13 +1059,15 @@ class Gateway:
                     delayed=c.delayed + b.delayed, dropped=c.dropped + b.dropped))
         conn.relay = None
         self.live.pop(conn.id, None)
-        if self.draining and not self.live and self._idle is not None and not self._idle.done():
+        if not self.live and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
+        if self._recheck:
+            self._update_accepting()
 
     # ---- the admin API's view (admin.AdminBackend) ------------------------
 
     def ready(self) -> bool:
-        return bool(self.servers) and not self.draining
+        return self._open and bool(self.listeners) and not self.draining
 
     async def metrics_text(self) -> str:
         """Formatted on the loop one API at a time (see metrics.render_async)."""
@@ -664,7 +1104,8 @@ class Gateway:
         return n
 
     async def reload(self) -> str | None:
-        """Re-read the configuration file; None when applied, else why not."""
+        """Re-read the configuration file and apply it; None when applied, else why not
+        (and nothing was changed)."""
         if self.config_path is None:
             return "no configuration file to reload"
         try:
@@ -674,67 +1115,168 @@ class Gateway:
             return str(exc)
         except (OSError, ValueError) as exc:
             return f"{self.config_path}: {exc}"
-        kept = {a.name for a in router.apis}
+        problem = _unreloadable(self.config, config)
+        if problem is not None:
+            return f"{self.config_path}: {problem}"
+        # Listeners: contexts read and new sockets bound before anything changes.
+        current = {(listener.host, listener.port): listener for listener in self.listeners}
+        plan: list[tuple[Listener, object]] = []
+        opened: list[Listener] = []
+        try:
+            for i, lc in enumerate(config.listeners):
+                ctx = _listener_context(i, lc)
+                old = current.get((lc.host, lc.port))
+                if old is None:
+                    old = Listener(lc.host, lc.port, await _bind(self.loop, i, lc, config.backlog), None)
+                    opened.append(old)
+                plan.append((old, ctx))
+        except OSError as exc:
+            for listener in opened:
+                listener.close()
+            return f"{self.config_path}: {exc}"
+        kept = {id(listener) for listener, _ in plan}
+        removed = [listener for listener in self.listeners if id(listener) not in kept]
+        self._update_accepting_off()     # and on again below, for the new set
+        for listener, ctx in plan:
+            listener.ctx = ctx
+            if listener not in opened and config.backlog != self.config.backlog:
+                for s in listener.sockets:
+                    s.listen(config.backlog)
+        for listener in removed:
+            listener.close()             # live connections accepted there are not touched
+        self.listeners = [listener for listener, _ in plan]
+        names = {a.name for a in router.apis}
         self.config, self.router = config, router
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
-        for name in kept:
+        self._apply_limits(config)
+        for name in names:
             self.metrics.api(name)
         grace = float(config.reload_grace)
         for conn in self.live.values():
-            if conn.api not in kept and conn.relay is not None and conn.removal_timer is None:
+            if conn.api not in names and conn.relay is not None and conn.removal_timer is None:
                 conn.removal_timer = self.loop.call_later(
                     grace, conn.relay.close, 1001, "API removed by reload")
-        log.warning("configuration reloaded from %s", self.config_path)
+        self._update_accepting()
+        changes = [f"+{listener.describe()}" for listener in opened]
+        changes += [f"-{listener.host}:{listener.port}" for listener in removed]
+        log.warning("configuration reloaded from %s%s", self.config_path,
+                    f" (listeners: {', '.join(changes)})" if changes else "")
         return None
 
-    async def drain(self, grace: float) -> None:
-        """Stop accepting (readyz turns false) and close live connections over `grace`."""
-        if self.draining:
-            return
-        self.loop.create_task(self.shutdown(grace))
+    def _update_accepting_off(self) -> None:
+        """Stop accepting on every listener (before the set of listeners changes, or the end)."""
+        self._apply_mode("off")
 
-    def status(self) -> dict:
-        return {
-            "active": len(self.live),
-            "handshakes": len(self.handshakes),
-            "accepted": self.accepted,
-            "refused": {str(k): v for k, v in sorted(self.refused.items())},
-            "draining": self.draining,
-            # Slots given back by a lease's deallocator instead of the end of life: a bug.
-            "lease_leaks": self.zone.lease_leaks,
-        }
+    # ---- drain and shutdown -----------------------------------------------
 
-    async def shutdown(self, drain_time: float) -> None:
-        """Stop accepting, close live connections with 1001, wait up to drain_time."""
-        self.draining = True
-        for server in self.servers:
-            server.close()
-        if self._table_timer is not None:
-            self._table_timer.cancel()
-            line = self.table_warnings.check(float("inf"))     # what the last interval held
-            if line is not None:
-                log.warning("%s", line)
+    async def drain(self, grace: float, exit: bool = False) -> None:
+        """Start draining and return: `/readyz` turns false, new upgrades get 503, live
+        connections get 1001 and are cut after `grace`. The listeners stay open (answering
+        503); with `exit`, once the drain is over the process is asked to exit (`on_exit`),
+        or, without one, the listeners are closed."""
+        task = self._start_drain(grace)
+        if exit and not self._exit_asked:
+            self._exit_asked = True
+            task.add_done_callback(self._drained_exit)
+
+    def _start_drain(self, grace: float):
+        if self._drain_task is None:
+            self.draining = True
+            self._drain_task = self.loop.create_task(self._drain(grace))
+        return self._drain_task
+
+    def _drained_exit(self, _task) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
+        else:
+            self.loop.create_task(self.close())
+
+    async def _drain(self, grace: float) -> None:
+        log.info("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
+                 len(self.live), grace)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))
         for conn in list(self.live.values()):
             if conn.relay is not None:
                 conn.relay.close(1001, "gateway shutting down")
-        if self.live:
+        if not await self._wait_live_gone(grace):
+            log.warning("drain time over: cutting %d connections", len(self.live))
+            self._cut()
+        log.info("drained")
+
+    async def _wait_live_gone(self, timeout: float) -> bool:
+        if not self.live:
+            return True
+        if self._idle is None or self._idle.done():
             self._idle = self.loop.create_future()
-            try:
-                await asyncio.wait_for(self._idle, drain_time)
-            except TimeoutError:
-                log.warning("drain time over: cutting %d connections", len(self.live))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _cut(self) -> None:
         for conn in list(self.live.values()):
             relay = conn.relay
             if relay is not None:
                 for leg in (relay.client, relay.backend):
                     if leg.connected:
                         leg.abort_transport()
-        for server in self.servers:
-            try:
-                await asyncio.wait_for(server.wait_closed(), 1.0)
-            except (TimeoutError, Exception):
-                pass
+
+    def status(self) -> dict:
+        return {
+            "active": len(self.live),
+            "handshakes": self.handshakes.counted,
+            "accepted": self.accepted,
+            "refused": {str(k): v for k, v in sorted(self.refused.items())},
+            "draining": self.draining,
+            "accepting": self._watching,
+            "max_connections": self.max_connections,
+            "fd_limit": self.fd_limit,
+            # Slots given back by a lease's deallocator instead of the end of life: a bug.
+            "lease_leaks": self.zone.lease_leaks,
+        }
+
+    async def shutdown(self, drain_time: float) -> None:
+        """Drain (or go on with a drain already begun, cut after `drain_time` at most),
+        then close the listeners."""
+        if self.loop is None:
+            return
+        task = self._start_drain(drain_time)
+        done, _ = await asyncio.wait({task}, timeout=drain_time)
+        if not done:
+            log.warning("drain time over: cutting %d connections", len(self.live))
+            self._cut()
+            await asyncio.wait({task}, timeout=1.0)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the listeners; handshakes still open get 503, connections still live are cut
+        (after up to 1 s for those closing)."""
+        if not self._open:
+            return
+        self._open = False
+        self._update_accepting_off()
+        self.handshakes.wake = None
+        if self._native_timer is not None:
+            self._native_timer.cancel()
+            self._native_timer = None
+        if self._table_timer is not None:
+            self._table_timer.cancel()
+            self._table_timer = None
+            line = self.table_warnings.check(float("inf"))     # what the last interval held
+            if line is not None:
+                log.warning("%s", line)
+        for listener in self.listeners:
+            listener.close()
+        for coro, hs in list(self._connecting.items()):
+            del self._connecting[coro]
+            coro.close()                 # closes its transport (a TLS handshake under way)
+            self.handshakes.forget(hs)
+        for hs in list(self.handshakes):
+            hs.refuse(Refusal(503, "gateway is shutting down"))
+        if not await self._wait_live_gone(1.0):
+            self._cut()
+        self.spares.release()

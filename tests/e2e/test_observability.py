@@ -299,7 +299,6 @@ async def test_every_refusal_reason_is_counted(gateway_factory, echo_backend, ad
     target = f"ws://127.0.0.1:{echo_backend}/"
     gw = await gateway_factory(f"""\
 listeners: [{{host: 127.0.0.1, port: 0}}]
-limits: {{max-connections: 2}}
 clients: [{{id: alice, key: alice-key, apis: [keyed]}}, {{id: bob, key: bob-key, apis: [slow]}}]
 apis:
   - name: keyed
@@ -334,12 +333,14 @@ apis:
     held = await websockets.connect(gw.url("/counted"))
     assert await refused("/counted") == 429                                            # count_limit
     first = await websockets.connect(gw.url("/rated"))
-    assert await refused("/keyed", additional_headers={"X-API-Key": "alice-key"}) == 503  # capacity (2 live)
     await first.close()
     await gw.wait_idle(0.5)
     assert await refused("/rated") == 429                                              # rate_limit
     assert await refused("/slow") == 504                                               # upstream_timeout
     await held.close()
+    await gw.wait_idle()
+    await gw.gw.drain(1.0)
+    assert await refused("/keyed", additional_headers={"X-API-Key": "alice-key"}) == 503  # capacity (draining)
     await gw.wait_idle()
     m = await get_metrics(admin)
     expected = {("keyed", "unauthorized"): 1, ("keyed", "forbidden"): 1, ("counted", "count_limit"): 1,
@@ -401,5 +402,8 @@ async def test_drain_turns_readiness_off_and_closes_with_1001(gateway_factory, e
         assert (ws.close_code, ws.close_reason) == (1001, "gateway shutting down")
         async with http.get(f"{admin.url}/readyz") as r:
             assert r.status == 503
-    with pytest.raises(OSError):
+    # The listener stays open while draining: a new upgrade is answered 503, not refused by TCP.
+    with pytest.raises(InvalidStatus) as info:
         await websockets.connect(gw.url("/"), open_timeout=2)
+    assert info.value.response.status_code == 503
+    assert info.value.response.headers["Connection"] == "close"

@@ -44,6 +44,7 @@ class FakeBackend:
         self.reload_error: str | None = None
         self.reloads = 0
         self.drains: list[float] = []
+        self.exits: list[bool] = []
 
     def ready(self) -> bool:
         return self.is_ready
@@ -81,8 +82,9 @@ class FakeBackend:
         self.reloads += 1
         return self.reload_error
 
-    async def drain(self, grace: float) -> None:
+    async def drain(self, grace: float, exit: bool = False) -> None:
         self.drains.append(grace)
+        self.exits.append(exit)
 
 
 @pytest.fixture
@@ -331,12 +333,22 @@ async def test_reload_failure(client, backend):
 async def test_drain_default_and_given_grace(client, backend):
     async with client.post("/drain") as resp:
         assert resp.status == 202
-        assert await json_of(resp) == {"draining": True}
+        assert await json_of(resp) == {"draining": True, "exit": False}
     async with client.post("/drain", params={"grace": "2.5"}) as resp:
         assert resp.status == 202
-    async with client.post("/drain", params={"grace": "0"}) as resp:
+    async with client.post("/drain", params={"grace": "0", "exit": "true"}) as resp:
         assert resp.status == 202
+        assert await json_of(resp) == {"draining": True, "exit": True}
     assert backend.drains == [10.0, 2.5, 0.0]
+    assert backend.exits == [False, False, True]
+
+
+@pytest.mark.parametrize("exit_", ["maybe", "", "2"])
+async def test_drain_bad_exit(client, backend, exit_):
+    async with client.post("/drain", params={"exit": exit_}) as resp:
+        assert resp.status == 400
+        assert "exit" in (await json_of(resp))["error"]
+    assert backend.drains == []
 
 
 @pytest.mark.parametrize("grace", ["soon", "-1", "nan", "inf", ""])

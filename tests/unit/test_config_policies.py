@@ -501,7 +501,7 @@ def test_helpers_on_config(confdir: Path) -> None:
         ipaddress.ip_network("::1/128"),
     )
     defaults = loads(MINIMAL_YAML + UPGRADE, "yaml")
-    assert defaults.limits == Limits(max_keys=65536, max_connections=0)
+    assert defaults.limits == Limits(max_keys=65536, max_connections="auto", max_handshakes_per_ip=128)
     assert defaults.plans == [] and defaults.clients == [] and defaults.trusted_proxies == []
     assert defaults.all_clients() == ()
 
@@ -1204,10 +1204,22 @@ def test_trusted_proxies_bad_values() -> None:
         ("{max-keys: 15}", "Expected `int` >= 16 - at `$.limits.max-keys`"),
         ("{max-connections: -1}", "Expected `int` >= 0 - at `$.limits.max-connections`"),
         ("{max-conns: 1}", "Object contains unknown field `max-conns` - at `$.limits`"),
+        ("{max-handshakes-per-ip: -1}", "Expected `int` >= 0 - at `$.limits.max-handshakes-per-ip`"),
     ],
 )
 def test_bad_limits(limits: str, message: str) -> None:
     assert str(error_of(MINIMAL_YAML + UPGRADE + f"limits: {limits}\n")) == f"gw.yaml:8: {message}"
+
+
+def test_max_connections_is_auto_or_a_number() -> None:
+    def limits(text: str):
+        return loads(MINIMAL_YAML + UPGRADE + f"limits: {text}\n", "yaml").limits
+
+    assert limits("{}").max_connections == "auto"
+    assert limits("{max-connections: auto}").max_connections == "auto"
+    assert limits("{max-connections: 5000, max-handshakes-per-ip: 0}") == Limits(
+        max_connections=5000, max_handshakes_per_ip=0)
+    assert "$.limits.max-connections" in str(error_of(MINIMAL_YAML + UPGRADE + "limits: {max-connections: many}\n"))
 
 
 # ---------------------------------------------------------------------------------------------
