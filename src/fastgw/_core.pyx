@@ -1221,12 +1221,23 @@ cdef class Relay:
             self._close_timer = None
         on_end = self._on_end
         self._on_end = None
-        if on_end is not None:
-            on_end(self)
+        try:
+            if on_end is not None:
+                on_end(self)
+        finally:
+            # Break the reference cycles (leg <-> relay, leg <-> leg, leg <-> transport):
+            # an ended connection is then freed by reference counting at once, not by the
+            # garbage collector later (whose full passes over many connections stall the loop).
+            for leg in (self.client, self.backend):
+                (<Leg>leg).relay = None
+                (<Leg>leg).peer = None
+                (<Leg>leg).transport = None
 
     def close(self, int client_code=CLOSE_GOING_AWAY, reason="", int backend_code=CLOSE_GOING_AWAY):
         """Gateway-initiated close: `client_code` to the client, 1001 to the backend."""
         cdef bytes r = reason.encode() if isinstance(reason, str) else reason
+        if self.ended:
+            return
         self._mark_end(END_GATEWAY, client_code, r, len(r))
         self.client.send_gateway_close(client_code, r)
         self.backend.send_gateway_close(backend_code, r)
@@ -1239,6 +1250,8 @@ cdef class Relay:
         cdef bytes r = reason.encode() if isinstance(reason, str) else reason
         cdef Leg dead = self.client if client_side else self.backend
         cdef Leg other = dead.peer
+        if self.ended or other is None:
+            return
         if client_side:
             self._mark_end(END_GATEWAY, 1006, r, len(r))
             other.send_gateway_close(CLOSE_GOING_AWAY, r)
