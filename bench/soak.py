@@ -770,6 +770,8 @@ def summarize(a: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, 
     good = [r for r in results if r]
     s: dict[str, Any] = {key: _sum_key(good, key) for key in COUNTS}
     s["clients_reported"] = f"{len(good)} of {len(results)}"
+    s["client_cpu_s"] = round(sum(r.get("cpu_s", 0) for r in good), 2)
+    s["client_wall_s"] = max((r.get("wall_s", 0) for r in good), default=0)
     h = HdrHistogram(*HIST_ARGS)
     for r in good:
         if r.get("hist"):
@@ -827,6 +829,10 @@ def _mib(kib: int | None) -> str:
     return f"{kib / 1024:.1f} MiB" if kib else "?"
 
 
+def _pct(part: float | None, whole: float) -> str:
+    return f"{part / whole * 100:.0f}%" if part is not None and whole else "?"
+
+
 def _dur(seconds: float) -> str:
     if seconds >= 60 and abs(seconds / 60 - round(seconds / 60)) < 1e-9:
         return f"{round(seconds / 60)} min"
@@ -867,7 +873,11 @@ def markdown(result: dict[str, Any]) -> str:
          if lat.get("count") else "?"),
         ("table empty at the end", f"{'yes' if s.get('table_empty') else 'no'} "
                                    f"({s.get('table_detail', '')})"),
-        ("gateway CPU", f"{m.get('gateway_cpu_s', '?')} s"),
+        ("CPU time during the run", f"gateway {m.get('gateway_cpu_s', '?')} s "
+                                    f"({_pct(m.get('gateway_cpu_s'), m['duration'])} of a core); "
+                                    f"clients "
+                                    f"{s['client_cpu_s']} s in {s['client_wall_s']} s "
+                                    f"(opening and closing included)"),
     ]
     out = [f"# fastgw soak run, {m['started']}", "",
            f"`{m['command']}`", "", "| | |", "|---|---|"]
@@ -1113,6 +1123,8 @@ def main(argv: list[str] | None = None) -> int:
     if meta.get("error"):
         summary["failed"].insert(0, f"error: {meta['error']}")
     result = {"meta": meta, "summary": summary, "samples": rows,
+              "clients": [{k: v for k, v in (c.result or {}).items() if k != "hist"}
+                          for c in clients],
               "client_errors": [e for c in clients if c.result for e in c.result["errors"]]
               + meta.get("client_errors", [])}
     out = Path(a.out)
