@@ -14,8 +14,9 @@ What one run does:
    to the second (``--no-pin`` to disable), as ``bench/run.py`` does;
 3. starts ``--clients`` client processes (picows on uvloop, one event loop each) that open the
    connections, then, for ``--duration``: every connection sends one numbered, checksummed
-   message every ``--interval`` (phases spread evenly), and every second ``--churn`` of the
-   connections (a share) closes with 1000 and is replaced by a new one;
+   message every ``--interval`` (phases spread evenly), and ``--churn`` of the connections (a
+   share) per second, spread evenly over the second, close with 1000 and are replaced by new
+   ones;
 4. every ``--sample-interval`` reads the gateway's RSS (``VmRSS`` of /proc/PID/status), its
    live connections (``fastgw_connections_active`` from the admin API's /metrics) and the
    clients' round-trip histogram of that interval (HDR, µs);
@@ -371,13 +372,17 @@ def _client_classes() -> tuple[type, type]:
                     c.send()
 
         def churn(self, count: int) -> None:
-            idle = [i for i, c in enumerate(self.lanes)
-                    if c is not None and c.ready and not c.outstanding]
-            for i in self.rng.sample(idle, min(count, len(idle))):
-                c = self.lanes[i]
-                assert c is not None
-                c.ready = False
-                self._spawn(self.churn_one(i, c))
+            """Close and replace ``count`` connections picked at random among those with no
+            message in flight (a few tries each: at a low rate nearly all are idle)."""
+            lanes, rng = self.lanes, self.rng
+            for _ in range(count):
+                for _ in range(20):
+                    i = rng.randrange(self.n)
+                    c = lanes[i]
+                    if c is not None and c.ready and not c.outstanding:
+                        c.ready = False
+                        self._spawn(self.churn_one(i, c))
+                        break
 
         def sample(self, k: int, t: float) -> dict[str, Any]:
             h = self.hist
@@ -405,8 +410,8 @@ def _client_classes() -> tuple[type, type]:
             sample_times = [(k, k * a.sample_interval) for k in range(1, n_samples + 1)]
             if not sample_times or sample_times[-1][1] < a.duration - 1e-6:
                 sample_times.append((len(sample_times) + 1, a.duration))
+            churn_per_tick = a.churn * self.n * tick_s  # spread evenly, not a burst a second
             churn_owed = 0.0
-            next_churn = 1.0
             done_ticks = 0
             await asyncio.sleep(max(0.0, t0 - loop.time()))
             while True:
@@ -420,19 +425,17 @@ def _client_classes() -> tuple[type, type]:
                         self.lag_max_ns = lag
                     self.tick(done_ticks)
                     done_ticks += 1
-                while next_churn <= el and next_churn < a.duration:
-                    churn_owed += a.churn * self.n
-                    k = int(churn_owed)
-                    churn_owed -= k
-                    if k:
+                    churn_owed += churn_per_tick
+                    if churn_owed >= 1.0:
+                        k = int(churn_owed)
+                        churn_owed -= k
                         self.churn(k)
-                    next_churn += 1.0
                 while sample_times and sample_times[0][1] <= el + 1e-9:
                     k, st = sample_times.pop(0)
                     emit(self.sample(k, st))
                 if now >= end and not sample_times:
                     break
-                wake = min(t0 + done_ticks * tick_s, t0 + next_churn,
+                wake = min(t0 + done_ticks * tick_s,
                            t0 + (sample_times[0][1] if sample_times else a.duration))
                 await asyncio.sleep(max(0.0, wake - loop.time()))
 
