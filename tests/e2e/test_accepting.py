@@ -17,10 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 import websockets
-from websockets.exceptions import InvalidStatus
 
 from conftest import GatewayProcess, gateway_yaml
-from test_observability import get_metrics, samples, value
+from test_observability import samples, value
 
 
 class AdminGatewayProcess(GatewayProcess):

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import websockets
@@ -212,7 +211,7 @@ async def test_demo_sigterm_with_a_client_connected():
     port, backend_port = free_ports(2)
     proc = start_demo("--port", str(port), "--backend-port", str(backend_port), "--drain-time", "5")
     try:
-        m, _ = await wait_for_line(proc, rf"\(pid (\d+)\)")
+        m, _ = await wait_for_line(proc, r"\(pid (\d+)\)")
         backend_pid = int(m.group(1))
         await wait_for_line(proc, r"try +.* client ")
         async with websockets.connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10) as ws:

@@ -6,7 +6,6 @@ gateway's memory stays bounded and comes back after the burst (issue 9, defect 1
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import socket
 import struct

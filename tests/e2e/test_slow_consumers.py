@@ -9,11 +9,9 @@ import asyncio
 import socket
 import subprocess
 import sys
-import time
 
 import websockets
 
-from conftest import gateway_yaml
 from test_load import client_handshake
 
 N = 1000
