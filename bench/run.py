@@ -114,8 +114,11 @@ class Started:
         self.lines: list[str] = []
         self.port_q: queue.Queue[int] = queue.Queue()
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            [str(SRC)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
+        if any((SRC / "fastgw").glob("_core*.so")):
+            # A checkout with the core built in place (pip install -e): run its sources.
+            # Otherwise (pip install .) the installed package is the one with a core.
+            full_env["PYTHONPATH"] = os.pathsep.join(
+                [str(SRC)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         full_env.update(env or {})
         self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")

@@ -6,7 +6,7 @@ another type or a fuzzed one, a key added or removed, a list item repeated),
 written in one of the three formats. Only `ConfigError` may escape, with a
 one-line message of bounded length.
 
-    python tests/fuzz/fuzz_config.py [libFuzzer args]     (or tests/fuzz/run.py config)
+    python tests/fuzz/fuzz_config.py [libFuzzer args]     (or tests/fuzz/run_fuzz.py config)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Invariants:
 - after both legs are gone, `on_end` ran exactly once (and not before), and
   neither leg keeps a buffer.
 
-    python tests/fuzz/fuzz_frames.py [libFuzzer args]     (or tests/fuzz/run.py frames)
+    python tests/fuzz/fuzz_frames.py [libFuzzer args]     (or tests/fuzz/run_fuzz.py frames)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ then through what the upgrade does next with a routed request (the backend's
 headers and URL). Only `Refusal` may escape, with a documented status, a
 one-line reason and headers that can be written in an HTTP answer.
 
-    python tests/fuzz/fuzz_head.py [libFuzzer args]      (or tests/fuzz/run.py head)
+    python tests/fuzz/fuzz_head.py [libFuzzer args]      (or tests/fuzz/run_fuzz.py head)
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Only `AuthError` may escape (401/403, a short one-line reason without the
 credential, headers fit for an HTTP answer); an accepted credential is one
 that was really issued (the right key, the signed text unchanged).
 
-    python tests/fuzz/fuzz_identity.py [libFuzzer args]   (or tests/fuzz/run.py identity)
+    python tests/fuzz/fuzz_identity.py [libFuzzer args]   (or tests/fuzz/run_fuzz.py identity)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 The head seeds are request heads; the config seeds are texts followed by the
 mode byte the target reads last (atheris' FuzzedDataProvider takes integers
 from the end of the input). The frames and identity targets read structured
-scripts: their corpus comes from fuzzing runs (run.py --update-corpus).
+scripts: their corpus comes from fuzzing runs (run_fuzz.py --update-corpus).
 """
 
 from __future__ import annotations

@@ -46,5 +46,5 @@ def test_corpus_replays(target):
 def test_corpus_is_small():
     for name in TARGETS:
         files = [p for p in (fuzzlib.CORPUS / name).iterdir() if p.is_file()]
-        assert len(files) <= 500, f"{name}: {len(files)} files: minimise it (run.py --update-corpus)"
+        assert len(files) <= 500, f"{name}: {len(files)} files: minimise it (run_fuzz.py --update-corpus)"
         assert sum(p.stat().st_size for p in files) <= 1 << 20, f"{name}: over 1 MiB"

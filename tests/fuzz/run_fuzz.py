@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the fuzz targets one after the other and summarise; exit 1 on any finding.
 
-    tests/fuzz/run.py [--seconds 30] [--runs N] [--update-corpus] [target ...]
+    tests/fuzz/run_fuzz.py [--seconds 30] [--runs N] [--update-corpus] [target ...]
 
 Each target runs as `python tests/fuzz/fuzz_<target>.py` under libFuzzer,
 starting from its corpus in tests/fuzz/corpus/<target>/ (left unchanged: new
