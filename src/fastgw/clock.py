@@ -1,0 +1,105 @@
+"""The gateway's one source of time: what it is now, and timers.
+
+Everything that reads time or sets a timer (the core's delay queue and close
+timer, idle and lifetime limits, JWT expiry, the handshake timeout, the limit
+buckets' ``now``) goes through one ``Clock`` that the gateway is given, so a
+test can replace it with a ``SimClock`` and move time by hand instead of
+sleeping.
+
+``now()`` is CLOCK_MONOTONIC in seconds (``time.monotonic``), the clock the
+core reads in C when it is given the real ``Clock``; timers are the event
+loop's. A ``SimClock`` starts at a fixed time and only moves in ``advance``,
+which runs the timers that fall due, in time order, each at its own time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from typing import Any, Callable
+
+
+class Clock:
+    """Real time: ``time.monotonic`` and the event loop's timers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self._loop = loop
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        """Seconds since the epoch (for JWT ``exp``/``nbf``, which are wall-clock times)."""
+        return time.time()
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any):
+        """Run ``callback(*args)`` after ``delay`` seconds; returns a handle with ``cancel()``."""
+        return self.loop.call_later(delay, callback, *args)
+
+
+class SimTimer:
+    """A SimClock timer: ``cancel()`` as an asyncio handle has it."""
+
+    __slots__ = ("when", "callback", "args", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple):
+        self.when, self.callback, self.args, self.cancelled = when, callback, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def when_due(self) -> float:
+        return self.when
+
+
+class SimClock(Clock):
+    """Simulated time for tests: nothing moves until ``advance``."""
+
+    def __init__(self, start: float = 1000.0, wall_start: float = 1_800_000_000.0):
+        super().__init__(None)
+        self.t = float(start)
+        self._wall_offset = float(wall_start) - self.t
+        self._timers: list[tuple[float, int, SimTimer]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return self.t + self._wall_offset
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> SimTimer:
+        timer = SimTimer(self.t + max(0.0, float(delay)), callback, args)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    def pending(self) -> int:
+        """Timers set and neither run nor cancelled."""
+        return sum(1 for _, _, t in self._timers if not t.cancelled)
+
+    def advance(self, seconds: float) -> int:
+        """Move time forward, running each timer that falls due at its own time.
+
+        Returns how many timers ran. Timers that a callback sets inside the
+        window run in the same call when they fall due.
+        """
+        end = self.t + float(seconds)
+        ran = 0
+        while self._timers and self._timers[0][0] <= end:
+            when, _, timer = heapq.heappop(self._timers)
+            if timer.cancelled:
+                continue
+            self.t = max(self.t, when)
+            timer.cancelled = True
+            timer.callback(*timer.args)
+            ran += 1
+        self.t = end
+        return ran
