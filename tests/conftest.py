@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from fastgw import config as cfgmod  # noqa: E402
 from fastgw.echo import serve as echo_serve, server_port
-from fastgw.server import Gateway
+from fastgw.gateway import Gateway
 
 
 def pytest_asyncio_loop_factories(config, item):

@@ -26,7 +26,7 @@ def cmd_check(args) -> int:
     from fastgw.config import ConfigError
     try:
         config = _load(args.config)
-        from fastgw.policies import compile_config
+        from fastgw.routing import compile_config
         compile_config(config)      # builds TLS contexts: catches unreadable keys too
     except ConfigError as exc:
         print(f"fastgw: {exc}", file=sys.stderr)
@@ -45,7 +45,7 @@ async def _serve(config, drain_time: float | None, config_path: str | None, stop
     called once listening; ``listen_error(exc)`` formats the message when a listener cannot
     be opened. ``drain_time`` None: the file's (as last reloaded)."""
     from fastgw.admin import start_admin
-    from fastgw.server import Gateway
+    from fastgw.gateway import Gateway
     from fastgw.events import EventSink
     gw = Gateway(config, config_path)
     loop = asyncio.get_running_loop()

@@ -69,6 +69,8 @@ from typing import Literal, TypeAlias
 
 import msgspec
 
+from fastgw.verdicts import REJECT_REASONS
+
 __all__ = [
     "REJECT_REASONS",
     "CloseEvent",
@@ -83,23 +85,9 @@ __all__ = [
 
 # --------------------------------------------------------------------------- the schema
 
-RejectReason: TypeAlias = Literal[
-    "bad_request",       # malformed request, wrong method, not an upgrade, bad version (400, 405, 426, 431)
-    "not_found",         # no API at the path or Host (404)
-    "unauthorized",      # missing or invalid credentials (401)
-    "forbidden",         # a valid client without access, an Origin not allowed, scopes (403)
-    "count_limit",       # over a count-limit (429)
-    "rate_limit",        # over a rate-limit on upgrade attempts (429)
-    "capacity",          # the gateway at its connection cap, a limit table full, draining (503)
-    "upstream_error",    # backend unreachable or refused, bad certificate, bad subprotocol (502)
-    "upstream_timeout",  # backend did not answer in time (504)
-    "timeout",           # request head not complete within the handshake timeout (408)
-    "internal",          # a bug in the gateway (500)
-]
-"""Why an upgrade was refused: the ``reason`` field of a :class:`RejectEvent`."""
-
-REJECT_REASONS: tuple[str, ...] = RejectReason.__args__
-"""All values of :data:`RejectReason`, in the order above."""
+RejectReason: TypeAlias = Literal[REJECT_REASONS]  # type: ignore[valid-type]
+"""Why an upgrade was refused: the ``reason`` field of a :class:`RejectEvent` (the kinds
+declared in :data:`fastgw.verdicts.KINDS`, in that order)."""
 
 CloseSide: TypeAlias = Literal["client", "backend", "gateway"]
 """Who ended a connection: the ``side`` field of a :class:`CloseEvent`."""

@@ -42,6 +42,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from jwt.algorithms import get_default_algorithms
 
+from fastgw.verdicts import Refusal
+
 __all__ = [
     "REALM",
     "SUPPORTED_ALGORITHMS",
@@ -82,7 +84,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # --------------------------------------------------------------------------------------
 
 
-class AuthError(Exception):
+class AuthError(Refusal):
     """The request may not be upgraded: answer with an HTTP error, never a 101.
 
     ``status`` is 401 (we do not know who you are) or 403 (we know, and the
@@ -102,14 +104,7 @@ class AuthError(Exception):
     ) -> None:
         if status not in (401, 403):
             raise ValueError(f"AuthError status must be 401 or 403, not {status}")
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers: list[tuple[str, str]] = list(headers)
-        self.kind: str = kind or ("unauthorized" if status == 401 else "forbidden")
-
-    def __repr__(self) -> str:
-        return f"AuthError({self.status}, {self.reason!r}, kind={self.kind!r})"
+        super().__init__(status, reason, list(headers), kind=kind)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections import Counter
 
 from fastgw._core import FlowStats
+from fastgw.verdicts import REJECT_REASONS
 
-REJECT_REASONS = ("bad_request", "not_found", "unauthorized", "forbidden", "count_limit",
-                  "rate_limit", "capacity", "upstream_error", "upstream_timeout")
 # The `policy` label of fastgw_limit_table_full_total.
 TABLE_FULL_POLICIES = ("count-limit", "rate-limit", "message-rate-limit")
 
@@ -82,6 +81,7 @@ class Metrics:
         self._factory = (histogram_factory or default_histogram_factory()) if enabled else None
         self._intervals = intervals and enabled
         self.rejected_unrouted: Counter[str] = Counter()   # refusals before an API was known
+        self.rejected_status: Counter[int] = Counter()     # refusals by HTTP status (status line)
         self.table_full: Counter[str] = Counter()          # upgrades refused for want of a slot, by policy
         self.message_table_full = lambda: 0                # messages limited for want of a slot (the zone)
         self.events_dropped = lambda: 0
@@ -95,7 +95,9 @@ class Metrics:
             m = self.apis[name] = ApiMetrics(name, self._factory, self._intervals)
         return m
 
-    def count_reject(self, api: str | None, reason: str) -> None:
+    def count_reject(self, api: str | None, reason: str, status: int | None = None) -> None:
+        if status is not None:
+            self.rejected_status[status] += 1
         if api is None:
             self.rejected_unrouted[reason] += 1
         else:

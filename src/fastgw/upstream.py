@@ -1,4 +1,4 @@
-"""Dialling backends: TLS profiles, timeouts, and errors tagged as upstream's.
+"""Dialling backends: TLS profiles, timeouts, and refusals blamed on the backend.
 
 The dial happens before the client gets its 101: the backend must accept the
 WebSocket upgrade first, and its chosen subprotocol is what the client gets.
@@ -12,18 +12,18 @@ import functools
 import hashlib
 import os
 import ssl
+from typing import NamedTuple
 from urllib.parse import urlsplit
+
+from fastgw.verdicts import Refusal
 
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
-class UpstreamError(Exception):
-    """The backend could not be used: `status` is what the client gets (502 or 504)."""
+class Dialled(NamedTuple):
+    """A backend that answered 101; its leg is handed to the relay."""
 
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+    subprotocol: str | None        # the one it chose, if any
 
 
 def make_ssl_context(profile) -> ssl.SSLContext:
@@ -158,12 +158,13 @@ def _target(url: str) -> tuple[str, int, bool, str]:
     return host, port, secure, f"GET {path} HTTP/1.1\r\n{fixed}"
 
 
-async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str], listener):
+async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str],
+               listener, clock) -> Dialled | Refusal:
     """Open the backend leg and hand it to `listener` (the relay's backend leg).
-    Returns the subprotocol the backend chose (or None).
 
     `upgrade` is the compiled websocket-upgrade policy (timeout, ssl context,
-    server name). Raises UpstreamError(502|504, reason).
+    server name); its timeout runs on `clock` (fastgw.clock). Returns what the
+    backend chose, or the Refusal the client gets (502, 504: the backend's fault).
     """
     host, port, secure, fixed = _target(url)
     key = base64.b64encode(os.urandom(16)).decode("ascii")
@@ -179,43 +180,53 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
     done = loop.create_future()
     transport = None
     handed_over = False
+    task = asyncio.current_task()
+    cancelling = task.cancelling()
+    expired = []
+
+    def expire() -> None:
+        expired.append(True)
+        task.cancel()
+
+    timer = clock.call_later(upgrade.timeout, expire)
     try:
         try:
-            async with asyncio.timeout(upgrade.timeout):
-                transport, proto = await loop.create_connection(
-                    lambda: _Upgrade(request, done), host, port, **kwargs)
-                head = await done
-        except TimeoutError:
-            raise UpstreamError(504, f"backend did not answer within {upgrade.timeout:g}s") from None
+            transport, proto = await loop.create_connection(
+                lambda: _Upgrade(request, done), host, port, **kwargs)
+            head = await done
         except asyncio.CancelledError:
+            if expired and task.uncancel() <= cancelling:    # our time-out, no cancel from outside
+                return Refusal(504, f"backend did not answer within {upgrade.timeout:g}s")
             raise
         except Exception as exc:  # every failure of the dial is the backend's
-            raise UpstreamError(502, _describe(exc, secure)) from None
+            return Refusal(502, _describe(exc, secure))
+        finally:
+            timer.cancel()
         try:
             status, response = _parse_response(head)
         except HandshakeError as exc:
-            raise UpstreamError(502, str(exc)) from None
+            return Refusal(502, str(exc))
         if status != 101:
-            raise UpstreamError(502, f"backend refused the upgrade with HTTP {status}")
+            return Refusal(502, f"backend refused the upgrade with HTTP {status}")
         if ("websocket" not in response.get("upgrade", "").lower()
                 or "upgrade" not in response.get("connection", "").lower()):
-            raise UpstreamError(502, "backend handshake failed: 101 without Upgrade: websocket")
+            return Refusal(502, "backend handshake failed: 101 without Upgrade: websocket")
         if response.get("sec-websocket-accept") != accept_key(key):
-            raise UpstreamError(502, "backend handshake failed: wrong Sec-WebSocket-Accept")
+            return Refusal(502, "backend handshake failed: wrong Sec-WebSocket-Accept")
         chosen = response.get("sec-websocket-protocol")
         if chosen is not None and chosen not in offered:
             transport.write(_close_frame(1001, b"subprotocol not offered"))
-            raise UpstreamError(502, f"backend chose subprotocol {chosen!r}, which the client did not offer")
+            return Refusal(502, f"backend chose subprotocol {chosen!r}, which the client did not offer")
         if response.get("sec-websocket-extensions"):
             transport.write(_close_frame(1001, b"extension not offered"))
-            raise UpstreamError(502, "backend answered with an extension that was not offered")
+            return Refusal(502, "backend answered with an extension that was not offered")
         early = bytes(proto.buf)
         transport.set_protocol(listener)
         listener.connection_made(transport)
         handed_over = True
         listener.feed(early)
         transport.resume_reading()
-        return chosen
+        return Dialled(chosen)
     finally:
         if not handed_over and transport is not None:
             transport.close()

@@ -187,7 +187,7 @@ async def test_reload_refuses_a_new_admin_address_with_the_reason(gateway_with_a
 
 async def test_reload_reads_a_listeners_new_certificate(tmp_path, echo_backend):
     from fastgw import config as cfgmod
-    from fastgw.server import Gateway
+    from fastgw.gateway import Gateway
     old_ca, new_ca = trustme.CA(), trustme.CA()
     pem, key = tmp_path / "gw.pem", tmp_path / "gw.key"
 

@@ -20,9 +20,17 @@ import websockets
 import yaml
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from fastgw.clock import Clock
 from test_observability import admin_for, get_metrics, value  # noqa: F401 (a fixture)
 
 SLOTS = 32                     # max-keys 16: twice the slots are allocated
+
+
+class TwoHoursLater(Clock):
+    """The gateway's clock moved two hours on (the buckets it admits with)."""
+
+    def now(self) -> float:
+        return time.monotonic() + 7200.0
 
 
 def config(target: str, apis: list[dict]) -> str:
@@ -96,7 +104,7 @@ async def test_rate_limit_at_a_full_table_refuses_503_counts_logs_and_evicts_idl
     assert "5 refusals" in line and "rate-limit: 5" in line
     assert "10." not in line                             # no client address in the line
     # Two hours later every bucket is full again (idle): new addresses evict them.
-    gw.gw.clock = lambda: time.monotonic() + 7200.0
+    gw.gw.clock = TwoHoursLater()
     for i in range(SLOTS + 5, SLOTS + 10):
         await echo_once(url, i)
     assert gw.gw.zone.bucket_reuses == 5

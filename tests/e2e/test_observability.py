@@ -145,7 +145,7 @@ async def test_admin_lists_and_closes_connections(gateway_factory, admin_for):
 async def test_reload_changes_limits_for_new_connections_and_refuses_bad_files(
         tmp_path, gateway_factory, echo_backend, admin_for):
     from fastgw import config as cfgmod
-    from fastgw.server import Gateway
+    from fastgw.gateway import Gateway
     path = tmp_path / "gw.yaml"
     base = gateway_yaml(f"ws://127.0.0.1:{echo_backend}/")
     path.write_text(base)
@@ -359,7 +359,7 @@ apis:
 
 async def test_reload_removing_an_api_closes_its_connections_after_the_grace(tmp_path, echo_backend):
     from fastgw import config as cfgmod
-    from fastgw.server import Gateway
+    from fastgw.gateway import Gateway
     path = tmp_path / "gw.yaml"
     keep = gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/keep", name="keep",
                         extra_top="reload-grace: 300ms")

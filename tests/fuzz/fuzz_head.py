@@ -4,8 +4,9 @@ The input is the bytes a client sends before CRLF CRLF, as `Handshake`
 passes them to `parse_head`; a parsed request goes through `check_upgrade`
 with a Router compiled from a configuration with host-bound and any-host APIs,
 then through what the upgrade does next with a routed request (the backend's
-headers and URL). Only `Refusal` may escape, with a documented status, a
-one-line reason and headers that can be written in an HTTP answer.
+headers and URL). Nothing may escape: a refused head is a returned `Refusal`,
+with a documented status, a one-line reason and headers that can be written in
+an HTTP answer.
 
     python tests/fuzz/fuzz_head.py [libFuzzer args]      (or tests/fuzz/run_fuzz.py head)
 """
@@ -50,19 +51,21 @@ apis:
         subprotocols: [chat.v1, chat.v2]
 """
 
-server = policies = router = None
+head = forwarding = router = None
 _ENCODED_SEP = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
 
 def setup() -> None:
-    global server, policies, router
-    from fastgw import config, policies as p, server as s
-    server, policies = s, p
-    router = p.compile_config(config.loads(CONFIG, "yaml", "fuzz-head.yaml"))
+    global head, forwarding, router
+    from fastgw import config, routing
+    from fastgw.http import forwarding as f, head as h
+    head, forwarding = h, f
+    router = routing.compile_config(config.loads(CONFIG, "yaml", "fuzz-head.yaml"))
 
 
 def _check_refusal(refusal) -> None:
+    assert isinstance(refusal, head.Refusal), refusal
     assert refusal.status in STATUSES, (refusal.status, refusal.reason)
     assert isinstance(refusal.reason, str) and refusal.reason, refusal
     assert "\n" not in refusal.reason and "\r" not in refusal.reason, refusal.reason
@@ -70,7 +73,7 @@ def _check_refusal(refusal) -> None:
     for name, value in refusal.headers:
         assert not _BAD_CHARS.search(name) and "\r" not in value and "\n" not in value
     # What Handshake.refuse writes must be encodable.
-    answer = server.http_response(refusal.status, refusal.reason, refusal.headers)
+    answer = head.http_response(refusal.status, refusal.reason, refusal.headers)
     assert answer.startswith(b"HTTP/1.1 %d " % refusal.status)
 
 
@@ -108,29 +111,26 @@ def _check_routed(req, api, rest, offered) -> None:
     # The next steps of the upgrade with a routed request.
     url = api.upgrade.backend_url(rest)
     assert url.startswith("ws://") and not _BAD_CHARS.search(url), url
-    for name, value in server.backend_headers(req, "192.0.2.1", False, offered):
+    for name, value in forwarding.backend_headers(req, "192.0.2.1", False, offered):
         assert name and not _BAD_CHARS.search(name), name
         assert "\r" not in value and "\n" not in value, value
 
 
 def test_one_input(data: bytes) -> None:
     # Handshake hands parse_head what precedes the first CRLF CRLF.
-    head = data.split(b"\r\n\r\n", 1)[0]
-    try:
-        req = server.parse_head(head)
-    except policies.Refusal as refusal:
-        _check_refusal(refusal)
+    req = head.parse_head(data.split(b"\r\n\r\n", 1)[0])
+    if not isinstance(req, head.Request):
+        _check_refusal(req)
         return
     assert req.target.startswith("/") and not _BAD_CHARS.search(req.target)
     for name, value in req.headers:
         assert name == name.lower() and name and ":" not in name
         assert "\r" not in value and "\n" not in value
-    try:
-        api, rest, offered = server.check_upgrade(req, router)
-    except policies.Refusal as refusal:
-        _check_refusal(refusal)
+    routed = head.check_upgrade(req, router)
+    if not isinstance(routed, tuple):
+        _check_refusal(routed)
         return
-    _check_routed(req, api, rest, offered)
+    _check_routed(req, *routed)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ import pytest
 
 from fastgw import config as cfgmod
 from fastgw._core import LimitZone, Relay
-from fastgw.policies import Refusal, UpgradeRequest, compile_config
+from fastgw import admission
+from fastgw.admission import UpgradeRequest
 from fastgw.identity import AuthError
+from fastgw.routing import compile_config
+from fastgw.verdicts import Refusal
 
 YAML = """
 listeners: [{port: 0}]
@@ -72,6 +75,18 @@ apis:
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 
 
+def admit(api, zone, req):
+    """The identify and admit phases, as the handshake runs them; the refusal a phase
+    returns is raised here."""
+    who = admission.identify(api, req)
+    if isinstance(who, Refusal):
+        raise who
+    adm = admission.admit(api, zone, req, who)
+    if isinstance(adm, Refusal):
+        raise adm
+    return adm
+
+
 @pytest.fixture
 def router(monkeypatch):
     monkeypatch.setenv("FASTGW_POLICY_TEST_SECRET", SECRET)
@@ -90,10 +105,10 @@ def request(headers=(), query="", peer="192.0.2.1", now=100.0, wall=None):
 def test_api_key_identity_and_plan(router):
     chat = api_named(router, "chat")
     zone = LimitZone(1024)
-    adm = chat.admit(zone, request([("x-api-key", "alice-key")]))
+    adm = admit(chat, zone, request([("x-api-key", "alice-key")]))
     assert (adm.client_id, adm.plan, adm.client_key) == ("alice", "gold", "alice")
     assert adm.request_max_size == 256 * 1024
-    adm2 = chat.admit(zone, request(query="api_key=bob-key"))
+    adm2 = admit(chat, zone, request(query="api_key=bob-key"))
     assert (adm2.client_id, adm2.plan) == ("bob", "default")
     assert adm2.request_max_size == 64 * 1024
     assert adm2.response_max_size == 1024 * 1024
@@ -109,7 +124,7 @@ def test_api_key_identity_and_plan(router):
 ])
 def test_api_key_refusals(router, headers, query, status):
     with pytest.raises(AuthError) as info:
-        api_named(router, "chat").admit(LimitZone(64), request(headers, query))
+        admit(api_named(router, "chat"), LimitZone(64), request(headers, query))
     assert info.value.status == status
     if status == 401:
         assert any(k.lower() == "www-authenticate" for k, _ in info.value.headers)
@@ -119,7 +134,7 @@ def test_origin_refused(router):
     req = request([("x-api-key", "alice-key")])
     req.headers[1] = ("origin", "https://evil.example.com")
     with pytest.raises(AuthError) as info:
-        api_named(router, "chat").admit(LimitZone(64), req)
+        admit(api_named(router, "chat"), LimitZone(64), req)
     assert info.value.status == 403
 
 
@@ -127,19 +142,19 @@ def test_count_limit_per_client_and_plan(router):
     chat = api_named(router, "chat")
     zone = LimitZone(1024)
     # Distinct peers so that the attempt limit (per client-ip) stays out of the way.
-    bobs = [chat.admit(zone, request([("x-api-key", "bob-key")], peer=f"192.0.2.{i}")) for i in range(2)]
+    bobs = [admit(chat, zone, request([("x-api-key", "bob-key")], peer=f"192.0.2.{i}")) for i in range(2)]
     with pytest.raises(Refusal) as info:
-        chat.admit(zone, request([("x-api-key", "bob-key")], peer="192.0.2.9"))
+        admit(chat, zone, request([("x-api-key", "bob-key")], peer="192.0.2.9"))
     assert info.value.status == 429 and info.value.kind == "count_limit"
     assert ("Retry-After", "1") in info.value.headers
-    alices = [chat.admit(zone, request([("x-api-key", "alice-key")], peer=f"198.51.100.{i}")) for i in range(3)]
+    alices = [admit(chat, zone, request([("x-api-key", "alice-key")], peer=f"198.51.100.{i}")) for i in range(3)]
     with pytest.raises(Refusal):
-        chat.admit(zone, request([("x-api-key", "alice-key")], peer="198.51.100.9"))
+        admit(chat, zone, request([("x-api-key", "alice-key")], peer="198.51.100.9"))
     bobs[0].release()
     bobs[0].release()                     # a second release changes nothing
-    again = chat.admit(zone, request([("x-api-key", "bob-key")], peer="192.0.2.20"))
+    again = admit(chat, zone, request([("x-api-key", "bob-key")], peer="192.0.2.20"))
     with pytest.raises(Refusal):
-        chat.admit(zone, request([("x-api-key", "bob-key")], peer="192.0.2.21"))
+        admit(chat, zone, request([("x-api-key", "bob-key")], peer="192.0.2.21"))
     for adm in [bobs[1], again, *alices]:
         adm.release()
     assert zone.counts_used() == 0
@@ -149,15 +164,15 @@ def test_rate_limit_admits_burst_then_429_with_retry_after(router):
     chat = api_named(router, "chat")
     zone = LimitZone(1024)
     for i in range(4):                    # burst 4
-        chat.admit(zone, request([("x-api-key", "bob-key")], now=100.0)).release()
+        admit(chat, zone, request([("x-api-key", "bob-key")], now=100.0)).release()
     with pytest.raises(Refusal) as info:
-        chat.admit(zone, request([("x-api-key", "bob-key")], now=100.0))
+        admit(chat, zone, request([("x-api-key", "bob-key")], now=100.0))
     assert info.value.status == 429 and info.value.kind == "rate_limit"
     assert ("Retry-After", "10") in info.value.headers          # 1/10s: the next token in 10 s
     with pytest.raises(Refusal) as info:
-        chat.admit(zone, request([("x-api-key", "bob-key")], now=106.0))
+        admit(chat, zone, request([("x-api-key", "bob-key")], now=106.0))
     assert ("Retry-After", "4") in info.value.headers
-    chat.admit(zone, request([("x-api-key", "bob-key")], now=110.0)).release()
+    admit(chat, zone, request([("x-api-key", "bob-key")], now=110.0)).release()
     # A refused attempt held no connection slot.
     assert zone.counts_used() == 0
 
@@ -165,10 +180,10 @@ def test_rate_limit_admits_burst_then_429_with_retry_after(router):
 def test_trusted_proxy_address_is_the_client(router):
     chat = api_named(router, "chat")
     zone = LimitZone(1024)
-    adm = chat.admit(zone, request([("x-api-key", "bob-key"), ("x-forwarded-for", "203.0.113.7, 10.1.1.1")],
+    adm = admit(chat, zone, request([("x-api-key", "bob-key"), ("x-forwarded-for", "203.0.113.7, 10.1.1.1")],
                                    peer="10.0.0.2"))
     assert adm.client_ip == "203.0.113.7"
-    untrusted = chat.admit(zone, request([("x-api-key", "bob-key"), ("x-forwarded-for", "203.0.113.7")],
+    untrusted = admit(chat, zone, request([("x-api-key", "bob-key"), ("x-forwarded-for", "203.0.113.7")],
                                          peer="192.0.2.50"))
     assert untrusted.client_ip == "192.0.2.50"
     adm.release()
@@ -185,12 +200,12 @@ def relay_for(adm, zone):
 def test_message_reject_after_burst_per_plan(router):
     chat = api_named(router, "chat")
     zone = LimitZone(1024)
-    bob = chat.admit(zone, request([("x-api-key", "bob-key")]))
+    bob = admit(chat, zone, request([("x-api-key", "bob-key")]))
     relay = relay_for(bob, zone)
     decisions = [relay.client.decide(1, True, 10, 1000.0)[0] for _ in range(3)]
     assert decisions == ["pass", "pass", "reject"]                # burst 2 (default plan)
     assert relay.client.rejected == 1 and relay.client.rule_limited() == [1]
-    alice = chat.admit(zone, request([("x-api-key", "alice-key")], peer="192.0.2.2"))
+    alice = admit(chat, zone, request([("x-api-key", "alice-key")], peer="192.0.2.2"))
     relay = relay_for(alice, zone)
     assert [relay.client.decide(1, True, 10, 1000.0)[0] for _ in range(21)] == ["pass"] * 20 + ["reject"]
     # Tokens come back with time: 10/s for gold.
@@ -209,7 +224,7 @@ def test_message_reject_after_burst_per_plan(router):
 def test_fragmented_message_counted_once(router):
     chat = api_named(router, "chat")
     zone = LimitZone(1024)
-    bob = chat.admit(zone, request([("x-api-key", "bob-key")]))
+    bob = admit(chat, zone, request([("x-api-key", "bob-key")]))
     relay = relay_for(bob, zone)
     # Two fragmented messages of three frames each fit a burst of 2 messages.
     seq = [(1, False), (0, False), (0, True), (2, False), (0, False), (0, True)]
@@ -221,7 +236,7 @@ def test_fragmented_message_counted_once(router):
 def test_response_bytes_delay_waits_for_tokens(router):
     chat = api_named(router, "chat")
     zone = LimitZone(1024)
-    bob = chat.admit(zone, request([("x-api-key", "bob-key")]))
+    bob = admit(chat, zone, request([("x-api-key", "bob-key")]))
     relay = relay_for(bob, zone)
     backend = relay.backend                  # the response flow: 1000 B/s, burst 2000
     assert backend.decide(2, True, 1500, 10.0) == ("pass", 0.0)
@@ -242,16 +257,16 @@ def test_jwt_identity_plan_and_expiry(router):
     now = time.time()
     token = jwt.encode({"sub": "dave", "plan": "gold", "iss": "https://issuer.example", "exp": now + 60},
                        SECRET, algorithm="HS256")
-    adm = other.admit(zone, request([("authorization", f"Bearer {token}")], wall=now))
+    adm = admit(other, zone, request([("authorization", f"Bearer {token}")], wall=now))
     assert (adm.client_id, adm.plan) == ("dave", "gold")
     assert adm.expires_at == pytest.approx(now + 60)
     expired = jwt.encode({"sub": "dave", "iss": "https://issuer.example", "exp": now - 5}, SECRET, algorithm="HS256")
     with pytest.raises(AuthError) as info:
-        other.admit(zone, request([("authorization", f"Bearer {expired}")], wall=now))
+        admit(other, zone, request([("authorization", f"Bearer {expired}")], wall=now))
     assert info.value.status == 401
     wrong_iss = jwt.encode({"sub": "dave", "iss": "https://evil", "exp": now + 60}, SECRET, algorithm="HS256")
     with pytest.raises(AuthError):
-        other.admit(zone, request([("authorization", f"Bearer {wrong_iss}")], wall=now))
+        admit(other, zone, request([("authorization", f"Bearer {wrong_iss}")], wall=now))
 
 
 def test_client_scope_drop_shared_across_connections(router):
@@ -261,7 +276,7 @@ def test_client_scope_drop_shared_across_connections(router):
     token = jwt.encode({"sub": "erin", "iss": "https://issuer.example", "exp": now + 60}, SECRET, algorithm="HS256")
     relays = []
     for _ in range(3):
-        adm = other.admit(zone, request([("authorization", f"Bearer {token}")], wall=now))
+        adm = admit(other, zone, request([("authorization", f"Bearer {token}")], wall=now))
         relays.append(relay_for(adm, zone))
     # Burst 2 for the client as a whole: the third message, on any connection, is dropped.
     assert relays[0].client.decide(1, True, 5, 7.0)[0] == "pass"
@@ -273,7 +288,7 @@ def test_client_scope_drop_shared_across_connections(router):
     assert relays[2].client.dropped == 1 and relays[0].client.dropped == 1
     # Another client has its own budget.
     token2 = jwt.encode({"sub": "frank", "iss": "https://issuer.example", "exp": now + 60}, SECRET, algorithm="HS256")
-    adm = other.admit(zone, request([("authorization", f"Bearer {token2}")], wall=now))
+    adm = admit(other, zone, request([("authorization", f"Bearer {token2}")], wall=now))
     assert relay_for(adm, zone).client.decide(1, True, 5, 7.0)[0] == "pass"
 
 
@@ -292,14 +307,14 @@ def test_rate_limit_at_a_full_table_refuses_503(router):
     full_buckets(zone, 100.0)
     for _ in range(3):             # every attempt refused and counted; none admitted
         with pytest.raises(Refusal) as info:
-            chat.admit(zone, request([("x-api-key", "bob-key")], now=100.0))
+            admit(chat, zone, request([("x-api-key", "bob-key")], now=100.0))
         r = info.value
         assert (r.status, r.kind, r.table_full) == (503, "capacity", "rate-limit")
         assert r.reason == "the gateway's limit table is full"
     assert zone.overflows == 3
     assert zone.counts_used() == 0            # the count-limit slot taken first was given back
     # Once the other keys' buckets are full again (t = 1100), the oldest idle one is evicted.
-    chat.admit(zone, request([("x-api-key", "bob-key")], now=1100.0)).release()
+    admit(chat, zone, request([("x-api-key", "bob-key")], now=1100.0)).release()
     assert zone.bucket_reuses == 1 and zone.overflows == 3
 
 
@@ -311,13 +326,13 @@ def test_count_limit_at_a_full_table_refuses_503(router):
         for k in range(1, 17):                 # every count slot held by another key
             assert zone.acquire_py(10_000 + k, 5) == 1
         with pytest.raises(Refusal) as info:
-            api.admit(zone, request([("x-api-key", "bob-key")]))
+            admit(api, zone, request([("x-api-key", "bob-key")]))
         r = info.value
         assert (r.status, r.kind, r.table_full) == (503, "capacity", "count-limit")
         assert r.reason == "the gateway's limit table is full"
         assert zone.count_overflows == 1 and zone.counts_used() == 16
         zone.release_py(10_001)                # a key at count 0: its slot is taken over
-        api.admit(zone, request([("x-api-key", "bob-key")])).release()
+        admit(api, zone, request([("x-api-key", "bob-key")])).release()
         assert zone.count_reuses == 1
 
 

@@ -11,8 +11,9 @@ import pytest
 from fastgw import config as cfgmod
 from fastgw.identity import ApiKeyAuth, Client, clients_by_key, header_value, remove_query_params
 from fastgw.logs import MAX_FIELD, Throttle, clean, path_only
-from fastgw.policies import compile_config
-from fastgw.server import backend_headers, parse_head
+from fastgw.routing import compile_config
+from fastgw.http.forwarding import backend_headers
+from fastgw.http.head import parse_head
 
 
 # ------------------------------------------------------------------ clean, path_only

@@ -1,0 +1,730 @@
+"""The gateway of one process: its listeners, the live connection table, reload, drain.
+
+Accepting: the listeners' sockets are accepted by readers of ours (one accept() at a
+time against limits.max-connections) or, far from the cap, by uvloop servers (see
+README, "Descriptors and accepting"); each client gets a Handshake (http.handshake),
+whose phases end in `attach` (the live table, the connection's timers) or a refusal.
+The end of life of every connection is `end_of_life`: once, however it ended.
+Reload re-reads the configuration and applies all of it or nothing; drain answers new
+upgrades 503 and closes live connections with 1001, cut when the grace is over. Every
+timer and time read goes through `self.clock` (fastgw.clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import socket
+
+import msgspec
+
+from fastgw import config as cfgmod
+from fastgw import events as ev
+from fastgw._core import LimitZone
+from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
+                           derived_max_connections, raise_fd_limit)
+from fastgw.clock import Clock
+from fastgw.connection import Connection
+from fastgw.http.handshake import Handshake
+from fastgw.listeners import HandshakeTable, Listener, bind, listener_context
+from fastgw.logs import Throttle
+from fastgw.metrics import Metrics, TableFullWarnings
+from fastgw.routing import Router, compile_config
+from fastgw.verdicts import Refusal
+
+log = logging.getLogger("fastgw")
+
+# Most accept() calls per readiness wake-up of one listening socket.
+ACCEPT_BATCH = 64
+# Pause of the listeners after EMFILE/ENFILE: doubled while it repeats, up to the maximum.
+ACCEPT_BACKOFF_MIN = 0.1
+ACCEPT_BACKOFF_MAX = 1.0
+
+
+
+
+def _show(value) -> str:
+    return json.dumps(msgspec.to_builtins(value), separators=(", ", ": "))
+
+
+def _unreloadable(old, new) -> str | None:
+    """What a reload from `old` to `new` would change that is read once at start."""
+    fields = (("admin", old.admin, new.admin), ("events", old.events, new.events),
+              ("histogram-log", old.histogram_log, new.histogram_log),
+              ("metrics", old.metrics, new.metrics),
+              ("limits.max-keys", old.limits.max_keys, new.limits.max_keys))
+    changed = [f"{name} ({_show(a)} -> {_show(b)})" for name, a, b in fields if a != b]
+    if not changed:
+        return None
+    return ("cannot change on reload (read once at start; restart the gateway to apply): "
+            + "; ".join(changed))
+
+
+class Gateway:
+    """Listeners and live connections of one process."""
+
+    # A full limit table is logged at most this often (s), looked at this often (s).
+    TABLE_FULL_LOG_INTERVAL = 10.0
+    TABLE_FULL_CHECK = 1.0
+
+    def __init__(self, config, config_path: str | None = None, clock: Clock | None = None):
+        self.config = config
+        self.config_path = config_path
+        # The one source of time: timers and time reads here, in the handshakes, in
+        # admission and (given to each Relay) in the core. A test may give a SimClock.
+        self.clock = clock if clock is not None else Clock()
+        self.router: Router = compile_config(config)
+        self.metrics = Metrics(intervals=config.histogram_log is not None, enabled=config.metrics)
+        self.metrics.active = self._active_by_api
+        self.metrics.max_connections = lambda: self.max_connections
+        self.events = None                     # an events.EventSink, set by the CLI
+        self.log_throttle = Throttle(log)      # lines a request can cause (logs.Throttle)
+        for api in self.router.apis:
+            self.metrics.api(api.name)
+        # Linear probing with a bounded probe finds no slot for a few keys past
+        # about 60% load: twice the slots keeps max-keys active keys well below it.
+        self.zone = LimitZone(2 * config.limits.max_keys)
+        self.metrics.message_table_full = lambda: self.zone.message_overflows
+        self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
+        self._table_timer = None
+        self.handshake_timeout = float(config.handshake_timeout)
+        self.max_header_size = int(config.max_header_size)
+        self.loop = None
+        self.listeners: list[Listener] = []
+        self.handshakes = HandshakeTable()
+        self.live: dict[int, Connection] = {}
+        self.draining = False
+        self.on_exit = None                    # called once a drain asked to exit is over (the CLI)
+        self._ids = 0
+        self._idle = None
+        self._drain_task = None
+        self._exit_asked = False
+        # Descriptors and accepting (see README, "Descriptors and accepting").
+        self.fd_limit_at_start = self.fd_limit = 0
+        self.max_connections = 0               # effective cap (0: none)
+        self.derived_max_connections = 0
+        self.max_handshakes_per_ip = 0
+        self._open = False                     # listeners open (between start and close)
+        self._mode = "off"                     # accepting: "off", "own" (readers), "native"
+        self._native_ok = False                # uvloop servers allowed (see _desired_mode)
+        self._native_broken = False
+        self._native_timer = None
+        self._slack = 0
+        self._recheck = False                  # _update_accepting on each connection's end
+        self._backing_off = False
+        self._backoff = ACCEPT_BACKOFF_MIN
+        self._burst = 1                        # accept() calls per wake-up (see _on_readable)
+        self._full = 0
+        self.spares = Spares()
+        self._connecting: dict = {}            # connect_accepted_socket coroutine -> Handshake
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    @property
+    def accepted(self) -> int:
+        """Upgrades relayed since the start (fastgw_connections_total of every API)."""
+        return sum(am.accepted for am in self.metrics.apis.values())
+
+    @property
+    def refused(self) -> dict[int, int]:
+        """Upgrades refused since the start, by HTTP status."""
+        return dict(self.metrics.rejected_status)
+
+    def _watch_table(self) -> None:
+        """Log refusals for want of a limit-table slot (upgrades and messages alike)."""
+        line = self.table_warnings.check(self.clock.now())
+        if line is not None:
+            log.warning("%s", line)
+        self._table_timer = self.clock.call_later(self.TABLE_FULL_CHECK, self._watch_table)
+
+    def _active_by_api(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for conn in self.live.values():
+            out[conn.api] = out.get(conn.api, 0) + 1
+        return out
+
+    @property
+    def addresses(self) -> list[tuple[str, str, int]]:
+        """(scheme, host, port) of every listening socket, in the order of the configuration."""
+        return [a for listener in self.listeners for a in listener.addresses]
+
+    # ---- start, accepting -------------------------------------------------
+
+    async def start(self) -> list[tuple[str, str, int]]:
+        """Raise the descriptor limit, open the listeners and start accepting."""
+        self.loop = asyncio.get_running_loop()
+        if self._table_timer is None:
+            self._table_timer = self.clock.call_later(self.TABLE_FULL_CHECK, self._watch_table)
+        self.fd_limit_at_start, self.fd_limit = raise_fd_limit()
+        self.spares.take()
+        listeners = []
+        try:
+            for i, lc in enumerate(self.config.listeners):
+                ctx = listener_context(i, lc)
+                listeners.append(Listener(lc.host, lc.port,
+                                          await bind(self.loop, i, lc, self.config.backlog), ctx))
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            self.spares.release()
+            raise
+        self.listeners = listeners
+        self._apply_limits(self.config)
+        self._open = True
+        self._update_accepting()
+        return self.addresses
+
+    def _apply_limits(self, config) -> None:
+        sockets = sum(len(listener.sockets) for listener in self.listeners)
+        self.derived_max_connections = derived_max_connections(self.fd_limit, sockets) if self.fd_limit else 0
+        value = config.limits.max_connections
+        self.max_connections = self.derived_max_connections if value == "auto" else int(value)
+        self.max_handshakes_per_ip = int(config.limits.max_handshakes_per_ip)
+        self._slack = int(config.backlog) + 64
+        self._native_ok = (not self._native_broken and 0 < self.max_connections
+                           <= self.derived_max_connections)
+        if value != "auto" and self.derived_max_connections and \
+                (value == 0 or value > self.derived_max_connections):
+            log.warning("limits.max-connections %s: the descriptor limit %d holds about %d "
+                        "connections; past them accept() fails with EMFILE (and is retried)",
+                        value or "0 (no cap)", self.fd_limit, self.derived_max_connections)
+
+    def capacity_note(self) -> str:
+        """One line for the start: the cap and where it comes from."""
+        value = self.config.limits.max_connections
+        raised = (f"; the limit was raised from {self.fd_limit_at_start}"
+                  if self.fd_limit > self.fd_limit_at_start else "")
+        if value == "auto":
+            sockets = sum(len(listener.sockets) for listener in self.listeners)
+            cap = (f"max-connections {self.max_connections} (auto: (descriptor limit {self.fd_limit}"
+                   f" - {RESERVED_FDS + sockets} reserved) / 2 per connection{raised})")
+        elif value == 0:
+            cap = f"max-connections: no cap (descriptor limit {self.fd_limit}{raised})"
+        else:
+            cap = f"max-connections {self.max_connections} (descriptor limit {self.fd_limit}{raised})"
+        per_ip = self.max_handshakes_per_ip or "no cap"
+        return f"{cap}; max-handshakes-per-ip {per_ip}"
+
+    @property
+    def _watching(self) -> bool:
+        return self._mode != "off"
+
+    def _desired_mode(self) -> str:
+        """How new clients are accepted now.
+
+        "off": not at all (closed, backing off, or at the cap: clients wait in the backlog).
+        "native": plain listeners by uvloop servers (its accept path costs less per
+        connection); only while room for more than `_slack` connections is left (twice
+        that to go back to it), since one wake-up of a uvloop server accepts every client
+        queued (up to the backlog), and only with a cap the descriptors can hold.
+        "own": by the gateway's readers, one accept() at a time against the cap."""
+        if not self._open or self._backing_off:
+            return "off"
+        cap = self.max_connections
+        if not cap:
+            return "own"
+        room = cap - len(self.handshakes._ip) - len(self.live)
+        if room <= 0:
+            return "off"
+        if self._native_ok and room > (self._slack if self._mode == "native" else 2 * self._slack):
+            return "native"
+        return "own"
+
+    def _update_accepting(self) -> None:
+        """Accept new clients exactly as `_desired_mode` says."""
+        mode = self._desired_mode()
+        if mode == self._mode:
+            return
+        self._apply_mode(mode)
+        if mode == "off" and self._open and not self._backing_off:
+            self.log_throttle.warning(
+                "at-cap", "at max-connections %d (%d relayed, %d in handshake): new clients wait "
+                "in the listen backlog until a connection ends", self.max_connections,
+                len(self.live), self.handshakes.counted)
+
+    def _apply_mode(self, mode: str) -> None:
+        self._mode = mode
+        for listener in self.listeners:
+            self._set_listener(listener, mode)
+        # Who looks again, and when: at each connection's end while off (room returns) or
+        # while "own" could go back to "native"; at each connection's start while "native".
+        self._recheck = mode == "off" or (mode == "own" and self._native_ok)
+        self.handshakes.wake = self._update_accepting if self._recheck else None
+        self.handshakes.added = self._native_added if mode == "native" else None
+        if mode == "native" and self._native_timer is None:
+            self._native_timer = self.clock.call_later(1.0, self._check_native)
+
+    def _set_listener(self, listener: Listener, mode: str) -> None:
+        native = mode == "native" and listener.ctx is None
+        if native and listener.native is None and not self._start_native(listener):
+            native = False
+        reading = mode != "off" and not native
+        if reading and not listener.reading:
+            for s in listener.sockets:
+                self.loop.add_reader(s.fileno(), self._on_readable, s, int(s.family), listener)
+            listener.reading = True
+        elif not reading and listener.reading:
+            for s in listener.sockets:
+                self.loop.remove_reader(s.fileno())
+            listener.reading = False
+        if not native and listener.native is not None:
+            for server in listener.native:
+                server.close()               # closes its duplicate only
+            listener.native = None
+
+    def _start_native(self, listener: Listener) -> bool:
+        servers = []
+        try:
+            for s in listener.sockets:
+                dup = socket.socket(s.family, s.type, s.proto, os.dup(s.fileno()))
+                # create_server(sock=...) does not wait for anything: one step ends it.
+                coro = self.loop.create_server(lambda: Handshake(self, False), sock=dup,
+                                               backlog=self.config.backlog)
+                try:
+                    coro.send(None)
+                except StopIteration as done:
+                    servers.append(done.value)
+                    done.value.sockets           # cached now: native_alive() reads them
+                else:
+                    coro.close()
+                    dup.close()
+                    raise RuntimeError("loop.create_server(sock=...) did not complete at once")
+        except Exception as exc:
+            for server in servers:
+                server.close()
+            log.warning("accepting by ourselves only: cannot serve a listener with uvloop: %r", exc)
+            self._native_broken = True
+            self._native_ok = False
+            return False
+        listener.native = servers
+        return True
+
+    def _native_added(self, hs: "Handshake", n: int) -> None:
+        """A connection accepted by a uvloop server starts (connection_made)."""
+        per_ip = self.max_handshakes_per_ip
+        if per_ip and n > per_ip:
+            hs.transport.abort()                 # its connection_lost ends its count
+            self._refused_at_accept(hs.peer_ip)
+        if self.max_connections - len(self.handshakes._ip) - len(self.live) <= self._slack:
+            self._update_accepting()
+
+    def _check_native(self) -> None:
+        """Every second while uvloop servers accept: uvloop closes one for good when its
+        accept() fails (after libuv's reserve descriptor reset a client): then accept
+        ourselves, from now on."""
+        self._native_timer = None
+        if self._mode != "native":
+            return
+        if all(listener.native_alive() for listener in self.listeners):
+            self._native_timer = self.clock.call_later(1.0, self._check_native)
+            return
+        log.warning("uvloop closed a listening socket of its own after a failed accept() (out "
+                    "of descriptors?); the gateway accepts by itself from now on")
+        self._native_broken = True
+        self._native_ok = False
+        self._update_accepting()
+
+    def _refused_at_accept(self, ip: str) -> None:
+        self.metrics.count_reject(None, "handshake_limit")
+        self.log_throttle.warning(
+            "per-ip-cap", "closed a new connection from %s at once: %d connections of that "
+            "address in their handshake (limits.max-handshakes-per-ip)", ip,
+            self.max_handshakes_per_ip)
+
+    def _on_readable(self, sock: socket.socket, family: int, listener: Listener) -> None:
+        # Up to `_burst` accept() calls per wake-up: it doubles after 4 wake-ups in a row that
+        # found that many clients and halves when one comes up empty. One client per wake-up
+        # (the usual case) then costs one accept(), without the EAGAIN of a second; readiness
+        # is level-triggered, so a client left in the queue wakes us again.
+        cap = self.max_connections
+        burst = self._burst
+        room = cap - len(self.handshakes._ip) - len(self.live) if cap else burst
+        for _ in range(min(room, burst)):
+            try:
+                fd, addr = sock._accept()        # an int, no socket.socket (accept.AcceptedSocket)
+            except (BlockingIOError, InterruptedError):
+                self._burst = max(1, burst >> 1)
+                self._full = 0
+                break
+            except OSError as exc:
+                if self.accept_error(exc):
+                    return
+                continue
+            self._accept(fd, addr[0], family, listener)
+        else:
+            if room < burst:                     # the cap, not the burst, ended the loop
+                self._update_accepting()
+            else:
+                self._full += 1
+                if self._full >= 4:
+                    self._burst = min(2 * burst, ACCEPT_BATCH)
+                    self._full = 0
+        self._backoff = ACCEPT_BACKOFF_MIN
+
+    def _accept(self, fd: int, ip: str, family: int, listener: Listener) -> None:
+        per_ip = self.max_handshakes_per_ip
+        if per_ip and self.handshakes.by_ip.get(ip, 0) >= per_ip:
+            os.close(fd)
+            self._refused_at_accept(ip)
+            return
+        ctx = listener.ctx
+        hs = Handshake(self, ctx is not None)
+        table = self.handshakes
+        table._ip[hs] = ip                       # it counts from now (see HandshakeTable)
+        table.by_ip[ip] = table.by_ip.get(ip, 0) + 1
+        try:
+            coro = connect_accepted(self.loop, fd, family, lambda: hs, self._connected, hs, ctx,
+                                    self.handshake_timeout if ctx is not None else None)
+        except Exception as exc:
+            log.debug("accepted connection from %s not served: %r", ip, exc)
+            coro = None
+        if coro is None:
+            self._connected(None, hs)
+        else:
+            self._connecting[coro] = hs
+
+    def _connected(self, coro, hs) -> None:
+        """The accepted socket's transport is made (or its TLS handshake failed)."""
+        if coro is not None and self._connecting.pop(coro, None) is None:
+            return                               # close() ended it
+        if hs not in self.handshakes._set:       # no connection_made: it stops counting here
+            self.handshakes.discard(hs)
+
+    def accept_error(self, exc: OSError) -> bool:
+        """A failed accept() on a listener of the process (the admin API's too), counted.
+        Out of descriptors or memory: the spare descriptors are released and the listeners
+        pause (back-off). True then (and the caller stops accepting for now)."""
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        self.metrics.accept_errors[name] += 1
+        if exc.errno not in RESOURCE_ERRNOS:
+            log.debug("accept: %s", exc)         # ECONNABORTED and the like: the client left first
+            return False
+        self.spares.release()
+        if not self._backing_off:
+            delay = self._backoff
+            self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
+            self.log_throttle.warning(
+                "accept-error", "accept: %s (%s; descriptor limit %d, %d client connections "
+                "held): not accepting for %.1f s", exc.strerror, name, self.fd_limit,
+                len(self.live) + self.handshakes.counted, delay)
+            self._backing_off = True
+            self._update_accepting()
+            self.clock.call_later(delay, self._backoff_over)
+        return True
+
+    def _backoff_over(self) -> None:
+        if not self._open:
+            return
+        if not self.spares.take():              # still out of descriptors: wait longer
+            delay = self._backoff
+            self._backoff = min(2 * delay, ACCEPT_BACKOFF_MAX)
+            self.clock.call_later(delay, self._backoff_over)
+            return
+        self._backing_off = False
+        self._update_accepting()
+
+    # ---- live connections -------------------------------------------------
+
+    def attach(self, conn: Connection, api) -> None:
+        """A relayed connection whose client is about to get its 101 joins the live table."""
+        relay = conn.relay
+        self.live[conn.id] = conn
+        am = self.metrics.api(api.name)
+        am.accepted += 1
+        handshake_us = (self.clock.now() - conn.head_at) * 1e6
+        am.record("handshake_us", handshake_us)
+        am.record("upstream_connect_us", conn.dial_us)
+        if self.events is not None:
+            self.events.emit(ev.UpgradeEvent(
+                id=conn.id, api=conn.api, client=conn.client_key, remote=conn.peer,
+                subprotocol=conn.subprotocol, handshake_ms=handshake_us / 1e3,
+                plan=conn.admission.plan))
+        if self.draining:            # dialled before the drain began: it ends with the others
+            self.loop.call_soon(relay.close, 1001, "gateway shutting down")
+            return
+        conn.start_timers(self.clock, api)
+
+    # ---- end of life -----------------------------------------------------------
+
+    def relay_gone(self, relay) -> None:
+        """The core's end of a relay (both legs gone, or an aborted relay's backend leg)."""
+        self.end_of_life(relay.info)
+
+    def end_of_life(self, conn: Connection, refusal: Refusal | None = None) -> None:
+        """The last phase of every client connection, whatever ended it: refused (the
+        refusal counted and its event emitted), relayed (its close counted and its event
+        emitted, it leaves the table) or gone during its handshake. Its slots are released.
+        Runs once per connection: a second call is a no-op."""
+        if conn.ended:
+            return
+        conn.ended = True
+        conn.cancel_timers()
+        if conn.admission is not None:
+            conn.admission.release()
+        if refusal is not None:
+            self.metrics.count_reject(refusal.api or conn.api, refusal.kind, refusal.status)
+            if refusal.table_full is not None:
+                self.metrics.table_full[refusal.table_full] += 1
+            if self.events is not None:
+                self.events.emit(ev.RejectEvent(
+                    api=refusal.api or conn.api, reason=refusal.kind, status=refusal.status,
+                    client=refusal.client or conn.client_key, remote=conn.peer,
+                    detail=refusal.reason))
+        relay = conn.relay
+        conn.relay = None
+        if relay is None or self.live.pop(conn.id, None) is None:
+            return
+        am = self.metrics.api(conn.api)
+        code, side = relay.end_code or 1006, relay.end_side or "gateway"
+        am.closes[(code, side)] += 1
+        duration = self.clock.now() - conn.started_mono
+        am.record("duration_ms", duration * 1e3)
+        if self.events is not None:
+            c, b = relay.client, relay.backend
+            self.events.emit(ev.CloseEvent(
+                id=conn.id, api=conn.api, client=conn.client_key, code=code,
+                reason=(relay.end_reason or b"").decode("utf-8", "replace"), side=side,
+                duration_s=duration, messages_in=c.messages, messages_out=b.messages,
+                bytes_in=c.bytes, bytes_out=b.bytes, rejected=c.rejected + b.rejected,
+                delayed=c.delayed + b.delayed, dropped=c.dropped + b.dropped))
+        if not self.live and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        if self._recheck:
+            self._update_accepting()
+
+    # ---- the admin API's view (admin.AdminBackend) ------------------------
+
+    def ready(self) -> bool:
+        return self._open and bool(self.listeners) and not self.draining
+
+    async def metrics_text(self) -> str:
+        """Formatted on the loop one API at a time (see metrics.render_async)."""
+        return await self.metrics.render()
+
+    def histogram_names(self) -> list[str]:
+        return [f"{api}/{kind}" for api, am in sorted(self.metrics.apis.items())
+                for kind, arr in am.histograms().items() if arr is not None]
+
+    def histogram(self, name: str):
+        """A snapshot of a histogram named API/kind_unit (see README, "Histograms")."""
+        api, _, kind = name.rpartition("/")
+        am = self.metrics.apis.get(api)
+        arr = am.histograms().get(kind) if am is not None else None
+        return arr.to_hdr() if arr is not None else None
+
+    def connections(self, api: str | None = None, client: str | None = None) -> list[dict]:
+        return [c.describe() for c in self.live.values()
+                if (api is None or c.api == api) and (client is None or c.client_key == client)]
+
+    def close_connection(self, conn_id: int) -> bool:
+        conn = self.live.get(conn_id)
+        if conn is None or conn.relay is None:
+            return False
+        conn.relay.close(1001, "closed by administrator")
+        return True
+
+    def close_client(self, client: str) -> int:
+        n = 0
+        for conn in list(self.live.values()):
+            if conn.client_key == client and conn.relay is not None:
+                conn.relay.close(1001, "closed by administrator")
+                n += 1
+        return n
+
+    async def reload(self) -> str | None:
+        """Re-read the configuration file and apply it; None when applied, else why not
+        (and nothing was changed)."""
+        if self.config_path is None:
+            return "no configuration file to reload"
+        try:
+            config = cfgmod.load(self.config_path)
+            router = compile_config(config)
+        except cfgmod.ConfigError as exc:
+            return str(exc)
+        except (OSError, ValueError) as exc:
+            return f"{self.config_path}: {exc}"
+        problem = _unreloadable(self.config, config)
+        if problem is not None:
+            return f"{self.config_path}: {problem}"
+        # Listeners: contexts read and new sockets bound before anything changes.
+        current = {(listener.host, listener.port): listener for listener in self.listeners}
+        plan: list[tuple[Listener, object]] = []
+        opened: list[Listener] = []
+        try:
+            for i, lc in enumerate(config.listeners):
+                ctx = listener_context(i, lc)
+                old = current.get((lc.host, lc.port))
+                if old is None:
+                    old = Listener(lc.host, lc.port, await bind(self.loop, i, lc, config.backlog), None)
+                    opened.append(old)
+                plan.append((old, ctx))
+        except OSError as exc:
+            for listener in opened:
+                listener.close()
+            return f"{self.config_path}: {exc}"
+        kept = {id(listener) for listener, _ in plan}
+        removed = [listener for listener in self.listeners if id(listener) not in kept]
+        self._update_accepting_off()     # and on again below, for the new set
+        for listener, ctx in plan:
+            listener.ctx = ctx
+            if listener not in opened and config.backlog != self.config.backlog:
+                for s in listener.sockets:
+                    s.listen(config.backlog)
+        for listener in removed:
+            listener.close()             # live connections accepted there are not touched
+        self.listeners = [listener for listener, _ in plan]
+        names = {a.name for a in router.apis}
+        self.config, self.router = config, router
+        self.handshake_timeout = float(config.handshake_timeout)
+        self.max_header_size = int(config.max_header_size)
+        self._apply_limits(config)
+        for name in names:
+            self.metrics.api(name)
+        grace = float(config.reload_grace)
+        for conn in self.live.values():
+            if conn.api not in names and conn.relay is not None and conn.removal_timer is None:
+                conn.removal_timer = self.clock.call_later(
+                    grace, conn.relay.close, 1001, "API removed by reload")
+        self._update_accepting()
+        changes = [f"+{listener.describe()}" for listener in opened]
+        changes += [f"-{listener.host}:{listener.port}" for listener in removed]
+        log.warning("configuration reloaded from %s%s", self.config_path,
+                    f" (listeners: {', '.join(changes)})" if changes else "")
+        return None
+
+    def _update_accepting_off(self) -> None:
+        """Stop accepting on every listener (before the set of listeners changes, or the end)."""
+        self._apply_mode("off")
+
+    # ---- drain and shutdown -----------------------------------------------
+
+    async def drain(self, grace: float, exit: bool = False) -> None:
+        """Start draining and return: `/readyz` turns false, new upgrades get 503, live
+        connections get 1001 and are cut after `grace`. The listeners stay open (answering
+        503); with `exit`, once the drain is over the process is asked to exit (`on_exit`),
+        or, without one, the listeners are closed."""
+        task = self._start_drain(grace)
+        if exit and not self._exit_asked:
+            self._exit_asked = True
+            task.add_done_callback(self._drained_exit)
+
+    def _start_drain(self, grace: float):
+        if self._drain_task is None:
+            self.draining = True
+            self._drain_task = self.loop.create_task(self._drain(grace))
+        return self._drain_task
+
+    def _drained_exit(self, _task) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
+        else:
+            self.loop.create_task(self.close())
+
+    async def _drain(self, grace: float) -> None:
+        log.info("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
+                 len(self.live), grace)
+        for hs in list(self.handshakes):
+            if hs.state == "head":
+                hs.refuse(Refusal(503, "gateway is shutting down"))
+        for conn in list(self.live.values()):
+            if conn.relay is not None:
+                conn.relay.close(1001, "gateway shutting down")
+        if not await self._wait_live_gone(grace):
+            log.warning("drain time over: cutting %d connections", len(self.live))
+            self._cut()
+        log.info("drained")
+
+    async def _wait_live_gone(self, timeout: float) -> bool:
+        if not self.live:
+            return True
+        if self._idle is None or self._idle.done():
+            self._idle = self.loop.create_future()
+        return await self._within(self._idle, timeout)
+
+    async def _within(self, fut, timeout: float) -> bool:
+        """Wait until `fut` is done, for `timeout` s of the clock at most (`fut` goes on
+        after a time-out); True if it is done."""
+        if fut.done():
+            return True
+        waiter = self.loop.create_future()
+
+        def wake(*_) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        fut.add_done_callback(wake)
+        timer = self.clock.call_later(timeout, wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            fut.remove_done_callback(wake)
+        return fut.done()
+
+    def _cut(self) -> None:
+        for conn in list(self.live.values()):
+            relay = conn.relay
+            if relay is not None:
+                for leg in (relay.client, relay.backend):
+                    if leg.connected:
+                        leg.abort_transport()
+
+    def status(self) -> dict:
+        return {
+            "active": len(self.live),
+            "handshakes": self.handshakes.counted,
+            "accepted": self.accepted,
+            "refused": {str(k): v for k, v in sorted(self.refused.items())},
+            "draining": self.draining,
+            "accepting": self._watching,
+            "max_connections": self.max_connections,
+            "fd_limit": self.fd_limit,
+            # Slots given back by a lease's deallocator instead of the end of life: a bug.
+            "lease_leaks": self.zone.lease_leaks,
+        }
+
+    async def shutdown(self, drain_time: float) -> None:
+        """Drain (or go on with a drain already begun, cut after `drain_time` at most),
+        then close the listeners."""
+        if self.loop is None:
+            return
+        task = self._start_drain(drain_time)
+        if not await self._within(task, drain_time):
+            log.warning("drain time over: cutting %d connections", len(self.live))
+            self._cut()
+            await self._within(task, 1.0)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the listeners; handshakes still open get 503, connections still live are cut
+        (after up to 1 s for those closing)."""
+        if not self._open:
+            return
+        self._open = False
+        self._update_accepting_off()
+        self.handshakes.wake = None
+        if self._native_timer is not None:
+            self._native_timer.cancel()
+            self._native_timer = None
+        if self._table_timer is not None:
+            self._table_timer.cancel()
+            self._table_timer = None
+            line = self.table_warnings.check(float("inf"))     # what the last interval held
+            if line is not None:
+                log.warning("%s", line)
+        for listener in self.listeners:
+            listener.close()
+        for coro, hs in list(self._connecting.items()):
+            del self._connecting[coro]
+            coro.close()                 # closes its transport (a TLS handshake under way)
+            self.handshakes.forget(hs)
+        for hs in list(self.handshakes):
+            hs.refuse(Refusal(503, "gateway is shutting down"))
+        if not await self._wait_live_gone(1.0):
+            self._cut()
+        self.spares.release()

@@ -1,0 +1,13 @@
+"""The HTTP side of the upgrade.
+
+head.py          the request head: parse it and check the upgrade (sans-I/O, no sockets)
+subprotocols.py  the subprotocols offered and the API's allowlist (sans-I/O)
+forwarding.py    the headers sent to the backend (end-to-end headers, X-Forwarded-*, identity)
+handshake.py     the handshake protocol and the phase driver: read head -> route ->
+                 identify -> admit -> dial -> answer, each phase returning a verdict
+"""
+
+import re
+
+# RFC 9110 token characters (a method, a header name, a subprotocol, a Forwarded value).
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

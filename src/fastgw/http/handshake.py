@@ -1,0 +1,254 @@
+"""The handshake protocol and the phases of the upgrade.
+
+One accepted client connection goes through these phases (see README, "One
+connection"), each returning a verdict: None to go on, or the one Refusal the
+client gets as its HTTP answer (never a 101 followed by a close):
+
+1. read head   `Handshake.data_received`: the request head, with a size cap (431) and a
+               time limit (408, the gateway's clock).
+2. route       parse the head and route it, check the upgrade (400, 404, 405, 426), the
+               API's schemes (403) and the drain (503). Sans-I/O (http.head).
+3. identify    Origin and credentials (401, 403; admission.identify).
+4. admit       the client's address, count and rate limits (429, 503; admission.admit),
+               then the relay is made with the message rules of the client's plan.
+5. dial        the backend (upstream.dial) while client bytes keep being buffered
+               (reading pauses past a cap): 502, 504.
+6. answer      the 101 (with the backend's subprotocol); the transport goes to the relay's
+               client leg (the Cython core is its protocol from then on) and the bytes read
+               after the head are fed to it.
+7. relay       the core relays frames until both legs are gone.
+8. end of life `Gateway.end_of_life`: slots released, metrics and the event; it runs
+               exactly once for every connection, refused or relayed (Pingora's logging
+               phase).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastgw._core import Relay
+from fastgw.admission import UpgradeRequest, admit, identify
+from fastgw.clock import Clock
+from fastgw.connection import Connection
+from fastgw.http.forwarding import backend_headers
+from fastgw.http.head import Request, check_upgrade, http_response, parse_head, switching_protocols
+from fastgw.logs import clean, url_without_query
+from fastgw.upstream import accept_key, dial
+from fastgw.verdicts import Refusal
+
+# Client bytes buffered while the backend is dialled; reading pauses past this.
+EARLY_BUFFER = 64 * 1024
+
+
+def _relay_takes_clock() -> bool:
+    """Whether the core's Relay is given the gateway's clock (`clock=`)."""
+    try:
+        Relay(None, None, clock=Clock())
+    except TypeError:
+        return False
+    return True
+
+
+_RELAY_CLOCK = _relay_takes_clock()
+
+
+class Handshake(asyncio.Protocol):
+    """Reads and decides one upgrade, then hands the transport to the relay."""
+
+    def __init__(self, gw, secure: bool):
+        self.gw = gw                 # the gateway.Gateway
+        self.secure = secure
+        self.transport = None
+        self.buf = bytearray()
+        self.state = "head"          # head -> upgrading -> done
+        self.paused = False
+        self.timer = None
+        self.task = None
+        self.peer_ip = ""
+        self.conn: Connection | None = None
+        # What the phases find, for the next ones.
+        self.api = None              # routing.CompiledApi, once routed
+        self.rest = ""               # the target after the API's prefix
+        self.offered: list[str] = []
+        self.request: UpgradeRequest | None = None
+        self.who = None              # identity.Identity, once identified
+
+    # -- asyncio.Protocol: the read-head phase ---------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self.conn = Connection(self.peer_ip)
+        self.gw.handshakes.add(self)
+        self.timer = self.gw.clock.call_later(self.gw.handshake_timeout, self._timed_out)
+
+    def data_received(self, data):
+        self.buf += data
+        if self.state == "head":
+            end = self.buf.find(b"\r\n\r\n")
+            limit = self.gw.max_header_size
+            if end < 0:
+                if len(self.buf) > limit:
+                    self.refuse(Refusal(431, "request header block too large"))
+                return
+            if end > limit:
+                self.refuse(Refusal(431, "request header block too large"))
+                return
+            self.state = "upgrading"
+            self.conn.head_at = self.gw.clock.now()
+            self.task = self.gw.loop.create_task(self._upgrade(end))
+        elif self.state == "upgrading" and not self.paused and len(self.buf) > EARLY_BUFFER:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self._stop_timer()
+        self.gw.handshakes.discard(self)
+        if self.state != "done":
+            self.state = "done"
+            if self.task is not None:
+                self.task.cancel()          # the driver ends it
+            else:
+                self.gw.end_of_life(self.conn)
+
+    def _stop_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self):
+        self.timer = None
+        if self.state == "head":
+            self.refuse(Refusal(408, "handshake timeout"))
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer with the refusal and end the connection (its end of life counts it)."""
+        if self.state == "done":
+            return
+        self.state = "done"
+        self._stop_timer()
+        self.gw.end_of_life(self.conn, refusal)
+        reason = clean(refusal.reason)
+        self.gw.log_throttle.info(("refused", refusal.status, reason), "refused %s: %d %s",
+                                  clean(self.peer_ip), refusal.status, reason)
+        self.transport.write(http_response(refusal.status, refusal.reason, refusal.headers))
+        self.transport.close()
+
+    # -- the phase driver ------------------------------------------------
+    async def _upgrade(self, end: int):
+        conn = self.conn
+        try:
+            try:
+                req = parse_head(bytes(self.buf[:end]))
+                refusal = req if isinstance(req, Refusal) else self._route(req)
+                if refusal is None:
+                    refusal = self._identify(req) or self._admit()
+                if refusal is None:
+                    refusal = await self._dial(req)
+                if refusal is None:
+                    if self.state == "upgrading":
+                        self._answer(req, end)
+                        return
+                    conn.relay.abort()           # refused meanwhile (the gateway's close)
+            except asyncio.CancelledError:
+                if conn.relay is not None and not conn.relay.ended:
+                    conn.relay.abort()
+                raise
+            except Exception as exc:     # never let a bug take the loop down
+                self.gw.log_throttle.log(logging.ERROR, ("internal", type(exc).__name__),
+                                         "internal error during upgrade", exc_info=exc)
+                if self.state == "done":        # already handed over: no HTTP answer possible
+                    self.transport.abort()
+                refusal = Refusal(500, f"internal error: {type(exc).__name__}")
+            if refusal is not None:
+                relay = conn.relay
+                self.refuse(refusal)
+                if relay is not None and not relay.ended:
+                    relay.abort()                # its end of life has run: a no-op then
+        finally:
+            if conn.relay is None:
+                self.gw.end_of_life(conn)       # once: a no-op if it ran already
+
+    def _route(self, req: Request) -> Refusal | None:
+        """The route phase: the upgrade checks, the API's schemes, the drain."""
+        routed = check_upgrade(req, self.gw.router)
+        if isinstance(routed, Refusal):
+            return routed
+        self.api, self.rest, self.offered = routed
+        self.conn.api = self.api.name
+        if ("wss" if self.secure else "ws") not in self.api.schemes:
+            return Refusal(403, f"this API requires {'ws' if self.secure else 'wss'}", kind="forbidden")
+        if self.gw.draining:
+            return Refusal(503, "gateway is shutting down", kind="capacity")
+        return None
+
+    def _identify(self, req: Request) -> Refusal | None:
+        clock = self.gw.clock
+        _, _, query = req.target.partition("?")
+        self.request = UpgradeRequest(req.headers, query, self.peer_ip, clock.now(), clock.wall())
+        who = identify(self.api, self.request)
+        if isinstance(who, Refusal):
+            return who
+        self.who = who
+        return None
+
+    def _admit(self) -> Refusal | None:
+        """The admit phase: the limits, then the relay with the message rules of the plan."""
+        gw, api, conn = self.gw, self.api, self.conn
+        admission = admit(api, gw.zone, self.request, self.who)
+        if isinstance(admission, Refusal):
+            return admission
+        conn.admission = admission
+        up = api.upgrade
+        clock = gw.clock
+        conn.id = gw.next_id()
+        conn.started, conn.started_mono = clock.wall(), clock.now()
+        relay = Relay(gw.loop, gw.relay_gone, conn, max_frame_size=up.max_frame_size,
+                      **({"clock": clock} if _RELAY_CLOCK else {}))
+        stats = gw.metrics.api(api.name)
+        counting = gw.metrics.enabled
+        relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size,
+                                  stats=stats.request if counting else None)
+        relay.backend.set_policies(admission.response_rules, gw.zone, admission.response_max_size,
+                                   stats=stats.response if counting else None)
+        conn.relay = relay
+        return None
+
+    async def _dial(self, req: Request) -> Refusal | None:
+        """The dial phase: the backend's 101 (its leg goes to the relay), or 502/504."""
+        conn, up, clock = self.conn, self.api.upgrade, self.gw.clock
+        start = clock.now()
+        url = up.backend_url(self.rest, conn.admission.strip_query)
+        headers = backend_headers(req, self.peer_ip, self.secure, self.offered, conn.admission)
+        dialled = await dial(up, url, headers, self.offered, conn.relay.backend, clock)
+        if isinstance(dialled, Refusal):
+            reason = clean(dialled.reason)
+            self.gw.log_throttle.warning(("upstream", conn.api, dialled.status, reason),
+                                         "api %s: %s -> %d: %s", conn.api, url_without_query(url),
+                                         dialled.status, reason)
+            return dialled
+        conn.subprotocol = dialled.subprotocol
+        conn.dial_us = (clock.now() - start) * 1e6
+        return None
+
+    def _answer(self, req: Request, end: int) -> None:
+        """The answer phase: the 101, and the transport handed to the relay."""
+        self.state = "done"
+        self._stop_timer()
+        self.gw.handshakes.discard(self)
+        relay = self.conn.relay
+        early = bytes(self.buf[end + 4:])
+        self.buf = bytearray()
+        transport = self.transport
+        transport.write(switching_protocols(accept_key(req.get("sec-websocket-key")),
+                                            self.conn.subprotocol))
+        transport.set_protocol(relay.client)
+        relay.client.connection_made(transport)
+        self.gw.attach(self.conn, self.api)
+        relay.client.feed(early)
+        if self.paused:
+            transport.resume_reading()
