@@ -151,3 +151,62 @@ async def test_handshake_timeout_in_simulated_time(sim_gateway, echo_backend):
     assert gw.gw.refused == {408: 1}
     assert gw.gw.metrics.rejected_unrouted["timeout"] == 1
     writer.close()
+
+
+UPGRADE = (b"GET / HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+async def test_client_liveness_in_simulated_time(sim_gateway):
+    """A client that answers nothing: pinged after the interval, gone after the timeout;
+    the backend gets 1001 "client ping timeout"."""
+    backend_close = asyncio.get_running_loop().create_future()
+
+    async def handler(conn):
+        async for _ in conn:
+            pass
+        backend_close.set_result((conn.close_code, conn.close_reason))
+
+    async with ws_serve(handler, "127.0.0.1", 0, ping_interval=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        gw, clock = await sim_gateway(gateway_yaml(
+            f"ws://127.0.0.1:{port}/",
+            extra_upgrade="ping-interval: {client: 30s}\nping-timeout: {client: 10s}"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(UPGRADE)                # a raw client: it never answers a PING
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        relay = only_relay(gw)
+        clock.advance(30.0)                  # the first look: what it has read so far
+        clock.advance(29.9)
+        assert relay.end_side is None
+        clock.advance(0.2)                   # 30 s of silence since: a PING
+        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+        assert b0 == 0x89 and await reader.readexactly(b1) == b"fastgw liveness"
+        clock.advance(9.8)
+        assert relay.end_side is None
+        clock.advance(0.3)                   # no answer within 10 s: gone
+        assert relay.end_side == "gateway"
+        assert await asyncio.wait_for(backend_close, 5) == (1001, "client ping timeout")
+        assert await asyncio.wait_for(reader.read(), 5) == b""     # cut, no close frame
+        writer.close()
+
+
+async def test_drain_grace_in_simulated_time(sim_gateway, echo_backend):
+    """A drain closes live connections with 1001 and cuts, when its grace is over, those
+    whose client does not answer the close."""
+    gw, clock = await sim_gateway(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(UPGRADE)                    # a raw client: it never answers the CLOSE
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    await gw.gw.drain(60.0)
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+    assert b0 == 0x88 and (await reader.readexactly(b1))[:2] == (1001).to_bytes(2, "big")
+    await asyncio.sleep(0.05)
+    clock.advance(59.0)
+    await asyncio.sleep(0.05)
+    assert len(gw.gw.live) == 1              # the grace is not over
+    clock.advance(1.1)
+    assert await asyncio.wait_for(reader.read(), 5) == b""     # cut
+    await gw.wait_idle()
+    assert not gw.gw.live
+    writer.close()
