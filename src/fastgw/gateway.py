@@ -44,8 +44,6 @@ ACCEPT_BACKOFF_MIN = 0.1
 ACCEPT_BACKOFF_MAX = 1.0
 
 
-
-
 def _show(value) -> str:
     return json.dumps(msgspec.to_builtins(value), separators=(", ", ": "))
 

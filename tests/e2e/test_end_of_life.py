@@ -1,0 +1,82 @@
+"""The end of life runs exactly once for every client connection, however it ends:
+relayed and closed, refused before routing or at the dial, gone before its request head
+was complete, gone while its backend was being dialled."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import websockets
+
+from conftest import gateway_yaml
+from fastgw.gateway import Gateway
+from fastgw.http.handshake import Handshake
+
+UPGRADE = (b"GET /%s HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.fixture
+def ends(monkeypatch):
+    """Every connection's record, and how often its end of life ran (and did its work)."""
+    conns: list = []
+    runs: dict[int, int] = {}
+    made, end_of_life = Handshake.connection_made, Gateway.end_of_life
+
+    def connection_made(self, transport):
+        made(self, transport)
+        conns.append(self.conn)
+
+    def counted(self, conn, refusal=None):
+        if not conn.ended:
+            runs[id(conn)] = runs.get(id(conn), 0) + 1
+        end_of_life(self, conn, refusal)
+
+    monkeypatch.setattr(Handshake, "connection_made", connection_made)
+    monkeypatch.setattr(Gateway, "end_of_life", counted)
+    return conns, runs
+
+
+async def test_every_connection_ends_once(gateway_factory, echo_backend, ends):
+    conns, runs = ends
+    closed_port = socket.socket()
+    closed_port.bind(("127.0.0.1", 0))
+    dead = closed_port.getsockname()[1]
+    closed_port.close()
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    quiet = silent.sockets[0].getsockname()[1]
+    yaml = gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo")
+    for name, port in (("dead", dead), ("quiet", quiet)):
+        yaml += (f"  - name: {name}\n    path: /{name}\n    assembly:\n"
+                 f"      - policy: websocket-upgrade\n        target-url: ws://127.0.0.1:{port}/\n"
+                 f"        timeout: 30s\n")
+    gw = await gateway_factory(yaml)
+
+    async with websockets.connect(gw.url("/echo")) as ws:           # relayed, closed
+        await ws.send("x")
+        assert await ws.recv() == "x"
+
+    async def raw(data: bytes, wait_answer: bool) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(data)
+        answer = await asyncio.wait_for(reader.read(), 10) if wait_answer else b""
+        writer.close()
+        return answer
+
+    assert (await raw(UPGRADE % b"nowhere", True)).startswith(b"HTTP/1.1 404 ")
+    assert (await raw(UPGRADE % b"dead", True)).startswith(b"HTTP/1.1 502 ")
+    await raw(b"", False)                                            # gone at once
+    await raw(b"GET /echo HTTP/1.1\r\nHost:", False)                 # gone mid-head
+    await raw(UPGRADE % b"quiet", False)                             # gone during the dial
+    await gw.wait_idle()
+    for _ in range(100):
+        if len(conns) == 6 and all(c.ended for c in conns):
+            break
+        await asyncio.sleep(0.02)
+    silent.close()
+    assert len(conns) == 6
+    assert [runs.get(id(c), 0) for c in conns] == [1] * 6
+    assert gw.gw.accepted == 1 and gw.gw.refused == {404: 1, 502: 1}
+    assert sum(gw.gw.metrics.api("echo").closes.values()) == 1
