@@ -27,14 +27,16 @@ from fastgw.config import (
     MessageRateLimit,
     MessageSizeLimit,
     PerPlan,
+    PerSide,
     Rate,
     RateLimit,
+    Size,
     WebsocketUpgrade,
     load,
     loads,
 )
 from fastgw.config.schema import policy_tag
-from fastgw.config.values import PerSide, Size, parse_byte_rate, parse_rate
+from fastgw.config.values import parse_byte_rate, parse_rate
 from fastgw.identity import ApiKeyAuth, AuthError, api_key_clients, key_digest, read_secret
 from fastgw.identity import Client as KeyClient
 from fastgw.identity import trusted_networks
@@ -457,7 +459,8 @@ def enc_hook(obj: object) -> object:
     if isinstance(obj, PerPlan):
         return {plan: enc_hook(value) for plan, value in obj.values.items()}
     if isinstance(obj, PerSide):
-        return {side: getattr(obj, side) for side in PerSide.SIDES if getattr(obj, side) is not None}
+        sides = {side: getattr(obj, side) for side in PerSide.SIDES}
+        return {side: value for side, value in sides.items() if value is not None}
     if isinstance(obj, Size):
         return int(obj)
     if isinstance(obj, float):          # Duration

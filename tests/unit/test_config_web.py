@@ -55,7 +55,8 @@ def test_origins_are_stored_in_their_normal_form() -> None:
     config = loads(with_origins("HTTPS://A.example:443", "http://b.example:80", "wss://c:8443",
                                 "ws://[::1]:80", "https://d.example:0444"), "yaml")
     assert config.apis[0].origins == [
-        "https://a.example", "http://b.example", "wss://c:8443", "ws://[::1]", "https://d.example:444",
+        "https://a.example", "http://b.example", "wss://c:8443", "ws://[::1]",
+        "https://d.example:444",
     ]
 
 
@@ -187,7 +188,8 @@ EXPOSED = ["0.0.0.0", "::", "10.0.0.5", "192.168.1.1", "example.com", "localhost
 def admin_yaml(host: str) -> str:
     return (
         "listeners: [{port: 0}]\n"
-        "apis: [{name: a, path: /, assembly: [{policy: websocket-upgrade, target-url: 'ws://h:1/'}]}]\n"
+        "apis: [{name: a, path: /, assembly:"
+        " [{policy: websocket-upgrade, target-url: 'ws://h:1/'}]}]\n"
         f"admin: {{host: '{host}', port: 9901}}\n"
     )
 

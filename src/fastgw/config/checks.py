@@ -43,8 +43,9 @@ __all__ = ["ClientChecker", "check", "check_api_key_clients", "encoded_fields"]
 
 
 def check(config: Config, name: str) -> Config:
-    """Checks spanning several fields. Returns the config with api hosts and origins in lower
-    case and trusted-proxies in canonical form. ``name`` is the configuration's file name."""
+    """Checks spanning several fields. Returns the config with api hosts in lower case, origins
+    in their normal form (``web.normalize_origin``) and trusted-proxies in canonical form.
+    ``name`` is the configuration's file name."""
     _check_settings(config)
     for index, listener in enumerate(config.listeners):
         for other_index, other in enumerate(config.listeners[:index]):
@@ -119,7 +120,7 @@ def check(config: Config, name: str) -> Config:
             raise Invalid(f"Invalid path {api.path!r} ({exc})", (*here, "path")) from None
         if canonical != api.path:
             raise Invalid(f"Invalid path {api.path!r} (requests are routed on their normal"
-                           f" form, write {canonical!r})", (*here, "path"))
+                          f" form, write {canonical!r})", (*here, "path"))
         host = None
         if api.host is not None:
             try:
@@ -128,7 +129,7 @@ def check(config: Config, name: str) -> Config:
                 raise Invalid(f"Invalid host {api.host!r}", (*here, "host")) from None
             if host not in (api.host.lower(), api.host.lower().strip("[]")):
                 raise Invalid(f"Invalid host {api.host!r} (a host name without port or"
-                               f" trailing dot: {host!r})", (*here, "host"))
+                              f" trailing dot: {host!r})", (*here, "host"))
         if not api.schemes:
             raise Invalid("Invalid schemes (at least one of ws, wss)", (*here, "schemes"))
         if len(set(api.schemes)) != len(api.schemes):
