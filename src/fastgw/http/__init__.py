@@ -6,8 +6,3 @@ forwarding.py    the headers sent to the backend (end-to-end headers, X-Forwarde
 handshake.py     the handshake protocol and the phase driver: read head -> route ->
                  identify -> admit -> dial -> answer, each phase returning a verdict
 """
-
-import re
-
-# RFC 9110 token characters (a method, a header name, a subprotocol, a Forwarded value).
-TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

@@ -7,7 +7,7 @@ say who the client is, and admission adds the identity the gateway vouches for.
 
 from __future__ import annotations
 
-from fastgw.http import TOKEN
+from fastgw.config.web import HTTP_TOKEN
 from fastgw.identity import forwarded_node
 
 # Headers never copied to the backend: hop-by-hop (RFC 9110 7.6.1), the
@@ -24,7 +24,7 @@ _NOT_FORWARDED = frozenset({
 
 def _forwarded_value(value: str) -> str:
     """A Forwarded parameter value: a token as it is, else a quoted-string."""
-    if TOKEN.fullmatch(value):
+    if HTTP_TOKEN.fullmatch(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

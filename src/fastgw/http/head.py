@@ -13,9 +13,8 @@ import binascii
 import re
 from http import HTTPStatus
 
-from fastgw.http import TOKEN
+from fastgw.config.web import HTTP_TOKEN, BadTarget, normalize_host, normalize_target
 from fastgw.http.subprotocols import offered_subprotocols
-from fastgw.uri import BadTarget, normalize_host, normalize_target
 from fastgw.verdicts import Refusal
 
 # Headers that a request may carry once at most (400 otherwise), by lower-case name.
@@ -63,7 +62,7 @@ def parse_head(head: bytes) -> Request | Refusal:
     method, target, version = parts
     if not version.startswith("HTTP/1."):
         return Refusal(400, "unsupported HTTP version")
-    if not TOKEN.fullmatch(method):
+    if not HTTP_TOKEN.fullmatch(method):
         return Refusal(400, "malformed method")
     if not target.startswith("/"):
         return Refusal(400, "request target must be an absolute path")
@@ -74,7 +73,7 @@ def parse_head(head: bytes) -> Request | Refusal:
         name, sep, value = line.partition(":")
         if not sep or not name:
             return Refusal(400, "malformed header line")
-        if not TOKEN.fullmatch(name):
+        if not HTTP_TOKEN.fullmatch(name):
             return Refusal(400, "malformed header name")
         value = value.strip(" \t")
         if _BAD_VALUE.search(value):

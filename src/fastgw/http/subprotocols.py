@@ -6,7 +6,7 @@ in the client's order; the client gets the one the backend chose (see upstream.d
 
 from __future__ import annotations
 
-from fastgw.http import TOKEN
+from fastgw.config.web import HTTP_TOKEN
 from fastgw.verdicts import Refusal
 
 
@@ -19,7 +19,7 @@ def offered_subprotocols(values: list[str], allowed: frozenset[str] | None) -> l
             p = p.strip(" \t")
             if not p:
                 continue            # empty list elements are ignored (RFC 9110 5.6.1)
-            if not TOKEN.fullmatch(p):
+            if not HTTP_TOKEN.fullmatch(p):
                 return Refusal(400, "malformed Sec-WebSocket-Protocol")
             offered.append(p)
     if allowed is not None:
