@@ -42,7 +42,9 @@ EARLY_BUFFER = 64 * 1024
 
 
 def _relay_takes_clock() -> bool:
-    """Whether the core's Relay is given the gateway's clock (`clock=`)."""
+    """Whether the core's Relay is `Relay(on_end, info, *, clock=, ...)` (the core reading
+    time through the gateway's clock) rather than `Relay(loop, on_end, info, ...)`.
+    Only until the core with the clock is merged: then Relay is always given the clock."""
     try:
         Relay(None, None, clock=Clock())
     except TypeError:
@@ -51,6 +53,12 @@ def _relay_takes_clock() -> bool:
 
 
 _RELAY_CLOCK = _relay_takes_clock()
+
+
+def _new_relay(gw, conn: Connection, max_frame_size: int):
+    if _RELAY_CLOCK:
+        return Relay(gw.relay_gone, conn, clock=gw.clock, max_frame_size=max_frame_size)
+    return Relay(gw.loop, gw.relay_gone, conn, max_frame_size=max_frame_size)
 
 
 class Handshake(asyncio.Protocol):
@@ -207,8 +215,7 @@ class Handshake(asyncio.Protocol):
         clock = gw.clock
         conn.id = gw.next_id()
         conn.started, conn.started_mono = clock.wall(), clock.now()
-        relay = Relay(gw.loop, gw.relay_gone, conn, max_frame_size=up.max_frame_size,
-                      **({"clock": clock} if _RELAY_CLOCK else {}))
+        relay = _new_relay(gw, conn, up.max_frame_size)
         stats = gw.metrics.api(api.name)
         counting = gw.metrics.enabled
         relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size,
