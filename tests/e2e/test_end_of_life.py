@@ -80,3 +80,42 @@ async def test_every_connection_ends_once(gateway_factory, echo_backend, ends):
     assert [runs.get(id(c), 0) for c in conns] == [1] * 6
     assert gw.gw.accepted == 1 and gw.gw.refused == {404: 1, 502: 1}
     assert sum(gw.gw.metrics.api("echo").closes.values()) == 1
+
+
+async def test_a_backend_that_answers_after_the_gateway_closed_is_closed(gateway_factory, caplog):
+    """The gateway's close refuses (503) a client whose backend is being dialled; the
+    backend's 101 that comes later gets a close, and nothing else happens (no error)."""
+    from fastgw.upstream import accept_key
+
+    requested, answer, backend_got = asyncio.Event(), asyncio.Event(), []
+
+    async def late_backend(reader, writer):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                   if line.lower().startswith("sec-websocket-key:"))
+        requested.set()
+        await answer.wait()
+        writer.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                      f"{accept_key(key)}\r\n\r\n").encode())
+        backend_got.append(await asyncio.wait_for(reader.read(), 5))
+        writer.close()
+
+    server = await asyncio.start_server(late_backend, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{port}/"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(UPGRADE % b"")
+    await asyncio.wait_for(requested.wait(), 5)
+    await gw.gw.close()                                  # the client gets its 503 now
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 503 ")
+    answer.set()                                         # and then the backend says 101
+    for _ in range(100):
+        if backend_got:
+            break
+        await asyncio.sleep(0.02)
+    server.close()
+    assert backend_got and backend_got[0][:1] == b"\x88"          # a CLOSE (masked), then EOF
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert gw.gw.refused == {503: 1} and not gw.gw.live and gw.gw.zone.counts_used() == 0
+    writer.close()

@@ -81,6 +81,7 @@ class Handshake(asyncio.Protocol):
         self.offered: list[str] = []
         self.request: UpgradeRequest | None = None
         self.who = None              # identity.Identity, once identified
+        self.relay = None            # once admitted (the record's own is dropped by its end of life)
 
     # -- asyncio.Protocol: the read-head phase ---------------------------
     def connection_made(self, transport):
@@ -148,7 +149,6 @@ class Handshake(asyncio.Protocol):
 
     # -- the phase driver ------------------------------------------------
     async def _upgrade(self, end: int):
-        conn = self.conn
         try:
             try:
                 req = parse_head(bytes(self.buf[:end]))
@@ -161,10 +161,10 @@ class Handshake(asyncio.Protocol):
                     if self.state == "upgrading":
                         self._answer(req, end)
                         return
-                    conn.relay.abort()           # refused meanwhile (the gateway's close)
+                    self.relay.abort()           # refused meanwhile (the gateway's close)
             except asyncio.CancelledError:
-                if conn.relay is not None and not conn.relay.ended:
-                    conn.relay.abort()
+                if self.relay is not None and not self.relay.ended:
+                    self.relay.abort()
                 raise
             except Exception as exc:     # never let a bug take the loop down
                 self.gw.log_throttle.log(logging.ERROR, ("internal", type(exc).__name__),
@@ -173,13 +173,12 @@ class Handshake(asyncio.Protocol):
                     self.transport.abort()
                 refusal = Refusal(500, f"internal error: {type(exc).__name__}")
             if refusal is not None:
-                relay = conn.relay
                 self.refuse(refusal)
-                if relay is not None and not relay.ended:
-                    relay.abort()                # its end of life has run: a no-op then
+                if self.relay is not None and not self.relay.ended:
+                    self.relay.abort()           # its end of life has run: a no-op then
         finally:
-            if conn.relay is None:
-                self.gw.end_of_life(conn)       # once: a no-op if it ran already
+            if self.relay is None:
+                self.gw.end_of_life(self.conn)  # once: a no-op if it ran already
 
     def _route(self, req: Request) -> Refusal | None:
         """The route phase: the upgrade checks, the API's schemes, the drain."""
@@ -222,7 +221,7 @@ class Handshake(asyncio.Protocol):
                                   stats=stats.request if counting else None)
         relay.backend.set_policies(admission.response_rules, gw.zone, admission.response_max_size,
                                    stats=stats.response if counting else None)
-        conn.relay = relay
+        conn.relay = self.relay = relay
         return None
 
     async def _dial(self, req: Request) -> Refusal | None:
@@ -231,7 +230,7 @@ class Handshake(asyncio.Protocol):
         start = clock.now()
         url = up.backend_url(self.rest, conn.admission.strip_query)
         headers = backend_headers(req, self.peer_ip, self.secure, self.offered, conn.admission)
-        dialled = await dial(up, url, headers, self.offered, conn.relay.backend, clock)
+        dialled = await dial(up, url, headers, self.offered, self.relay.backend, clock)
         if isinstance(dialled, Refusal):
             reason = clean(dialled.reason)
             self.gw.log_throttle.warning(("upstream", conn.api, dialled.status, reason),
@@ -247,7 +246,7 @@ class Handshake(asyncio.Protocol):
         self.state = "done"
         self._stop_timer()
         self.gw.handshakes.discard(self)
-        relay = self.conn.relay
+        relay = self.relay
         early = bytes(self.buf[end + 4:])
         self.buf = bytearray()
         transport = self.transport
