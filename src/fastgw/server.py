@@ -34,10 +34,10 @@ from fastgw._core import LimitZone, Relay
 from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, ListenError, Spares, connect_accepted,
                            derived_max_connections, listen, raise_fd_limit)
 from fastgw import config as cfgmod
-from fastgw import events as ev
+from fastgw.observe import events as ev
 from fastgw.identity import AuthError, forwarded_node
-from fastgw.logs import Throttle, clean, url_without_query
-from fastgw.metrics import Metrics, TableFullWarnings
+from fastgw.observe.logs import Throttle, clean, url_without_query
+from fastgw.observe.metrics import Metrics, TableFullWarnings
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import UpstreamError, accept_key, dial
 from fastgw.uri import BadTarget, normalize_host, normalize_target

@@ -20,7 +20,7 @@ import yaml
 from websockets.exceptions import InvalidStatus
 
 from fastgw import upstream
-from fastgw.admin import start_admin
+from fastgw.observe.admin import start_admin
 
 SECRET = "fastgw-test-secret-of-at-least-32-bytes!"
 ALICE_KEY = "alice-secret-key-123"

@@ -12,7 +12,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import gateway_yaml
-from fastgw.admin import start_admin
+from fastgw.observe.admin import start_admin
 
 
 def samples(text: str) -> dict:
@@ -205,7 +205,7 @@ async def test_reload_changes_limits_for_new_connections_and_refuses_bad_files(
 
 
 async def test_events_one_per_upgrade_close_and_refusal(gateway_factory, echo_backend, tmp_path):
-    from fastgw.events import CloseEvent, EventSink, RejectEvent, UpgradeEvent, decode_event
+    from fastgw.observe.events import CloseEvent, EventSink, RejectEvent, UpgradeEvent, decode_event
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo"))
     log = tmp_path / "events.jsonl"
     gw.gw.events = EventSink(str(log))
@@ -265,7 +265,7 @@ async def test_histograms_export_decodes_with_hdrhistogram(gateway_factory, echo
 async def test_interval_log_reads_back(gateway_factory, echo_backend, tmp_path):
     from hdrh.histogram import HdrHistogram
     from hdrh.log import HistogramLogReader
-    from fastgw.metrics import IntervalLog
+    from fastgw.observe.metrics import IntervalLog
     log_path = tmp_path / "fastgw.hlog"
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo",
                                             extra_top=f"histogram-log: {{path: {log_path}, interval: 1s}}"))

@@ -1,4 +1,4 @@
-"""Safe log lines (fastgw.logs), the query and header helpers behind hide-credentials and
+"""Safe log lines (fastgw.observe.logs), the query and header helpers behind hide-credentials and
 identity propagation, and the configuration keys that turn them on. No sockets; the
 throttle runs on synthetic time."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from fastgw import config as cfgmod
 from fastgw.identity import ApiKeyAuth, Client, clients_by_key, header_value, remove_query_params
-from fastgw.logs import MAX_FIELD, Throttle, clean, path_only
+from fastgw.observe.logs import MAX_FIELD, Throttle, clean, path_only
 from fastgw.policies import compile_config
 from fastgw.server import backend_headers, parse_head
 

@@ -7,7 +7,7 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastgw.metrics import Metrics, TableFullWarnings
+from fastgw.observe.metrics import Metrics, TableFullWarnings
 
 
 def table_full_samples(metrics: Metrics) -> dict:

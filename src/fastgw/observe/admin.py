@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from fastgw.logs import Throttle, clean
+from fastgw.observe.logs import Throttle, clean
 
 from fastgw.accept import Acceptor, listen
 
