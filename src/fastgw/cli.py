@@ -77,7 +77,7 @@ async def _serve(config, drain_time: float | None, config_path: str | None, stop
         ready(addresses)
     interval_log = log_task = None
     if config.histogram_log is not None:
-        from fastgw.observe.metrics import IntervalLog
+        from fastgw.observe.histograms import IntervalLog
         try:
             interval_log = IntervalLog(gw.metrics, config.histogram_log.path,
                                        float(config.histogram_log.interval))

@@ -607,13 +607,11 @@ class Gateway:
     TABLE_FULL_LOG_INTERVAL = 10.0
     TABLE_FULL_CHECK = 1.0
 
-    def __init__(self, config, config_path: str | None = None, histogram_factory=None):
+    def __init__(self, config, config_path: str | None = None):
         self.config = config
         self.config_path = config_path
         self.router: Router = compile_config(config)
-        self.metrics = Metrics(histogram_factory, intervals=config.histogram_log is not None,
-                               enabled=config.metrics)
-        self.metrics.active = self._active_by_api
+        self.metrics = Metrics(intervals=config.histogram_log is not None, enabled=config.metrics)
         self.metrics.max_connections = lambda: self.max_connections
         self.events = None                     # an events.EventSink, set by the CLI
         self.log_throttle = Throttle(log)      # lines a request can cause (logs.Throttle)
@@ -680,12 +678,6 @@ class Gateway:
         if line is not None:
             log.warning("%s", line)
         self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
-
-    def _active_by_api(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for conn in self.live.values():
-            out[conn.api] = out.get(conn.api, 0) + 1
-        return out
 
     @property
     def addresses(self) -> list[tuple[str, str, int]]:
