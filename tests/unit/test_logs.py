@@ -10,12 +10,12 @@ import pytest
 
 from fastgw import config as cfgmod
 from fastgw.identity import ApiKeyAuth, Client, clients_by_key, header_value, remove_query_params
-from fastgw.observe.logs import MAX_FIELD, Throttle, clean, path_only
+from fastgw.observe.logs import MAX_FIELD, Throttle, clean, url_without_query
 from fastgw.policies import compile_config
 from fastgw.server import backend_headers, parse_head
 
 
-# ------------------------------------------------------------------ clean, path_only
+# ------------------------------------------------------------------ clean, url_without_query
 
 def test_clean_escapes_controls_and_bounds_length():
     assert clean("plain /path") == "plain /path"
@@ -29,10 +29,10 @@ def test_clean_escapes_controls_and_bounds_length():
     assert "\n" not in clean("\n" * 1000)
 
 
-def test_path_only_drops_the_query():
-    assert path_only("/z?api_key=alice-secret") == "/z"
-    assert path_only("ws://h:1/a/b?x=1#f") == "ws://h:1/a/b"
-    assert path_only("/" + "a" * 500 + "?k=v").endswith("...(501 chars)")
+def test_url_without_query_drops_the_query():
+    assert url_without_query("/z?api_key=alice-secret") == "/z"
+    assert url_without_query("ws://h:1/a/b?x=1#f") == "ws://h:1/a/b"
+    assert url_without_query("/" + "a" * 500 + "?k=v").endswith("...(501 chars)")
 
 
 # ------------------------------------------------------------------ Throttle

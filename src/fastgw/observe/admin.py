@@ -386,15 +386,8 @@ class AdminServer:
         self.acceptor = acceptor
         # A host name may be bound on several addresses; with port 0 each gets its own
         # port, so the URL names the first socket actually bound.
-        self.addresses: list[tuple[str, int]] = [
-            s.getsockname()[:2] for s in acceptor.sockets
-        ]
-        host, self.port = self.addresses[0]
+        host, self.port = acceptor.sockets[0].getsockname()[:2]
         self.url = f"http://{_url_host(host)}:{self.port}"
-
-    @property
-    def app(self) -> web.Application:
-        return self.runner.app
 
     async def close(self) -> None:
         """Stop listening and close open admin connections (idempotent)."""

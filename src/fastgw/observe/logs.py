@@ -2,8 +2,8 @@
 
 Three rules hold for every log line of the package:
 
-* no query string: a request target or a URL is logged by :func:`path_only` /
-  :func:`url_without_query` (API keys and tokens travel in queries);
+* no query string: a request target or a URL is logged by :func:`url_without_query`
+  (API keys and tokens travel in queries);
 * every value a client or a backend controls goes through :func:`clean`: control
   characters escaped (a line stays one line), at most :data:`MAX_FIELD` characters;
 * a line that one request can cause is written through a :class:`Throttle`: one line per
@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable, Hashable
 
-__all__ = ["MAX_FIELD", "LOG_INTERVAL", "Throttle", "clean", "path_only", "url_without_query"]
+__all__ = ["MAX_FIELD", "LOG_INTERVAL", "Throttle", "clean", "url_without_query"]
 
 #: Characters of one client-controlled value kept in a log line.
 MAX_FIELD = 200
@@ -52,14 +52,9 @@ def clean(value: object, limit: int = MAX_FIELD) -> str:
     return f"{text}...({total} chars)" if cut else text
 
 
-def path_only(target: str) -> str:
-    """A request target without its query (and fragment), bounded by :func:`clean`."""
-    return clean(target.split("?", 1)[0].split("#", 1)[0])
-
-
 def url_without_query(url: str) -> str:
-    """A URL without its query (and fragment), bounded by :func:`clean`."""
-    return path_only(url)
+    """A URL or a request target without its query (and fragment), bounded by :func:`clean`."""
+    return clean(url.split("?", 1)[0].split("#", 1)[0])
 
 
 class Throttle:

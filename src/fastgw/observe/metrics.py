@@ -28,10 +28,10 @@ DURATION_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 43200.0, 864
 
 
 class ApiMetrics:
-    """What is counted for one API (kept across reloads while the API exists)."""
+    """What is counted for one API (kept for the process's life: an API that a reload
+    removes keeps its series, and its connections are counted until they end)."""
 
-    def __init__(self, name: str, histograms: bool = True, intervals: bool = False):
-        self.name = name
+    def __init__(self, histograms: bool = True, intervals: bool = False):
         self.request = FlowStats(histograms, intervals)
         self.response = FlowStats(histograms, intervals)
         self.accepted = 0                                   # counted at attach
@@ -75,6 +75,8 @@ class ApiMetrics:
 
 
 class Metrics:
+    """Every counter of the process: per API, and those not tied to one (see README, "Metrics")."""
+
     def __init__(self, intervals: bool = False, enabled: bool = True):
         self.apis: dict[str, ApiMetrics] = {}
         self.enabled = enabled
@@ -89,7 +91,7 @@ class Metrics:
     def api(self, name: str) -> ApiMetrics:
         m = self.apis.get(name)
         if m is None:
-            m = self.apis[name] = ApiMetrics(name, self.enabled, self._intervals)
+            m = self.apis[name] = ApiMetrics(self.enabled, self._intervals)
         return m
 
     def count_reject(self, api: str | None, reason: str) -> None:
