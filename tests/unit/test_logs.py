@@ -9,6 +9,7 @@ import logging
 import pytest
 
 from fastgw import config as cfgmod
+from fastgw.clock import SimClock
 from fastgw.identity import ApiKeyAuth, Client, clients_by_key, header_value, remove_query_params
 from fastgw.observe.logs import MAX_FIELD, Throttle, clean, url_without_query
 from fastgw.policies import compile_config
@@ -37,17 +38,13 @@ def test_url_without_query_drops_the_query():
 
 # ------------------------------------------------------------------ Throttle
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
+def at(clock: SimClock, t: float) -> None:
+    clock.advance(t - clock.now())
 
 
 @pytest.fixture
 def throttled(caplog):
-    clock = Clock()
+    clock = SimClock(start=0.0)
     logger = logging.getLogger("fastgw.test-throttle")
     caplog.set_level(logging.INFO, logger=logger.name)
     return Throttle(logger, interval=10.0, clock=clock, max_keys=3), clock, caplog
@@ -63,11 +60,12 @@ def test_throttle_one_line_per_key_and_interval(throttled):
     for _ in range(99):
         assert not t.warning("a", "backend %s failed", "x")
     assert t.warning("b", "other")                    # another key is not held back
-    clock.now = 9.99
+    at(clock, 9.99)
     assert not t.warning("a", "backend %s failed", "x")
-    clock.now = 10.0
+    at(clock, 10.0)
+    assert clock.now() == 10.0
     assert t.warning("a", "backend %s failed", "y")
-    clock.now = 25.0
+    at(clock, 25.0)
     assert t.warning("a", "backend %s failed", "z")
     assert lines(caplog) == ["backend x failed", "other", "backend y failed (100 similar suppressed)",
                              "backend z failed"]

@@ -9,10 +9,10 @@ in the HdrHistogram log format (``histogram-log`` in the configuration).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING
 
 from fastgw._core import HdrArray
+from fastgw.clock import Clock
 
 if TYPE_CHECKING:
     from fastgw.observe.metrics import Metrics
@@ -29,14 +29,16 @@ class IntervalLog:
     Every `interval` seconds each histogram's interval twin is copied and reset
     and written as one line `Tag=API/kind_unit,start,length,max,payload`, which
     hdrh.log.HistogramLogReader and HdrHistogram's HistogramLogAnalyzer read.
-    Times are seconds since the base time written in the header.
+    Times are seconds since the base time written in the header, read from ``clock``'s
+    ``wall()`` (a test gives a ``SimClock``).
     """
 
-    def __init__(self, metrics: Metrics, path: str, interval: float):
+    def __init__(self, metrics: Metrics, path: str, interval: float, clock: Clock | None = None):
         self.metrics = metrics
         self.path = path
         self.interval = interval
-        self.base = time.time()
+        self.clock = clock if clock is not None else Clock()
+        self.base = self.clock.wall()
         self.last = self.base
         self.file = open(path, "a", encoding="utf-8")
         self.file.write("#[Histogram log format version 1.3]\n")
@@ -47,7 +49,7 @@ class IntervalLog:
 
     def write_interval(self) -> int:
         """Write one line per histogram for the interval that just ended; returns the lines."""
-        now = time.time()
+        now = self.clock.wall()
         lines = []
         for api, am in sorted(self.metrics.apis.items()):
             for kind, arr in sorted(am.interval_histograms().items()):

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
+
+from fastgw.clock import Clock
 
 __all__ = ["MAX_FIELD", "LOG_INTERVAL", "Throttle", "clean", "url_without_query"]
 
@@ -64,14 +65,15 @@ class Throttle:
     line of that key that is written ends with ``(N similar suppressed)``. Keys are few and
     chosen by the caller (an API name and a status, never a client's text); at most
     ``max_keys`` are remembered, the oldest forgotten first (its count, if any, is written
-    then). ``clock`` is injectable for tests.
+    then). Time is read from ``clock`` (:class:`fastgw.clock.Clock`; a test gives a
+    ``SimClock``).
     """
 
     def __init__(self, logger: logging.Logger, interval: float = LOG_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic, max_keys: int = 256):
+                 clock: Clock | None = None, max_keys: int = 256):
         self.logger = logger
         self.interval = interval
-        self.clock = clock
+        self.clock = clock if clock is not None else Clock()
         self.max_keys = max_keys
         self._keys: dict[Hashable, list] = {}       # key -> [next due time, suppressed, msg]
 
@@ -80,7 +82,7 @@ class Throttle:
         ``interval`` ago. Returns whether the line was written."""
         if not self.logger.isEnabledFor(level):
             return False
-        now = self.clock()
+        now = self.clock.now()
         entry = self._keys.get(key)
         if entry is not None and now < entry[0]:
             entry[1] += 1
