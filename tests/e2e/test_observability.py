@@ -425,22 +425,21 @@ async def until(condition, timeout: float = 5.0) -> None:
     assert condition()
 
 
-async def test_active_gauge_follows_opens_closes_refusals_and_reload(tmp_path, echo_backend):
+async def test_active_gauge_follows_opens_closes_refusals_and_reload(tmp_path, echo_backend,
+                                                                     gateway_factory):
     from collections import Counter
-
-    from fastgw import config as cfgmod
-    from fastgw.server import Gateway
 
     def api(name: str, target: str = f"ws://127.0.0.1:{echo_backend}/") -> str:
         return (f"  - name: {name}\n    path: /{name}\n    assembly:\n"
                 f"      - policy: websocket-upgrade\n        target-url: {target}\n")
 
     head = "listeners: [{host: 127.0.0.1, port: 0}]\nreload-grace: 300ms\napis:\n"
+    first = head + api("keep") + api("gone") + api("down", "ws://127.0.0.1:1/")
+    rg = await gateway_factory(first)
+    gw, port = rg.gw, rg.port
     path = tmp_path / "gw.yaml"
-    path.write_text(head + api("keep") + api("gone") + api("down", "ws://127.0.0.1:1/"))
-    gw = Gateway(cfgmod.load(str(path)), str(path))
-    await gw.start()
-    port = gw.addresses[0][2]
+    path.write_text(first)
+    gw.config_path = str(path)                 # what a reload reads
 
     async def check(expected: dict[str, int]) -> None:
         """The gauge of every API is `expected` and is what the live table holds."""
@@ -452,45 +451,42 @@ async def test_active_gauge_follows_opens_closes_refusals_and_reload(tmp_path, e
     async def connect(name: str):
         return await websockets.connect(f"ws://127.0.0.1:{port}/{name}")
 
-    try:
-        await check({"keep": 0, "gone": 0, "down": 0})
-        keep = [await connect("keep") for _ in range(3)]
-        gone = [await connect("gone") for _ in range(2)]
-        await check({"keep": 3, "gone": 2, "down": 0})
-        # Refusals never count as live: before routing (404), at the dial (502), not an upgrade (426).
-        for name in ("nowhere", "down"):
-            with pytest.raises(InvalidStatus):
-                await connect(name)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/keep") as r:
-                assert r.status == 426
-        await check({"keep": 3, "gone": 2, "down": 0})
-        await keep.pop().close()
-        await until(lambda: len(gw.live) == 4)
-        await check({"keep": 2, "gone": 2, "down": 0})
-        # A reload removing "gone" and adding "new": gone's connections stay live (and counted)
-        # until the grace is over, then end with 1001; the new API starts at 0.
-        path.write_text(head + api("keep") + api("down", "ws://127.0.0.1:1/") + api("new"))
-        assert await gw.reload() is None
-        await check({"keep": 2, "gone": 2, "down": 0, "new": 0})
-        new = await connect("new")
-        await check({"keep": 2, "gone": 2, "down": 0, "new": 1})
-        for ws in gone:
-            with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(ws.recv(), 5)
-            assert ws.close_code == 1001
-        await until(lambda: len(gw.live) == 3)
-        await check({"keep": 2, "gone": 0, "down": 0, "new": 1})
-        for ws in (*keep, new):
-            await ws.close()
-        await until(lambda: not gw.live)
-        await check({"keep": 0, "gone": 0, "down": 0, "new": 0})
-        m = samples(await gw.metrics_text())
-        assert value(m, "fastgw_connections_total", api="keep") == 3
-        assert value(m, "fastgw_connections_total", api="gone") == 2
-        assert value(m, "fastgw_closes_total", api="gone", code="1001", side="gateway") == 2
-    finally:
-        await gw.shutdown(1.0)
+    await check({"keep": 0, "gone": 0, "down": 0})
+    keep = [await connect("keep") for _ in range(3)]
+    gone = [await connect("gone") for _ in range(2)]
+    await check({"keep": 3, "gone": 2, "down": 0})
+    # Refusals never count as live: before routing (404), at the dial (502), not an upgrade (426).
+    for name in ("nowhere", "down"):
+        with pytest.raises(InvalidStatus):
+            await connect(name)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/keep") as r:
+            assert r.status == 426
+    await check({"keep": 3, "gone": 2, "down": 0})
+    await keep.pop().close()
+    await until(lambda: len(gw.live) == 4)
+    await check({"keep": 2, "gone": 2, "down": 0})
+    # A reload removing "gone" and adding "new": gone's connections stay live (and counted)
+    # until the grace is over, then end with 1001; the new API starts at 0.
+    path.write_text(head + api("keep") + api("down", "ws://127.0.0.1:1/") + api("new"))
+    assert await gw.reload() is None
+    await check({"keep": 2, "gone": 2, "down": 0, "new": 0})
+    new = await connect("new")
+    await check({"keep": 2, "gone": 2, "down": 0, "new": 1})
+    for ws in gone:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1001
+    await until(lambda: len(gw.live) == 3)
+    await check({"keep": 2, "gone": 0, "down": 0, "new": 1})
+    for ws in (*keep, new):
+        await ws.close()
+    await until(lambda: not gw.live)
+    await check({"keep": 0, "gone": 0, "down": 0, "new": 0})
+    m = samples(await gw.metrics_text())
+    assert value(m, "fastgw_connections_total", api="keep") == 3
+    assert value(m, "fastgw_connections_total", api="gone") == 2
+    assert value(m, "fastgw_closes_total", api="gone", code="1001", side="gateway") == 2
 
 
 class _NoWalk(dict):
