@@ -3,7 +3,7 @@
 It serves health and readiness, the Prometheus metrics, the HDR histograms, the
 table of live connections (and closing them), configuration reload and drain.
 It is built on ``aiohttp.web`` and knows nothing of the gateway itself: it talks
-to an object implementing :class:`AdminBackend` (``server.py`` provides one), so
+to an object implementing :class:`AdminBackend` (the Gateway provides one), so
 it can be tested with a fake.
 
 Routes (every answer is JSON unless noted; errors are ``{"error": "..."}``):
