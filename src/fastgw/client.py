@@ -35,6 +35,7 @@ from picows import websockets as pws
 from picows.url import WSInvalidURL, parse_url
 
 from fastgw import __version__
+from fastgw.config.web import HTTP_TOKEN
 
 PROG = "fastgw client"
 MAX_MESSAGE = 64 * 1024 * 1024       # bytes; a larger message closes the connection with 1009
@@ -42,7 +43,6 @@ OPEN_TIMEOUT = 10.0                  # seconds for TCP, TLS and the upgrade toge
 CLOSE_TIMEOUT = 5.0                  # seconds to wait for the server's answer to our close
 HEX_SHOWN = 1024                     # bytes of a binary message shown as hex
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # C0 controls but tab and newline, DEL and C1 controls: shown escaped.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -55,7 +55,7 @@ def parse_header(text: str) -> tuple[str, str]:
     """``'Name: value'`` -> ``("Name", "value")``; the name must be an HTTP token."""
     name, sep, value = text.partition(":")
     name, value = name.strip(), value.strip()
-    if not sep or not _TOKEN.match(name):
+    if not sep or not HTTP_TOKEN.fullmatch(name):
         raise UsageError(f"-H {text!r}: expected 'Name: value' with a header name of letters, "
                          "digits and !#$%&'*+-.^_`|~")
     if any(c in value for c in "\r\n\0"):
@@ -64,7 +64,7 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 def check_subprotocol(name: str) -> str:
-    if not _TOKEN.match(name):
+    if not HTTP_TOKEN.fullmatch(name):
         raise UsageError(f"--subprotocol {name!r}: a subprotocol is an HTTP token "
                          "(letters, digits and !#$%&'*+-.^_`|~)")
     return name

@@ -3,8 +3,9 @@
 Everything here is sans-I/O: the functions and classes take plain values that the
 server has already parsed out of the HTTP upgrade request and answer with an
 :class:`Identity` or raise :class:`AuthError`. Nothing here opens sockets, runs
-an event loop or imports the rest of fastgw; the policies module maps the
-configuration onto these classes.
+an event loop or imports the rest of fastgw but the (pure) configuration package,
+whose rules it shares (the JWT algorithms, the origin rule); the policies module
+maps the configuration onto these classes.
 
 The inputs, wherever they appear:
 
@@ -29,49 +30,45 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, quote, unquote_plus, urlsplit
+from urllib.parse import parse_qs, quote, unquote_plus
 
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from jwt.algorithms import get_default_algorithms
 
+from fastgw.config import schema
+from fastgw.config.schema import JWT_ALGORITHMS
+from fastgw.config.web import normalize_origin
+
 __all__ = [
     "REALM",
-    "SUPPORTED_ALGORITHMS",
     "ApiKeyAuth",
     "AuthError",
     "Client",
     "Identity",
     "JwtAuth",
+    "api_key_clients",
     "check_origin",
     "client_ip",
     "clients_by_key",
     "forwarded_node",
     "header_value",
     "key_digest",
-    "normalize_origin",
     "peer_is_trusted",
+    "read_secret",
     "remove_query_params",
+    "trusted_networks",
 ]
 
 #: The realm named in every ``WWW-Authenticate`` challenge.
 REALM = "fastgw"
-
-#: JWT signature algorithms a :class:`JwtAuth` may be configured with. "none" is
-#: deliberately absent, as are algorithms PyJWT would need extra setup for.
-SUPPORTED_ALGORITHMS = frozenset({
-    "HS256", "HS384", "HS512",
-    "RS256", "RS384", "RS512",
-    "PS256", "PS384", "PS512",
-    "ES256", "ES384", "ES512",
-})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -265,6 +262,11 @@ def forwarded_node(address: str) -> str:
     return str(parsed)
 
 
+def trusted_networks(networks: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """The networks of ``trusted-proxies`` ("10.0.0.0/8", as the configuration stores them)."""
+    return tuple(ipaddress.ip_network(network) for network in networks)
+
+
 def client_ip(peer_ip: str, xff_values: list[str], trusted: Sequence[IPNetwork]) -> str:
     """The address of the client, taking trusted proxies into account.
 
@@ -328,6 +330,15 @@ def clients_by_key(clients: Iterable[tuple[Client, Sequence[str]]]) -> dict[str,
                     f"clients {other.id!r} and {client.id!r} share an API key")
             table[digest] = client
     return table
+
+
+def api_key_clients(clients: Iterable[schema.Client]) -> dict[str, Client]:
+    """:func:`clients_by_key` for the clients of a configuration (each with ``key`` or
+    ``keys``, and ``apis``: the names of the APIs it may use, None for all)."""
+    return clients_by_key(
+        (Client(c.id, c.plan, frozenset(c.apis) if c.apis is not None else None),
+         (c.key,) if c.key is not None else tuple(c.keys or ()))
+        for c in clients)
 
 
 class ApiKeyAuth:
@@ -402,6 +413,18 @@ class ApiKeyAuth:
 # --------------------------------------------------------------------------------------
 
 
+def read_secret(secret_env: str | None, secret_file: str | None) -> bytes | None:
+    """The HS256 secret a jwt policy names: the environment variable's value (UTF-8), or the
+    file's bytes without trailing CR/LF; None when it names neither (it uses a public key).
+    Raises KeyError/OSError when the variable or the file has gone since loading."""
+    if secret_env is not None:
+        return os.environ[secret_env].encode()
+    if secret_file is not None:
+        with open(secret_file, "rb") as file:
+            return file.read().rstrip(b"\r\n")
+    return None
+
+
 def _is_symmetric(algorithm: str) -> bool:
     return algorithm.startswith("HS")
 
@@ -449,16 +472,17 @@ class JwtAuth:
     """Identify clients by a signed JWT (RFC 7519) sent as a Bearer token.
 
     The token is read from ``Authorization: Bearer <token>`` or, if ``query`` is
-    set, from that query parameter. Only the configured ``algorithms`` are
+    set, from that query parameter. ``algorithms`` are some of the configuration's
+    ``JWT_ALGORITHMS`` (HS256, RS256, ES256); only those configured are
     accepted, and each algorithm is bound to its kind of key, so a token cannot
     choose how its signature is checked:
 
-    * HS256/384/512 verify with ``secret``;
-    * RS*, PS* and ES* verify with ``public_key_pem`` (a PEM public key or
+    * HS256 verifies with ``secret``;
+    * RS256 and ES256 verify with ``public_key_pem`` (a PEM public key or
       certificate), or with the key in ``jwks`` (a JWK Set, as a dict) that the
       token's ``kid`` names. A token without ``kid`` is accepted only if the
       set has exactly one usable key. With ``jwks``, ``oct`` keys in the set
-      serve the HS algorithms, and ``secret``/``public_key_pem`` are not used.
+      serve HS256, and ``secret``/``public_key_pem`` are not used.
 
     PyJWT verifies the signature, ``iss`` (if ``issuer`` is set) and ``aud`` (if
     ``audience`` is set; otherwise ``aud`` is not checked). ``exp``, ``nbf`` and
@@ -492,7 +516,7 @@ class JwtAuth:
         if not algorithms:
             raise ValueError("JwtAuth needs at least one algorithm")
         for name in algorithms:
-            if name not in SUPPORTED_ALGORITHMS:
+            if name not in JWT_ALGORITHMS:
                 raise ValueError(f"unsupported JWT algorithm {name!r}")
         if leeway < 0 or not math.isfinite(leeway):
             raise ValueError("leeway must be a finite number >= 0")
@@ -718,60 +742,18 @@ class JwtAuth:
 # Origin
 # --------------------------------------------------------------------------------------
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-
-def normalize_origin(origin: str) -> str:
-    """``scheme://host[:port]`` in lower case with the scheme's default port removed.
-
-    ``https://App.Example.com:443`` becomes ``https://app.example.com``. The
-    opaque origin ``null`` stays ``null``. Raises ValueError for anything that
-    is not an origin (no scheme or host, a path other than "/", a query, user
-    info, a bad port). Use it to check configured origins when loading them.
-    """
-    text = origin.strip()
-    if text.lower() == "null":
-        return "null"
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if not scheme or not parts.netloc or "@" in parts.netloc:
-        raise ValueError(f"not an origin: {origin!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"not an origin: {origin!r}")
-    host = parts.hostname
-    port = parts.port  # raises ValueError for a bad port
-    if not host:
-        raise ValueError(f"not an origin: {origin!r}")
-    if ":" in host:
-        host = f"[{host}]"
-    if port is None or port == _DEFAULT_PORTS.get(scheme):
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{port}"
-
-
-@lru_cache(maxsize=256)
-def _normalized_set(allowed: frozenset[str]) -> frozenset[str]:
-    """``allowed``, normalised; entries that are not origins are left out."""
-    result = set()
-    for entry in allowed:
-        try:
-            result.add(normalize_origin(entry))
-        except ValueError:
-            pass
-    return frozenset(result)
-
-
 def check_origin(origin: str | None, allowed: frozenset[str] | None) -> None:
     """Refuse (403) a request whose Origin header is not one of ``allowed``.
 
-    ``allowed`` None allows any origin, even none. Otherwise the Origin header
-    must be present and equal one entry after :func:`normalize_origin`.
+    ``allowed`` None allows any origin, even none. Otherwise it holds origins in the normal
+    form of :func:`fastgw.config.web.normalize_origin` (as the configuration stores them), and
+    the Origin header must be present and its normal form one of them.
     """
     if allowed is None:
         return
     if origin is not None:
         try:
-            if normalize_origin(origin) in _normalized_set(allowed):
+            if normalize_origin(origin) in allowed:
                 return
         except ValueError:
             pass

@@ -20,7 +20,7 @@ from fastgw import config as cfgmod
 from fastgw import identity
 from fastgw._core import Lease, LimitZone, key_hash
 from fastgw.upstream import make_ssl_context
-from fastgw.uri import normalize_host
+from fastgw.config.web import normalize_host
 
 # Values of the core's enums (see _core.pxd).
 ACTIONS = {"reject": 0, "delay": 1, "drop": 2}
@@ -364,8 +364,7 @@ class Router:
 def compile_auth(policy, config):
     """An identity.ApiKeyAuth or identity.JwtAuth from an api-key or jwt policy."""
     if isinstance(policy, cfgmod.ApiKey):
-        clients = identity.clients_by_key(
-            (identity.Client(c.id, c.plan, c.apis), c.keys) for c in config.all_clients())
+        clients = identity.api_key_clients(config.clients)
         return identity.ApiKeyAuth(clients, header=policy.header.lower() if policy.header else None,
                                    query=policy.query)
     jwks = identity.JwtAuth.load_jwks(policy.jwks_file) if policy.jwks_file else None
@@ -373,7 +372,7 @@ def compile_auth(policy, config):
     if policy.public_key:
         with open(policy.public_key, "rb") as f:
             public = f.read()
-    secret = policy.read_secret() if (policy.secret_env or policy.secret_file) else None
+    secret = identity.read_secret(policy.secret_env, policy.secret_file)
     return identity.JwtAuth(
         policy.algorithms, secret=secret, public_key_pem=public, jwks=jwks,
         issuer=policy.issuer, audience=policy.audience, client_id_claim=policy.client_id_claim,
@@ -414,7 +413,7 @@ def compile_api(api, config) -> CompiledApi:
         auth=auth,
         propagation=propagation,
         close_on_expiry=close_on_expiry,
-        trusted=tuple(config.trusted_networks()),
+        trusted=identity.trusted_networks(config.trusted_proxies),
         pre=tuple(pre),
         request=compile_flow("request", upgrade.request),
         response=compile_flow("response", upgrade.response),

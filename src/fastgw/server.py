@@ -40,7 +40,7 @@ from fastgw.observe.logs import Throttle, clean, url_without_query
 from fastgw.observe.metrics import Metrics, TableFullWarnings
 from fastgw.policies import Refusal, Router, UpgradeRequest, compile_config
 from fastgw.upstream import UpstreamError, accept_key, dial
-from fastgw.uri import BadTarget, normalize_host, normalize_target
+from fastgw.config.web import HTTP_TOKEN, BadTarget, normalize_host, normalize_target
 
 log = logging.getLogger("fastgw")
 
@@ -62,8 +62,7 @@ _NOT_FORWARDED = frozenset({
 _SINGLE = {"host": "Host", "content-length": "Content-Length",
            "sec-websocket-key": "Sec-WebSocket-Key", "sec-websocket-version": "Sec-WebSocket-Version"}
 
-# RFC 9110 token characters; control characters in a target or a field value.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters in a target or a field value.
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -107,7 +106,7 @@ def parse_head(head: bytes) -> Request:
     method, target, version = parts
     if not version.startswith("HTTP/1."):
         raise Refusal(400, "unsupported HTTP version")
-    if not _TOKEN.fullmatch(method):
+    if not HTTP_TOKEN.fullmatch(method):
         raise Refusal(400, "malformed method")
     if not target.startswith("/"):
         raise Refusal(400, "request target must be an absolute path")
@@ -118,7 +117,7 @@ def parse_head(head: bytes) -> Request:
         name, sep, value = line.partition(":")
         if not sep or not name:
             raise Refusal(400, "malformed header line")
-        if not _TOKEN.fullmatch(name):
+        if not HTTP_TOKEN.fullmatch(name):
             raise Refusal(400, "malformed header name")
         value = value.strip(" \t")
         if _BAD_VALUE.search(value):
@@ -168,7 +167,7 @@ def check_upgrade(req: Request, router: Router):
                 p = p.strip(" \t")
                 if not p:
                     continue            # empty list elements are ignored (RFC 9110 5.6.1)
-                if not _TOKEN.fullmatch(p):
+                if not HTTP_TOKEN.fullmatch(p):
                     raise Refusal(400, "malformed Sec-WebSocket-Protocol")
                 offered.append(p)
         allowed = api.upgrade.subprotocols
@@ -182,7 +181,7 @@ def check_upgrade(req: Request, router: Router):
 
 def _forwarded_value(value: str) -> str:
     """A Forwarded parameter value: a token as it is, else a quoted-string."""
-    if _TOKEN.fullmatch(value):
+    if HTTP_TOKEN.fullmatch(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

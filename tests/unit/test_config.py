@@ -17,10 +17,9 @@ from fastgw.config import (
     WebsocketUpgrade,
     load,
     loads,
-    parse_duration,
-    parse_size,
     parse_target,
 )
+from fastgw.config.values import parse_duration, parse_size
 
 # The example from the design brief. Line numbers below refer to this text.
 EXAMPLE_YAML = """\

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fastgw.config import MAX_DURATION, ConfigError, load, loads, parse_duration
+from fastgw.config import ConfigError, load, loads
+from fastgw.config.values import MAX_DURATION, parse_duration
 
 MINIMAL_YAML = """\
 listeners:
@@ -479,13 +480,13 @@ def test_toml_inline_table_keys_have_their_line() -> None:
 
 
 def test_unmapped_paths_fall_back_to_the_nearest_parent() -> None:
-    from fastgw.config import _PARSERS
+    from fastgw.config.parsers import PARSERS
 
-    _, line_of = _PARSERS["toml"](TOML, "gw.toml")
+    _, line_of = PARSERS["toml"](TOML, "gw.toml")
     assert line_of(("apis", 1, "assembly", 0, "no-such-key", 3)) == 21  # its [[header]]
     assert line_of(("apis", 7)) == 5
     assert line_of(("nothing",)) == 2  # the first line after the comment
-    _, line_of = _PARSERS["json"](JSON_TEXT, "gw.json")
+    _, line_of = PARSERS["json"](JSON_TEXT, "gw.json")
     assert line_of(("apis", 0, "assembly", 1, "request", 5)) == 12
     assert line_of(("tls-profiles", "other", "ca")) == 17
 
@@ -651,7 +652,7 @@ def test_fastgw_check_accepts_the_fixed_file(tmp_path: Path) -> None:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fastgw.config import _JsonLines, _TomlLines  # noqa: E402
+from fastgw.config.parsers import JsonLines, TomlLines  # noqa: E402
 
 SCALARS = st.one_of(
     st.integers(-10, 10),
@@ -716,7 +717,7 @@ def check_scan(text: str, lines: dict, data: dict) -> None:
 def test_json_scan_finds_every_key(data: dict, indent: int) -> None:
     data = uniquely_keyed(data, [0])
     text = json.dumps(data, indent=indent)
-    lines = _JsonLines(text).scan()
+    lines = JsonLines(text).scan()
     check_scan(text, lines, data)
     in_order = [lines[path] for path in paths_of(data)]
     assert in_order == sorted(in_order)
@@ -734,7 +735,7 @@ def test_toml_scan_finds_every_key(data: dict, multiline: bool) -> None:
     import tomllib
 
     assert tomllib.loads(text) == data
-    check_scan(text, _TomlLines(text).scan(), data)
+    check_scan(text, TomlLines(text).scan(), data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,18 +27,19 @@ from fastgw.config import (
     MessageRateLimit,
     MessageSizeLimit,
     PerPlan,
+    PerSide,
     Rate,
     RateLimit,
-    ResolvedClient,
+    Size,
     WebsocketUpgrade,
-    clients_of,
-    enc_hook,
     load,
     loads,
-    parse_byte_rate,
-    parse_rate,
-    policy_tag,
 )
+from fastgw.config.schema import policy_tag
+from fastgw.config.values import parse_byte_rate, parse_rate
+from fastgw.identity import ApiKeyAuth, AuthError, api_key_clients, key_digest, read_secret
+from fastgw.identity import Client as KeyClient
+from fastgw.identity import trusted_networks
 
 SECRET_ENV = "FASTGW_TEST_JWT_SECRET"
 
@@ -433,7 +434,7 @@ def test_full_example_yaml(confdir: Path) -> None:
     assert feed_jwt.client_id_claim == "sub"
     assert feed_jwt.leeway == 0.0
     assert feed_jwt.close_on_expiry is False
-    assert feed_jwt.read_secret() == b"s3cret"
+    assert read_secret(feed_jwt.secret_env, feed_jwt.secret_file) == b"s3cret"
     response_limit = config.apis[0].assembly[3].response[0]
     assert isinstance(response_limit, MessageRateLimit)
     assert response_limit.name == "message-rate-limit"
@@ -449,6 +450,24 @@ def test_full_example_toml_equals_yaml(confdir: Path) -> None:
     from_toml = load(confdir / "gateway.toml")
     assert from_toml == from_yaml
     assert from_toml.apis[0].assembly[2].rate.for_plan("gold") == Rate(50, 1)
+
+
+def enc_hook(obj: object) -> object:
+    """What a file says for a value of the configuration's own types."""
+    if isinstance(obj, (Rate, ByteRate)):
+        return str(obj)                 # "5/1s": the form parse_rate reads back
+    if isinstance(obj, PerPlan):
+        return {plan: enc_hook(value) for plan, value in obj.values.items()}
+    if isinstance(obj, PerSide):
+        sides = {side: getattr(obj, side) for side in PerSide.SIDES}
+        return {side: value for side, value in sides.items() if value is not None}
+    if isinstance(obj, Size):
+        return int(obj)
+    if isinstance(obj, float):          # Duration
+        return float(obj)
+    if isinstance(obj, frozenset):
+        return sorted(obj)
+    return obj
 
 
 def test_encode_and_decode_again(confdir: Path) -> None:
@@ -474,28 +493,34 @@ def load_full(confdir: Path) -> Config:
 
 
 def test_all_clients(confdir: Path) -> None:
+    """The inline clients and those of the clients-file, as the api-key policy uses them."""
     config = load_full(confdir)
-    clients = config.all_clients()
-    assert clients == (
-        ResolvedClient(id="alice", keys=("alice-key",), plan="gold", apis=frozenset({"quotes"})),
-        ResolvedClient(id="bob", keys=("bob-key-1", "bob-key-2"), plan="default", apis=None),
-        ResolvedClient(id="carol", keys=("carol-key",), plan="silver", apis=None),
-        ResolvedClient(id="dave", keys=("dave-key",), plan="default", apis=frozenset({"chat", "feed"})),
-    )
-    assert clients_of(config) == clients
-    by_key = config.clients_by_key()
-    assert sorted(by_key) == ["alice-key", "bob-key-1", "bob-key-2", "carol-key", "dave-key"]
-    assert by_key["bob-key-2"].id == "bob"
-    assert by_key["alice-key"].may_use("quotes") and not by_key["alice-key"].may_use("chat")
-    assert by_key["bob-key-1"].may_use("anything")
+    assert [client.id for client in config.clients] == ["alice", "bob", "carol", "dave"]
+    by_digest = api_key_clients(config.clients)
+    keys = ["alice-key", "bob-key-1", "bob-key-2", "carol-key", "dave-key"]
+    assert sorted(by_digest) == sorted(key_digest(key) for key in keys)
+    by_key = {key: by_digest[key_digest(key)] for key in keys}
+    assert by_key == {
+        "alice-key": KeyClient("alice", "gold", frozenset({"quotes"})),
+        "bob-key-1": KeyClient("bob", "default", None),
+        "bob-key-2": KeyClient("bob", "default", None),
+        "carol-key": KeyClient("carol", "silver", None),
+        "dave-key": KeyClient("dave", "default", frozenset({"chat", "feed"})),
+    }
+    auth = ApiKeyAuth(by_digest, header="x-api-key")
+    assert auth.authenticate([("x-api-key", "alice-key")], "", "quotes").client_id == "alice"
+    with pytest.raises(AuthError) as info:
+        auth.authenticate([("x-api-key", "alice-key")], "", "chat")
+    assert info.value.status == 403
+    assert auth.authenticate([("x-api-key", "bob-key-1")], "", "anything").client_id == "bob"
 
 
 def test_helpers_on_config(confdir: Path) -> None:
     import ipaddress
 
     config = load_full(confdir)
-    assert config.known_plans() == ("default", "gold", "silver")
-    assert config.trusted_networks() == (
+    assert config.plans == ["gold", "silver"]
+    assert trusted_networks(config.trusted_proxies) == (
         ipaddress.ip_network("10.0.0.0/8"),
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("::1/128"),
@@ -503,7 +528,7 @@ def test_helpers_on_config(confdir: Path) -> None:
     defaults = loads(MINIMAL_YAML + UPGRADE, "yaml")
     assert defaults.limits == Limits(max_keys=65536, max_connections="auto", max_handshakes_per_ip=128)
     assert defaults.plans == [] and defaults.clients == [] and defaults.trusted_proxies == []
-    assert defaults.all_clients() == ()
+    assert api_key_clients(defaults.clients) == {}
 
 
 def test_bursts(confdir: Path) -> None:
@@ -668,12 +693,11 @@ def test_per_plan_lookup() -> None:
     assert value.for_plan("gold") == 50
     assert value.for_plan("default") == 5
     assert value.for_plan("silver") == 5  # not listed: the default
-    assert value.default == 5
-    assert not value.is_uniform
+    assert value.for_plan(DEFAULT_PLAN) == 5
     assert dict(value.values) == {"default": 5, "gold": 50}
     single = PerPlan(7)
     assert dict(single.values) == {DEFAULT_PLAN: 7}
-    assert single.for_plan("gold") == 7 and single.is_uniform
+    assert single.for_plan("gold") == 7
     assert single == PerPlan({"default": 7})
     assert hash(single) == hash(PerPlan({"default": 7}))
     assert single != PerPlan({"default": 7, "gold": 7})
@@ -711,7 +735,7 @@ def test_per_plan_sizes_decode_as_sizes() -> None:
     limit = loads(text, "yaml").apis[0].assembly[0].request[0]
     assert limit.max.for_plan("gold") == 2 * 1048576
     assert limit.max.for_plan("default") == 1024
-    assert isinstance(limit.max.default, int)
+    assert isinstance(limit.max.for_plan("default"), int)
 
 
 def test_per_plan_map_needs_default() -> None:
@@ -809,7 +833,9 @@ def test_default_plan_may_be_named() -> None:
     text = "plans: [default, gold]\nclients: [{id: a, key: k, plan: default}]\n"
     text += MINIMAL_YAML + UPGRADE
     config = loads(text, "yaml")
-    assert config.known_plans() == ("default", "gold")
+    assert config.plans == ["default", "gold"] and config.clients[0].plan == "default"
+    unknown = error_of(text.replace("plan: default}", "plan: platinum}"))
+    assert "Unknown plan 'platinum' (known: default, gold)" in unknown.message
 
 
 def test_duplicate_plan() -> None:
@@ -1031,7 +1057,8 @@ def test_jwt_secret_env_must_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, "")
     assert error_of(text).message.startswith(f"Environment variable '{SECRET_ENV}' is empty")
     monkeypatch.setenv(SECRET_ENV, "k")
-    assert loads(text, "yaml").apis[0].assembly[0].read_secret() == b"k"
+    jwt = loads(text, "yaml").apis[0].assembly[0]
+    assert read_secret(jwt.secret_env, jwt.secret_file) == b"k"
 
 
 def test_jwt_files_resolve_against_the_config(tmp_path: Path) -> None:
@@ -1042,7 +1069,7 @@ def test_jwt_files_resolve_against_the_config(tmp_path: Path) -> None:
     path.write_text(text)
     jwt = load(path).apis[0].assembly[0]
     assert jwt.secret_file == str(tmp_path / "secret.txt")
-    assert jwt.read_secret() == b"top-secret"
+    assert read_secret(jwt.secret_env, jwt.secret_file) == b"top-secret"
 
 
 def test_jwt_missing_file(tmp_path: Path) -> None:
@@ -1319,17 +1346,17 @@ def clients_file_error(directory: Path, clients_file: str, clients_text: str | N
 def test_clients_file_forms(tmp_path: Path, name: str, text: str) -> None:
     config = load(write_config(tmp_path, name, text))
     assert config.clients_file == str(tmp_path / name)
-    assert config.all_clients() == (
-        ResolvedClient(id="alice", keys=("alice-key",), plan="default", apis=None),
-        ResolvedClient(id="bob", keys=("bob-key",), plan="gold", apis=None),
-        ResolvedClient(id="eve", keys=("e1", "e2"), plan="default", apis=frozenset({"echo"})),
-    )
+    assert config.clients == [
+        Client(id="alice", key="alice-key"),
+        Client(id="bob", key="bob-key", plan="gold"),
+        Client(id="eve", keys=["e1", "e2"], apis=["echo"]),
+    ]
 
 
 @pytest.mark.parametrize("text", ["", "# nobody yet\n", "[]\n", "clients: []\n"])
 def test_empty_clients_file(tmp_path: Path, text: str) -> None:
     config = load(write_config(tmp_path, "clients.yaml", text))
-    assert [client.id for client in config.all_clients()] == ["alice"]
+    assert [client.id for client in config.clients] == ["alice"]
 
 
 def test_clients_file_error_names_its_file_and_line(tmp_path: Path) -> None:
@@ -1421,7 +1448,7 @@ def test_clients_file_relative_to_the_config(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     config = load("etc/gw.yaml")
     assert config.clients_file == str(tmp_path / "etc" / "clients.yaml")
-    assert [c.id for c in config.all_clients()] == ["alice", "bob"]
+    assert [c.id for c in config.clients] == ["alice", "bob"]
     assert path.exists()
 
 

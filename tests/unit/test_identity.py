@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from fastgw.config.schema import JWT_ALGORITHMS
+from fastgw.config.web import normalize_origin
 from fastgw.identity import (
     ApiKeyAuth,
     AuthError,
@@ -28,7 +30,6 @@ from fastgw.identity import (
     client_ip,
     clients_by_key,
     key_digest,
-    normalize_origin,
 )
 
 NOW = 1_700_000_000.0
@@ -474,6 +475,21 @@ def test_jwt_algorithm_not_configured(ec_key, rsa_key):
                          "algorithm not allowed")
 
 
+def test_jwt_algorithms_are_the_configurations(rsa_key, ec_key):
+    """Identity verifies exactly the algorithms a jwt policy may name (one list)."""
+    assert JWT_ALGORITHMS == ("HS256", "RS256", "ES256")
+    auths = {"HS256": (JwtAuth(["HS256"], secret=SECRET), SECRET),
+             "RS256": (JwtAuth(["RS256"], public_key_pem=public_pem(rsa_key)), rsa_key),
+             "ES256": (JwtAuth(["ES256"], public_key_pem=public_pem(ec_key)), ec_key)}
+    assert sorted(auths) == sorted(JWT_ALGORITHMS)
+    for algorithm, (auth, key) in auths.items():
+        token = jwt.encode(claims(aud=None), key, algorithm=algorithm)
+        assert auth.authenticate(bearer(token), "", "chat", now=NOW).client_id == "carol"
+    for algorithm in ("HS384", "HS512", "RS384", "RS512", "PS256", "ES384", "ES512", "none"):
+        with pytest.raises(ValueError, match="unsupported JWT algorithm"):
+            JwtAuth([algorithm], secret=SECRET)
+
+
 def test_jwt_configuration_errors(rsa_key, ec_key):
     with pytest.raises(ValueError):
         JwtAuth([], secret=SECRET)
@@ -490,7 +506,7 @@ def test_jwt_configuration_errors(rsa_key, ec_key):
     with pytest.raises(ValueError):
         JwtAuth(["RS256"], public_key_pem=public_pem(ec_key))
     with pytest.raises(ValueError):
-        JwtAuth(["ES384"], public_key_pem=public_pem(ec_key))  # wrong curve
+        JwtAuth(["ES384"], public_key_pem=public_pem(ec_key))  # not one of JWT_ALGORITHMS
     with pytest.raises(ValueError):
         JwtAuth(["RS256"], public_key_pem=b"not a pem")
     with pytest.raises(ValueError):
@@ -639,11 +655,17 @@ def test_jwks_single_key_without_kid(jwks, rsa_key):
 
 
 def test_jwks_respects_alg_and_use(jwks, rsa_key):
-    rsa_jwk = jwks["keys"][0]
-    auth = JwtAuth(["RS256", "RS512"], jwks={"keys": [rsa_jwk | {"alg": "RS512"}]})
+    rsa_jwk, ec_jwk = jwks["keys"]
+    # The RSA key says it is for ES256 only: no use for RS256 (nor for ES256, being RSA).
+    auth = JwtAuth(["RS256", "ES256"], jwks={"keys": [rsa_jwk | {"alg": "ES256"}, ec_jwk]})
     token = jwt.encode(claims(aud=None), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
     assert_invalid_token(refused(auth.authenticate, bearer(token), "", "chat", now=NOW),
+                         "unknown key id")
+    token = jwt.encode(claims(aud=None), rsa_key, algorithm="RS256", headers={"kid": "ec-1"})
+    assert_invalid_token(refused(auth.authenticate, bearer(token), "", "chat", now=NOW),
                          "algorithm does not match key")
+    with pytest.raises(ValueError):
+        JwtAuth(["RS256"], jwks={"keys": [rsa_jwk | {"alg": "ES256"}]})
     with pytest.raises(ValueError):
         JwtAuth(["RS256"], jwks={"keys": [rsa_jwk | {"use": "enc"}]})
     with pytest.raises(ValueError):
@@ -670,16 +692,15 @@ def test_load_jwks(tmp_path, jwks):
 # Origin
 # --------------------------------------------------------------------------------------
 
-ALLOWED = frozenset({"https://App.Example.com", "http://localhost:8080", "null"})
+# As the configuration stores its origins: in their normal form.
+ALLOWED = frozenset(normalize_origin(o) for o in ("https://App.Example.com", "http://localhost:8080"))
 
 
 @pytest.mark.parametrize("origin", [
     "https://app.example.com",
     "https://app.example.com:443",
     "HTTPS://APP.EXAMPLE.COM",
-    "https://app.example.com/",
     "http://localhost:8080",
-    "null",
 ])
 def test_origin_allowed(origin):
     check_origin(origin, ALLOWED)
@@ -697,6 +718,10 @@ def test_origin_allowed(origin):
     "https://user@app.example.com",
     "https://app.example.com:99999",
     "app.example.com",
+    # Not scheme://host[:port]: the one origin rule refuses them (so no entry can allow them).
+    "https://app.example.com/",
+    "null",
+    " https://app.example.com",
 ])
 def test_origin_refused(origin):
     err = refused(check_origin, origin, ALLOWED)
@@ -713,5 +738,9 @@ def test_normalize_origin():
     assert normalize_origin("WS://Host:80") == "ws://host"
     assert normalize_origin("wss://host:444") == "wss://host:444"
     assert normalize_origin("http://[::1]:80") == "http://[::1]"
-    with pytest.raises(ValueError):
-        normalize_origin("https://host/path")
+    assert normalize_origin("https://host:0443") == "https://host"
+    assert normalize_origin("app://x") == "app://x"
+    for bad in ("https://host/path", "https://host/", "null", "https://[1.2.3.4]", "https://h:0",
+                "https://u@h", "https://h?x", "https://", "h"):
+        with pytest.raises(ValueError):
+            normalize_origin(bad)

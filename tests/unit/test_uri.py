@@ -1,11 +1,11 @@
-"""Path and Host normalisation before routing (uri.py), without sockets."""
+"""Path and Host normalisation before routing (config/web.py), without sockets."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, strategies as st
 
-from fastgw.uri import BadTarget, normalize_host, normalize_path, normalize_target
+from fastgw.config.web import BadTarget, normalize_host, normalize_path, normalize_target
 
 
 @pytest.mark.parametrize("raw, canonical", [

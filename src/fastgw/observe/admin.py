@@ -36,7 +36,6 @@ import asyncio
 import hmac
 import inspect
 import io
-import ipaddress
 import logging
 import math
 import re
@@ -45,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from fastgw.config.web import is_loopback
 from fastgw.observe.logs import Throttle, clean
 
 from fastgw.accept import Acceptor, listen
@@ -428,22 +428,7 @@ def check_admin_exposure(host: str, token_env: str | None) -> str | None:
     """
     if token_env:
         return None
-    if _is_loopback(host):
+    if is_loopback(host):
         return None
     where = host if host else "all interfaces"
     return f"admin listens on {where} without token-env: set token-env"
-
-
-def _is_loopback(host: str) -> bool:
-    name = host.strip().rstrip(".").lower()
-    if name == "localhost":
-        return True
-    if name.startswith("[") and name.endswith("]"):
-        name = name[1:-1]
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False  # a host name: it may resolve to anything
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
