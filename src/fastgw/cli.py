@@ -44,9 +44,9 @@ async def _serve(config, drain_time: float | None, config_path: str | None, stop
     ``stop`` is done (``fastgw demo`` ends it when its backend dies). ``ready(addresses)`` is
     called once listening; ``listen_error(exc)`` formats the message when a listener cannot
     be opened. ``drain_time`` None: the file's (as last reloaded)."""
-    from fastgw.admin import start_admin
+    from fastgw.observe.admin import start_admin
     from fastgw.gateway import Gateway
-    from fastgw.events import EventSink
+    from fastgw.observe.events import EventSink
     gw = Gateway(config, config_path)
     loop = asyncio.get_running_loop()
     admin = None
@@ -77,7 +77,7 @@ async def _serve(config, drain_time: float | None, config_path: str | None, stop
         ready(addresses)
     interval_log = log_task = None
     if config.histogram_log is not None:
-        from fastgw.metrics import IntervalLog
+        from fastgw.observe.histograms import IntervalLog
         try:
             interval_log = IntervalLog(gw.metrics, config.histogram_log.path,
                                        float(config.histogram_log.interval))

@@ -22,7 +22,6 @@ import socket
 import msgspec
 
 from fastgw import config as cfgmod
-from fastgw import events as ev
 from fastgw._core import LimitZone
 from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
                            derived_max_connections, raise_fd_limit)
@@ -30,8 +29,9 @@ from fastgw.clock import Clock
 from fastgw.connection import Connection
 from fastgw.http.handshake import Handshake
 from fastgw.listeners import HandshakeTable, Listener, bind, listener_context
-from fastgw.logs import Throttle
-from fastgw.metrics import Metrics, TableFullWarnings
+from fastgw.observe import events as ev
+from fastgw.observe.logs import Throttle
+from fastgw.observe.metrics import Metrics, TableFullWarnings
 from fastgw.routing import Router, compile_config
 from fastgw.verdicts import Refusal
 
@@ -76,10 +76,9 @@ class Gateway:
         self.clock = clock if clock is not None else Clock()
         self.router: Router = compile_config(config)
         self.metrics = Metrics(intervals=config.histogram_log is not None, enabled=config.metrics)
-        self.metrics.active = self._active_by_api
         self.metrics.max_connections = lambda: self.max_connections
         self.events = None                     # an events.EventSink, set by the CLI
-        self.log_throttle = Throttle(log)      # lines a request can cause (logs.Throttle)
+        self.log_throttle = Throttle(log, clock=self.clock)   # lines a request can cause
         for api in self.router.apis:
             self.metrics.api(api.name)
         # Linear probing with a bounded probe finds no slot for a few keys past
@@ -139,12 +138,6 @@ class Gateway:
         if line is not None:
             log.warning("%s", line)
         self._table_timer = self.clock.call_later(self.TABLE_FULL_CHECK, self._watch_table)
-
-    def _active_by_api(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for conn in self.live.values():
-            out[conn.api] = out.get(conn.api, 0) + 1
-        return out
 
     @property
     def addresses(self) -> list[tuple[str, str, int]]:

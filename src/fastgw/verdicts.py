@@ -25,7 +25,7 @@ class Kind(NamedTuple):
     description: str
 
 
-# In the order of the events' schema (fastgw.events.RejectReason).
+# In the order of the events' schema (fastgw.observe.events.RejectReason).
 KINDS: dict[str, Kind] = {
     "bad_request": Kind((400, 405, 426, 431), "client",
                         "malformed request, wrong method, not an upgrade, bad version"),

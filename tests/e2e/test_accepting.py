@@ -234,7 +234,7 @@ async def raw_held(host_from: str, port: int):
                                           ("{max-handshakes-per-ip: 4, max-connections: 50}", "own")])
 async def test_max_handshakes_per_ip_closes_the_excess_of_one_address_only(
         gateway_factory, echo_backend, limits, mode):
-    from fastgw.admin import start_admin
+    from fastgw.observe.admin import start_admin
     gw = await gateway_factory(gateway_yaml(
         f"ws://127.0.0.1:{echo_backend}/", extra_top=f"handshake-timeout: 30s\nlimits: {limits}"))
     assert gw.gw._mode == mode

@@ -177,7 +177,7 @@ apis:
 async def test_reject_events_name_the_identified_client(gateway_factory, echo_backend, tmp_path):
     """count-limit and rate-limit refusals come after identity: their events carry
     the client id (a 401 before identity carries none)."""
-    from fastgw.events import EventSink, RejectEvent, decode_event
+    from fastgw.observe.events import EventSink, RejectEvent, decode_event
     gw = await gateway_factory(f"""
 listeners: [{{host: 127.0.0.1, port: 0}}]
 clients: [{{id: alice, key: alice-key}}]

@@ -12,7 +12,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import gateway_yaml
-from fastgw.admin import start_admin
+from fastgw.observe.admin import start_admin
 
 
 def samples(text: str) -> dict:
@@ -205,7 +205,7 @@ async def test_reload_changes_limits_for_new_connections_and_refuses_bad_files(
 
 
 async def test_events_one_per_upgrade_close_and_refusal(gateway_factory, echo_backend, tmp_path):
-    from fastgw.events import CloseEvent, EventSink, RejectEvent, UpgradeEvent, decode_event
+    from fastgw.observe.events import CloseEvent, EventSink, RejectEvent, UpgradeEvent, decode_event
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo"))
     log = tmp_path / "events.jsonl"
     gw.gw.events = EventSink(str(log))
@@ -265,7 +265,7 @@ async def test_histograms_export_decodes_with_hdrhistogram(gateway_factory, echo
 async def test_interval_log_reads_back(gateway_factory, echo_backend, tmp_path):
     from hdrh.histogram import HdrHistogram
     from hdrh.log import HistogramLogReader
-    from fastgw.metrics import IntervalLog
+    from fastgw.observe.histograms import IntervalLog
     log_path = tmp_path / "fastgw.hlog"
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo",
                                             extra_top=f"histogram-log: {{path: {log_path}, interval: 1s}}"))
@@ -407,3 +407,115 @@ async def test_drain_turns_readiness_off_and_closes_with_1001(gateway_factory, e
         await websockets.connect(gw.url("/"), open_timeout=2)
     assert info.value.response.status_code == 503
     assert info.value.response.headers["Connection"] == "close"
+
+
+# --- the active gauge: counted at attach and at the end of life, never by walking ----------
+
+
+def active_gauge(text: str) -> dict[str, float]:
+    return {dict(labels)["api"]: v for (name, labels), v in samples(text).items()
+            if name == "fastgw_connections_active"}
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    assert condition()
+
+
+async def test_active_gauge_follows_opens_closes_refusals_and_reload(tmp_path, echo_backend,
+                                                                     gateway_factory):
+    from collections import Counter
+
+    def api(name: str, target: str = f"ws://127.0.0.1:{echo_backend}/") -> str:
+        return (f"  - name: {name}\n    path: /{name}\n    assembly:\n"
+                f"      - policy: websocket-upgrade\n        target-url: {target}\n")
+
+    head = "listeners: [{host: 127.0.0.1, port: 0}]\nreload-grace: 300ms\napis:\n"
+    first = head + api("keep") + api("gone") + api("down", "ws://127.0.0.1:1/")
+    rg = await gateway_factory(first)
+    gw, port = rg.gw, rg.port
+    path = tmp_path / "gw.yaml"
+    path.write_text(first)
+    gw.config_path = str(path)                 # what a reload reads
+
+    async def check(expected: dict[str, int]) -> None:
+        """The gauge of every API is `expected` and is what the live table holds."""
+        gauge = active_gauge(await gw.metrics_text())
+        live = Counter(conn.api for conn in gw.live.values())
+        assert gauge == {name: float(n) for name, n in expected.items()}
+        assert {name: n for name, n in live.items()} == {k: v for k, v in expected.items() if v}
+
+    async def connect(name: str):
+        return await websockets.connect(f"ws://127.0.0.1:{port}/{name}")
+
+    await check({"keep": 0, "gone": 0, "down": 0})
+    keep = [await connect("keep") for _ in range(3)]
+    gone = [await connect("gone") for _ in range(2)]
+    await check({"keep": 3, "gone": 2, "down": 0})
+    # Refusals never count as live: before routing (404), at the dial (502), not an upgrade (426).
+    for name in ("nowhere", "down"):
+        with pytest.raises(InvalidStatus):
+            await connect(name)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/keep") as r:
+            assert r.status == 426
+    await check({"keep": 3, "gone": 2, "down": 0})
+    await keep.pop().close()
+    await until(lambda: len(gw.live) == 4)
+    await check({"keep": 2, "gone": 2, "down": 0})
+    # A reload removing "gone" and adding "new": gone's connections stay live (and counted)
+    # until the grace is over, then end with 1001; the new API starts at 0.
+    path.write_text(head + api("keep") + api("down", "ws://127.0.0.1:1/") + api("new"))
+    assert await gw.reload() is None
+    await check({"keep": 2, "gone": 2, "down": 0, "new": 0})
+    new = await connect("new")
+    await check({"keep": 2, "gone": 2, "down": 0, "new": 1})
+    for ws in gone:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1001
+    await until(lambda: len(gw.live) == 3)
+    await check({"keep": 2, "gone": 0, "down": 0, "new": 1})
+    for ws in (*keep, new):
+        await ws.close()
+    await until(lambda: not gw.live)
+    await check({"keep": 0, "gone": 0, "down": 0, "new": 0})
+    m = samples(await gw.metrics_text())
+    assert value(m, "fastgw_connections_total", api="keep") == 3
+    assert value(m, "fastgw_connections_total", api="gone") == 2
+    assert value(m, "fastgw_closes_total", api="gone", code="1001", side="gateway") == 2
+
+
+class _NoWalk(dict):
+    """A live table that fails the test when something iterates it."""
+
+    def _walked(self, *args):
+        raise AssertionError("a scrape walked the live connections")
+
+    __iter__ = values = items = keys = _walked
+
+
+async def test_a_scrape_never_walks_the_live_connections(gateway_factory, echo_backend, admin_for):
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo"))
+    admin = await admin_for(gw)
+    conns = [await websockets.connect(gw.url("/echo")) for _ in range(2)]
+    real = gw.gw.live
+    before = await gw.gw.metrics_text()
+    # 10,000 more entries that a walk would count, in a table that cannot be walked.
+    walled = _NoWalk(real)
+    dict.update(walled, {10**9 + i: None for i in range(10_000)})
+    gw.gw.live = walled
+    try:
+        text = await gw.gw.metrics_text()
+        m = await get_metrics(admin)                   # through the admin API too
+    finally:
+        gw.gw.live = real
+    assert text == before
+    assert value(m, "fastgw_connections_active", api="echo") == 2
+    for ws in conns:
+        await ws.close()
+    await gw.wait_idle()
+    assert active_gauge(await gw.gw.metrics_text()) == {"echo": 0.0}

@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from fastgw.admin import (
+from fastgw.observe.admin import (
     METRICS_CONTENT_TYPE,
     AdminServer,
     check_admin_exposure,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fastgw.admin import check_admin_exposure
+from fastgw.observe.admin import check_admin_exposure
 from fastgw.client import UsageError, parse_header
 from fastgw.config import ConfigError, loads
 from fastgw.config.web import HTTP_TOKEN, is_loopback, normalize_origin

@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from fastgw.events import (
+from fastgw.observe.events import (
     REJECT_REASONS,
     CloseEvent,
     EventSink,
@@ -185,7 +185,7 @@ def test_file_sink_appends_and_creates(tmp_path):
 
 EMIT_THREE = """
 import sys
-from fastgw.events import EventSink, UpgradeEvent
+from fastgw.observe.events import EventSink, UpgradeEvent
 print("before", flush=False)
 sink = EventSink(sys.argv[1])
 for i in range(3):

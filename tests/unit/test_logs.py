@@ -1,4 +1,4 @@
-"""Safe log lines (fastgw.logs), the query and header helpers behind hide-credentials and
+"""Safe log lines (fastgw.observe.logs), the query and header helpers behind hide-credentials and
 identity propagation, and the configuration keys that turn them on. No sockets; the
 throttle runs on synthetic time."""
 
@@ -9,14 +9,15 @@ import logging
 import pytest
 
 from fastgw import config as cfgmod
+from fastgw.clock import SimClock
 from fastgw.identity import ApiKeyAuth, Client, clients_by_key, header_value, remove_query_params
-from fastgw.logs import MAX_FIELD, Throttle, clean, path_only
+from fastgw.observe.logs import MAX_FIELD, Throttle, clean, url_without_query
 from fastgw.routing import compile_config
 from fastgw.http.forwarding import backend_headers
 from fastgw.http.head import parse_head
 
 
-# ------------------------------------------------------------------ clean, path_only
+# ------------------------------------------------------------------ clean, url_without_query
 
 def test_clean_escapes_controls_and_bounds_length():
     assert clean("plain /path") == "plain /path"
@@ -30,25 +31,21 @@ def test_clean_escapes_controls_and_bounds_length():
     assert "\n" not in clean("\n" * 1000)
 
 
-def test_path_only_drops_the_query():
-    assert path_only("/z?api_key=alice-secret") == "/z"
-    assert path_only("ws://h:1/a/b?x=1#f") == "ws://h:1/a/b"
-    assert path_only("/" + "a" * 500 + "?k=v").endswith("...(501 chars)")
+def test_url_without_query_drops_the_query():
+    assert url_without_query("/z?api_key=alice-secret") == "/z"
+    assert url_without_query("ws://h:1/a/b?x=1#f") == "ws://h:1/a/b"
+    assert url_without_query("/" + "a" * 500 + "?k=v").endswith("...(501 chars)")
 
 
 # ------------------------------------------------------------------ Throttle
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
+def at(clock: SimClock, t: float) -> None:
+    clock.advance(t - clock.now())
 
 
 @pytest.fixture
 def throttled(caplog):
-    clock = Clock()
+    clock = SimClock(start=0.0)
     logger = logging.getLogger("fastgw.test-throttle")
     caplog.set_level(logging.INFO, logger=logger.name)
     return Throttle(logger, interval=10.0, clock=clock, max_keys=3), clock, caplog
@@ -64,11 +61,12 @@ def test_throttle_one_line_per_key_and_interval(throttled):
     for _ in range(99):
         assert not t.warning("a", "backend %s failed", "x")
     assert t.warning("b", "other")                    # another key is not held back
-    clock.now = 9.99
+    at(clock, 9.99)
     assert not t.warning("a", "backend %s failed", "x")
-    clock.now = 10.0
+    at(clock, 10.0)
+    assert clock.now() == 10.0
     assert t.warning("a", "backend %s failed", "y")
-    clock.now = 25.0
+    at(clock, 25.0)
     assert t.warning("a", "backend %s failed", "z")
     assert lines(caplog) == ["backend x failed", "other", "backend y failed (100 similar suppressed)",
                              "backend z failed"]

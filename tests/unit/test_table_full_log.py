@@ -7,7 +7,7 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastgw.metrics import Metrics, TableFullWarnings
+from fastgw.observe.metrics import Metrics, TableFullWarnings
 
 
 def table_full_samples(metrics: Metrics) -> dict:
@@ -18,7 +18,7 @@ def table_full_samples(metrics: Metrics) -> dict:
 
 
 def test_counter_has_one_sample_per_policy():
-    m = Metrics(histogram_factory=None)
+    m = Metrics()
     assert table_full_samples(m) == {"count-limit": 0, "rate-limit": 0, "message-rate-limit": 0}
     m.table_full["rate-limit"] += 2
     m.table_full["count-limit"] += 1
@@ -27,7 +27,7 @@ def test_counter_has_one_sample_per_policy():
 
 
 def test_warning_once_per_interval_with_the_refusals_since_the_last_line():
-    m = Metrics(histogram_factory=None)
+    m = Metrics()
     messages = [0]
     m.message_table_full = lambda: messages[0]
     w = TableFullWarnings(m, interval=10.0)
@@ -50,7 +50,7 @@ def test_warning_once_per_interval_with_the_refusals_since_the_last_line():
 
 
 def test_refusals_before_the_warnings_start_are_not_reported_again():
-    m = Metrics(histogram_factory=None)
+    m = Metrics()
     m.table_full["count-limit"] += 4
     w = TableFullWarnings(m, interval=10.0)
     assert w.check(0.0) is None

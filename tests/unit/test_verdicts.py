@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastgw import events, metrics
+from fastgw.observe import events, metrics
 from fastgw.identity import AuthError
 from fastgw.verdicts import HANDSHAKE_LIMIT, KINDS, REJECT_REASONS, STATUSES, Refusal
 

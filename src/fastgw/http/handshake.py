@@ -33,7 +33,7 @@ from fastgw.clock import Clock
 from fastgw.connection import Connection
 from fastgw.http.forwarding import backend_headers
 from fastgw.http.head import Request, check_upgrade, http_response, parse_head, switching_protocols
-from fastgw.logs import clean, url_without_query
+from fastgw.observe.logs import clean, url_without_query
 from fastgw.upstream import accept_key, dial
 from fastgw.verdicts import Refusal
 

@@ -3,7 +3,7 @@
 It serves health and readiness, the Prometheus metrics, the HDR histograms, the
 table of live connections (and closing them), configuration reload and drain.
 It is built on ``aiohttp.web`` and knows nothing of the gateway itself: it talks
-to an object implementing :class:`AdminBackend` (``server.py`` provides one), so
+to an object implementing :class:`AdminBackend` (the Gateway provides one), so
 it can be tested with a fake.
 
 Routes (every answer is JSON unless noted; errors are ``{"error": "..."}``):
@@ -45,7 +45,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from fastgw.config.web import is_loopback
-from fastgw.logs import Throttle, clean
+from fastgw.observe.logs import Throttle, clean
 
 from fastgw.accept import Acceptor, listen
 
@@ -386,15 +386,8 @@ class AdminServer:
         self.acceptor = acceptor
         # A host name may be bound on several addresses; with port 0 each gets its own
         # port, so the URL names the first socket actually bound.
-        self.addresses: list[tuple[str, int]] = [
-            s.getsockname()[:2] for s in acceptor.sockets
-        ]
-        host, self.port = self.addresses[0]
+        host, self.port = acceptor.sockets[0].getsockname()[:2]
         self.url = f"http://{_url_host(host)}:{self.port}"
-
-    @property
-    def app(self) -> web.Application:
-        return self.runner.app
 
     async def close(self) -> None:
         """Stop listening and close open admin connections (idempotent)."""

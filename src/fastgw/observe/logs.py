@@ -2,8 +2,8 @@
 
 Three rules hold for every log line of the package:
 
-* no query string: a request target or a URL is logged by :func:`path_only` /
-  :func:`url_without_query` (API keys and tokens travel in queries);
+* no query string: a request target or a URL is logged by :func:`url_without_query`
+  (API keys and tokens travel in queries);
 * every value a client or a backend controls goes through :func:`clean`: control
   characters escaped (a line stays one line), at most :data:`MAX_FIELD` characters;
 * a line that one request can cause is written through a :class:`Throttle`: one line per
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 
-__all__ = ["MAX_FIELD", "LOG_INTERVAL", "Throttle", "clean", "path_only", "url_without_query"]
+from fastgw.clock import Clock
+
+__all__ = ["MAX_FIELD", "LOG_INTERVAL", "Throttle", "clean", "url_without_query"]
 
 #: Characters of one client-controlled value kept in a log line.
 MAX_FIELD = 200
@@ -52,14 +53,9 @@ def clean(value: object, limit: int = MAX_FIELD) -> str:
     return f"{text}...({total} chars)" if cut else text
 
 
-def path_only(target: str) -> str:
-    """A request target without its query (and fragment), bounded by :func:`clean`."""
-    return clean(target.split("?", 1)[0].split("#", 1)[0])
-
-
 def url_without_query(url: str) -> str:
-    """A URL without its query (and fragment), bounded by :func:`clean`."""
-    return path_only(url)
+    """A URL or a request target without its query (and fragment), bounded by :func:`clean`."""
+    return clean(url.split("?", 1)[0].split("#", 1)[0])
 
 
 class Throttle:
@@ -69,14 +65,15 @@ class Throttle:
     line of that key that is written ends with ``(N similar suppressed)``. Keys are few and
     chosen by the caller (an API name and a status, never a client's text); at most
     ``max_keys`` are remembered, the oldest forgotten first (its count, if any, is written
-    then). ``clock`` is injectable for tests.
+    then). Time is read from ``clock`` (:class:`fastgw.clock.Clock`; a test gives a
+    ``SimClock``).
     """
 
     def __init__(self, logger: logging.Logger, interval: float = LOG_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic, max_keys: int = 256):
+                 clock: Clock | None = None, max_keys: int = 256):
         self.logger = logger
         self.interval = interval
-        self.clock = clock
+        self.clock = clock if clock is not None else Clock()
         self.max_keys = max_keys
         self._keys: dict[Hashable, list] = {}       # key -> [next due time, suppressed, msg]
 
@@ -85,7 +82,7 @@ class Throttle:
         ``interval`` ago. Returns whether the line was written."""
         if not self.logger.isEnabledFor(level):
             return False
-        now = self.clock()
+        now = self.clock.now()
         entry = self._keys.get(key)
         if entry is not None and now < entry[0]:
             entry[1] += 1

@@ -3,16 +3,19 @@
 Counting happens in the core: each API has one FlowStats per flow, shared by
 its connections and updated on the frame path, so a scrape reads a handful of
 numbers per API and never walks the live connections. Connection-level
-counts (accepted, refused, closed) are kept here, once per connection.
+counts (accepted, refused, closed) are kept here, once per connection; the
+live connections of an API are the accepted ones not yet closed.
 
 Metric names and labels are a contract (see README, "Metrics").
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from fastgw._core import FlowStats
+from fastgw.observe.histograms import new_histogram
 from fastgw.verdicts import REJECT_REASONS
 
 # The `policy` label of fastgw_limit_table_full_total.
@@ -23,34 +26,30 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 DURATION_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 43200.0, 86400.0)
 
 
-def default_histogram_factory():
-    """HDR histograms kept in the core (1 µs .. 1 h, 3 significant digits), if it has them."""
-    try:
-        from fastgw._core import HdrArray
-    except ImportError:
-        return None
-    return lambda: HdrArray(1, 3_600_000_000, 3)
-
-
 class ApiMetrics:
-    """What is counted for one API (kept across reloads while the API exists)."""
+    """What is counted for one API (kept for the process's life: an API that a reload
+    removes keeps its series, and its connections are counted until they end)."""
 
-    def __init__(self, name: str, histogram_factory=None, intervals: bool = False):
-        self.name = name
-        self.request = FlowStats(histogram_factory is not None, intervals)
-        self.response = FlowStats(histogram_factory is not None, intervals)
-        self.accepted = 0
+    def __init__(self, histograms: bool = True, intervals: bool = False):
+        self.request = FlowStats(histograms, intervals)
+        self.response = FlowStats(histograms, intervals)
+        self.accepted = 0                                   # counted at attach
         self.rejected: Counter[str] = Counter()
-        self.closes: Counter[tuple[int, str]] = Counter()
+        self.closes: Counter[tuple[int, str]] = Counter()   # counted at the end of life
         # Latencies in microseconds; durations in milliseconds.
-        make = histogram_factory
-        self.handshake = make() if make else None
-        self.upstream_connect = make() if make else None
-        self.duration = make() if make else None
-        iv = bool(make and intervals)
-        self.interval = {"handshake_us": make() if iv else None,
-                         "upstream_connect_us": make() if iv else None,
-                         "duration_ms": make() if iv else None}
+        self.handshake = new_histogram() if histograms else None
+        self.upstream_connect = new_histogram() if histograms else None
+        self.duration = new_histogram() if histograms else None
+        iv = histograms and intervals
+        self.interval = {"handshake_us": new_histogram() if iv else None,
+                         "upstream_connect_us": new_histogram() if iv else None,
+                         "duration_ms": new_histogram() if iv else None}
+
+    @property
+    def active(self) -> int:
+        """Live connections: accepted ones (counted once at attach) not yet closed (counted
+        once at the end of life). A few numbers per API, whatever the connection count."""
+        return self.accepted - sum(self.closes.values())
 
     def record(self, kind: str, value: int) -> None:
         """Record a per-connection value (handshake_us, upstream_connect_us, duration_ms)."""
@@ -75,24 +74,24 @@ class ApiMetrics:
 
 
 class Metrics:
-    def __init__(self, histogram_factory=None, intervals: bool = False, enabled: bool = True):
+    """Every counter of the process: per API, and those not tied to one (see README, "Metrics")."""
+
+    def __init__(self, intervals: bool = False, enabled: bool = True):
         self.apis: dict[str, ApiMetrics] = {}
         self.enabled = enabled
-        self._factory = (histogram_factory or default_histogram_factory()) if enabled else None
         self._intervals = intervals and enabled
         self.rejected_unrouted: Counter[str] = Counter()   # refusals before an API was known
         self.rejected_status: Counter[int] = Counter()     # refusals by HTTP status (status line)
         self.table_full: Counter[str] = Counter()          # upgrades refused for want of a slot, by policy
         self.message_table_full = lambda: 0                # messages limited for want of a slot (the zone)
         self.events_dropped = lambda: 0
-        self.active = lambda: {}                           # api -> live connections
         self.accept_errors: Counter[str] = Counter()       # errno name -> failed accept() calls
         self.max_connections = lambda: 0                   # the listeners' cap (0: none)
 
     def api(self, name: str) -> ApiMetrics:
         m = self.apis.get(name)
         if m is None:
-            m = self.apis[name] = ApiMetrics(name, self._factory, self._intervals)
+            m = self.apis[name] = ApiMetrics(self.enabled, self._intervals)
         return m
 
     def count_reject(self, api: str | None, reason: str, status: int | None = None) -> None:
@@ -140,58 +139,6 @@ class TableFullWarnings:
                 f"last report ({parts}); raise limits.max-keys")
 
 
-class IntervalLog:
-    """Writes interval histograms in the HdrHistogram log format (v1.3, tagged lines).
-
-    Every `interval` seconds each histogram's interval twin is copied and reset
-    and written as one line `Tag=API/kind_unit,start,length,max,payload`, which
-    hdrh.log.HistogramLogReader and HdrHistogram's HistogramLogAnalyzer read.
-    Times are seconds since the base time written in the header.
-    """
-
-    def __init__(self, metrics: "Metrics", path: str, interval: float):
-        import time
-        self.metrics = metrics
-        self.path = path
-        self.interval = interval
-        self.base = time.time()
-        self.last = self.base
-        self.file = open(path, "a", encoding="utf-8")
-        self.file.write("#[Histogram log format version 1.3]\n")
-        self.file.write(f"#[StartTime: {self.base:.3f} (seconds since epoch)]\n")
-        self.file.write(f"#[BaseTime: {self.base:.3f} (seconds since epoch)]\n")
-        self.file.write('"StartTimestamp","Interval_Length","Interval_Max","Interval_Compressed_Histogram"\n')
-        self.file.flush()
-
-    def write_interval(self) -> int:
-        """Write one line per histogram for the interval that just ended; returns the lines."""
-        import time
-        now = time.time()
-        lines = []
-        for api, am in sorted(self.metrics.apis.items()):
-            for kind, arr in sorted(am.interval_histograms().items()):
-                if arr is None:
-                    continue
-                hdr = arr.copy_and_reset()
-                lines.append(f"Tag={api}/{kind},{self.last - self.base:.3f},{now - self.last:.3f},"
-                             f"{float(hdr.get_max_value()):.3f},{hdr.encode().decode()}\n")
-        self.last = now
-        self.file.write("".join(lines))
-        self.file.flush()
-        return len(lines)
-
-    async def run(self) -> None:
-        import asyncio
-        while True:
-            await asyncio.sleep(self.interval)
-            self.write_interval()
-
-    def close(self) -> None:
-        if not self.file.closed:
-            self.write_interval()
-            self.file.close()
-
-
 # Families in the order they are written: (name, type, help).
 _FAMILIES = (
     ("fastgw_connections_active", "gauge", "Live relayed connections."),
@@ -227,11 +174,11 @@ def _num(v) -> str:
     return repr(float(v))
 
 
-def _api_lines(name: str, a: ApiMetrics, active: int) -> dict[str, list[str]]:
+def _api_lines(name: str, a: ApiMetrics) -> dict[str, list[str]]:
     """The samples of one API, by family."""
     api = f'api="{_label(name)}"'
     out: dict[str, list[str]] = {f[0]: [] for f in _FAMILIES}
-    out["fastgw_connections_active"].append(f"fastgw_connections_active{{{api}}} {_num(active)}")
+    out["fastgw_connections_active"].append(f"fastgw_connections_active{{{api}}} {_num(a.active)}")
     out["fastgw_connections_total"].append(f"fastgw_connections_total{{{api}}} {_num(a.accepted)}")
     rej = out["fastgw_upgrades_rejected_total"]
     for reason in sorted(set(REJECT_REASONS) | set(a.rejected)):
@@ -270,11 +217,9 @@ def _api_lines(name: str, a: ApiMetrics, active: int) -> dict[str, list[str]]:
 async def render_async(metrics: "Metrics") -> str:
     """The exposition, one API at a time, giving the event loop a turn between APIs so
     that a scrape never holds the relay for longer than one API's lines take (~0.1 ms)."""
-    import asyncio
-    active = metrics.active()
     families: dict[str, list[str]] = {f[0]: [] for f in _FAMILIES}
     for name in sorted(metrics.apis):
-        for fam, lines in _api_lines(name, metrics.apis[name], active.get(name, 0)).items():
+        for fam, lines in _api_lines(name, metrics.apis[name]).items():
             families[fam].extend(lines)
         await asyncio.sleep(0)
     rej = families["fastgw_upgrades_rejected_total"]
