@@ -33,7 +33,7 @@ from fastgw.observe import events as ev
 from fastgw.observe.logs import Throttle
 from fastgw.observe.metrics import Metrics, TableFullWarnings
 from fastgw.routing import Router, compile_config
-from fastgw.verdicts import Refusal
+from fastgw.verdicts import HANDSHAKE_LIMIT, Refusal
 
 log = logging.getLogger("fastgw")
 
@@ -324,7 +324,7 @@ class Gateway:
         self._update_accepting()
 
     def _refused_at_accept(self, ip: str) -> None:
-        self.metrics.count_reject(None, "handshake_limit")
+        self.metrics.count_reject(None, HANDSHAKE_LIMIT)
         self.log_throttle.warning(
             "per-ip-cap", "closed a new connection from %s at once: %d connections of that "
             "address in their handshake (limits.max-handshakes-per-ip)", ip,
