@@ -8,6 +8,7 @@ import asyncio
 import gc
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -187,3 +188,107 @@ def gateway_process(tmp_path):
                 gp.proc.kill()
                 gp.proc.wait()
     assert leaks == 0, f"{leaks} slots released by a deallocator in a gateway process"
+
+
+# ---- `fastgw run` with its admin API --------------------------------------------------------------
+
+ADMIN = "admin: {host: 127.0.0.1, port: 0}\n"
+
+
+class AdminGatewayProcess(GatewayProcess):
+    admin_url: str = ""
+    config_path: Path
+
+    def write_config(self, yaml_text: str) -> None:
+        """Rewrite the configuration file (with the same admin section), for a reload."""
+        self.config_path.write_text(yaml_text + ADMIN)
+
+
+@pytest.fixture
+def gateway_with_admin(tmp_path):
+    """`fastgw run` with its admin API on a free port; with soft/hard, under that RLIMIT_NOFILE."""
+    procs: list[AdminGatewayProcess] = []
+
+    def start(yaml_text: str, soft: int | None = None, hard: int | None = None) -> AdminGatewayProcess:
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(yaml_text + ADMIN)
+        err = tmp_path / "gateway.stderr"
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+        proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=err.open("w"),
+                                preexec_fn=limit if soft is not None else None)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = err.read_text()
+            port = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", text)
+            admin = re.search(r"admin on (http://\S+)", text)
+            if port and admin:
+                for _ in range(40):      # the line after "admin on" (this version prints it)
+                    if "max-connections" in err.read_text():
+                        break
+                    time.sleep(0.05)
+                gp = AdminGatewayProcess(proc, int(port.group(1)), err)
+                gp.admin_url = admin.group(1)
+                gp.config_path = cfg
+                procs.append(gp)
+                return gp
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {text}")
+            time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError(f"gateway did not start: {err.read_text()}")
+
+    yield start
+    for gp in procs:
+        if gp.proc.poll() is None:
+            gp.proc.send_signal(signal.SIGTERM)
+            try:
+                gp.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                gp.proc.kill()
+                gp.proc.wait()
+
+
+# ---- the admin API's metrics ------------------------------------------------------------------
+
+def samples(text: str) -> dict:
+    """{(name, frozenset(labels)): value} of every sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+async def admin_for():
+    """Start the admin API of an in-process gateway (`admin_for(rg, token=None)`)."""
+    from fastgw.admin import start_admin
+    servers = []
+
+    async def start(rg, token=None):
+        srv = await start_admin(rg.gw, "127.0.0.1", 0, token)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        await srv.close()
+
+
+async def get_metrics(admin) -> dict:
+    """The admin API's /metrics as samples()."""
+    import aiohttp
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{admin.url}/metrics") as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return samples(await r.text())

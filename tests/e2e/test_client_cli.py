@@ -13,6 +13,7 @@ import trustme
 from websockets.asyncio.server import serve as ws_serve
 
 from conftest import gateway_yaml
+from wire import free_port
 
 TIMEOUT = 30
 
@@ -178,13 +179,6 @@ async def test_bad_arguments_exit_2(args, words):
 
 
 @pytest.fixture
-def unused_tcp_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_stdin_from_a_file_many_lines_in_order(gateway, tmp_path):
     lines = [f"line {i} " + "y" * (i % 300) for i in range(3000)]
     path = tmp_path / "input.txt"

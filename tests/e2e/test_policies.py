@@ -19,6 +19,8 @@ import yaml
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from wire import free_port
+
 SECRET = "fastgw-test-secret-of-at-least-32-bytes!"
 
 CLIENTS = [
@@ -207,10 +209,7 @@ async def test_slot_released_on_later_refusal_abort_and_backend_down(gateway_fac
 
 
 async def test_slot_released_when_backend_unreachable(gateway_factory):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     gw = await gateway_factory(config_yaml(
         f"ws://127.0.0.1:{dead}/",
         pre=[{"policy": "count-limit", "key": "client-ip", "max": 1}]))
