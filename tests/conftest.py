@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 import uvloop
 
 # The benchmark scripts (bench/loadgen.py, bench/peers.py) are tested as modules.
@@ -27,9 +28,66 @@ from fastgw.echo import serve as echo_serve, server_port
 from fastgw.server import Gateway
 
 
+LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "both_loops: run each async test on uvloop and on the standard library's "
+                   "asyncio loop (`fastgw run --loop asyncio`), not on uvloop only")
+
+
 def pytest_asyncio_loop_factories(config, item):
-    """Every async test runs on uvloop, as the gateway does."""
-    return {"uvloop": uvloop.new_event_loop}
+    """Every async test runs on uvloop, as the gateway does by default; those marked
+    `both_loops` run on asyncio's own loop as well (test ids end in [uvloop] / [asyncio])."""
+    if item.get_closest_marker("both_loops") is not None:
+        return LOOPS
+    return {"uvloop": LOOPS["uvloop"]}
+
+
+@pytest.fixture(autouse=True)
+def _loop_exceptions(request):
+    """Fail an async test during which its event loop's exception handler was called (a
+    callback or a task that raised with nobody to tell, a transport's fatal error); see
+    loop_exceptions. Autouse, so that it is set up first and torn down last, after every
+    other fixture of the test (the gateway's shutdown included)."""
+    if pytest_asyncio.is_async_test(request.node):
+        request.getfixturevalue("loop_exceptions")
+
+
+@pytest.fixture
+async def loop_exceptions():
+    """The contexts the running loop's exception handler was given during the test: recorded
+    (and logged as the default handler does); the test fails at teardown with their messages.
+    A test that provokes one on purpose empties the list."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict] = []
+
+    def record(loop, context):
+        seen.append(context)
+        loop.default_exception_handler(context)
+
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(record)
+    yield seen
+    # Callbacks already scheduled (a connection_lost, a done task's callbacks) run first.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    loop.set_exception_handler(previous)
+    if seen:
+        pytest.fail("the event loop's exception handler was called during the test:\n  "
+                    + "\n  ".join(map(_describe, seen)), pytrace=False)
+
+
+def _describe(context: dict) -> str:
+    text = context.get("message", "")
+    exc = context.get("exception")
+    if exc is not None:
+        text += f": {type(exc).__name__}: {exc}"
+    for key in ("handle", "task", "future", "protocol", "transport"):
+        if key in context:
+            text += f" ({key} {context[key]!r:.200})"
+    return text
 
 
 @pytest.fixture
