@@ -23,6 +23,9 @@ from conftest import gateway_yaml
 from wire import (BINARY, CLOSE, CONT, PING, PONG, TEXT, TIMEOUT, Frame, accept_upgrade,
                   close_payload, expect_eof, frame, read_close, read_frame, ws)
 
+# On uvloop and on the standard library's loop (`fastgw run --loop asyncio`).
+pytestmark = pytest.mark.both_loops
+
 # Payload material: deterministic, so that a failure can be replayed.
 _POOL = random.Random(6455).randbytes(300_000)
 _ASCII = bytes(0x20 + b % 95 for b in _POOL[:70_000])

@@ -21,6 +21,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wire import free_port
 
+# On uvloop and on the standard library's loop (`fastgw run --loop asyncio`).
+pytestmark = pytest.mark.both_loops
+
 SECRET = "fastgw-test-secret-of-at-least-32-bytes!"
 
 CLIENTS = [

@@ -14,6 +14,10 @@ from websockets.exceptions import InvalidStatus
 from conftest import gateway_yaml
 from wire import exchange, frame, free_port, open_ws, read_close_code, status_of, upgrade_request
 
+# On uvloop and on the standard library's loop (`fastgw run --loop asyncio`).
+pytestmark = pytest.mark.both_loops
+
+
 async def still_serving(gw) -> None:
     async with websockets.connect(gw.url("/")) as ws:
         await ws.send("still here")
