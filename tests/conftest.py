@@ -204,11 +204,15 @@ class GatewayProcess:
         raise TimeoutError("no status line")
 
 
-def start_gateway_process(tmp_path: Path, yaml_text: str, *args: str) -> GatewayProcess:
+FASTGW = (sys.executable, "-m", "fastgw")
+
+
+def start_gateway_process(tmp_path: Path, yaml_text: str, *args: str, command=FASTGW) -> GatewayProcess:
+    """`fastgw run -c FILE ARGS` (`command` instead of `python -m fastgw`), once it listens."""
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(yaml_text)
     err = tmp_path / "gateway.stderr"
-    proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(cfg), *args],
+    proc = subprocess.Popen([*command, "run", "-c", str(cfg), *args],
                             stdout=subprocess.DEVNULL, stderr=err.open("w"))
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -226,8 +230,8 @@ def start_gateway_process(tmp_path: Path, yaml_text: str, *args: str) -> Gateway
 def gateway_process(tmp_path):
     procs: list[GatewayProcess] = []
 
-    def start(yaml_text: str, *args: str) -> GatewayProcess:
-        gp = start_gateway_process(tmp_path, yaml_text, *args)
+    def start(yaml_text: str, *args: str, command=FASTGW) -> GatewayProcess:
+        gp = start_gateway_process(tmp_path, yaml_text, *args, command=command)
         procs.append(gp)
         return gp
 
