@@ -283,6 +283,8 @@ async def paced_echoes(gw, n: int):
     return (n - 1) / (got[-1][1] - got[0][1]), counters
 
 
+# 10 s of real time: on uvloop only (the delay path runs on asyncio in the burst-1 test below).
+@pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_message_rate_limit_delay_paces_messages(gateway_factory, echo_backend):
     # 100 messages/s, 1001 messages: about 10 s. (burst 2: see the test below for burst 1)
     gw = await gateway_factory(config_yaml(
