@@ -1,6 +1,8 @@
-"""Shared fixtures: uvloop for every async test, a real echo backend, and the
-gateway itself, either in this process (to look at its connection table) or as
-a `fastgw run` subprocess (for signals and memory)."""
+"""Shared fixtures: the event loop of every async test (uvloop; uvloop and asyncio's own
+for the tests marked both_loops), the loop fixture that fails a test during which the loop's
+exception handler was called, a real echo backend, and the gateway itself, either in this
+process on the test's loop (to look at its connection table) or as a `fastgw run` subprocess
+(for signals and memory). The raw WebSocket wire the tests speak is tests/wire.py."""
 
 from __future__ import annotations
 
