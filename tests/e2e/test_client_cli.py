@@ -158,10 +158,11 @@ async def test_wss_with_ca_and_insecure(gateway_factory, echo_backend, tmp_path)
     assert "certificate" in err and "--ca" in err and "Traceback" not in err
 
 
-async def test_connection_refused(unused_tcp_port):
-    rc, out, err = await client(f"ws://127.0.0.1:{unused_tcp_port}/")
+async def test_connection_refused():
+    port = free_port()
+    rc, out, err = await client(f"ws://127.0.0.1:{port}/")
     assert rc == 1
-    assert err == f"fastgw client: cannot connect to ws://127.0.0.1:{unused_tcp_port}/: Connection refused\n"
+    assert err == f"fastgw client: cannot connect to ws://127.0.0.1:{port}/: Connection refused\n"
     assert "Traceback" not in err
 
 
@@ -178,7 +179,6 @@ async def test_bad_arguments_exit_2(args, words):
     assert words in err and err.startswith("fastgw client: ") and "Traceback" not in err
 
 
-@pytest.fixture
 async def test_stdin_from_a_file_many_lines_in_order(gateway, tmp_path):
     lines = [f"line {i} " + "y" * (i % 300) for i in range(3000)]
     path = tmp_path / "input.txt"
