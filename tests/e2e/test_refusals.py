@@ -145,10 +145,10 @@ async def test_silent_backend_504_after_timeout(gateway_factory):
     (frame(0x1, b"not masked", mask=False), 1002),
     (frame(0x3, b"opcode 3"), 1002),
     (frame(0x0, b"continuation first"), 1002),
-    (bytes([0x81 | 0x40, 0x80 | 2]) + b"\0\0\0\0hi", 1002),                 # RSV1 without extension
-    (frame(0x9, b"p" * 10, fin=False), 1002),                          # fragmented ping
-    (frame(0x8, struct.pack("!H", 1005)), 1002),                       # invalid close code
-])
+    (bytes([0x81 | 0x40, 0x80 | 2]) + b"\0\0\0\0hi", 1002),         # RSV1 without extension
+    (frame(0x9, b"p" * 10, fin=False), 1002),                   # fragmented ping
+    (frame(0x8, struct.pack("!H", 1005)), 1002),                # invalid close code
+], ids=["unmasked", "opcode-3", "continuation-first", "rsv1", "fragmented-ping", "close-1005"])
 async def test_hostile_frames_get_close_codes(gateway, frame, code):
     reader, writer = await open_ws(gateway.port)
     writer.write(frame)
