@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import uvloop
+
+try:
+    import uvloop
+except ImportError:             # a Python that uvloop does not support yet: asyncio's loop only
+    uvloop = None
 
 # The benchmark scripts (bench/loadgen.py, bench/peers.py) are tested as modules.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -30,7 +34,8 @@ from fastgw.echo import serve as echo_serve, server_port
 from fastgw.server import Gateway
 
 
-LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+LOOPS = {"uvloop": uvloop.new_event_loop} if uvloop is not None else {}
+LOOPS["asyncio"] = asyncio.new_event_loop
 
 
 def pytest_configure(config):
@@ -41,8 +46,9 @@ def pytest_configure(config):
 
 def pytest_asyncio_loop_factories(config, item):
     """Every async test runs on uvloop, as the gateway does by default; those marked
-    `both_loops` run on asyncio's own loop as well (test ids end in [uvloop] / [asyncio])."""
-    if item.get_closest_marker("both_loops") is not None:
+    `both_loops` run on asyncio's own loop as well (test ids end in [uvloop] / [asyncio]).
+    Without uvloop, every one runs on asyncio's."""
+    if item.get_closest_marker("both_loops") is not None or uvloop is None:
         return LOOPS
     return {"uvloop": LOOPS["uvloop"]}
 
