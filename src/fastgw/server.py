@@ -688,6 +688,9 @@ class Gateway:
     async def start(self) -> list[tuple[str, str, int]]:
         """Raise the descriptor limit, open the listeners and start accepting."""
         self.loop = asyncio.get_running_loop()
+        # "native" accepting (see _desired_mode) is for uvloop's servers only: asyncio's
+        # create_server(sock=...) does not complete at once and would leave a stale reader.
+        self._native_broken |= not type(self.loop).__module__.startswith("uvloop")
         if self._table_timer is None:
             self._table_timer = self.loop.call_later(self.TABLE_FULL_CHECK, self._watch_table)
         self.fd_limit_at_start, self.fd_limit = raise_fd_limit()

@@ -20,7 +20,7 @@ import websockets
 import yaml
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from test_observability import admin_for, get_metrics, value  # noqa: F401 (a fixture)
+from conftest import get_metrics, value
 
 SLOTS = 32                     # max-keys 16: twice the slots are allocated
 
