@@ -1,6 +1,8 @@
-"""Shared fixtures: uvloop for every async test, a real echo backend, and the
-gateway itself, either in this process (to look at its connection table) or as
-a `fastgw run` subprocess (for signals and memory)."""
+"""Shared fixtures: the event loop of every async test (uvloop; uvloop and asyncio's own
+for the tests marked both_loops), the loop fixture that fails a test during which the loop's
+exception handler was called, a real echo backend, and the gateway itself, either in this
+process on the test's loop (to look at its connection table) or as a `fastgw run` subprocess
+(for signals and memory). The raw WebSocket wire the tests speak is tests/wire.py."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import gc
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -16,7 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-import uvloop
+import pytest_asyncio
+
+try:
+    import uvloop
+except ImportError:             # a Python that uvloop does not support yet: asyncio's loop only
+    uvloop = None
 
 # The benchmark scripts (bench/loadgen.py, bench/peers.py) are tested as modules.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -26,9 +34,68 @@ from fastgw.echo import serve as echo_serve, server_port
 from fastgw.gateway import Gateway
 
 
+LOOPS = {"uvloop": uvloop.new_event_loop} if uvloop is not None else {}
+LOOPS["asyncio"] = asyncio.new_event_loop
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "both_loops: run each async test on uvloop and on the standard library's "
+                   "asyncio loop (`fastgw run --loop asyncio`), not on uvloop only")
+
+
 def pytest_asyncio_loop_factories(config, item):
-    """Every async test runs on uvloop, as the gateway does."""
-    return {"uvloop": uvloop.new_event_loop}
+    """Every async test runs on uvloop, as the gateway does by default; those marked
+    `both_loops` run on asyncio's own loop as well (test ids end in [uvloop] / [asyncio]).
+    Without uvloop, every one runs on asyncio's."""
+    if item.get_closest_marker("both_loops") is not None or uvloop is None:
+        return LOOPS
+    return {"uvloop": LOOPS["uvloop"]}
+
+
+@pytest.fixture(autouse=True)
+def _loop_exceptions(request):
+    """Fail an async test during which its event loop's exception handler was called (a
+    callback or a task that raised with nobody to tell, a transport's fatal error); see
+    loop_exceptions. Autouse, so that it is set up first and torn down last, after every
+    other fixture of the test (the gateway's shutdown included)."""
+    if pytest_asyncio.is_async_test(request.node):
+        request.getfixturevalue("loop_exceptions")
+
+
+@pytest.fixture
+async def loop_exceptions():
+    """The contexts the running loop's exception handler was given during the test: recorded
+    (and logged as the default handler does); the test fails at teardown with their messages.
+    A test that provokes one on purpose empties the list."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict] = []
+
+    def record(loop, context):
+        seen.append(context)
+        loop.default_exception_handler(context)
+
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(record)
+    yield seen
+    # Callbacks already scheduled (a connection_lost, a done task's callbacks) run first.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    loop.set_exception_handler(previous)
+    if seen:
+        pytest.fail("the event loop's exception handler was called during the test:\n  "
+                    + "\n  ".join(map(_describe, seen)), pytrace=False)
+
+
+def _describe(context: dict) -> str:
+    text = context.get("message", "")
+    exc = context.get("exception")
+    if exc is not None:
+        text += f": {type(exc).__name__}: {exc}"
+    for key in ("handle", "task", "future", "protocol", "transport"):
+        if key in context:
+            text += f" ({key} {context[key]!r:.200})"
+    return text
 
 
 @pytest.fixture
@@ -145,11 +212,15 @@ class GatewayProcess:
         raise TimeoutError("no status line")
 
 
-def start_gateway_process(tmp_path: Path, yaml_text: str, *args: str) -> GatewayProcess:
+FASTGW = (sys.executable, "-m", "fastgw")
+
+
+def start_gateway_process(tmp_path: Path, yaml_text: str, *args: str, command=FASTGW) -> GatewayProcess:
+    """`fastgw run -c FILE ARGS` (`command` instead of `python -m fastgw`), once it listens."""
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(yaml_text)
     err = tmp_path / "gateway.stderr"
-    proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(cfg), *args],
+    proc = subprocess.Popen([*command, "run", "-c", str(cfg), *args],
                             stdout=subprocess.DEVNULL, stderr=err.open("w"))
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -167,8 +238,8 @@ def start_gateway_process(tmp_path: Path, yaml_text: str, *args: str) -> Gateway
 def gateway_process(tmp_path):
     procs: list[GatewayProcess] = []
 
-    def start(yaml_text: str, *args: str) -> GatewayProcess:
-        gp = start_gateway_process(tmp_path, yaml_text, *args)
+    def start(yaml_text: str, *args: str, command=FASTGW) -> GatewayProcess:
+        gp = start_gateway_process(tmp_path, yaml_text, *args, command=command)
         procs.append(gp)
         return gp
 
@@ -187,3 +258,107 @@ def gateway_process(tmp_path):
                 gp.proc.kill()
                 gp.proc.wait()
     assert leaks == 0, f"{leaks} slots released by a deallocator in a gateway process"
+
+
+# ---- `fastgw run` with its admin API --------------------------------------------------------------
+
+ADMIN = "admin: {host: 127.0.0.1, port: 0}\n"
+
+
+class AdminGatewayProcess(GatewayProcess):
+    admin_url: str = ""
+    config_path: Path
+
+    def write_config(self, yaml_text: str) -> None:
+        """Rewrite the configuration file (with the same admin section), for a reload."""
+        self.config_path.write_text(yaml_text + ADMIN)
+
+
+@pytest.fixture
+def gateway_with_admin(tmp_path):
+    """`fastgw run` with its admin API on a free port; with soft/hard, under that RLIMIT_NOFILE."""
+    procs: list[AdminGatewayProcess] = []
+
+    def start(yaml_text: str, soft: int | None = None, hard: int | None = None) -> AdminGatewayProcess:
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(yaml_text + ADMIN)
+        err = tmp_path / "gateway.stderr"
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+        proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=err.open("w"),
+                                preexec_fn=limit if soft is not None else None)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = err.read_text()
+            port = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", text)
+            admin = re.search(r"admin on (http://\S+)", text)
+            if port and admin:
+                for _ in range(40):      # the line after "admin on" (this version prints it)
+                    if "max-connections" in err.read_text():
+                        break
+                    time.sleep(0.05)
+                gp = AdminGatewayProcess(proc, int(port.group(1)), err)
+                gp.admin_url = admin.group(1)
+                gp.config_path = cfg
+                procs.append(gp)
+                return gp
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {text}")
+            time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError(f"gateway did not start: {err.read_text()}")
+
+    yield start
+    for gp in procs:
+        if gp.proc.poll() is None:
+            gp.proc.send_signal(signal.SIGTERM)
+            try:
+                gp.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                gp.proc.kill()
+                gp.proc.wait()
+
+
+# ---- the admin API's metrics ------------------------------------------------------------------
+
+def samples(text: str) -> dict:
+    """{(name, frozenset(labels)): value} of every sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+async def admin_for():
+    """Start the admin API of an in-process gateway (`admin_for(rg, token=None)`)."""
+    from fastgw.observe.admin import start_admin
+    servers = []
+
+    async def start(rg, token=None):
+        srv = await start_admin(rg.gw, "127.0.0.1", 0, token)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        await srv.close()
+
+
+async def get_metrics(admin) -> dict:
+    """The admin API's /metrics as samples()."""
+    import aiohttp
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{admin.url}/metrics") as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return samples(await r.text())

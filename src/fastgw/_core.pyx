@@ -816,6 +816,11 @@ cdef class Leg:
     def eof_received(self):
         return None     # the transport closes; connection_lost follows
 
+    def data_received(self, bytes data):
+        # The standard library's transports (`fastgw run --loop asyncio`) call this: to them a
+        # Leg is no asyncio.BufferedProtocol. uvloop's call get_buffer()/buffer_updated().
+        self.feed(data)
+
     cdef int _received(self, char* data, Py_ssize_t size, bint own) except -1:
         """Process the frames of one read; keep a partial frame for the next."""
         cdef Py_ssize_t used, rest

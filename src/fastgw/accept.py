@@ -134,7 +134,12 @@ def connect_accepted(loop, fd: int, family: int, protocol_factory, done=None, ar
     once the transport is made or has failed. Returns the coroutine while it waits (`close()` it
     to abort the connection), or None if it is over already. Raises what the first step
     raised (the descriptor is then closed)."""
-    sock = AcceptedSocket(family, socket.SOCK_STREAM, 0, fd)
+    # uvloop closes the descriptor itself; the standard library's transports (`fastgw run --loop
+    # asyncio`) close it through the socket's close().
+    if type(loop).__module__.startswith("uvloop"):
+        sock = AcceptedSocket(family, socket.SOCK_STREAM, 0, fd)
+    else:
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
     if ssl is None:
         coro = loop.connect_accepted_socket(protocol_factory, sock)
     else:

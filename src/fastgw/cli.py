@@ -129,6 +129,28 @@ async def _serve(config, drain_time: float | None, config_path: str | None, stop
 
 
 
+LOOPS = ("uvloop", "asyncio")
+
+
+def loop_runner(choice: str | None):
+    """What runs the gateway's main coroutine: `uvloop.run` (the default) or, for `--loop
+    asyncio`, `asyncio.run` on the standard library's loop. Without --loop and without uvloop
+    (it has lagged new CPython releases), asyncio's with one warning line; None (after a line
+    on stderr) when uvloop was asked for and is missing."""
+    if choice == "asyncio":
+        return asyncio.run
+    try:
+        import uvloop
+    except ImportError as exc:
+        if choice == "uvloop":
+            print(f"fastgw: --loop uvloop: {exc}", file=sys.stderr)
+            return None
+        print("fastgw: warning: uvloop is not installed: running on asyncio's loop (slower); "
+              "--loop asyncio chooses it without this warning", file=sys.stderr, flush=True)
+        return asyncio.run
+    return uvloop.run
+
+
 def cmd_run(args) -> int:
     from fastgw.config import ConfigError
     try:
@@ -136,17 +158,19 @@ def cmd_run(args) -> int:
     except ConfigError as exc:
         print(f"fastgw: {exc}", file=sys.stderr)
         return 2
+    run = loop_runner(args.loop)
+    if run is None:
+        return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="fastgw: %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastgw.picows").setLevel(logging.ERROR)
     # The file's drain-time is read when the drain begins (a reload may change it).
     drain = float(args.drain_time) if args.drain_time is not None else None
-    import uvloop
     # A thread (the event writer) gives the GIL back to the relay's loop within
     # 0.5 ms instead of the default 5 ms.
     sys.setswitchinterval(0.0005)
     try:
-        return uvloop.run(_serve(config, drain, args.config))
+        return run(_serve(config, drain, args.config))
     except KeyboardInterrupt:       # a second Ctrl-C during the drain
         return 130
 
@@ -337,10 +361,10 @@ def cmd_demo(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="fastgw: %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastgw.picows").setLevel(logging.ERROR)
-    import uvloop
+    run = loop_runner(None)
     sys.setswitchinterval(0.0005)
     try:
-        return uvloop.run(_demo(args))
+        return run(_demo(args))
     except KeyboardInterrupt:       # a second Ctrl-C during the drain
         return 130
 
@@ -370,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["debug", "info", "warning", "error"])
     run.add_argument("--drain-time", type=float, default=None,
                      help="seconds given to live connections on SIGTERM/SIGINT (default: drain-time of the file)")
+    run.add_argument("--loop", choices=LOOPS, default=None,
+                     help="the event loop: uvloop (the default) or the standard library's asyncio "
+                          "(slower; chosen with a warning when uvloop is not installed)")
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate a configuration file")
     check.add_argument("-c", "--config", required=True)

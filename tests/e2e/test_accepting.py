@@ -7,10 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import resource
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,68 +14,7 @@ import aiohttp
 import pytest
 import websockets
 
-from conftest import GatewayProcess, gateway_yaml
-from test_observability import samples, value
-
-
-class AdminGatewayProcess(GatewayProcess):
-    admin_url: str = ""
-    config_path: Path
-
-    def write_config(self, yaml_text: str) -> None:
-        """Rewrite the configuration file (with the same admin section), for a reload."""
-        self.config_path.write_text(yaml_text + ADMIN)
-
-
-ADMIN = "admin: {host: 127.0.0.1, port: 0}\n"
-
-
-@pytest.fixture
-def gateway_with_admin(tmp_path):
-    """`fastgw run` with its admin API on a free port; with soft/hard, under that RLIMIT_NOFILE."""
-    procs: list[AdminGatewayProcess] = []
-
-    def start(yaml_text: str, soft: int | None = None, hard: int | None = None) -> AdminGatewayProcess:
-        cfg = tmp_path / "gateway.yaml"
-        cfg.write_text(yaml_text + ADMIN)
-        err = tmp_path / "gateway.stderr"
-
-        def limit():
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-        proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(cfg)],
-                                stdout=subprocess.DEVNULL, stderr=err.open("w"),
-                                preexec_fn=limit if soft is not None else None)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            text = err.read_text()
-            port = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", text)
-            admin = re.search(r"admin on (http://\S+)", text)
-            if port and admin:
-                for _ in range(40):      # the line after "admin on" (this version prints it)
-                    if "max-connections" in err.read_text():
-                        break
-                    time.sleep(0.05)
-                gp = AdminGatewayProcess(proc, int(port.group(1)), err)
-                gp.admin_url = admin.group(1)
-                gp.config_path = cfg
-                procs.append(gp)
-                return gp
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {text}")
-            time.sleep(0.05)
-        proc.kill()
-        raise RuntimeError(f"gateway did not start: {err.read_text()}")
-
-    yield start
-    for gp in procs:
-        if gp.proc.poll() is None:
-            gp.proc.send_signal(signal.SIGTERM)
-            try:
-                gp.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                gp.proc.kill()
-                gp.proc.wait()
+from conftest import gateway_yaml, samples, value
 
 
 async def connect(url: str, **kw):

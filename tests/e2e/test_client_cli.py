@@ -13,6 +13,7 @@ import trustme
 from websockets.asyncio.server import serve as ws_serve
 
 from conftest import gateway_yaml
+from wire import free_port
 
 TIMEOUT = 30
 
@@ -157,10 +158,11 @@ async def test_wss_with_ca_and_insecure(gateway_factory, echo_backend, tmp_path)
     assert "certificate" in err and "--ca" in err and "Traceback" not in err
 
 
-async def test_connection_refused(unused_tcp_port):
-    rc, out, err = await client(f"ws://127.0.0.1:{unused_tcp_port}/")
+async def test_connection_refused():
+    port = free_port()
+    rc, out, err = await client(f"ws://127.0.0.1:{port}/")
     assert rc == 1
-    assert err == f"fastgw client: cannot connect to ws://127.0.0.1:{unused_tcp_port}/: Connection refused\n"
+    assert err == f"fastgw client: cannot connect to ws://127.0.0.1:{port}/: Connection refused\n"
     assert "Traceback" not in err
 
 
@@ -175,14 +177,6 @@ async def test_bad_arguments_exit_2(args, words):
     rc, out, err = await client(*args)
     assert rc == 2
     assert words in err and err.startswith("fastgw client: ") and "Traceback" not in err
-
-
-@pytest.fixture
-def unused_tcp_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_stdin_from_a_file_many_lines_in_order(gateway, tmp_path):

@@ -15,17 +15,7 @@ import pytest
 import websockets
 
 from conftest import gateway_yaml
-from test_load import client_handshake, read_frame
-
-PING = 0x9
-PONG = 0xA
-CLOSE = 0x8
-
-
-def masked(opcode: int, payload: bytes) -> bytes:
-    key = os.urandom(4)
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + key + bytes(
-        b ^ key[i % 4] for i, b in enumerate(payload))
+from wire import CLOSE, PING, PONG, accept_upgrade, frame, read_frame, split_frames, upgrade_request
 
 
 async def flood_pings(writer, total: int, frame: bytes, stall: float = 1.5) -> int:
@@ -43,34 +33,6 @@ async def flood_pings(writer, total: int, frame: bytes, stall: float = 1.5) -> i
     return sent
 
 
-def _frames(buf: bytearray):
-    """Whole frames at the start of buf, removed from it: (opcode, payload) each."""
-    out = []
-    while len(buf) >= 2:
-        n, pos = buf[1] & 0x7F, 2
-        if n == 126:
-            if len(buf) < 4:
-                break
-            n, pos = struct.unpack_from("!H", buf, 2)[0], 4
-        elif n == 127:
-            if len(buf) < 10:
-                break
-            n, pos = struct.unpack_from("!Q", buf, 2)[0], 10
-        key = None
-        if buf[1] & 0x80:
-            if len(buf) < pos + 4:
-                break
-            key, pos = bytes(buf[pos:pos + 4]), pos + 4
-        if len(buf) < pos + n:
-            break
-        payload = bytes(buf[pos:pos + n])
-        if key is not None:
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-        out.append((buf[0] & 0x0F, payload))
-        del buf[:pos + n]
-    return out
-
-
 async def read_until_close(reader, timeout: float = 10.0):
     """Read fast (in bulk) until a CLOSE: (pongs read, close code, close reason),
     or (pongs, None, None) on EOF, reset or timeout."""
@@ -83,11 +45,12 @@ async def read_until_close(reader, timeout: float = 10.0):
             if not chunk:
                 break
             buf += chunk
-            for op, payload in _frames(buf):
-                if op == PONG:
+            for f in split_frames(buf):
+                if f.opcode == PONG:
                     pongs += 1
-                elif op == CLOSE:
-                    return pongs, struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+                elif f.opcode == CLOSE:
+                    code, reason = f.close
+                    return pongs, code, reason.decode()
     except (ConnectionError, TimeoutError):
         pass
     return pongs, None, None
@@ -97,7 +60,7 @@ async def _flooding_client(gp, rcvbuf: int = 64 * 1024):
     """An upgraded raw connection with a small receive buffer (and a small reader limit)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gp.port, limit=16 * 1024)
     writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    writer.write(client_handshake())
+    writer.write(upgrade_request())
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
     return reader, writer
 
@@ -141,7 +104,7 @@ async def test_ping_flood_from_a_client_that_never_reads(gateway_process, echo_b
     way its memory stays bounded, comes back, and other clients are served."""
     gp = gateway_process(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
     reader, writer = await _flooding_client(gp)
-    idle, sent = await _flood_watching_memory(gp, writer, masked(PING, payload))
+    idle, sent = await _flood_watching_memory(gp, writer, frame(PING, payload))
     await _other_clients_unharmed(gp)
     pongs, code, reason = await read_until_close(reader, timeout=3)
     assert pongs > 0
@@ -172,7 +135,7 @@ async def test_ping_burst_while_the_transport_is_full_closes_1008(gateway_factor
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
     reader, writer = await _flooding_client(gw, rcvbuf=32 * 1024)
     await _fill_the_way_back(gw, writer)
-    writer.write(masked(PING, b"") * 4000)          # 24 KB: one read
+    writer.write(frame(PING, b"") * 4000)          # 24 KB: one read
     await writer.drain()
     deadline = time.monotonic() + 5
     conn = next(iter(gw.gw.live.values()))
@@ -181,7 +144,7 @@ async def test_ping_burst_while_the_transport_is_full_closes_1008(gateway_factor
     assert conn.relay.end_code == 1008 and conn.relay.end_side == "gateway"
     pongs, code, reason = await read_until_close(reader)
     assert (code, reason) == (1008, "control frame flood")
-    writer.write(masked(CLOSE, struct.pack("!H", 1008)))
+    writer.write(frame(CLOSE, struct.pack("!H", 1008)))
     writer.close()
 
 
@@ -195,7 +158,7 @@ async def test_a_slow_reader_gets_the_latest_pong(gateway_factory, echo_backend)
     leg = conns[0].relay.client
     assert conns[0].relay.backend.paused
     for i in range(5):
-        writer.write(masked(PING, b"ping %d" % i))
+        writer.write(frame(PING, b"ping %d" % i))
     await writer.drain()
     deadline = time.monotonic() + 5
     while not leg.paused and time.monotonic() < deadline:
@@ -204,35 +167,30 @@ async def test_a_slow_reader_gets_the_latest_pong(gateway_factory, echo_backend)
     echoed = 0
     pongs = []
     while echoed < 8 << 20:
-        op, payload = await asyncio.wait_for(read_frame(reader), 10)
-        if op == PONG:
-            pongs.append(payload)
+        f = await read_frame(reader, 10)
+        if f.opcode == PONG:
+            pongs.append(f.payload)
         else:
-            echoed += len(payload)
-    writer.write(masked(PING, b"after"))
+            echoed += len(f.payload)
+    writer.write(frame(PING, b"after"))
     while not pongs or pongs[-1] != b"after":
-        op, payload = await asyncio.wait_for(read_frame(reader), 10)
-        if op == PONG:
-            pongs.append(payload)
+        f = await read_frame(reader, 10)
+        if f.opcode == PONG:
+            pongs.append(f.payload)
     # Only the latest of the pings read while the transport was full was answered.
     assert pongs[-2:] == [b"ping 4", b"after"]
     assert len(pongs) < 6
-    writer.write(masked(CLOSE, struct.pack("!H", 1000)))
-    op, payload = await asyncio.wait_for(read_frame(reader), 10)
-    assert (op, payload[:2]) == (CLOSE, struct.pack("!H", 1000))
+    writer.write(frame(CLOSE, struct.pack("!H", 1000)))
+    f = await read_frame(reader, 10)
+    assert (f.opcode, f.payload[:2]) == (CLOSE, struct.pack("!H", 1000))
     writer.close()
 
 
 async def test_ping_flood_from_a_backend_that_never_reads(gateway_process):
     """The same bound toward a hostile backend: it gets 1008, the client 1001."""
     async def hostile(reader, writer):
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")
-               if l.lower().startswith(b"sec-websocket-key:")][0]
-        from fastgw.upstream import accept_key
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n")
+        await accept_upgrade(reader, writer)
         frame = bytes([0x80 | PING, 0])                          # unmasked: from a server
         await flood_pings(writer, 64 * 1024 * 1024, frame)
         result.set_result(await read_until_close(reader))

@@ -23,6 +23,7 @@ from websockets.exceptions import InvalidStatus
 from fastgw import upstream
 from fastgw.clock import SimClock
 from fastgw.observe.admin import start_admin
+from wire import free_port
 
 SECRET = "fastgw-test-secret-of-at-least-32-bytes!"
 ALICE_KEY = "alice-secret-key-123"
@@ -185,10 +186,6 @@ async def test_forwarding_headers_from_a_trusted_proxy(gateway_factory, echo_bac
 
 # ------------------------------------------------------------------ logs
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -216,7 +213,7 @@ async def refused_status(url: str, headers=None) -> int:
 
 @pytest.mark.parametrize("kind", ["502", "504"])
 async def test_upstream_error_logs_no_query_and_no_secret(gateway_factory, silent_backend, caplog, kind):
-    port = closed_port() if kind == "502" else silent_backend
+    port = free_port() if kind == "502" else silent_backend
     gw = await gateway_factory(config(f"ws://127.0.0.1:{port}/z?fixed=sekrit-in-target", api_key()))
     with caplog.at_level(logging.INFO, logger="fastgw"):
         status = await refused_status(gw.url(f"/z?api_key={ALICE_KEY}&access_token=tok-999"),
@@ -234,7 +231,7 @@ async def test_upstream_error_logs_no_query_and_no_secret(gateway_factory, silen
 async def test_log_flood_is_bounded_and_repeats_suppressed(gateway_factory, caplog):
     """Long paths to an unreachable backend: each line bounded, one line per interval,
     and the next line after it says how many were suppressed."""
-    gw = await gateway_factory(config(f"ws://127.0.0.1:{closed_port()}/"))
+    gw = await gateway_factory(config(f"ws://127.0.0.1:{free_port()}/"))
     clock = SimClock()
     gw.gw.log_throttle.clock = clock
     path = "/" + "p" * 15000 + "?api_key=" + ALICE_KEY
@@ -254,7 +251,7 @@ async def test_log_flood_is_bounded_and_repeats_suppressed(gateway_factory, capl
 async def test_log_flood_through_fastgw_run(gateway_process):
     """The CLI's own log (stderr, default level): a flood of 15 KB paths that used to add
     15 KB per request adds one bounded line."""
-    gp = gateway_process(config(f"ws://127.0.0.1:{closed_port()}/"))
+    gp = gateway_process(config(f"ws://127.0.0.1:{free_port()}/"))
     before = len(gp.stderr())
     path = "/" + "x" * 15000 + f"?api_key={ALICE_KEY}"
     for _ in range(200):

@@ -17,14 +17,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import gateway_yaml
-from test_accepting import gateway_with_admin  # noqa: F401  (fixture)
-from test_refusals import raw_ws, read_close_code
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from wire import free_port, open_ws, read_close_code
 
 
 def config(target: str, ports: list[int], extra_top: str = "") -> str:
@@ -56,7 +49,7 @@ async def test_drain_exit_true_answers_503_until_the_live_ones_are_gone_then_exi
         gateway_with_admin, echo_backend):
     gp = gateway_with_admin(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", extra_top="drain-time: 30s"))
     clients = [await websockets.connect(gp.url("/")) for _ in range(2)]
-    reader, writer = await raw_ws(gp.port)          # live, and never answers the gateway's close
+    reader, writer = await open_ws(gp.port)          # live, and never answers the gateway's close
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{gp.admin_url}/drain?grace=20&exit=true") as r:
             assert r.status == 202
@@ -104,7 +97,7 @@ async def test_drain_without_exit_keeps_answering_503(gateway_with_admin, echo_b
 
 async def test_sigterm_answers_503_while_draining_then_exits_0(gateway_process, echo_backend):
     gp = gateway_process(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", extra_top="drain-time: 20s"))
-    reader, writer = await raw_ws(gp.port)
+    reader, writer = await open_ws(gp.port)
     gp.proc.send_signal(signal.SIGTERM)
     assert await read_close_code(reader) == 1001
     assert (await refused_status(gp.url("/"))).status_code == 503

@@ -15,7 +15,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import gateway_yaml
-from fastgw.upstream import accept_key
+from wire import TEXT, accept_upgrade, frame, read_frame
 
 
 def count_limited(target: str, extra_upgrade: str = "") -> str:
@@ -65,19 +65,11 @@ async def _raw_backend(answer_headers: bytes, seen: asyncio.Future):
     """A backend that answers every upgrade with a 101 carrying `answer_headers`
     and reports the close frame the gateway then sends it."""
     async def handle(reader, writer):
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")
-               if l.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n"
-                     + answer_headers + b"\r\n")
+        await accept_upgrade(reader, writer, answer_headers)
         try:
-            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
-            n = b1 & 0x7F
-            mask = await reader.readexactly(4)
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(n)))
+            f = await read_frame(reader, 5, masked=True)
             if not seen.done():
-                seen.set_result((b0 & 0x0F, struct.unpack("!H", payload[:2])[0], payload[2:]))
+                seen.set_result((f.opcode, struct.unpack("!H", f.payload[:2])[0], f.payload[2:]))
         except (asyncio.IncompleteReadError, TimeoutError) as exc:
             if not seen.done():
                 seen.set_exception(exc)
@@ -166,13 +158,9 @@ apis:
 async def test_backend_reset_mid_stream_1014(gateway_factory):
     """A backend that resets its connection (SO_LINGER 0) after some messages."""
     async def handle(reader, writer):
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")
-               if l.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n")
+        await accept_upgrade(reader, writer)
         for i in range(10):
-            writer.write(bytes([0x81, 5]) + b"msg %d" % i)
+            writer.write(frame(TEXT, b"msg %d" % i, mask=False))
         await writer.drain()
         await asyncio.sleep(0.2)
         sock = writer.get_extra_info("socket")

@@ -10,65 +10,25 @@ exact bytes that cross the gateway and to send hostile frames from the backend s
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import hashlib
 import os
 import random
 import socket
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import gateway_yaml
+from wire import (BINARY, CLOSE, CONT, PING, PONG, TEXT, TIMEOUT, Frame, accept_upgrade,
+                  close_payload, expect_eof, frame, read_close, read_frame, ws)
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-TIMEOUT = 5.0
+# On uvloop and on the standard library's loop (`fastgw run --loop asyncio`).
+pytestmark = pytest.mark.both_loops
 
 # Payload material: deterministic, so that a failure can be replayed.
 _POOL = random.Random(6455).randbytes(300_000)
 _ASCII = bytes(0x20 + b % 95 for b in _POOL[:70_000])
-
-
-# ---- frames ------------------------------------------------------------------------------
-
-def xor_mask(data: bytes, key: bytes) -> bytes:
-    n = len(data)
-    if n == 0:
-        return b""
-    k = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
-
-
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True,
-          key: bytes | None = None, length_form: int | None = None, declared: int | None = None) -> bytes:
-    """One frame as a client (mask=True) or a server (mask=False) sends it.
-
-    length_form 7/16/64 forces that length encoding; `declared` overrides the length written
-    (both to build invalid frames)."""
-    n = len(payload) if declared is None else declared
-    if length_form is None:
-        length_form = 7 if n < 126 else 16 if n < 65536 else 64
-    mbit = 0x80 if mask else 0
-    head = bytes([(0x80 if fin else 0) | rsv | opcode])
-    if length_form == 7:
-        head += bytes([mbit | n])
-    elif length_form == 16:
-        head += bytes([mbit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([mbit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    if key is None:
-        key = os.urandom(4)
-    return head + key + xor_mask(payload, key)
-
-
-def close_payload(code: int, reason: bytes = b"") -> bytes:
-    return struct.pack("!H", code) + reason
 
 
 @dataclass(frozen=True)
@@ -79,122 +39,7 @@ class Spec:
     fin: bool = True
 
 
-@dataclass
-class Frame:
-    """A frame received from the gateway (never masked)."""
-    fin: bool
-    rsv: int
-    opcode: int
-    payload: bytes
-    raw: bytes = field(default=b"", compare=False, repr=False)   # the frame as it came
-
-    @property
-    def close(self) -> tuple[int | None, bytes]:
-        assert self.opcode == CLOSE
-        if len(self.payload) < 2:
-            return None, b""
-        return struct.unpack("!H", self.payload[:2])[0], self.payload[2:]
-
-
-async def read_frame(reader: asyncio.StreamReader, timeout: float = TIMEOUT, *,
-                     masked: bool = False) -> Frame:
-    """Read one frame; check the mask bit (0 from the gateway to a client) and that the
-    length is minimally encoded."""
-    head = await asyncio.wait_for(reader.readexactly(2), timeout)
-    b0, b1 = head
-    assert bool(b1 & 0x80) == masked, f"mask bit {b1 >> 7} on a frame {b0:#04x} {b1:#04x}"
-    n = b1 & 0x7F
-    if n == 126:
-        ext = await asyncio.wait_for(reader.readexactly(2), timeout)
-        n = struct.unpack("!H", ext)[0]
-        assert n >= 126, f"non-minimal 16-bit length {n}"
-    elif n == 127:
-        ext = await asyncio.wait_for(reader.readexactly(8), timeout)
-        n = struct.unpack("!Q", ext)[0]
-        assert 65536 <= n < 1 << 63, f"invalid 64-bit length {n}"
-    else:
-        ext = b""
-    key = await asyncio.wait_for(reader.readexactly(4), timeout) if masked else b""
-    body = await asyncio.wait_for(reader.readexactly(n), timeout) if n else b""
-    payload = xor_mask(body, key) if masked else body
-    return Frame(bool(b0 & 0x80), b0 & 0x70, b0 & 0x0F, payload, head + ext + key + body)
-
-
-async def read_close(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> tuple[Frame, list[Frame]]:
-    """Read frames until a CLOSE: (the close frame, the frames before it)."""
-    before: list[Frame] = []
-    while True:
-        f = await read_frame(reader, timeout)
-        if f.opcode == CLOSE:
-            assert f.fin and f.rsv == 0
-            return f, before
-        before.append(f)
-
-
-async def expect_eof(reader: asyncio.StreamReader, timeout: float = 2.0) -> None:
-    """The peer (the gateway) closes the TCP connection, sending nothing more, within
-    `timeout`; the caller has not answered a CLOSE unless it says so."""
-    try:
-        rest = await asyncio.wait_for(reader.read(), timeout)
-    except TimeoutError:
-        pytest.fail(f"the gateway did not close the TCP connection within {timeout}s")
-    except ConnectionResetError:
-        rest = b""
-    assert rest == b"", f"bytes after the CLOSE: {rest[:60]!r}"
-
-
-# ---- the client's handshake ----------------------------------------------------------------
-
-def accept_for(key: str) -> str:
-    return base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
-
-
-def upgrade_request(key: str, path: str = "/") -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
-
-
-def check_101(head: bytes, key: str) -> None:
-    lines = head.decode("latin-1").split("\r\n")
-    assert lines[0].startswith("HTTP/1.1 101 "), head[:200]
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    assert headers.get("upgrade", "").lower() == "websocket", head
-    assert "upgrade" in headers.get("connection", "").lower(), head
-    assert headers.get("sec-websocket-accept") == accept_for(key), head
-    assert "sec-websocket-extensions" not in headers, head
-
-
-async def open_ws(port: int, first: bytes = b"", path: str = "/", rcvbuf: int = 0):
-    """A raw WebSocket connection through the gateway; `first` goes in the same write as the
-    upgrade request."""
-    if rcvbuf:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.connect(("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-    else:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(upgrade_request(key, path) + first)
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    check_101(head, key)
-    return reader, writer
-
-
-@contextlib.asynccontextmanager
-async def ws(port: int, first: bytes = b"", path: str = "/", rcvbuf: int = 0):
-    """open_ws, and the connection closed at the end whatever happens."""
-    reader, writer = await open_ws(port, first, path, rcvbuf)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-
+# ---- the client's side ------------------------------------------------------------------------
 
 async def write_chunks(writer: asyncio.StreamWriter, data: bytes, cuts) -> int:
     """Write data split at the given offsets, one write (+ drain + sleep(0)) per chunk."""
@@ -577,12 +422,7 @@ class RawBackend:
         self.writers.append(writer)
         self.tasks.append(asyncio.current_task())
         try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
-                       if line.lower().startswith("sec-websocket-key:"))
-            writer.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                          f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept_for(key)}\r\n\r\n"
-                          ).encode() + self.early)
+            await accept_upgrade(reader, writer, early=self.early)
             await self.script(reader, writer)
         except Exception as exc:     # reported to the test by wait()
             if not self.failed.done():

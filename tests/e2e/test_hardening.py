@@ -11,7 +11,8 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from test_refusals import exchange, status_of, upgrade_head
+from wire import (exchange, frame, open_ws, read_close_code, read_frame, read_head, status_of,
+                  upgrade_request)
 
 # An open API and one behind an api-key policy; an API bound to a host, and one for any host.
 SPLIT_YAML = """
@@ -55,7 +56,7 @@ async def backend_saw(gw, path: str, **kw) -> dict:
 async def test_dot_segments_route_to_the_api_they_name(split_gw, path):
     """The path is normalised before routing: it lands on `private`, whose api-key
     policy turns the keyless client away; the backend is never reached."""
-    answer = await exchange(split_gw.port, upgrade_head(path))
+    answer = await exchange(split_gw.port, upgrade_request(path))
     assert status_of(answer) == 401, answer
     assert split_gw.gw.metrics.api("private").rejected["unauthorized"] == 1
 
@@ -65,7 +66,7 @@ async def test_dot_segments_route_to_the_api_they_name(split_gw, path):
     "/public/../../private", "/..", "/public/%00", "/public/%zz", "/public#x",
 ])
 async def test_unsafe_paths_are_400(split_gw, path):
-    assert status_of(await exchange(split_gw.port, upgrade_head(path))) == 400
+    assert status_of(await exchange(split_gw.port, upgrade_request(path))) == 400
     assert (await backend_saw(split_gw, "/public"))["path"] == "/headers"     # still serving
 
 
@@ -90,25 +91,21 @@ async def test_private_with_key_after_normalisation(split_gw):
 @pytest.mark.parametrize("host", ["secret.example.", "SECRET.Example", "Secret.Example.:8080"])
 async def test_host_is_normalised(split_gw, host):
     """A trailing dot or capitals do not skip the API bound to the host."""
-    answer = await exchange(split_gw.port, upgrade_head("/x", host=host))
+    answer = await exchange(split_gw.port, upgrade_request("/x", host=host))
     assert status_of(answer) == 401, answer
     # The same request with the key reaches the host's own backend.
     reader, writer = await asyncio.open_connection("127.0.0.1", split_gw.port)
-    writer.write(upgrade_head("/x", host=host, extra="X-API-Key: alice-key\r\n"))
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.write(upgrade_request("/x", host=host, extra="X-API-Key: alice-key\r\n"))
+    head = await read_head(reader)
     assert head.startswith(b"HTTP/1.1 101"), head
-    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
-    n = b1 & 0x7F
-    if n == 126:
-        n = int.from_bytes(await reader.readexactly(2), "big")
-    report = json.loads(await reader.readexactly(n))
+    report = json.loads((await read_frame(reader)).payload)
     assert report["path"] == "/headers/secret/x"
     writer.close()
 
 
 @pytest.mark.parametrize("host", ["a b", "a/b", "x:y", "[::1"])
 async def test_malformed_host_400(split_gw, host):
-    assert status_of(await exchange(split_gw.port, upgrade_head("/public", host=host))) == 400
+    assert status_of(await exchange(split_gw.port, upgrade_request("/public", host=host))) == 400
 
 
 @pytest.mark.parametrize("extra", [
@@ -119,14 +116,14 @@ async def test_malformed_host_400(split_gw, host):
     "Host: other\r\n",
 ])
 async def test_duplicate_single_headers_400(split_gw, extra):
-    answer = await exchange(split_gw.port, upgrade_head("/public", extra=extra))
+    answer = await exchange(split_gw.port, upgrade_request("/public", extra=extra))
     assert status_of(answer) == 400, answer
     assert b"duplicate" in answer.lower() or b"exactly one host" in answer.lower()
 
 
 @pytest.mark.parametrize("value", ["chat v1", "chat/1", "a,b c", '"quoted"', "x@y"])
 async def test_subprotocols_must_be_tokens(gateway, value):
-    answer = await exchange(gateway.port, upgrade_head(extra=f"Sec-WebSocket-Protocol: {value}\r\n"))
+    answer = await exchange(gateway.port, upgrade_request(extra=f"Sec-WebSocket-Protocol: {value}\r\n"))
     assert status_of(answer) == 400, answer
     assert b"Sec-WebSocket-Protocol" in answer
 
@@ -148,7 +145,6 @@ async def test_refused_unsafe_path_is_counted_unrouted(split_gw):
 async def test_one_rejection_is_counted_once(gateway_factory, echo_backend):
     """Messages that arrive after a 1008 rejection (in the same read, or before the
     client has seen the close) are not counted as rejected again."""
-    from test_refusals import masked_frame, raw_ws, read_close_code
     gw = await gateway_factory(f"""
 listeners: [{{host: 127.0.0.1, port: 0}}]
 apis:
@@ -160,11 +156,11 @@ apis:
         request:
           - {{policy: message-rate-limit, name: chat, messages: 1/1m, burst: 1, action: reject}}
 """)
-    reader, writer = await raw_ws(gw.port)
-    writer.write(b"".join(masked_frame(0x1, b"m%d" % i) for i in range(20)))
+    reader, writer = await open_ws(gw.port)
+    writer.write(b"".join(frame(0x1, b"m%d" % i) for i in range(20)))
     await writer.drain()
     await asyncio.sleep(0.1)
-    writer.write(b"".join(masked_frame(0x1, b"late %d" % i) for i in range(5)))
+    writer.write(b"".join(frame(0x1, b"late %d" % i) for i in range(5)))
     await writer.drain()
     assert await read_close_code(reader) == 1008
     writer.close()

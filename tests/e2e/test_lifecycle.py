@@ -13,7 +13,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
 from conftest import gateway_yaml
-from test_refusals import masked_frame, read_close_code, upgrade_head
+from wire import frame, read_close_code, read_frame, read_head, upgrade_request
 
 
 async def test_backend_lost_without_close_gives_1014(gateway_factory):
@@ -45,7 +45,7 @@ async def test_client_lost_without_close_gives_backend_1001(gateway_factory):
         port = server.sockets[0].getsockname()[1]
         gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{port}/"))
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(upgrade_head())
+        writer.write(upgrade_request())
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
         writer.transport.abort()
         code, reason = await asyncio.wait_for(seen, 5)
@@ -55,15 +55,14 @@ async def test_client_lost_without_close_gives_backend_1001(gateway_factory):
 
 async def test_frames_in_the_same_packet_as_the_request(gateway):
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    frames = b"".join(masked_frame(0x1, f"early {i}".encode()) for i in range(20))
-    writer.write(upgrade_head() + frames)
-    head = await reader.readuntil(b"\r\n\r\n")
+    frames = b"".join(frame(0x1, f"early {i}".encode()) for i in range(20))
+    writer.write(upgrade_request() + frames)
+    head = await read_head(reader)
     assert head.startswith(b"HTTP/1.1 101")
     for i in range(20):
-        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
-        payload = await reader.readexactly(b1 & 0x7F)
-        assert (b0, payload) == (0x81, f"early {i}".encode())
-    writer.write(masked_frame(0x8, struct.pack("!H", 1000)))
+        f = await read_frame(reader)
+        assert (f.fin, f.rsv, f.opcode, f.payload) == (True, 0, 0x1, f"early {i}".encode())
+    writer.write(frame(0x8, struct.pack("!H", 1000)))
     assert await read_close_code(reader) == 1000
     writer.close()
 
@@ -122,7 +121,7 @@ async def test_drain_time_cuts_connections_that_do_not_close(gateway_process, ec
     # A raw client that never answers the gateway's close: the drain time bounds the exit.
     gp = gateway_process(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", extra_top="drain-time: 1s"))
     reader, writer = await asyncio.open_connection("127.0.0.1", gp.port)
-    writer.write(upgrade_head())
+    writer.write(upgrade_request())
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
     t0 = time.monotonic()
     gp.proc.send_signal(signal.SIGINT)

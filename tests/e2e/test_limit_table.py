@@ -20,8 +20,8 @@ import websockets
 import yaml
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from conftest import get_metrics, value
 from fastgw.clock import Clock
-from test_observability import admin_for, get_metrics, value  # noqa: F401 (a fixture)
 
 SLOTS = 32                     # max-keys 16: twice the slots are allocated
 

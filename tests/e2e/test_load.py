@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import struct
 import time
 
@@ -13,25 +11,10 @@ import websockets
 from websockets.asyncio.server import serve as ws_serve
 
 from conftest import gateway_yaml
+from wire import read_frame, upgrade_request
 
 CHUNK = 64 * 1024
 TOTAL = 200 * 1024 * 1024
-
-
-def client_handshake(path: str = "/") -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (f"GET {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
-
-
-async def read_frame(reader):
-    b0, b1 = await reader.readexactly(2)
-    n = b1 & 0x7F
-    if n == 126:
-        n = struct.unpack("!H", await reader.readexactly(2))[0]
-    elif n == 127:
-        n = struct.unpack("!Q", await reader.readexactly(8))[0]
-    return b0 & 0x0F, await reader.readexactly(n)
 
 
 async def test_slow_consumer_memory_bounded_and_nothing_lost(gateway_process):
@@ -48,7 +31,7 @@ async def test_slow_consumer_memory_bounded_and_nothing_lost(gateway_process):
         sock = writer.get_extra_info("socket")
         import socket as socketmod
         sock.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_RCVBUF, 128 * 1024)
-        writer.write(client_handshake())
+        writer.write(upgrade_request())
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101")
         idle = gp.rss_kib()
@@ -61,7 +44,8 @@ async def test_slow_consumer_memory_bounded_and_nothing_lost(gateway_process):
         expected = 0
         last_check = time.monotonic()
         while True:
-            op, payload = await asyncio.wait_for(read_frame(reader), 30)
+            f = await read_frame(reader, 30)
+            op, payload = f.opcode, f.payload
             if op == 0x8:
                 assert struct.unpack("!H", payload[:2])[0] == 1000
                 break

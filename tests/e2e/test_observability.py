@@ -7,47 +7,11 @@ import asyncio
 import aiohttp
 import pytest
 import websockets
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import gateway_yaml
+from conftest import gateway_yaml, get_metrics, samples, value
 from fastgw.observe.admin import start_admin
-
-
-def samples(text: str) -> dict:
-    """{(name, frozenset(labels)): value} of every sample."""
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(metrics: dict, name: str, **labels) -> float:
-    return metrics.get((name, frozenset(labels.items())), 0.0)
-
-
-@pytest.fixture
-async def admin_for():
-    servers = []
-
-    async def start(rg, token=None):
-        srv = await start_admin(rg.gw, "127.0.0.1", 0, token)
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        await srv.close()
-
-
-async def get_metrics(admin) -> dict:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{admin.url}/metrics") as r:
-            assert r.status == 200
-            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            return samples(await r.text())
 
 
 async def test_counters_equal_the_traffic(gateway_factory, echo_backend, admin_for):

@@ -19,6 +19,11 @@ import yaml
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from wire import free_port
+
+# On uvloop and on the standard library's loop (`fastgw run --loop asyncio`).
+pytestmark = pytest.mark.both_loops
+
 SECRET = "fastgw-test-secret-of-at-least-32-bytes!"
 
 CLIENTS = [
@@ -207,10 +212,7 @@ async def test_slot_released_on_later_refusal_abort_and_backend_down(gateway_fac
 
 
 async def test_slot_released_when_backend_unreachable(gateway_factory):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     gw = await gateway_factory(config_yaml(
         f"ws://127.0.0.1:{dead}/",
         pre=[{"policy": "count-limit", "key": "client-ip", "max": 1}]))
@@ -281,6 +283,8 @@ async def paced_echoes(gw, n: int):
     return (n - 1) / (got[-1][1] - got[0][1]), counters
 
 
+# 10 s of real time: on uvloop only (the delay path runs on asyncio in the burst-1 test below).
+@pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_message_rate_limit_delay_paces_messages(gateway_factory, echo_backend):
     # 100 messages/s, 1001 messages: about 10 s. (burst 2: see the test below for burst 1)
     gw = await gateway_factory(config_yaml(

@@ -4,9 +4,6 @@ status or close code, and the gateway keeps serving others."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
 import struct
 import time
 
@@ -15,31 +12,10 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from conftest import gateway_yaml
+from wire import exchange, frame, free_port, open_ws, read_close_code, status_of, upgrade_request
 
-KEY = base64.b64encode(b"0123456789abcdef").decode()
-
-
-def upgrade_head(path="/", *, method="GET", extra="", host="gw", version="HTTP/1.1",
-                 connection="Upgrade", ws_version="13", key=KEY) -> bytes:
-    return (f"{method} {path} {version}\r\nHost: {host}\r\nUpgrade: websocket\r\n"
-            f"Connection: {connection}\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: {ws_version}\r\n{extra}\r\n").encode()
-
-
-async def exchange(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
-    """Send raw bytes and read until the gateway closes the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-
-
-def status_of(answer: bytes) -> int:
-    assert answer.startswith(b"HTTP/1.1 "), answer[:80]
-    return int(answer[9:12])
+# On uvloop and on the standard library's loop (`fastgw run --loop asyncio`).
+pytestmark = pytest.mark.both_loops
 
 
 async def still_serving(gw) -> None:
@@ -55,7 +31,7 @@ async def test_unknown_path_404(gateway_factory, echo_backend):
             pass
     assert info.value.response.status_code == 404
     # A path that only shares a prefix of characters is not a match either.
-    assert status_of(await exchange(gw.port, upgrade_head("/quotesX"))) == 404
+    assert status_of(await exchange(gw.port, upgrade_request("/quotesX"))) == 404
     assert gw.gw.refused[404] == 2
 
 
@@ -66,7 +42,7 @@ async def test_plain_get_426(gateway):
 
 
 async def test_not_get_405(gateway):
-    answer = await exchange(gateway.port, upgrade_head(method="POST"))
+    answer = await exchange(gateway.port, upgrade_request(method="POST"))
     assert status_of(answer) == 405
     assert b"\r\nAllow: GET\r\n" in answer
 
@@ -78,9 +54,9 @@ async def test_not_get_405(gateway):
     b"GET / HTTP/1.1\r\nHost gw\r\n\r\n",
     b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
     b"GET / HTTP/2.0\r\nHost: gw\r\n\r\n",
-    upgrade_head(key="short"),
-    upgrade_head(host="a\r\nHost: b"),
-    upgrade_head(extra="Content-Length: 5\r\n"),
+    upgrade_request(key="short"),
+    upgrade_request(host="a\r\nHost: b"),
+    upgrade_request(extra="Content-Length: 5\r\n"),
 ])
 async def test_malformed_requests_400(gateway, data):
     assert status_of(await exchange(gateway.port, data)) == 400
@@ -88,14 +64,14 @@ async def test_malformed_requests_400(gateway, data):
 
 
 async def test_wrong_websocket_version_426(gateway):
-    answer = await exchange(gateway.port, upgrade_head(ws_version="8"))
+    answer = await exchange(gateway.port, upgrade_request(ws_version="8"))
     assert status_of(answer) == 426
     assert b"Sec-WebSocket-Version: 13" in answer
 
 
 async def test_oversized_header_block_431(gateway):
     big = "X-Big: " + "a" * 20000 + "\r\n"
-    assert status_of(await exchange(gateway.port, upgrade_head(extra=big))) == 431
+    assert status_of(await exchange(gateway.port, upgrade_request(extra=big))) == 431
     # Also when the end of the head never comes.
     assert status_of(await exchange(gateway.port, b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5000)) == 431
     await still_serving(gateway)
@@ -112,12 +88,6 @@ async def test_truncated_request_and_silent_client_cut_by_handshake_timeout(gate
     assert status_of(await asyncio.wait_for(reader.read(), 3)) == 408
     writer.close()
     await still_serving(gw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_backend_port_closed_502_fast(gateway_factory):
@@ -171,54 +141,16 @@ async def test_silent_backend_504_after_timeout(gateway_factory):
     server.close()
 
 
-def masked_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True) -> bytes:
-    head = bytes([(0x80 if fin else 0) | opcode])
-    n = len(payload)
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([mbit | n])
-    elif n < 65536:
-        head += bytes([mbit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([mbit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-async def raw_ws(port: int):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(upgrade_head())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return reader, writer
-
-
-async def read_close_code(reader) -> int:
-    """Read frames until a CLOSE and return its code."""
-    while True:
-        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", await reader.readexactly(2))[0]
-        elif n == 127:
-            n = struct.unpack("!Q", await reader.readexactly(8))[0]
-        payload = await reader.readexactly(n)
-        if b0 & 0x0F == 0x8:
-            return struct.unpack("!H", payload[:2])[0]
-
-
 @pytest.mark.parametrize("frame, code", [
-    (masked_frame(0x1, b"not masked", mask=False), 1002),
-    (masked_frame(0x3, b"opcode 3"), 1002),
-    (masked_frame(0x0, b"continuation first"), 1002),
-    (bytes([0x81 | 0x40, 0x80 | 2]) + b"\0\0\0\0hi", 1002),                 # RSV1 without extension
-    (masked_frame(0x9, b"p" * 10, fin=False), 1002),                          # fragmented ping
-    (masked_frame(0x8, struct.pack("!H", 1005)), 1002),                       # invalid close code
-])
+    (frame(0x1, b"not masked", mask=False), 1002),
+    (frame(0x3, b"opcode 3"), 1002),
+    (frame(0x0, b"continuation first"), 1002),
+    (bytes([0x81 | 0x40, 0x80 | 2]) + b"\0\0\0\0hi", 1002),         # RSV1 without extension
+    (frame(0x9, b"p" * 10, fin=False), 1002),                   # fragmented ping
+    (frame(0x8, struct.pack("!H", 1005)), 1002),                # invalid close code
+], ids=["unmasked", "opcode-3", "continuation-first", "rsv1", "fragmented-ping", "close-1005"])
 async def test_hostile_frames_get_close_codes(gateway, frame, code):
-    reader, writer = await raw_ws(gateway.port)
+    reader, writer = await open_ws(gateway.port)
     writer.write(frame)
     assert await read_close_code(reader) == code
     writer.close()
@@ -228,8 +160,8 @@ async def test_hostile_frames_get_close_codes(gateway, frame, code):
 async def test_frame_over_max_frame_size_1009(gateway_factory, echo_backend):
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
                                             extra_upgrade="max-frame-size: 1KiB"))
-    reader, writer = await raw_ws(gw.port)
-    writer.write(masked_frame(0x2, b"x" * 2000))
+    reader, writer = await open_ws(gw.port)
+    writer.write(frame(0x2, b"x" * 2000))
     assert await read_close_code(reader) == 1009
     writer.close()
 

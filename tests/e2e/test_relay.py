@@ -13,6 +13,9 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import gateway_yaml
 
+# On uvloop and on the standard library's loop (`fastgw run --loop asyncio`).
+pytestmark = pytest.mark.both_loops
+
 
 async def test_text_binary_empty_and_large(gateway):
     async with websockets.connect(gateway.url("/"), max_size=None) as ws:

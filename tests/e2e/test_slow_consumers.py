@@ -9,26 +9,24 @@ import asyncio
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import websockets
 
-from test_load import client_handshake
+import wire
+from wire import upgrade_request
 
 N = 1000
 
 # A backend that completes the upgrade by hand and then sends 64 KiB binary frames to each
 # connection as fast as its transport takes them (drain), until it is killed.
 FLOODER = r"""
-import asyncio, base64, hashlib, sys, uvloop
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-FRAME = bytes([0x82, 127]) + (65536).to_bytes(8, "big") + bytes(65536)
+import asyncio, sys, uvloop
+sys.path.insert(0, sys.argv[1])
+from wire import BINARY, accept_upgrade, frame
+FRAME = frame(BINARY, bytes(65536), mask=False)
 async def handle(reader, writer):
-    head = await reader.readuntil(b"\r\n\r\n")
-    key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")
-           if l.lower().startswith(b"sec-websocket-key:")][0]
-    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    await accept_upgrade(reader, writer)
     try:
         while True:
             writer.write(FRAME)
@@ -43,10 +41,9 @@ uvloop.run(main())
 """
 
 
-
-
 async def test_a_thousand_slow_consumers_bounded_memory(gateway_process, echo_backend):
-    flooder = subprocess.Popen([sys.executable, "-c", FLOODER], stdout=subprocess.PIPE, text=True)
+    flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(Path(wire.__file__).parent)],
+                               stdout=subprocess.PIPE, text=True)
     socks: list[socket.socket] = []
     try:
         port = int(await asyncio.wait_for(asyncio.to_thread(flooder.stdout.readline), 15))
@@ -90,7 +87,7 @@ def _open_silent_clients(port: int, n: int) -> list[socket.socket]:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         s.connect(("127.0.0.1", port))
-        s.sendall(client_handshake("/flood"))
+        s.sendall(upgrade_request("/flood"))
         head = b""
         while b"\r\n\r\n" not in head:
             head += s.recv(1)                 # byte by byte: nothing after the head is read
