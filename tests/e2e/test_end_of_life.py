@@ -5,17 +5,16 @@ was complete, gone while its backend was being dialled."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import websockets
 
+import wire
 from conftest import gateway_yaml
 from fastgw.gateway import Gateway
 from fastgw.http.handshake import Handshake
 
-UPGRADE = (b"GET /%s HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+pytestmark = pytest.mark.both_loops
 
 
 @pytest.fixture
@@ -41,10 +40,7 @@ def ends(monkeypatch):
 
 async def test_every_connection_ends_once(gateway_factory, echo_backend, ends):
     conns, runs = ends
-    closed_port = socket.socket()
-    closed_port.bind(("127.0.0.1", 0))
-    dead = closed_port.getsockname()[1]
-    closed_port.close()
+    dead = wire.free_port()
     silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     quiet = silent.sockets[0].getsockname()[1]
     yaml = gateway_yaml(f"ws://127.0.0.1:{echo_backend}/", path="/echo", name="echo")
@@ -58,18 +54,16 @@ async def test_every_connection_ends_once(gateway_factory, echo_backend, ends):
         await ws.send("x")
         assert await ws.recv() == "x"
 
-    async def raw(data: bytes, wait_answer: bool) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    async def gone(data: bytes) -> None:
+        _, writer = await wire.connect(gw.port)
         writer.write(data)
-        answer = await asyncio.wait_for(reader.read(), 10) if wait_answer else b""
         writer.close()
-        return answer
 
-    assert (await raw(UPGRADE % b"nowhere", True)).startswith(b"HTTP/1.1 404 ")
-    assert (await raw(UPGRADE % b"dead", True)).startswith(b"HTTP/1.1 502 ")
-    await raw(b"", False)                                            # gone at once
-    await raw(b"GET /echo HTTP/1.1\r\nHost:", False)                 # gone mid-head
-    await raw(UPGRADE % b"quiet", False)                             # gone during the dial
+    assert wire.status_of(await wire.exchange(gw.port, wire.upgrade_request("/nowhere"))) == 404
+    assert wire.status_of(await wire.exchange(gw.port, wire.upgrade_request("/dead"))) == 502
+    await gone(b"")                                                  # gone at once
+    await gone(b"GET /echo HTTP/1.1\r\nHost:")                       # gone mid-head
+    await gone(wire.upgrade_request("/quiet"))                       # gone during the dial
     await gw.wait_idle()
     for _ in range(100):
         if len(conns) == 6 and all(c.ended for c in conns):
@@ -85,30 +79,24 @@ async def test_every_connection_ends_once(gateway_factory, echo_backend, ends):
 async def test_a_backend_that_answers_after_the_gateway_closed_is_closed(gateway_factory, caplog):
     """The gateway's close refuses (503) a client whose backend is being dialled; the
     backend's 101 that comes later gets a close, and nothing else happens (no error)."""
-    from fastgw.upstream import accept_key
-
     requested, answer, backend_got = asyncio.Event(), asyncio.Event(), []
 
     async def late_backend(reader, writer):
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
-                   if line.lower().startswith("sec-websocket-key:"))
+        _, headers = wire.head_fields(await wire.read_head(reader))
         requested.set()
         await answer.wait()
-        writer.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                      "Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                      f"{accept_key(key)}\r\n\r\n").encode())
+        writer.write(wire.answer_101(headers["sec-websocket-key"]))
         backend_got.append(await asyncio.wait_for(reader.read(), 5))
         writer.close()
 
     server = await asyncio.start_server(late_backend, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{port}/"))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(UPGRADE % b"")
+    reader, writer = await wire.connect(gw.port)
+    writer.write(wire.upgrade_request("/"))
     await asyncio.wait_for(requested.wait(), 5)
     await gw.gw.close()                                  # the client gets its 503 now
-    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 503 ")
+    assert wire.status_of(await asyncio.wait_for(reader.read(), 5)) == 503
     answer.set()                                         # and then the backend says 101
     for _ in range(100):
         if backend_got:

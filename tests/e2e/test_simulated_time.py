@@ -16,10 +16,13 @@ import websockets
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 
+import wire
 from conftest import RunningGateway, gateway_yaml
 from fastgw import config as cfgmod
 from fastgw.clock import SimClock
 from fastgw.gateway import Gateway
+
+pytestmark = pytest.mark.both_loops
 
 SECRET = "fastgw-test-secret-of-at-least-32-bytes!"
 
@@ -140,21 +143,16 @@ async def test_jwt_close_on_expiry_in_simulated_time(sim_gateway, monkeypatch):
 async def test_handshake_timeout_in_simulated_time(sim_gateway, echo_backend):
     gw, clock = await sim_gateway(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
                                                extra_top="handshake-timeout: 5s"))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    reader, writer = await wire.connect(gw.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")          # a head that never ends
     await asyncio.sleep(0.05)
     clock.advance(4.9)
     assert len(gw.gw.handshakes) == 1
     clock.advance(0.2)
-    answer = await asyncio.wait_for(reader.read(), 5)
-    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert wire.status_of(await asyncio.wait_for(reader.read(), 5)) == 408
     assert gw.gw.refused == {408: 1}
     assert gw.gw.metrics.rejected_unrouted["timeout"] == 1
     writer.close()
-
-
-UPGRADE = (b"GET / HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
 async def test_client_liveness_in_simulated_time(sim_gateway):
@@ -172,22 +170,20 @@ async def test_client_liveness_in_simulated_time(sim_gateway):
         gw, clock = await sim_gateway(gateway_yaml(
             f"ws://127.0.0.1:{port}/",
             extra_upgrade="ping-interval: {client: 30s}\nping-timeout: {client: 10s}"))
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(UPGRADE)                # a raw client: it never answers a PING
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        reader, writer = await wire.open_ws(gw.port)     # a raw client: it never answers a PING
         relay = only_relay(gw)
         clock.advance(30.0)                  # the first look: what it has read so far
         clock.advance(29.9)
         assert relay.end_side is None
         clock.advance(0.2)                   # 30 s of silence since: a PING
-        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
-        assert b0 == 0x89 and await reader.readexactly(b1) == b"fastgw liveness"
+        ping = await wire.read_frame(reader)
+        assert (ping.opcode, ping.payload) == (wire.PING, b"fastgw liveness")
         clock.advance(9.8)
         assert relay.end_side is None
         clock.advance(0.3)                   # no answer within 10 s: gone
         assert relay.end_side == "gateway"
         assert await asyncio.wait_for(backend_close, 5) == (1001, "client ping timeout")
-        assert await asyncio.wait_for(reader.read(), 5) == b""     # cut, no close frame
+        await wire.expect_eof(reader)                  # cut, no close frame
         writer.close()
 
 
@@ -195,18 +191,15 @@ async def test_drain_grace_in_simulated_time(sim_gateway, echo_backend):
     """A drain closes live connections with 1001 and cuts, when its grace is over, those
     whose client does not answer the close."""
     gw, clock = await sim_gateway(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/"))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(UPGRADE)                    # a raw client: it never answers the CLOSE
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    reader, writer = await wire.open_ws(gw.port)         # a raw client: it never answers the CLOSE
     await gw.gw.drain(3.0)                   # shorter than the close timeout (5 s)
-    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
-    assert b0 == 0x88 and (await reader.readexactly(b1))[:2] == (1001).to_bytes(2, "big")
+    assert (await wire.read_frame(reader)).close[0] == 1001
     await asyncio.sleep(0.05)
     clock.advance(2.9)
     await asyncio.sleep(0.05)
     assert len(gw.gw.live) == 1              # the grace is not over
     clock.advance(0.2)
-    assert await asyncio.wait_for(reader.read(), 5) == b""     # cut
+    await wire.expect_eof(reader)                      # cut
     await gw.wait_idle()
     assert not gw.gw.live
     writer.close()
