@@ -393,6 +393,7 @@ cdef class Leg:
     cdef inline bint _accept_data(self, uint8_t first_byte, Py_ssize_t size) except -1:
         """Check a data frame (framing, then the SizeLimit) and count it. False: it
         is not to be relayed."""
+        cdef uint64_t* sizes
         if self.close_recv:
             return False        # nothing may follow this leg's own CLOSE
         # After a CLOSE was sent to this leg, what it sent before seeing it still
@@ -422,7 +423,8 @@ cdef class Leg:
             self.counts.messages += 1
             if self.stats is not None:
                 self.stats.messages += 1
-                self.stats.size_log2[64 - fastgw_clz64(self.msg.size) if self.msg.size else 0] += 1
+                sizes = self.stats.size_log2       # a pointer: no refcount pair on stats
+                sizes[64 - fastgw_clz64(self.msg.size) if self.msg.size else 0] += 1
         return True
 
     cdef int _answer_ping(self, const char* payload, Py_ssize_t size) except -1:
