@@ -696,6 +696,11 @@ cdef class Leg:
                 self.send_gateway_close(CLOSE_GOING_AWAY, b"client gone")
                 transport.close()
                 return
+            if self.relay.failed:
+                # The fatal path ran before this leg was attached (its peer's dial).
+                self.send_gateway_close(CLOSE_INTERNAL_ERROR, b"internal error")
+                transport.close()
+                return
             if self.out.size:
                 # What the backend sent before the client's 101, its close included.
                 self.flush()

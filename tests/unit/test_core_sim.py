@@ -260,3 +260,21 @@ def test_delay_paces_a_sender_to_the_rate(rate, burst, n):
     leg = s.relay.client
     assert leg.delayed >= n - 10 and leg.rule_limited() == [leg.delayed]
     assert leg.rejected == leg.dropped == 0
+
+
+def test_a_leg_attached_after_the_fatal_path_is_closed_1011():
+    ended = []
+    relay = Relay(ended.append, clock=SimClock())
+    backend, client = Transport(fail_write=True), Transport()
+    relay.backend.connection_made(backend)        # dialled; the client has no 101 yet
+    ping = bytes([0x89, 0x01]) + b"x"             # a backend's PING: its PONG's write raises
+    leg = relay.backend
+    with memoryview(leg.get_buffer(len(ping))) as view:
+        view[:len(ping)] = ping
+    leg.buffer_updated(len(ping))
+    assert relay.failed and backend.aborted
+    relay.client.connection_made(client)          # the server hands the client over anyway
+    assert client.close_code() == 1011 and client.closed
+    relay.backend.connection_lost(None)
+    relay.client.connection_lost(None)
+    assert ended == [relay]
