@@ -102,7 +102,8 @@ cdef int hold_release(Leg leg) except -1:
         leg.transport.abort()
         return 0
     leg.now_valid = False
-    actual = leg._clock()
+    leg._clock()
+    actual = leg.now
     if actual < q.due:
         leg.now_valid = False
         leg.hold_timer = leg.relay.clock.call_later(

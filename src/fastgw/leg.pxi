@@ -35,8 +35,8 @@ cdef char* SCRATCH = <char*>malloc(SCRATCH_SIZE)
 if SCRATCH == NULL:
     raise MemoryError()
 
-# Until set_policies(): the default of the websocket-upgrade policy.
-cdef uint64_t DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# Until set_policies(): the default of the websocket-upgrade policy (one SizeLimit, shared).
+cdef SizeLimit DEFAULT_SIZE_LIMIT = SizeLimit(16 * 1024 * 1024)
 
 
 cdef int buffer_grow(char** data, Py_ssize_t* cap, Py_ssize_t need) except -1:
@@ -69,7 +69,7 @@ cdef class Leg:
         self.send_fd = -1
         self.max_frame_size = 16 * 1024 * 1024
         self.out.rng = <uint32_t>(<uint64_t>c_time(NULL) * 2654435761u) | 1u
-        self.size_limit = SizeLimit(DEFAULT_MAX_MESSAGE)
+        self.size_limit = DEFAULT_SIZE_LIMIT
 
     def __dealloc__(self):
         if self.out.data != NULL:
@@ -195,9 +195,15 @@ cdef class Leg:
         `now` (monotonic seconds, default: the relay's clock): when the
         connection's buckets start full; `stats`: the API's counters of the flow.
         """
-        cdef double start = self._clock() if now is None else now
-        if max_message_size is not None:
-            self.size_limit = SizeLimit(max_message_size)
+        cdef double start
+        if now is None:
+            self._clock()
+            start = self.now
+        else:
+            start = now
+        if max_message_size is not None and max_message_size != self.size_limit.max:
+            self.size_limit = (DEFAULT_SIZE_LIMIT if max_message_size == DEFAULT_SIZE_LIMIT.max
+                               else SizeLimit(max_message_size))
         self.stats = stats
         self.rate = RateLimit(rules, store, start) if rules else None
 
@@ -221,8 +227,9 @@ cdef class Leg:
         """Messages limited so far by each rate limit of the flow, in order."""
         return self.rate.limited() if self.rate is not None else []
 
-    cdef double _clock(self) except? -1.0:
-        """The relay's clock, read once per read batch (real time: CLOCK_MONOTONIC in C)."""
+    cdef int _clock(self) except -1:
+        """Read the relay's clock into self.now, once per read batch (the real
+        Clock: CLOCK_MONOTONIC in C; another clock: its now(), a Python call)."""
         cdef timespec ts
         if not self.now_valid:
             if self.sim_clock:
@@ -231,7 +238,7 @@ cdef class Leg:
                 clock_gettime(CLOCK_MONOTONIC, &ts)
                 self.now = <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
             self.now_valid = True
-        return self.now
+        return 0
 
     cdef inline int _judge(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1:
         """The verdict of the flow's policies judged in turn on one data frame, at

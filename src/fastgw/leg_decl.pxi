@@ -135,7 +135,7 @@ cdef class Leg:
     cdef int _answer_ping(self, const char* payload, Py_ssize_t size) except -1
     cdef int _end_of_read(self) except -1
     # message policies
-    cdef double _clock(self) except? -1.0
+    cdef int _clock(self) except -1
     cdef inline int _judge(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1
     cdef int _judge_in_turn(self, uint8_t first_byte, Py_ssize_t size, bint retry) except -1
     cdef int _reject(self, bytes reason) except -1
