@@ -166,7 +166,6 @@ class Leg:
     closing: bool
     paused: bool
     input_buffer: tuple[int, int]
-    max_message_size: int
     reads: int
     messages: int
     frames: int

@@ -836,10 +836,6 @@ cdef class Leg:
         return (self.inbuf.size, self.inbuf.cap)
 
     @property
-    def max_message_size(self):
-        return self.size_limit.max
-
-    @property
     def reads(self):
         """Socket reads that brought bytes (liveness: server.py)."""
         return self.counts.reads
