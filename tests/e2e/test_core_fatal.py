@@ -19,7 +19,7 @@ from fastgw.clock import Clock
 
 DELAY_RULE = """\
 request:
-  - {policy: message-rate-limit, messages: 1/1s, burst: 1, action: delay}
+  - {policy: message-rate-limit, messages: 5/1s, burst: 1, action: delay}
 """
 
 
@@ -83,7 +83,7 @@ async def test_a_core_timer_that_raises_ends_the_connection_with_1011(
             await ws.send("one")
             assert await ws.recv() == "one"
             clock.armed = True
-            await ws.send("two")                 # no token: held 1 s; the release timer raises
+            await ws.send("two")                 # no token: held 0.2 s; the release timer raises
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 5)
             assert ws.close_code == 1011
