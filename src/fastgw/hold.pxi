@@ -124,7 +124,7 @@ cdef int hold_release(Leg leg) except -1:
         if leg.close_sent or leg.close_recv:
             pos += HELD_HEADER + stored
             continue
-        verdict = leg._judge(first_byte, size, retry)
+        verdict = leg._judge(first_byte, size, retry) if leg.rate is not None else PASS
         if verdict == DELAY:
             q.pos = pos
             q.due = leg.now + leg.rate.wait
