@@ -387,8 +387,7 @@ class Handshake(asyncio.Protocol):
             stats = gw.metrics.api(api.name)
             up = api.upgrade
             conn = Connection(gw.next_id(), api.name, self.peer_ip, admission)
-            relay = Relay(gw.loop, gw._relay_ended, conn, max_message_size=up.max_message_size,
-                          max_frame_size=up.max_frame_size)
+            relay = Relay(gw._relay_ended, conn, max_frame_size=up.max_frame_size)
             counting = gw.metrics.enabled
             relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size,
                                       stats=stats.request if counting else None)
