@@ -1,6 +1,7 @@
-# The limit tables: token buckets, a keyed bucket table and a connection-count
-# table, flat C tables in one memory region. Included by _core.pyx; the
-# layout and the contract are in limits_decl.pxi.
+# The limits: token buckets, the LimitStore interface (with its Python
+# wrappers), and LimitZone, its implementation as a keyed bucket table and a
+# connection-count table, flat C tables in one memory region. Included by
+# _core.pyx; the layout and the contract are in limits_decl.pxi.
 #
 # take/acquire/release/bucket_take run on the frame path or per connection:
 # C only, no Python objects, no allocation, no exceptions.
@@ -172,12 +173,84 @@ cdef inline CountSlot* _count_find(CountSlot* table, uint32_t mask, uint32_t pro
     return NULL
 
 
+# ---------------------------------------------------------------- the interface
+
+cdef class LimitStore:
+    """Where limits keep their state: token buckets and connection counts by
+    key, with the time passed in (see limits_decl.pxi). This base stores
+    nothing: every take() and acquire() finds no room."""
+
+    # -- the C interface (overridden by each store)
+
+    cdef double take(self, uint64_t key, double rate, double burst, double now,
+                     double cost) noexcept:
+        return ZONE_NO_SLOT
+
+    cdef int acquire(self, uint64_t key, uint32_t limit) noexcept:
+        return -1
+
+    cdef void release(self, uint64_t key) noexcept:
+        pass
+
+    cdef void note_message_overflow(self) noexcept:
+        pass
+
+    cdef void note_lease_leak(self) noexcept:
+        pass
+
+    # -- Python (admission, tests)
+
+    def take_py(self, uint64_t key, double rate, double burst, double now, double cost=1.0):
+        """take() from Python: 0.0 if admitted, > 0 the seconds to wait, -1.0 if
+        the store has no room for the key (nothing admitted: refuse)."""
+        if not (rate > 0.0) or not (burst >= 1.0) or not (cost >= 0.0):
+            raise ValueError("need rate > 0, burst >= 1, cost >= 0")
+        return self.take(key, rate, burst, now, cost)
+
+    def acquire_py(self, uint64_t key, uint32_t limit):
+        """acquire() from Python: 1 counted, 0 at the limit, -1 no room."""
+        return self.acquire(key, limit)
+
+    def release_py(self, uint64_t key):
+        self.release(key)
+
+    def try_acquire(self, list keys):
+        """Acquire up to 4 (key, limit) pairs, all or nothing, in order.
+
+        Returns a Lease; or, having released what it took, the index of the
+        first key at its limit, or -1 if the store had no room for a key."""
+        cdef uint64_t ks[LEASE_MAX_KEYS]
+        cdef uint32_t limits[LEASE_MAX_KEYS]
+        cdef Py_ssize_t n = len(keys)
+        cdef Py_ssize_t i, j
+        cdef int r
+        cdef Lease lease
+        if n > LEASE_MAX_KEYS:
+            raise ValueError(f"a lease holds at most {LEASE_MAX_KEYS} keys, not {n}")
+        for i in range(n):                  # convert all first: nothing taken on a bad pair
+            ks[i], limits[i] = keys[i]
+        for i in range(n):
+            r = self.acquire(ks[i], limits[i])
+            if r != 1:
+                for j in range(i - 1, -1, -1):
+                    self.release(ks[j])
+                return i if r == 0 else -1
+        lease = Lease.__new__(Lease)
+        lease.store = self
+        for i in range(n):
+            lease.keys[i] = ks[i]
+        lease.n = <int>n
+        lease.released = False
+        return lease
+
+
 # ---------------------------------------------------------------- the zone
 
-cdef class LimitZone:
-    """Limit tables in one shared anonymous memory region: a keyed
-    token-bucket table and a connection-count table of `max_keys` slots each
-    (rounded up to a power of two)."""
+cdef class LimitZone(LimitStore):
+    """The LimitStore of one process (and its forks): limit tables in one
+    shared anonymous memory region, a keyed token-bucket table and a
+    connection-count table of `max_keys` slots each (rounded up to a power of
+    two)."""
 
     def __cinit__(self, Py_ssize_t max_keys):
         cdef size_t cap = ZONE_MIN_KEYS
@@ -265,50 +338,13 @@ cdef class LimitZone:
         if s != NULL and s.count > 0:
             s.count -= 1
 
-    # -- Python
+    cdef void note_message_overflow(self) noexcept:
+        self.header.message_overflows += 1
 
-    def take_py(self, uint64_t key, double rate, double burst, double now, double cost=1.0):
-        """take() from Python: 0.0 if admitted, > 0 the seconds to wait, -1.0 if
-        the table has no slot for the key (nothing admitted: refuse)."""
-        if not (rate > 0.0) or not (burst >= 1.0) or not (cost >= 0.0):
-            raise ValueError("need rate > 0, burst >= 1, cost >= 0")
-        return self.take(key, rate, burst, now, cost)
+    cdef void note_lease_leak(self) noexcept:
+        self.header.lease_leaks += 1
 
-    def acquire_py(self, uint64_t key, uint32_t limit):
-        """acquire() from Python: 1 counted, 0 at the limit, -1 table full."""
-        return self.acquire(key, limit)
-
-    def release_py(self, uint64_t key):
-        self.release(key)
-
-    def try_acquire(self, list keys):
-        """Acquire up to 4 (key, limit) pairs, all or nothing, in order.
-
-        Returns a Lease; or, having released what it took, the index of the
-        first key at its limit, or -1 if the table had no slot for a key."""
-        cdef uint64_t ks[LEASE_MAX_KEYS]
-        cdef uint32_t limits[LEASE_MAX_KEYS]
-        cdef Py_ssize_t n = len(keys)
-        cdef Py_ssize_t i, j
-        cdef int r
-        cdef Lease lease
-        if n > LEASE_MAX_KEYS:
-            raise ValueError(f"a lease holds at most {LEASE_MAX_KEYS} keys, not {n}")
-        for i in range(n):                  # convert all first: nothing taken on a bad pair
-            ks[i], limits[i] = keys[i]
-        for i in range(n):
-            r = self.acquire(ks[i], limits[i])
-            if r != 1:
-                for j in range(i - 1, -1, -1):
-                    self.release(ks[j])
-                return i if r == 0 else -1
-        lease = Lease.__new__(Lease)
-        lease.zone = self
-        for i in range(n):
-            lease.keys[i] = ks[i]
-        lease.n = <int>n
-        lease.released = False
-        return lease
+    # -- Python (introspection: metrics, tests)
 
     def count(self, uint64_t key):
         """Live count of key (0 if unknown)."""
@@ -393,10 +429,10 @@ cdef class LimitZone:
 
 
 cdef class Lease:
-    """The count-table slots one connection holds (LimitZone.try_acquire)."""
+    """The connection counts one connection holds (LimitStore.try_acquire)."""
 
     def __init__(self):
-        raise TypeError("leases come from LimitZone.try_acquire()")
+        raise TypeError("leases come from LimitStore.try_acquire()")
 
     cpdef release(self):
         """Release every key once; later calls do nothing."""
@@ -405,7 +441,7 @@ cdef class Lease:
             return
         self.released = True
         for i in range(self.n):
-            self.zone.release(self.keys[i])
+            self.store.release(self.keys[i])
 
     def __len__(self):
         return self.n
@@ -413,11 +449,11 @@ cdef class Lease:
     def __dealloc__(self):
         # A lease dropped without release() still gives its slots back.
         cdef int i
-        if not self.released and self.zone is not None:
+        if not self.released and self.store is not None:
             self.released = True
-            self.zone.header.lease_leaks += 1
+            self.store.note_lease_leak()
             for i in range(self.n):
-                self.zone.release(self.keys[i])
+                self.store.release(self.keys[i])
 
 
 cdef class TokenBucket:

@@ -1,5 +1,12 @@
-# Declarations of the limit tables (token buckets, keyed bucket table,
-# connection-count table). Included by _core.pxd; defined in limits.pxi.
+# Declarations of the limits: token buckets, the LimitStore interface, and its
+# first implementation, LimitZone (a keyed bucket table and a connection-count
+# table). Included by _core.pxd; defined in limits.pxi.
+#
+# LimitStore is the seam between a limit and where its state lives: the
+# message policies (scope client / api) and admission (policies.py) reach
+# shared limits only through it, with the time passed in, never through a
+# concrete table. A worker-shared atomic store and a Redis-leased one are to
+# be further implementations of the same interface.
 #
 # A LimitZone is ONE contiguous memory region (anonymous shared mmap, so a
 # fork already shares it) holding only plain data, with offsets and no
@@ -79,8 +86,29 @@ cdef struct ZoneHeader:     # 128 bytes at offset 0 of the region
     uint64_t reserved3
 
 
+cdef class LimitStore:
+    # The interface (C calls, on the frame path for message policies): no
+    # Python objects, no allocation, no exceptions.
+    #
+    # take: from key's bucket (rate per second, burst), at `now` (monotonic
+    # seconds), `cost` tokens. 0.0: admitted; > 0: seconds until `cost` (at
+    # most `burst`) would be available, nothing taken; ZONE_NO_SLOT (-1.0):
+    # the store has no room for the key, nothing admitted (the caller must
+    # refuse, or treat the message as over its limit).
+    cdef double take(self, uint64_t key, double rate, double burst, double now, double cost) noexcept
+    # acquire: count one more of key. 1: counted; 0: key at `limit`; -1: no
+    # room for the key.
+    cdef int acquire(self, uint64_t key, uint32_t limit) noexcept
+    # release: count -= 1 if > 0; an unknown key is ignored.
+    cdef void release(self, uint64_t key) noexcept
+    # A message a message policy limited because take() found no room
+    # (message_overflows), and a Lease released by its deallocation (lease_leaks).
+    cdef void note_message_overflow(self) noexcept
+    cdef void note_lease_leak(self) noexcept
+
+
 @cython.final                   # C calls to take/acquire/release skip the vtable
-cdef class LimitZone:
+cdef class LimitZone(LimitStore):
     cdef:
         char* region                # the one block (mmap), header at offset 0
         size_t region_size
@@ -90,24 +118,17 @@ cdef class LimitZone:
         uint32_t bucket_mask        # bucket_cap - 1
         uint32_t count_mask         # count_cap - 1
         uint32_t probe              # header.probe_limit (cached)
-
-    # Find or insert key's bucket, then bucket_take(). 0.0: admitted; > 0:
-    # seconds until `cost` (at most `burst`) would be available, nothing taken.
-    # No slot within the probe bound: counts an overflow (bucket_overflows),
-    # takes nothing and returns ZONE_NO_SLOT (-1.0): the caller must refuse.
-    cdef double take(self, uint64_t key, double rate, double burst, double now, double cost) noexcept
-    # 1: counted; 0: key at its limit; -1: no slot for the key (table full).
-    cdef int acquire(self, uint64_t key, uint32_t limit) noexcept
-    # count -= 1 if > 0; an unknown key is ignored.
-    cdef void release(self, uint64_t key) noexcept
+    # Its take() finds or inserts key's bucket, then bucket_take(); no slot
+    # within the probe bound counts an overflow (bucket_overflows) and returns
+    # ZONE_NO_SLOT. acquire() without a slot counts count_overflows.
 
 
 @cython.final
 cdef class Lease:
-    # Up to 4 keys acquired together (LimitZone.try_acquire); release() gives
+    # Up to 4 keys acquired together (LimitStore.try_acquire); release() gives
     # each back once, however often it is called.
     cdef:
-        LimitZone zone
+        LimitStore store
         uint64_t keys[4]
         int n
         readonly bint released

@@ -1,8 +1,8 @@
 """The message policies of an API's flows, compiled for the core.
 
 `compile_flow` turns the request or response flow of a websocket-upgrade policy
-into MessageRules, and `MessageRules.for_connection` gives a connection the rule
-tuples of its plan (Leg.set_policies). Routing and the upgrade policies are
+into MessageRules, and `MessageRules.for_connection` gives a connection the rate
+rules of its plan (Leg.set_policies). Routing and the upgrade policies are
 compiled in routing.py, admission runs in admission.py.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastgw import config as cfgmod
-from fastgw._core import key_hash
+from fastgw._core import Action, RateRule, Scope, key_hash
 
-# Values of the core's enums (see _core.pxd).
-ACTIONS = {"reject": 0, "delay": 1, "drop": 2}
-SCOPES = {"connection": 0, "client": 1, "api": 2}
+# The configuration's names of the core's enums (policy_decl.pxi): "reject" -> Action.ACTION_REJECT.
+ACTIONS = {a.name.removeprefix("ACTION_").lower(): a for a in Action}
+SCOPES = {s.name.removeprefix("SCOPE_").lower(): s for s in Scope}
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,18 +26,19 @@ class MessageRules:
     rates: tuple                   # (index, MessageRateLimit)
     sizes: tuple                   # MessageSizeLimit
 
-    def for_connection(self, api: str, plan: str, client_key: str) -> list[tuple]:
-        """Rule tuples for Leg.set_policies, with the values of the plan."""
+    def for_connection(self, api: str, plan: str, client_key: str) -> list[RateRule]:
+        """The flow's rate limits for Leg.set_policies, with the values of the plan."""
         out = []
         for index, p in self.rates:
             rate = p.messages.for_plan(plan) if p.messages is not None else None
             brate = p.bytes.for_plan(plan) if p.bytes is not None else None
             base = f"m|{api}|{self.flow}|{index}|" + (client_key if p.scope == "client" else "")
-            out.append((
+            out.append(RateRule(
                 p.name, ACTIONS[p.action], SCOPES[p.scope],
-                rate.per_second if rate else 0.0, p.burst_for(plan) or 1.0,
-                brate.per_second if brate else 0.0, float(p.byte_burst_for(plan) or 1),
-                key_hash(base + "|m"), key_hash(base + "|b"),
+                msg_rate=rate.per_second if rate else 0.0, msg_burst=p.burst_for(plan) or 1.0,
+                byte_rate=brate.per_second if brate else 0.0,
+                byte_burst=float(p.byte_burst_for(plan) or 1),
+                msg_key=key_hash(base + "|m"), byte_key=key_hash(base + "|b"),
             ))
         return out
 

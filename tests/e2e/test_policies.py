@@ -283,23 +283,8 @@ async def paced_echoes(gw, n: int):
     return (n - 1) / (got[-1][1] - got[0][1]), counters
 
 
-# 10 s of real time: on uvloop only (the delay path runs on asyncio in the burst-1 test below).
-@pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_message_rate_limit_delay_paces_messages(gateway_factory, echo_backend):
-    # 100 messages/s, 1001 messages: about 10 s. (burst 2: see the test below for burst 1)
-    gw = await gateway_factory(config_yaml(
-        f"ws://127.0.0.1:{echo_backend}/",
-        request=[{"policy": "message-rate-limit", "messages": "100/1s", "burst": 2,
-                  "action": "delay", "name": "pace"}]))
-    n = 1001
-    rate, (delayed, rejected, dropped, limited) = await paced_echoes(gw, n)
-    assert 95.0 <= rate <= 105.0, f"{rate:.2f} messages/s"
-    assert delayed >= n - 10 and limited == [delayed]
-    assert rejected == dropped == 0
-    await settled(gw)
-
-
 async def test_message_rate_limit_delay_burst_1_keeps_the_rate(gateway_factory, echo_backend):
+    # Real time, end to end (tests/unit/test_core_sim.py paces in simulated time, burst 2 too).
     gw = await gateway_factory(config_yaml(
         f"ws://127.0.0.1:{echo_backend}/",
         request=[{"policy": "message-rate-limit", "messages": "500/1s", "burst": 1,

@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FUZZ_DIR = Path(__file__).resolve().parent
 CORPUS = FUZZ_DIR / "corpus"
 DICTS = FUZZ_DIR / "dicts"
-CORE_SOURCES = [ROOT / "src" / "fastgw" / n for n in
-                ("_core.pyx", "_core.pxd", "limits.pxi", "limits_decl.pxi", "hdr.pxi", "hdr_decl.pxi")]
+# _core.pyx first (what is compiled), then what it includes (all of the stamp).
+CORE_SOURCES = [ROOT / "src" / "fastgw" / n for n in ("_core.pyx", "_core.pxd")] + sorted(
+    (ROOT / "src" / "fastgw").glob("*.pxi"))
 CORE_BUILD = Path(os.environ.get("FASTGW_FUZZ_BUILD", ROOT / "build" / "fuzz-core"))
 
 TARGETS = ("head", "frames", "config", "identity")

@@ -9,12 +9,15 @@ import jwt
 import pytest
 
 from fastgw import config as cfgmod
-from fastgw._core import LimitZone, Relay
+from fastgw._core import LimitZone, RateRule, Relay, Scope, Verdict
 from fastgw import admission
 from fastgw.admission import UpgradeRequest
+from fastgw.policies import ACTIONS
 from fastgw.identity import AuthError
 from fastgw.routing import compile_config
 from fastgw.verdicts import Refusal
+
+PASS, REJECT, DELAY, DROP = Verdict.PASS, Verdict.REJECT, Verdict.DELAY, Verdict.DROP
 
 YAML = """
 listeners: [{port: 0}]
@@ -203,20 +206,20 @@ def test_message_reject_after_burst_per_plan(router):
     bob = admit(chat, zone, request([("x-api-key", "bob-key")]))
     relay = relay_for(bob, zone)
     decisions = [relay.client.decide(1, True, 10, 1000.0)[0] for _ in range(3)]
-    assert decisions == ["pass", "pass", "reject"]                # burst 2 (default plan)
+    assert decisions == [PASS, PASS, REJECT]                # burst 2 (default plan)
     assert relay.client.rejected == 1 and relay.client.rule_limited() == [1]
     alice = admit(chat, zone, request([("x-api-key", "alice-key")], peer="192.0.2.2"))
     relay = relay_for(alice, zone)
-    assert [relay.client.decide(1, True, 10, 1000.0)[0] for _ in range(21)] == ["pass"] * 20 + ["reject"]
+    assert [relay.client.decide(1, True, 10, 1000.0)[0] for _ in range(21)] == [PASS] * 20 + [REJECT]
     # Tokens come back with time: 10/s for gold.
     relay = relay_for(alice, zone)
     for _ in range(20):
         relay.client.decide(2, True, 10, 2000.0)
-    assert relay.client.decide(2, True, 10, 2000.05)[0] == "reject"
+    assert relay.client.decide(2, True, 10, 2000.05)[0] == REJECT
     relay = relay_for(alice, zone)
     for _ in range(20):
         relay.client.decide(2, True, 10, 3000.0)
-    assert relay.client.decide(2, True, 10, 3000.11)[0] == "pass"
+    assert relay.client.decide(2, True, 10, 3000.11)[0] == PASS
     bob.release()
     alice.release()
 
@@ -228,8 +231,8 @@ def test_fragmented_message_counted_once(router):
     relay = relay_for(bob, zone)
     # Two fragmented messages of three frames each fit a burst of 2 messages.
     seq = [(1, False), (0, False), (0, True), (2, False), (0, False), (0, True)]
-    assert [relay.client.decide(op, fin, 100, 50.0)[0] for op, fin in seq] == ["pass"] * 6
-    assert relay.client.decide(1, True, 1, 50.0)[0] == "reject"
+    assert [relay.client.decide(op, fin, 100, 50.0)[0] for op, fin in seq] == [PASS] * 6
+    assert relay.client.decide(1, True, 1, 50.0)[0] == REJECT
     bob.release()
 
 
@@ -239,15 +242,15 @@ def test_response_bytes_delay_waits_for_tokens(router):
     bob = admit(chat, zone, request([("x-api-key", "bob-key")]))
     relay = relay_for(bob, zone)
     backend = relay.backend                  # the response flow: 1000 B/s, burst 2000
-    assert backend.decide(2, True, 1500, 10.0) == ("pass", 0.0)
+    assert backend.decide(2, True, 1500, 10.0) == (PASS, 0.0)
     verdict, wait = backend.decide(2, True, 1000, 10.0)
-    assert verdict == "delay" and wait == pytest.approx(0.5)   # 500 left, 1000 needed
-    assert backend.decide(2, True, 1000, 10.5, retry=True) == ("pass", 0.0)
+    assert verdict == DELAY and wait == pytest.approx(0.5)   # 500 left, 1000 needed
+    assert backend.decide(2, True, 1000, 10.5, retry=True) == (PASS, 0.0)
     assert backend.delayed == 1                                  # counted once per message
     # Bytes of later fragments are counted in full.
-    assert backend.decide(2, False, 0, 20.0)[0] == "pass"
-    assert backend.decide(0, False, 2000, 20.0)[0] == "pass"
-    assert backend.decide(0, True, 500, 20.0)[0] == "delay"
+    assert backend.decide(2, False, 0, 20.0)[0] == PASS
+    assert backend.decide(0, False, 2000, 20.0)[0] == PASS
+    assert backend.decide(0, True, 500, 20.0)[0] == DELAY
     bob.release()
 
 
@@ -279,17 +282,17 @@ def test_client_scope_drop_shared_across_connections(router):
         adm = admit(other, zone, request([("authorization", f"Bearer {token}")], wall=now))
         relays.append(relay_for(adm, zone))
     # Burst 2 for the client as a whole: the third message, on any connection, is dropped.
-    assert relays[0].client.decide(1, True, 5, 7.0)[0] == "pass"
-    assert relays[1].client.decide(1, True, 5, 7.0)[0] == "pass"
-    assert relays[2].client.decide(1, True, 5, 7.0)[0] == "drop"
+    assert relays[0].client.decide(1, True, 5, 7.0)[0] == PASS
+    assert relays[1].client.decide(1, True, 5, 7.0)[0] == PASS
+    assert relays[2].client.decide(1, True, 5, 7.0)[0] == DROP
     # A dropped message is dropped whole: its continuation follows it.
-    assert relays[0].client.decide(1, False, 5, 7.0)[0] == "drop"
-    assert relays[0].client.decide(0, True, 5, 7.0)[0] == "drop"
+    assert relays[0].client.decide(1, False, 5, 7.0)[0] == DROP
+    assert relays[0].client.decide(0, True, 5, 7.0)[0] == DROP
     assert relays[2].client.dropped == 1 and relays[0].client.dropped == 1
     # Another client has its own budget.
     token2 = jwt.encode({"sub": "frank", "iss": "https://issuer.example", "exp": now + 60}, SECRET, algorithm="HS256")
     adm = admit(other, zone, request([("authorization", f"Bearer {token2}")], wall=now))
-    assert relay_for(adm, zone).client.decide(1, True, 5, 7.0)[0] == "pass"
+    assert relay_for(adm, zone).client.decide(1, True, 5, 7.0)[0] == PASS
 
 
 # ------------------------------------------------------------------ a full limit table
@@ -340,9 +343,10 @@ def client_scope_leg(zone, action, name="per-client"):
     from fastgw._core import key_hash
     relay = Relay(None, None)
     leg = relay.client
-    # (name, action, scope client, 1 message/s, burst 2, no byte limit, keys)
-    leg.set_policies([(name, {"reject": 0, "delay": 1, "drop": 2}[action], 1, 1.0, 2.0, 0.0, 1.0,
-                       key_hash("m|chat|request|0|bob|m"), key_hash("m|chat|request|0|bob|b"))],
+    # scope client, 1 message/s, burst 2, no byte limit
+    leg.set_policies([RateRule(name, ACTIONS[action], Scope.SCOPE_CLIENT, msg_rate=1.0, msg_burst=2.0,
+                               msg_key=key_hash("m|chat|request|0|bob|m"),
+                               byte_key=key_hash("m|chat|request|0|bob|b"))],
                      zone, now=0.0)
     return relay, leg
 
@@ -353,20 +357,20 @@ def test_client_scope_message_at_a_full_table_is_over_the_limit(action):
     full_buckets(zone, 0.0)
     relay, leg = client_scope_leg(zone, action)
     verdict, wait = leg.decide(1, True, 10, 1.0)
-    assert verdict == action                   # never "pass": the rule's own action
+    assert verdict == Verdict[action.upper()]  # never PASS: the rule's own action
     assert zone.message_overflows == 1 and zone.overflows == 1
     assert leg.rule_limited() == [1]
     if action == "delay":
         assert wait == pytest.approx(0.1)      # tried again a little later
-        assert leg.decide(1, True, 10, 1.1, retry=True) == ("delay", pytest.approx(0.1))
+        assert leg.decide(1, True, 10, 1.1, retry=True) == (DELAY, pytest.approx(0.1))
         assert zone.message_overflows == 1 and leg.delayed == 1   # one message, counted once
         # The other keys' buckets are full again at t = 1000: the held message passes.
-        assert leg.decide(1, True, 10, 1000.0, retry=True) == ("pass", 0.0)
+        assert leg.decide(1, True, 10, 1000.0, retry=True) == (PASS, 0.0)
         assert zone.bucket_reuses == 1
     elif action == "drop":
-        assert leg.decide(0, True, 10, 1.0)[0] == "drop"          # the rest of the message
+        assert leg.decide(0, True, 10, 1.0)[0] == DROP          # the rest of the message
         assert leg.dropped == 1 and zone.message_overflows == 1
-        assert leg.decide(1, True, 10, 2.0)[0] == "drop"          # the next message too
+        assert leg.decide(1, True, 10, 2.0)[0] == DROP          # the next message too
         assert zone.message_overflows == 2
     else:
         assert leg.rejected == 1 and relay.end_code == 1008

@@ -5,14 +5,7 @@ was cut at byte 123, inside a character, and the client got invalid UTF-8)."""
 import struct
 
 from fastgw._core import Relay
-
-
-class Loop:
-    def call_later(self, delay, callback, *args):
-        class Handle:
-            def cancel(self):
-                pass
-        return Handle()
+from fastgw.clock import SimClock
 
 
 class Transport:
@@ -42,7 +35,7 @@ class Transport:
 
 
 def close_reason(relay_reason: str) -> bytes:
-    relay = Relay(Loop(), lambda r: None)
+    relay = Relay(lambda r: None, clock=SimClock())
     client, backend = Transport(), Transport()
     relay.backend.connection_made(backend)
     relay.client.connection_made(client)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fastgw._core import Lease, LimitZone, TokenBucket, key_hash
+from fastgw._core import Lease, LimitStore, LimitZone, TokenBucket, key_hash
 
 M64 = (1 << 64) - 1
 
@@ -458,3 +458,25 @@ def test_key_hash_same_in_another_process():
     out = subprocess.run([sys.executable, "-c", code, *strings], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert [int(x) for x in out] == [key_hash(s) for s in strings]
+
+
+# ---------------------------------------------------------------- the LimitStore seam
+
+def test_limit_zone_is_a_limit_store():
+    zone = LimitZone(16)
+    assert isinstance(zone, LimitStore)
+    lease = zone.try_acquire([(7, 1)])
+    assert isinstance(lease, Lease) and zone.count(7) == 1
+    lease.release()
+    assert zone.count(7) == 0
+
+
+def test_the_bare_limit_store_has_no_room_for_anything():
+    # The interface's own behaviour: every take and acquire finds no room, so a
+    # caller refuses (admission: 503; a message rule: the message is over its limit).
+    store = LimitStore()
+    assert store.take_py(1, 10.0, 5.0, 0.0) == -1.0
+    assert store.acquire_py(1, 3) == -1
+    assert store.try_acquire([(1, 3)]) == -1
+    assert len(store.try_acquire([])) == 0           # nothing asked: an empty lease
+    store.release_py(1)

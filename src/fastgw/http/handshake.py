@@ -29,7 +29,6 @@ import logging
 
 from fastgw._core import Relay
 from fastgw.admission import UpgradeRequest, admit, identify
-from fastgw.clock import Clock
 from fastgw.connection import Connection
 from fastgw.http.forwarding import backend_headers
 from fastgw.http.head import Request, check_upgrade, http_response, parse_head, switching_protocols
@@ -39,26 +38,6 @@ from fastgw.verdicts import Refusal
 
 # Client bytes buffered while the backend is dialled; reading pauses past this.
 EARLY_BUFFER = 64 * 1024
-
-
-def _relay_takes_clock() -> bool:
-    """Whether the core's Relay is `Relay(on_end, info, *, clock=, ...)` (the core reading
-    time through the gateway's clock) rather than `Relay(loop, on_end, info, ...)`.
-    Only until the core with the clock is merged: then Relay is always given the clock."""
-    try:
-        Relay(None, None, clock=Clock())
-    except TypeError:
-        return False
-    return True
-
-
-_RELAY_CLOCK = _relay_takes_clock()
-
-
-def _new_relay(gw, conn: Connection, max_frame_size: int):
-    if _RELAY_CLOCK:
-        return Relay(gw.relay_gone, conn, clock=gw.clock, max_frame_size=max_frame_size)
-    return Relay(gw.loop, gw.relay_gone, conn, max_frame_size=max_frame_size)
 
 
 class Handshake(asyncio.Protocol):
@@ -214,7 +193,7 @@ class Handshake(asyncio.Protocol):
         clock = gw.clock
         conn.id = gw.next_id()
         conn.started, conn.started_mono = clock.wall(), clock.now()
-        relay = _new_relay(gw, conn, up.max_frame_size)
+        relay = Relay(gw.relay_gone, conn, clock=clock, max_frame_size=up.max_frame_size)
         stats = gw.metrics.api(api.name)
         counting = gw.metrics.enabled
         relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size,
