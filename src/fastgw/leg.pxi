@@ -842,7 +842,7 @@ cdef class Leg:
 
     @property
     def reads(self):
-        """Socket reads that brought bytes (liveness: server.py)."""
+        """Socket reads that brought bytes (liveness: connection.py)."""
         return self.counts.reads
 
     @property

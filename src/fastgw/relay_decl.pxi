@@ -15,7 +15,7 @@ cdef class Relay:
         readonly Leg backend
         readonly bint ended
         readonly bint aborted
-        readonly object info           # Python-side data of the connection (server.py)
+        readonly object info           # Python-side data of the connection (connection.Connection)
         readonly object clock          # fastgw.clock.Clock: now() and call_later()
         object _on_end                 # called once, with the relay, when both legs are gone
         object _close_timer

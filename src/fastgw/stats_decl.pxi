@@ -8,7 +8,7 @@ from libc.stdint cimport uint64_t
 
 cdef struct FlowCounters:
     # What one leg received (one flow of one connection).
-    uint64_t reads              # socket reads that brought bytes (liveness: server.py)
+    uint64_t reads              # socket reads that brought bytes (liveness: connection.py)
     uint64_t messages           # whole data messages
     uint64_t frames             # data frames
     uint64_t bytes              # payload bytes

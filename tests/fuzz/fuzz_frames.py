@@ -465,7 +465,7 @@ def test_one_input(data: bytes) -> None:
         elif op == 12:
             if fdp.ConsumeBool():
                 loop.fire_timers()
-            else:           # a liveness ping of the gateway's own (server.py's timer)
+            else:           # a liveness ping of the gateway's own (connection.py's timer)
                 payload = fdp.ConsumeBytes(fdp.PickValueInList([0, 15, 125, 130]))
                 if side.leg.send_ping(payload):
                     side.gateway_pings.append(payload[:125])
