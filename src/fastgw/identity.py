@@ -17,7 +17,7 @@ The inputs, wherever they appear:
 ``api``
     the name of the API the request was routed to.
 ``now``
-    Unix time in seconds; injectable so that tests control the clock.
+    Unix time in seconds, from the gateway's clock (``Clock.wall``; a ``SimClock`` in tests).
 
 A refusal is always an :class:`AuthError` carrying the HTTP status (401 or
 403), a short reason that never contains secrets, and the response headers
@@ -31,7 +31,6 @@ import ipaddress
 import json
 import math
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -679,18 +678,17 @@ class JwtAuth:
         headers: Sequence[tuple[str, str]],
         query: str,
         api: str,
-        now: float | None = None,
+        now: float,
     ) -> Identity:
         """The identity the token vouches for, or AuthError (401 or 403).
 
-        ``now`` defaults to the real clock. ``api`` is not used (yet): a token
-        is valid for every API that accepts its issuer and audience.
+        ``now`` is wall-clock seconds from the gateway's clock (``Clock.wall``).
+        ``api`` is not used (yet): a token is valid for every API that accepts
+        its issuer and audience.
         """
         token, source = self._token(headers, query)
         if not token:
             raise AuthError(401, "missing bearer token", [_challenge("Bearer")])
-        if now is None:
-            now = time.time()
 
         try:
             header = jwt.get_unverified_header(token)
