@@ -215,6 +215,16 @@ class GatewayProcess:
 FASTGW = (sys.executable, "-m", "fastgw")
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (the gateway drains and exits), SIGKILL after 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def start_gateway_process(tmp_path: Path, yaml_text: str, *args: str, command=FASTGW) -> GatewayProcess:
     """`fastgw run -c FILE ARGS` (`command` instead of `python -m fastgw`), once it listens."""
     cfg = tmp_path / "gateway.yaml"
@@ -251,12 +261,7 @@ def gateway_process(tmp_path):
                 leaks += gp.status()["lease_leaks"]
             except (TimeoutError, ProcessLookupError, KeyError):
                 pass                    # gone or stopped by the test itself
-            gp.proc.send_signal(signal.SIGTERM)
-            try:
-                gp.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                gp.proc.kill()
-                gp.proc.wait()
+            stop_process(gp.proc)
     assert leaks == 0, f"{leaks} slots released by a deallocator in a gateway process"
 
 
@@ -314,12 +319,7 @@ def gateway_with_admin(tmp_path):
     yield start
     for gp in procs:
         if gp.proc.poll() is None:
-            gp.proc.send_signal(signal.SIGTERM)
-            try:
-                gp.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                gp.proc.kill()
-                gp.proc.wait()
+            stop_process(gp.proc)
 
 
 # ---- the admin API's metrics ------------------------------------------------------------------
