@@ -29,8 +29,14 @@ from __future__ import annotations
 import struct
 import sys
 import time
+from pathlib import Path
 
 INSTRUMENT: list[str] = []       # the code under test is native: see fuzzlib.build_core
+
+TESTS = str(Path(__file__).resolve().parents[1])
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+import wire  # noqa: E402  (tests/wire.py: the tests' frame codec)
 
 _core = None
 TRACE = bool(__import__("os").environ.get("FUZZ_TRACE"))
@@ -305,20 +311,15 @@ def build_frame(fdp, masked_default: bool) -> bytes:
     elif lie == 2:
         length += fdp.ConsumeIntInRange(1, 8)                   # announce more
     encoding = fdp.ConsumeIntInRange(0, 15)
-    first = (0x80 if fin else 0) | (rsv << 4) | op
-    mask_bit = 0x80 if masked else 0
     if encoding == 1 or (length >= 126 and length < 65536 and encoding != 2):
-        head = struct.pack("!BBH", first, mask_bit | 126, length & 0xFFFF)
+        form, declared = 16, length & 0xFFFF                    # perhaps non-minimal
     elif encoding == 2 or length >= 65536:
-        big = length | ((1 << 63) if encoding == 3 else 0)
-        head = struct.pack("!BBQ", first, mask_bit | 127, big)
+        form, declared = 64, length | ((1 << 63) if encoding == 3 else 0)
     else:
-        head = struct.pack("!BB", first, mask_bit | length)
-    if masked:
-        key = fdp.ConsumeBytes(4).ljust(4, b"\x00")
-        payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload)) if payload else b""
-        head += key
-    return head + payload
+        form, declared = 7, length
+    key = fdp.ConsumeBytes(4).ljust(4, b"\x00") if masked else None
+    return wire.frame(op, payload, fin=fin, rsv=rsv << 4, mask=masked, key=key,
+                      length_form=form, declared=declared)
 
 
 # --------------------------------------------------------------------------------------
