@@ -76,8 +76,9 @@ import sys
 import time
 from typing import Any
 
-import uvloop
 from picows import WSListener, WSMsgType, WSTransport, ws_connect
+
+from fastgw.loops import loop_runner
 
 _CONT = int(WSMsgType.CONTINUATION)
 _TEXT = int(WSMsgType.TEXT)
@@ -391,10 +392,10 @@ async def run_throughput(
     return out
 
 
-def _worker(conn: Any, kwargs: dict[str, Any],
-            fn_name: str = "run_throughput") -> None:  # pragma: no cover - child process
+def _worker(conn: Any, kwargs: dict[str, Any], fn_name: str,
+            run: Any) -> None:  # pragma: no cover - child process
     try:
-        res = uvloop.run(globals()[fn_name](**kwargs))
+        res = run(globals()[fn_name](**kwargs))
     except BaseException as exc:
         res = {"ok": False, "errors": [f"worker: {exc!r}"]}
     conn.send(res)
@@ -411,13 +412,14 @@ def _run_processes(fn_name: str, processes: int, kwargs: dict[str, Any],
     total = kwargs.pop("connections")
     if total < processes:
         raise SystemExit("--connections must be >= --processes")
+    run = _loop_runner()                # chosen (and warned about) once, for every worker
     start_at = time.time() + start_delay
     procs = []
     for i in range(processes):
         kw = dict(kwargs, connections=total // processes + (1 if i < total % processes else 0))
         kw["start_at"] = start_at
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(child, kw, fn_name), daemon=True)
+        p = ctx.Process(target=_worker, args=(child, kw, fn_name, run), daemon=True)
         p.start()
         child.close()
         procs.append((p, parent))
@@ -1235,6 +1237,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def _loop_runner() -> Any:
+    """uvloop.run, or asyncio.run after one warning line where uvloop cannot be imported."""
+    return loop_runner(prog="loadgen", option=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.mode == "throughput":
@@ -1243,18 +1250,18 @@ def main(argv: list[str] | None = None) -> int:
         if a.processes > 1:
             res = run_throughput_processes(a.processes, **kw)
         else:
-            res = uvloop.run(run_throughput(**kw))
+            res = _loop_runner()(run_throughput(**kw))
             res["processes"] = 1
     elif a.mode == "latency":
-        res = uvloop.run(run_latency(a.url, a.connections, a.size, a.rate, a.duration, a.warmup,
-                                     a.verify))
+        res = _loop_runner()(run_latency(a.url, a.connections, a.size, a.rate, a.duration, a.warmup,
+                                          a.verify))
     elif a.mode == "connrate":
         kw = dict(url=a.url, connections=a.connections, size=a.size, duration=a.duration,
                   warmup=a.warmup, verify=a.verify)
         if a.processes > 1:
             res = run_connrate_processes(a.processes, **kw)
         else:
-            res = uvloop.run(run_connrate(**kw))
+            res = _loop_runner()(run_connrate(**kw))
         print(summary(res), file=sys.stderr, flush=True)
         print(json.dumps(res), flush=True)
         return 1 if res["failures"] or res["lost"] else 0
@@ -1263,8 +1270,8 @@ def main(argv: list[str] | None = None) -> int:
         def holding(event: dict[str, Any]) -> None:
             print(json.dumps(event), flush=True)
 
-        res = uvloop.run(run_idle(a.url, a.connections, a.size, a.concurrency, a.duration,
-                                  a.verify, on_holding=holding))
+        res = _loop_runner()(run_idle(a.url, a.connections, a.size, a.concurrency, a.duration,
+                                       a.verify, on_holding=holding))
         print(summary(res), file=sys.stderr, flush=True)
         print(json.dumps(res), flush=True)
         return 1 if res["failed"] or res["alive"] < res["open"] else 0

@@ -15,6 +15,7 @@ import sys
 from importlib import resources
 
 from fastgw import __version__
+from fastgw.loops import LOOPS, loop_runner
 
 
 def _load(path: str):
@@ -126,29 +127,6 @@ async def _serve(config, drain_time: float | None, config_path: str | None, stop
         interval_log.close()
     print("fastgw: stopped", file=sys.stderr, flush=True)
     return 0
-
-
-
-LOOPS = ("uvloop", "asyncio")
-
-
-def loop_runner(choice: str | None):
-    """What runs the gateway's main coroutine: `uvloop.run` (the default) or, for `--loop
-    asyncio`, `asyncio.run` on the standard library's loop. Without --loop and without uvloop
-    (it has lagged new CPython releases), asyncio's with one warning line; None (after a line
-    on stderr) when uvloop was asked for and is missing."""
-    if choice == "asyncio":
-        return asyncio.run
-    try:
-        import uvloop
-    except ImportError as exc:
-        if choice == "uvloop":
-            print(f"fastgw: --loop uvloop: {exc}", file=sys.stderr)
-            return None
-        print("fastgw: warning: uvloop is not installed: running on asyncio's loop (slower); "
-              "--loop asyncio chooses it without this warning", file=sys.stderr, flush=True)
-        return asyncio.run
-    return uvloop.run
 
 
 def cmd_run(args) -> int:

@@ -36,6 +36,7 @@ from picows.url import WSInvalidURL, parse_url
 
 from fastgw import __version__
 from fastgw.config.web import HTTP_TOKEN
+from fastgw.loops import loop_runner
 
 PROG = "fastgw client"
 MAX_MESSAGE = 64 * 1024 * 1024       # bytes; a larger message closes the connection with 1009
@@ -325,8 +326,8 @@ def main(args) -> int:
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    import uvloop
+    run = loop_runner(prog=PROG, option=None)
     try:
-        return uvloop.run(session(args.url, headers, subprotocols, tls))
+        return run(session(args.url, headers, subprotocols, tls))
     except KeyboardInterrupt:           # Ctrl-C before the handlers were installed
         return 130

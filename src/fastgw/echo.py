@@ -19,7 +19,8 @@ Behaviour:
 * ``--subprotocols a,b``: the first subprotocol offered by the client that is in this list is
   chosen and answered in the 101.
 
-It uses uvloop's own transports (``use_aiofastnet=False``): see DESIGN.md.
+It uses uvloop's own transports (``use_aiofastnet=False``): see DESIGN.md. Where uvloop cannot
+be imported, ``main()`` runs on the standard library's loop after one warning line.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from picows import (
     WSUpgradeResponseWithListener,
     ws_create_server,
 )
+
+from fastgw.loops import loop_runner
 
 __all__ = ["EchoListener", "serve", "server_port", "close_connections", "live_listeners", "main"]
 
@@ -351,10 +354,9 @@ async def _run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    import uvloop
-
+    run = loop_runner(prog="echo", option=None)
     try:
-        uvloop.run(_run(args))
+        run(_run(args))
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
         pass
     except OSError as exc:

@@ -1,5 +1,5 @@
 """`fastgw run --loop asyncio|uvloop`: the gateway on the standard library's loop, and where
-uvloop is missing. `fastgw run` processes relaying through the `websockets` library; the
+uvloop is missing (so too `fastgw client` and the echo backend). `fastgw run` processes relaying through the `websockets` library; the
 in-process relay, refusal, policy and framing tests run on both loops (marker both_loops)."""
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from conftest import FASTGW, gateway_yaml
 # `python -m fastgw` in a process where `import uvloop` fails, as where it is not installed.
 WITHOUT_UVLOOP = (sys.executable, "-c", "import sys; sys.modules['uvloop'] = None; "
                   "from fastgw.cli import main; sys.argv[0] = 'fastgw'; raise SystemExit(main())")
+# `python -m fastgw.echo` likewise.
+ECHO_WITHOUT_UVLOOP = (sys.executable, "-c", "import sys; sys.modules['uvloop'] = None; "
+                       "from fastgw.echo import main; raise SystemExit(main())")
 WARNING = "uvloop is not installed: running on asyncio's loop"
+TIMEOUT = 30
 
 
 def uvloop_loaded(pid: int) -> bool:
@@ -76,3 +80,42 @@ def test_loop_must_be_one_of_the_two():
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "invalid choice: 'trio'" in done.stderr
+
+
+async def test_without_uvloop_the_client_and_the_echo_backend_fall_back_to_asyncio():
+    echo = await asyncio.create_subprocess_exec(
+        *ECHO_WITHOUT_UVLOOP, "--port", "0", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    client = None
+    try:
+        line = (await asyncio.wait_for(echo.stdout.readline(), TIMEOUT)).decode()
+        assert line.startswith("echo: listening on ws://127.0.0.1:"), line
+        url = line.split()[-1] + "/"
+        await echoes(url)                               # the websockets library against it
+        assert not uvloop_loaded(echo.pid)
+
+        client = await asyncio.create_subprocess_exec(
+            *WITHOUT_UVLOOP, "client", url, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        client.stdin.write(b"hello\n")
+        assert await asyncio.wait_for(client.stdout.readline(), TIMEOUT) == b"hello\n"
+        assert not uvloop_loaded(client.pid)
+        client.stdin.write(b"second line\n")
+        client.stdin.close()                            # end of input: close 1000
+        out, err = await asyncio.wait_for(client.communicate(), TIMEOUT)
+        assert client.returncode == 0, err
+        assert out == b"second line\n"
+        assert err.decode().splitlines() == [
+            "fastgw client: warning: uvloop is not installed: running on asyncio's loop (slower)",
+            f"connected: {url}", "closed: 1000"]
+
+        echo.send_signal(signal.SIGTERM)
+        err = (await asyncio.wait_for(echo.stderr.read(), TIMEOUT)).decode()
+        assert await asyncio.wait_for(echo.wait(), TIMEOUT) == 0
+        assert err.splitlines() == [
+            "echo: warning: uvloop is not installed: running on asyncio's loop (slower)"]
+    finally:
+        for proc in (client, echo):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -16,6 +16,10 @@ Invariants:
   most 125 bytes, fragmentation in order, a valid close code, nothing after
   a CLOSE; data frames are relayed byte for byte, in order; pongs answer pings;
   pings are the gateway's own liveness pings (`send_ping`);
+- between events, nothing is left unflushed: every data frame a leg accepted
+  (`Leg.frames`, `Leg.bytes`) is on its peer's transport once that one is
+  attached, unless a CLOSE went to it first (with a rate rule: at most what
+  was accepted and not dropped);
 - the partial-frame buffer never holds more than one frame (its cap included);
 - a leg that is gone (connection_lost) is never written to;
 - after both legs are gone, `on_end` ran exactly once (and not before), and
@@ -29,8 +33,14 @@ from __future__ import annotations
 import struct
 import sys
 import time
+from pathlib import Path
 
 INSTRUMENT: list[str] = []       # the code under test is native: see fuzzlib.build_core
+
+TESTS = str(Path(__file__).resolve().parents[1])
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+import wire  # noqa: E402  (tests/wire.py: the tests' frame codec)
 
 _core = None
 TRACE = bool(__import__("os").environ.get("FUZZ_TRACE"))
@@ -106,6 +116,12 @@ class Transport:
         self.reading = True
         self.aborted = False
         self.limits = None
+        # What was written so far (tally()): data frames and their payload bytes before the
+        # first CLOSE, and whether a CLOSE went out.
+        self.tallied = 0
+        self.data_frames = 0
+        self.data_bytes = 0
+        self.close_written = False
 
     # asyncio.Transport
     def write(self, data):
@@ -123,6 +139,34 @@ class Transport:
     def writelines(self, items):
         for item in items:
             self.write(item)
+
+    def tally(self) -> None:
+        """Count the data frames of the writes not counted yet (headers only: check_output
+        checks the frames themselves at the end)."""
+        for write in self.writes[self.tallied:]:
+            pos, n = 0, len(write)
+            while n - pos >= 2 and not self.close_written:
+                b1 = write[pos + 1]
+                length, header = b1 & 0x7F, 2
+                if length == 126:
+                    if n - pos < 4:
+                        break
+                    length, header = struct.unpack_from("!H", write, pos + 2)[0], 4
+                elif length == 127:
+                    if n - pos < 10:
+                        break
+                    length, header = struct.unpack_from("!Q", write, pos + 2)[0], 10
+                header += 4 if b1 & 0x80 else 0
+                if n - pos < header + length:
+                    break
+                op = write[pos] & 0x0F
+                if op == 8:
+                    self.close_written = True
+                elif op <= 2:
+                    self.data_frames += 1
+                    self.data_bytes += length
+                pos += header + length
+        self.tallied = len(self.writes)
 
     def _lose(self):
         if not self.lost:
@@ -305,20 +349,15 @@ def build_frame(fdp, masked_default: bool) -> bytes:
     elif lie == 2:
         length += fdp.ConsumeIntInRange(1, 8)                   # announce more
     encoding = fdp.ConsumeIntInRange(0, 15)
-    first = (0x80 if fin else 0) | (rsv << 4) | op
-    mask_bit = 0x80 if masked else 0
     if encoding == 1 or (length >= 126 and length < 65536 and encoding != 2):
-        head = struct.pack("!BBH", first, mask_bit | 126, length & 0xFFFF)
+        form, declared = 16, length & 0xFFFF                    # perhaps non-minimal
     elif encoding == 2 or length >= 65536:
-        big = length | ((1 << 63) if encoding == 3 else 0)
-        head = struct.pack("!BBQ", first, mask_bit | 127, big)
+        form, declared = 64, length | ((1 << 63) if encoding == 3 else 0)
     else:
-        head = struct.pack("!BB", first, mask_bit | length)
-    if masked:
-        key = fdp.ConsumeBytes(4).ljust(4, b"\x00")
-        payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload)) if payload else b""
-        head += key
-    return head + payload
+        form, declared = 7, length
+    key = fdp.ConsumeBytes(4).ljust(4, b"\x00") if masked else None
+    return wire.frame(op, payload, fin=fin, rsv=rsv << 4, mask=masked, key=key,
+                      length_form=form, declared=declared)
 
 
 # --------------------------------------------------------------------------------------
@@ -389,6 +428,29 @@ class Side:
         return data, closes, pings
 
 
+def check_flushed(relay, client: Side, backend: Side, ruled) -> None:
+    """Between events, nothing a leg accepted is left unwritten: every data frame a leg
+    counted (`Leg.frames`, `Leg.bytes`) is on its peer's transport once that one is attached
+    and alive, unless a CLOSE went to the peer first (what follows it is not relayed). A leg
+    with a rate rule relays at most what it counted and did not drop (the rest is held or
+    was dropped uncounted)."""
+    for leg, peer in ((relay.client, backend), (relay.backend, client)):
+        t = peer.transport
+        if not peer.attached or t.lost:
+            continue
+        t.tally()
+        where = f"{peer.name}: {t.data_frames} data frames ({t.data_bytes} bytes) written"
+        if leg is ruled:
+            assert t.data_frames <= leg.frames - leg.dropped, \
+                f"{where}, of {leg.frames} accepted, {leg.dropped} dropped"
+        elif t.close_written:
+            assert t.data_frames <= leg.frames and t.data_bytes <= leg.bytes, \
+                f"{where}, of {leg.frames} accepted ({leg.bytes} bytes)"
+        else:
+            assert (t.data_frames, t.data_bytes) == (leg.frames, leg.bytes), \
+                f"{where}, {leg.frames} accepted ({leg.bytes} bytes): left unflushed"
+
+
 def test_one_input(data: bytes) -> None:
     import atheris
     fdp = atheris.FuzzedDataProvider(data)
@@ -409,6 +471,7 @@ def test_one_input(data: bytes) -> None:
     # Message policies: none, or one rule of each action with rates so small
     # that no token comes back during a run (the verdicts do not depend on time).
     rules_kind = fdp.ConsumeIntInRange(0, 7)
+    ruled = None                                # the leg with a rate rule, if any
     if rules_kind in (1, 2, 3):
         action = rules_kind - 1                 # reject, delay, drop
         burst = float(fdp.ConsumeIntInRange(1, 4))
@@ -416,7 +479,7 @@ def test_one_input(data: bytes) -> None:
         rule = _core.RateRule("fuzz", _core.Action(action), _core.Scope.SCOPE_CONNECTION,
                               msg_rate=1e-9, msg_burst=burst, byte_rate=1e-9 if byte_burst else 0.0,
                               byte_burst=byte_burst or 1.0, msg_key=1, byte_key=2)
-        leg = relay.client if fdp.ConsumeBool() else relay.backend
+        leg = ruled = relay.client if fdp.ConsumeBool() else relay.backend
         leg.set_policies([rule], None, None, stats=_core.FlowStats(True, True))
     elif rules_kind == 4:
         # No rule, the API's counters on (metrics enabled): messages by size.
@@ -483,6 +546,7 @@ def test_one_input(data: bytes) -> None:
                 assert side.leg.eof_received() is None    # the transport closes itself
                 side.transport.remote_close()
         loop.run_soon()
+        check_flushed(relay, client, backend, ruled)
 
     # The end: what is still queued arrives, timers fire, both remotes leave.
     for s in sides:
