@@ -115,8 +115,12 @@ async def test_gateway_refusal_426_shown(gateway):
     assert "Traceback" not in err
 
 
-async def test_wss_to_a_plain_listener(gateway):
-    rc, out, err = await client(gateway.url("/").replace("ws://", "wss://"))
+async def test_wss_to_a_plain_listener(gateway_factory, echo_backend):
+    # The gateway waits for a request head that a ClientHello never completes, then answers
+    # 408 in plain HTTP: the client's TLS handshake fails on that answer.
+    gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
+                                            extra_top="handshake-timeout: 300ms"))
+    rc, out, err = await client(gw.url("/").replace("ws://", "wss://"))
     assert rc == 1
     assert err.startswith("fastgw client: TLS handshake failed: "), err
 

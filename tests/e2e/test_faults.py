@@ -266,12 +266,24 @@ async def test_unresolvable_target_host_502(gateway_factory):
     assert time.monotonic() - t0 < 4
 
 
-async def test_plain_backend_behind_a_wss_target_502(gateway_factory, echo_backend):
-    """A TLS handshake that fails on the backend side: 502, nothing left behind."""
-    gw = await gateway_factory(gateway_yaml(f"wss://127.0.0.1:{echo_backend}/"))
-    with pytest.raises(InvalidStatus) as info:
-        async with websockets.connect(gw.url("/")):
-            pass
+async def test_plain_backend_behind_a_wss_target_502(gateway_factory):
+    """A TLS handshake that fails on the backend side: 502, nothing left behind. The backend
+    speaks plain HTTP: it answers the gateway's ClientHello with a 400 and closes."""
+    async def plain_http(reader, writer):
+        await reader.read(4096)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plain_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw = await gateway_factory(gateway_yaml(f"wss://127.0.0.1:{port}/"))
+    try:
+        with pytest.raises(InvalidStatus) as info:
+            async with websockets.connect(gw.url("/")):
+                pass
+    finally:
+        server.close()
     assert info.value.response.status_code == 502
     assert b"TLS" in info.value.response.body
 
