@@ -53,7 +53,8 @@ def _unreloadable(old, new) -> str | None:
     fields = (("admin", old.admin, new.admin), ("events", old.events, new.events),
               ("histogram-log", old.histogram_log, new.histogram_log),
               ("metrics", old.metrics, new.metrics),
-              ("limits.max-keys", old.limits.max_keys, new.limits.max_keys))
+              ("limits.max-keys", old.limits.max_keys, new.limits.max_keys),
+              ("workers", old.workers, new.workers))
     changed = [f"{name} ({_show(a)} -> {_show(b)})" for name, a, b in fields if a != b]
     if not changed:
         return None

@@ -398,8 +398,19 @@ def test_unknown_key_in_policy() -> None:
 
 
 def test_unknown_top_level_key() -> None:
-    error = error_of(MINIMAL_YAML + "workers: 4\n")
-    assert str(error) == "gw.yaml:9: Object contains unknown field `workers` - at `$`"
+    error = error_of(MINIMAL_YAML + "worker: 4\n")
+    assert str(error) == "gw.yaml:9: Object contains unknown field `worker` - at `$`"
+
+
+def test_workers_key() -> None:
+    assert loads(MINIMAL_YAML, "yaml", "gw.yaml").workers == 1
+    assert loads(MINIMAL_YAML + "workers: 4\n", "yaml", "gw.yaml").workers == 4
+    assert loads(MINIMAL_YAML + "workers: auto\n", "yaml", "gw.yaml").workers == "auto"
+    assert float(loads(MINIMAL_YAML + "worker-heartbeat-timeout: 3s\n", "yaml", "gw.yaml").worker_heartbeat_timeout) == 3.0
+    error = error_of(MINIMAL_YAML + "workers: 0\n")
+    assert "Expected `int` >= 1" in str(error) and "$.workers" in str(error)
+    error = error_of(MINIMAL_YAML + "workers: many\n")
+    assert "$.workers" in str(error)
 
 
 def test_snake_case_key_is_unknown() -> None:

@@ -383,6 +383,11 @@ class Config(Base, kw_only=True):
     """false: no per-message counting or histograms (connection counts remain)."""
     reload_grace: Duration = Duration(30.0)
     """After a reload that removes an API, its live connections get this long before 1001."""
+    workers: Annotated[int, msgspec.Meta(ge=1, le=1024)] | Literal["auto"] = 1
+    """Worker processes behind the listeners (SO_REUSEPORT, one socket each, held by a
+    supervisor); "auto": one per CPU the process may run on. 1: one process, no supervisor."""
+    worker_heartbeat_timeout: Duration = Duration(10.0)
+    """A worker whose loop has not beaten for this long is killed and replaced."""
 
 
 class ClientsFile(Base, kw_only=True):
