@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
@@ -456,3 +457,53 @@ def test_an_idle_writer_sleeps(tmp_path):
     time.sleep(0.3)
     assert time.process_time() - cpu < 0.1
     sink.close()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "file"])
+def test_lines_of_several_processes_never_interleave(tmp_path, kind):
+    # Worker processes share one target. Four forked writers, each its own sink, emit
+    # events of 300 bytes and more at once; a pipe accepts only PIPE_BUF bytes atomically.
+    writers, n = 4, 3000
+    path = tmp_path / "events.jsonl"
+    if kind == "pipe":
+        rfd, wfd = os.pipe()
+    else:
+        wfd = -1
+    pids = []
+    for w in range(writers):
+        pid = os.fork()
+        if pid == 0:                                   # the child: no pytest machinery
+            try:
+                if kind == "pipe":
+                    os.close(rfd)
+                    os.dup2(wfd, 1)
+                    sys.stdout = open(1, "w", closefd=False)   # not pytest's capture
+                sink = EventSink("-" if kind == "pipe" else str(path))
+                for i in range(n):
+                    sink.emit(RejectEvent(time=1767225600.75, api="quotes", reason="not_found",
+                                          status=404, client=f"w{w}", remote="192.0.2.7:4000",
+                                          detail="x" * (300 + i % 700)))
+                sink.close(timeout=30.0)
+                os._exit(0 if sink.written == n else 3)
+            finally:
+                os._exit(4)
+        pids.append(pid)
+    data = b""
+    if kind == "pipe":
+        os.close(wfd)
+        chunks = []
+        while True:
+            chunk = os.read(rfd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(rfd)
+        data = b"".join(chunks)
+    statuses = [os.waitpid(pid, 0)[1] for pid in pids]
+    assert statuses == [0] * writers
+    if kind == "file":
+        data = path.read_bytes()
+    lines = data.splitlines()
+    assert len(lines) == writers * n
+    seen = collections.Counter(decode_event(line).client for line in lines)
+    assert seen == {f"w{w}": n for w in range(writers)}

@@ -61,6 +61,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import select
+import stat
 import sys
 import threading
 import time
@@ -204,7 +206,9 @@ class EventSink:
     One sink per process: with ``workers: N``, create it in each worker after the fork (threads
     do not survive ``fork``). Several processes may append to the same file; each batch is one
     ``write()`` on a file opened with ``O_APPEND``, so their lines do not interleave on a local
-    file system.
+    file system. To a pipe, a FIFO or a terminal (standard output under a supervisor or a log
+    collector) only a write of at most ``PIPE_BUF`` (4096) bytes is atomic, so there a batch is
+    written in blocks of whole lines of at most that size (a longer line alone).
     """
 
     def __init__(self, target: str | None, *, max_queue: int = 10000) -> None:
@@ -223,6 +227,7 @@ class EventSink:
             return
 
         self._file, self._owns_file = _open_target(target)
+        self._block = _atomic_block(self._file.fileno())
         self._encode = msgspec.json.Encoder().encode
         self._queue = collections.deque()
         self._wake = threading.Event()
@@ -339,6 +344,13 @@ class EventSink:
 
     def _write_batch(self, lines: list[bytes]) -> None:
         """Write ``lines`` (JSON without newlines) as one block; count the lines lost on error."""
+        if self._block is not None:
+            for block in _blocks(lines, self._block):
+                self._write_block(block)
+        else:
+            self._write_block(lines)
+
+    def _write_block(self, lines: list[bytes]) -> None:
         prefix = b"\n" if self._torn else b""
         data = prefix + b"\n".join(lines) + b"\n"
         done = 0
@@ -372,6 +384,32 @@ class EventSink:
             sys.stderr.flush()
         except Exception:  # noqa: BLE001 - no stderr either: nothing more to do
             pass
+
+
+def _atomic_block(fd: int) -> int | None:
+    """Bytes one write() to `fd` may hold without interleaving with another process's writes:
+    None for a regular file (O_APPEND writes are atomic), PIPE_BUF for anything else."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return select.PIPE_BUF
+    return None if stat.S_ISREG(mode) else select.PIPE_BUF
+
+
+def _blocks(lines: list[bytes], limit: int):
+    """`lines` in runs whose joined size (a newline each, one more for a torn line before) is at
+    most `limit`; a longer line makes a run of its own."""
+    block: list[bytes] = []
+    size = 1
+    for line in lines:
+        n = len(line) + 1
+        if block and size + n > limit:
+            yield block
+            block, size = [], 1
+        block.append(line)
+        size += n
+    if block:
+        yield block
 
 
 def _open_target(target: str):
