@@ -22,7 +22,7 @@ import socket
 import msgspec
 
 from fastgw import config as cfgmod
-from fastgw._core import LimitZone
+from fastgw._core import LimitZone, key_hash
 from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
                            derived_max_connections, raise_fd_limit)
 from fastgw.clock import Clock
@@ -42,6 +42,10 @@ ACCEPT_BATCH = 64
 # Pause of the listeners after EMFILE/ENFILE: doubled while it repeats, up to the maximum.
 ACCEPT_BACKOFF_MIN = 0.1
 ACCEPT_BACKOFF_MAX = 1.0
+# With workers, a numeric limits.max-connections is one count in the shared zone, under this
+# key; a worker at it looks again this often (other workers' connections end unseen).
+CAP_KEY = key_hash("fastgw:limits.max-connections")
+CAP_POLL = 0.02
 
 
 def _show(value) -> str:
@@ -69,7 +73,8 @@ class Gateway:
     TABLE_FULL_LOG_INTERVAL = 10.0
     TABLE_FULL_CHECK = 1.0
 
-    def __init__(self, config, config_path: str | None = None, clock: Clock | None = None):
+    def __init__(self, config, config_path: str | None = None, clock: Clock | None = None,
+                 zone: LimitZone | None = None):
         self.config = config
         self.config_path = config_path
         # The one source of time: timers and time reads here, in the handshakes, in
@@ -84,7 +89,8 @@ class Gateway:
             self.metrics.api(api.name)
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
-        self.zone = LimitZone(2 * config.limits.max_keys)
+        # A worker process is given the zone its supervisor shares with every worker.
+        self.zone = zone if zone is not None else LimitZone(2 * config.limits.max_keys)
         self.metrics.message_table_full = lambda: self.zone.message_overflows
         self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
         self._table_timer = None
@@ -93,6 +99,7 @@ class Gateway:
         self.loop = None
         self.listeners: list[Listener] = []
         self.handshakes = HandshakeTable()
+        self.handshakes.gone = self._handshake_gone
         self.live: dict[int, Connection] = {}
         self.draining = False
         self.on_exit = None                    # called once a drain asked to exit is over (the CLI)
@@ -111,6 +118,8 @@ class Gateway:
         self._native_broken = False
         self._native_timer = None
         self._slack = 0
+        self.shared_cap = False                # max-connections counted in the shared zone
+        self._cap_timer = None
         self._recheck = False                  # _update_accepting on each connection's end
         self._backing_off = False
         self._backoff = ACCEPT_BACKOFF_MIN
@@ -181,8 +190,11 @@ class Gateway:
         self.max_connections = self.derived_max_connections if value == "auto" else int(value)
         self.max_handshakes_per_ip = int(config.limits.max_handshakes_per_ip)
         self._slack = int(config.backlog) + 64
-        self._native_ok = (not self._native_broken and 0 < self.max_connections
-                           <= self.derived_max_connections)
+        # Worker processes: a number is the cap of them all, counted in the shared zone (each
+        # accept() takes a slot first); "auto" stays each process's own descriptor bound.
+        self.shared_cap = config.workers != 1 and value != "auto" and self.max_connections > 0
+        self._native_ok = (not self._native_broken and not self.shared_cap
+                           and 0 < self.max_connections <= self.derived_max_connections)
         if value != "auto" and self.derived_max_connections and \
                 (value == 0 or value > self.derived_max_connections):
             log.warning("limits.max-connections %s: the descriptor limit %d holds about %d "
@@ -223,6 +235,8 @@ class Gateway:
         cap = self.max_connections
         if not cap:
             return "own"
+        if self.shared_cap:
+            return "own" if self.zone.count(CAP_KEY) < cap else "off"
         room = cap - len(self.handshakes._ip) - len(self.live)
         if room <= 0:
             return "off"
@@ -233,6 +247,9 @@ class Gateway:
     def _update_accepting(self) -> None:
         """Accept new clients exactly as `_desired_mode` says."""
         mode = self._desired_mode()
+        if mode == "off" and self.shared_cap and self._open and not self._backing_off \
+                and self._cap_timer is None:
+            self._cap_timer = self.clock.call_later(CAP_POLL, self._cap_poll)
         if mode == self._mode:
             return
         self._apply_mode(mode)
@@ -241,6 +258,21 @@ class Gateway:
                 "at-cap", "at max-connections %d (%d relayed, %d in handshake): new clients wait "
                 "in the listen backlog until a connection ends", self.max_connections,
                 len(self.live), self.handshakes.counted)
+
+    def _cap_poll(self) -> None:
+        self._cap_timer = None
+        self._update_accepting()
+
+    def _take_cap_slot(self) -> bool:
+        """One slot of the shared max-connections count, before an accept()."""
+        return self.zone.acquire_py(CAP_KEY, self.max_connections) == 1
+
+    def _handshake_gone(self, hs) -> None:
+        """A client connection stops counting as a handshake (ended, or handed over to the
+        relay: then its connection record holds the slot)."""
+        if hs.cap_slot:
+            hs.cap_slot = False
+            self.zone.release_py(CAP_KEY)
 
     def _apply_mode(self, mode: str) -> None:
         self._mode = mode
@@ -338,19 +370,27 @@ class Gateway:
         # is level-triggered, so a client left in the queue wakes us again.
         cap = self.max_connections
         burst = self._burst
-        room = cap - len(self.handshakes._ip) - len(self.live) if cap else burst
+        shared = self.shared_cap
+        room = cap - len(self.handshakes._ip) - len(self.live) if cap and not shared else burst
         for _ in range(min(room, burst)):
+            if shared and not self._take_cap_slot():
+                self._update_accepting()         # at the cap of all workers: off, and poll
+                return
             try:
                 fd, addr = sock._accept()        # an int, no socket.socket (accept.AcceptedSocket)
             except (BlockingIOError, InterruptedError):
+                if shared:
+                    self.zone.release_py(CAP_KEY)
                 self._burst = max(1, burst >> 1)
                 self._full = 0
                 break
             except OSError as exc:
+                if shared:
+                    self.zone.release_py(CAP_KEY)
                 if self.accept_error(exc):
                     return
                 continue
-            self._accept(fd, addr[0], family, listener)
+            self._accept(fd, addr[0], family, listener, shared)
         else:
             if room < burst:                     # the cap, not the burst, ended the loop
                 self._update_accepting()
@@ -361,14 +401,18 @@ class Gateway:
                     self._full = 0
         self._backoff = ACCEPT_BACKOFF_MIN
 
-    def _accept(self, fd: int, ip: str, family: int, listener: Listener) -> None:
+    def _accept(self, fd: int, ip: str, family: int, listener: Listener,
+                cap_slot: bool = False) -> None:
         per_ip = self.max_handshakes_per_ip
         if per_ip and self.handshakes.by_ip.get(ip, 0) >= per_ip:
             os.close(fd)
+            if cap_slot:
+                self.zone.release_py(CAP_KEY)
             self._refused_at_accept(ip)
             return
         ctx = listener.ctx
         hs = Handshake(self, ctx is not None)
+        hs.cap_slot = cap_slot
         table = self.handshakes
         table._ip[hs] = ip                       # it counts from now (see HandshakeTable)
         table.by_ip[ip] = table.by_ip.get(ip, 0) + 1
@@ -459,6 +503,9 @@ class Gateway:
             return
         conn.ended = True
         conn.cancel_timers()
+        if conn.cap_slot:
+            conn.cap_slot = False
+            self.zone.release_py(CAP_KEY)
         if conn.admission is not None:
             conn.admission.release()
         if refusal is not None:
@@ -706,6 +753,9 @@ class Gateway:
         if self._native_timer is not None:
             self._native_timer.cancel()
             self._native_timer = None
+        if self._cap_timer is not None:
+            self._cap_timer.cancel()
+            self._cap_timer = None
         if self._table_timer is not None:
             self._table_timer.cancel()
             self._table_timer = None

@@ -81,9 +81,10 @@ class HandshakeTable:
     connection_made never came (a failed TLS handshake). Iterating gives the Handshake
     protocols that have their transport. A connection accepted by a uvloop server counts
     from its connection_made (`add`), and `added(hs, n)` is called then (n: the connections
-    of its address now). `wake`, when set, is called as a connection stops counting."""
+    of its address now). `gone(hs)` and then `wake()`, when set, are called as a connection
+    stops counting."""
 
-    __slots__ = ("_set", "_ip", "by_ip", "wake", "added")
+    __slots__ = ("_set", "_ip", "by_ip", "wake", "added", "gone")
 
     def __init__(self):
         self._set: set = set()
@@ -91,6 +92,7 @@ class HandshakeTable:
         self.by_ip: dict[str, int] = {}
         self.wake = None
         self.added = None
+        self.gone = None                 # called with each connection that stops counting
 
     @property
     def counted(self) -> int:
@@ -116,6 +118,8 @@ class HandshakeTable:
                 by_ip[ip] = n
             else:
                 del by_ip[ip]
+            if self.gone is not None:
+                self.gone(hs)
             if self.wake is not None:
                 self.wake()
 

@@ -158,6 +158,50 @@ async def test_max_connections_makes_clients_wait_not_503(gateway_factory, echo_
         await c.close()
 
 
+async def test_with_workers_max_connections_is_one_count_shared_by_every_worker(echo_backend):
+    # Two gateways of one machine (as two workers are) share one zone: a numeric
+    # max-connections holds for both together, and each accept() takes its slot first.
+    from fastgw import config as cfgmod
+    from fastgw._core import LimitZone
+    from fastgw.gateway import CAP_KEY, Gateway
+
+    config = cfgmod.loads(gateway_yaml(f"ws://127.0.0.1:{echo_backend}/",
+                                       extra_top="workers: 2\nlimits: {max-connections: 3}"),
+                          "yaml", "test.yaml")
+    zone = LimitZone(2 * config.limits.max_keys)
+    a, b = Gateway(config, zone=zone), Gateway(config, zone=zone)
+    try:
+        (_, _, port_a), = await a.start()
+        (_, _, port_b), = await b.start()
+        assert a.shared_cap and b.shared_cap
+        held = [await websockets.connect(f"ws://127.0.0.1:{port_a}/") for _ in range(2)]
+        held.append(await websockets.connect(f"ws://127.0.0.1:{port_b}/"))
+        assert zone.count(CAP_KEY) == 3
+        late = [asyncio.create_task(connect(f"ws://127.0.0.1:{port}/", open_timeout=30))
+                for port in (port_a, port_b)]
+        await asyncio.sleep(0.5)
+        assert not any(t.done() for t in late), [t.exception() for t in late if t.done()]
+        assert a.status()["accepting"] is False and b.status()["accepting"] is False
+        await held[0].close()                  # a slot of gateway a's: one of the two waiting gets it
+        done, pending = await asyncio.wait(late, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and len(pending) == 1
+        await asyncio.sleep(0.3)
+        assert not pending.copy().pop().done()
+        assert zone.count(CAP_KEY) == 3
+        await held[2].close()                  # one of gateway b's: the other one gets in
+        ws = await asyncio.wait_for(pending.pop(), 10)
+        await ws.send("late")
+        assert await ws.recv() == "late"
+        for c in held[1:2] + [ws, done.pop().result()]:
+            await c.close()
+        await wait_for(lambda: not (a.live or b.live or a.handshakes or b.handshakes), 5, "idle")
+        assert zone.count(CAP_KEY) == 0
+    finally:
+        await a.shutdown(1.0)
+        await b.shutdown(1.0)
+    assert zone.count(CAP_KEY) == 0 and zone.lease_leaks == 0
+
+
 async def raw_held(host_from: str, port: int):
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(host_from, 0))
     return reader, writer

@@ -52,6 +52,7 @@ class Handshake(asyncio.Protocol):
         self.paused = False
         self.timer = None
         self.task = None
+        self.cap_slot = False        # holds a slot of the shared max-connections count (workers)
         self.peer_ip = ""
         self.conn: Connection | None = None
         # What the phases find, for the next ones.
@@ -224,6 +225,7 @@ class Handshake(asyncio.Protocol):
         """The answer phase: the 101, and the transport handed to the relay."""
         self.state = "done"
         self._stop_timer()
+        self.conn.cap_slot, self.cap_slot = self.cap_slot, False   # the relayed connection's now
         self.gw.handshakes.discard(self)
         relay = self.relay
         early = bytes(self.buf[end + 4:])
