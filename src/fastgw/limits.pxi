@@ -70,6 +70,7 @@ cdef extern from *:
     double fgw_double(uint64_t u) nogil
     void fgw_pause() nogil
     int sched_yield() nogil
+    const int SIGSTOP
 
 
 cdef enum:
@@ -103,8 +104,10 @@ cdef double ZONE_QUIET_BOUND = 1.0
 
 
 # Tests only (_zone_crash_at): the process SIGKILLs itself at this step of its
-# next operation, to prove the recovery of each step with a real death.
+# next operation, to prove the recovery of each step with a real death (or,
+# at step + CRASH_STOP, SIGSTOPs itself once: a live process stalled there).
 cdef enum:
+    CRASH_STOP = 10
     CRASH_NONE = 0
     CRASH_BEFORE_CAS = 1            # count op: journal odd, count unchanged
     CRASH_AFTER_CAS = 2             # count op: count changed, share not yet
@@ -123,8 +126,12 @@ def _zone_crash_at(int step):
 
 
 cdef inline void _crash(int step) noexcept nogil:
+    global _crash_at
     if _crash_at == step:
         kill(getpid(), SIGKILL)
+    elif _crash_at == step + CRASH_STOP:
+        _crash_at = CRASH_NONE
+        kill(getpid(), SIGSTOP)
 
 
 cdef inline double _mono() noexcept nogil:

@@ -212,6 +212,98 @@ def test_killed_inside_a_release(step, landed):
     assert z.count(k) == 1 and z.share(k, 0) == 1 and z.share(k, 2) == 0
 
 
+@pytest.mark.parametrize("step", [AFTER_CAS, AFTER_SHARE])
+def test_killed_inside_an_acquire_while_others_hammer_the_key(step):
+    # reconcile() needs a quiet snapshot of the key's slot while two live
+    # processes keep acquiring and releasing it: it must give back exactly the
+    # dead one's 2 (its landed +1 included), never a live one's.
+    from fastgw._core import _zone_crash_at
+    z = LimitZone(64, workers=4)
+    k = key_hash("hot")
+    stop = _shared_ints(1)
+
+    def hammer(w):
+        z.set_worker(w)
+        deadline = time.monotonic() + 10
+        held = 0
+        while not stop[0] and time.monotonic() < deadline:
+            if z.acquire_py(k, 1000) == 1:
+                held += 1
+            if held > 2:
+                z.release_py(k)
+                held -= 1
+        while held:
+            z.release_py(k)
+            held -= 1
+        return z.share(k, w) == 0
+
+    def victim():
+        z.set_worker(3)
+        assert z.acquire_py(k, 1000) == 1
+        _zone_crash_at(step)
+        z.acquire_py(k, 1000)
+        return False
+
+    live = [_fork(hammer, w) for w in (1, 2)]
+    time.sleep(0.05)                                # they are hammering
+    pid = _fork(victim)
+    os.waitpid(pid, 0)
+    assert z.reconcile(3) == 2
+    assert z.pending_ops == 1 and z.unquiet == 0
+    stop[0] = 1
+    assert set(_wait_all(live).values()) == {0}
+    assert z.count(k) == 0
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_reconcile_waits_for_a_live_process_stalled_inside_an_operation():
+    # A live process stopped between its CAS and its share on the key (its +1
+    # is in the count, not in a share yet), and a dead one killed after its
+    # share (nothing pending): reconcile must not take the live one's +1 for
+    # the dead one's; it waits until the live one has finished (quiet).
+    from fastgw._core import _zone_crash_at
+    z = LimitZone(64, workers=4)
+    k = key_hash("k")
+
+    def stalled():
+        z.set_worker(1)
+        _zone_crash_at(AFTER_CAS + 10)              # SIGSTOP there, once
+        return z.acquire_py(k, 10) == 1 and z.share(k, 1) == 1
+
+    def victim():
+        z.set_worker(2)
+        assert z.acquire_py(k, 10) == 1
+        _zone_crash_at(AFTER_SHARE)
+        z.acquire_py(k, 10)
+        return False
+
+    live = _fork(stalled)
+    deadline = time.monotonic() + 5
+    while _state(live) != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    dead = _fork(victim)
+    os.waitpid(dead, 0)
+    assert z.count(k) == 3 and z.share(k, 1) == 0   # the stalled +1 has no share yet
+
+    def wake():
+        time.sleep(0.2)
+        os.kill(live, signal.SIGCONT)
+        return True
+
+    waker = _fork(wake)
+    t = time.monotonic()
+    assert z.reconcile(2) == 2                      # not 3
+    assert time.monotonic() - t >= 0.15             # it waited for the stalled one
+    assert z.pending_ops == 1 and z.unquiet == 0
+    assert _wait_all([live, waker]) == {live: 0, waker: 0}
+    assert z.count(k) == 1 and z.share(k, 1) == 1
+
+
 def test_a_lock_held_by_a_dead_process_is_taken_over():
     from fastgw._core import _zone_crash_at
     z = LimitZone(64, workers=2)
