@@ -191,6 +191,11 @@ _BACKEND = web.AppKey("backend", object)
 _THROTTLE = web.AppKey("log_throttle", Throttle)
 
 
+async def _maybe(value):
+    """A backend's answer, awaited if it is awaitable (the supervisor's ask its workers)."""
+    return await value if inspect.isawaitable(value) else value
+
+
 def _backend(request: web.Request) -> AdminBackend:
     return request.app[_BACKEND]  # type: ignore[return-value]
 
@@ -232,8 +237,8 @@ async def _histogram(request: web.Request) -> web.Response:
 
 
 async def _list_connections(request: web.Request) -> web.Response:
-    rows = _backend(request).connections(_query_value(request, "api"),
-                                         _query_value(request, "client"))
+    rows = await _maybe(_backend(request).connections(_query_value(request, "api"),
+                                                      _query_value(request, "client")))
     return web.json_response(list(rows))
 
 
@@ -242,7 +247,7 @@ async def _close_connection(request: web.Request) -> web.Response:
     if not _DIGITS.fullmatch(text):
         return _error(400, f"connection id must be a non-negative integer, not {text!r}")
     conn_id = int(text)
-    if not _backend(request).close_connection(conn_id):
+    if not await _maybe(_backend(request).close_connection(conn_id)):
         return _error(404, f"no connection with id {conn_id}")
     return web.json_response({"closed": 1})
 
@@ -252,7 +257,7 @@ async def _close_client(request: web.Request) -> web.Response:
     if client is None:
         # Never close every connection because a parameter was forgotten.
         return _error(400, "give the client whose connections to close: ?client=KEY")
-    return web.json_response({"closed": _backend(request).close_client(client)})
+    return web.json_response({"closed": await _maybe(_backend(request).close_client(client))})
 
 
 async def _reload(request: web.Request) -> web.Response:
