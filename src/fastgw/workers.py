@@ -185,7 +185,7 @@ class Supervisor:
         self._rolling_task = None
         self._rolling_index: int | None = None
         self._stop = None
-        self._timers: list = []
+        self._timers: set = set()
         self._tasks: set = set()
 
     # ---- processes -----------------------------------------------------------
@@ -332,30 +332,52 @@ class Supervisor:
                 log.exception("on_retired failed")
         replace = (not self.stopping and not wp.retiring and self.workers[wp.index] is wp
                    and self._rolling_index != wp.index)
+        delay = 0.0
+        if replace:
+            self.restarts_total[reason] += 1
+            lived = time.monotonic() - wp.started_mono
+            if lived < FAST_DEATH:           # it keeps dying at its start: wait longer each time
+                delay = self._backoff[wp.index]
+                self._backoff[wp.index] = min(2 * delay, BACKOFF_MAX)
+            else:
+                self._backoff[wp.index] = BACKOFF_MIN
         quiet = self.stopping or (wp.retiring and reason == "rolling" and status == 0)
         if not quiet:
             held = f"; {released} slots released" if released else ""
-            print(f"fastgw: worker {wp.index} (pid {wp.pid}) {why}{held}"
-                  + ("; restarting" if replace else ""), file=sys.stderr, flush=True)
+            then = ""
+            if replace:
+                then = (f"; restarting in {delay:g} s (it died {lived:.1f} s after its start)"
+                        if delay else "; restarting")
+            print(f"fastgw: worker {wp.index} (pid {wp.pid}) {why}{held}{then}",
+                  file=sys.stderr, flush=True)
         if not wp._exited.done():
             wp._exited.set_result(status)
         if wp._ready is not None and not wp._ready.done():
             wp._ready.set_exception(RuntimeError(f"worker {wp.index} (pid {wp.pid}) {why} before it was ready"))
             wp._ready.exception()                # looked at: no "never retrieved" warning
         if replace:
-            self.restarts_total[reason] += 1
-            if time.monotonic() - wp.started_mono < FAST_DEATH:
-                delay = self._backoff[wp.index]
-                self._backoff[wp.index] = min(2 * delay, BACKOFF_MAX)
-            else:
-                delay = 0.0
-                self._backoff[wp.index] = BACKOFF_MIN
-            self._timers.append(self.loop.call_later(delay, self._restart, wp))
+            self._later(delay, self._restart, wp)
+
+    def _later(self, delay: float, callback, *args) -> None:
+        """callback(*args) in `delay` s, unless the supervisor stops first."""
+        def run():
+            self._timers.discard(handle)
+            callback(*args)
+        handle = self.loop.call_later(delay, run)
+        self._timers.add(handle)
 
     def _restart(self, old: WorkerProc) -> None:
         if self.stopping or self.workers[old.index] is not old:
             return
-        new = self.spawn(old.index, restarts=old.restarts + 1)
+        try:
+            new = self.spawn(old.index, restarts=old.restarts + 1)
+        except OSError as exc:               # fork: EAGAIN, ENOMEM
+            delay = self._backoff[old.index]
+            self._backoff[old.index] = min(2 * delay, BACKOFF_MAX)
+            print(f"fastgw: cannot start worker {old.index}: {exc}; trying again in {delay:g} s",
+                  file=sys.stderr, flush=True)
+            self._later(delay, self._restart, old)
+            return
         self.workers[old.index] = new
         self._spawn_task(self._attach(new))
 
@@ -368,7 +390,7 @@ class Supervisor:
     def _check_beats(self) -> None:
         """Every second: a worker whose loop has not beaten for worker-heartbeat-timeout is
         killed (and replaced, reason "heartbeat")."""
-        self._timers.append(self.loop.call_later(HEARTBEAT_INTERVAL, self._check_beats))
+        self._later(HEARTBEAT_INTERVAL, self._check_beats)
         timeout = float(self.config.worker_heartbeat_timeout)
         now = time.monotonic()
         for wp in list(self.procs.values()):
@@ -497,12 +519,13 @@ class Supervisor:
             raise RuntimeError("a rolling restart is under way")
         if self._rolling_task is None or self._rolling_task.done():
             self._rolling_task = asyncio.current_task()
-        print("fastgw: rolling restart of %d workers" % self.n, file=sys.stderr, flush=True)
+        print(f"fastgw: rolling restart of {self.n} workers", file=sys.stderr, flush=True)
         try:
             for index in range(self.n):
                 if self.stopping:
                     return
-                await self._replace(index)
+                if not await self._replace(index):
+                    return
         finally:
             self._rolling_index = None
         print("fastgw: rolling restart done", file=sys.stderr, flush=True)
@@ -514,7 +537,8 @@ class Supervisor:
         self._rolling_task = self._spawn_task(self.rolling_restart())
         return self._rolling_task
 
-    async def _replace(self, index: int) -> None:
+    async def _replace(self, index: int) -> bool:
+        """One index of a rolling restart; False (and a line said why) if it stopped."""
         old = self.workers[index]
         self._rolling_index = index
         new = self.spawn(index, restarts=old.restarts + 1)
@@ -526,14 +550,20 @@ class Supervisor:
                   f"was not ready: {exc}", file=sys.stderr, flush=True)
             self._kill(new)
             await asyncio.shield(new._exited)
+            self._rolling_index = None
             if old.pid not in self.procs and not self.stopping:     # the old one died meanwhile
-                self._rolling_index = None
                 self._restart(old)
-            raise RuntimeError(f"worker {index}: its new process was not ready") from None
-        self.workers[index] = new
+            return False
         self._rolling_index = None
+        if new.pid not in self.procs:                # died at once after its "ready"
+            print(f"fastgw: rolling restart stopped: the new worker {index} (pid {new.pid}) "
+                  "ended after it was ready", file=sys.stderr, flush=True)
+            if old.pid not in self.procs and not self.stopping:
+                self._restart(old)
+            return False
+        self.workers[index] = new
         if old.pid not in self.procs:               # died while the new one started
-            return
+            return True
         old.retiring = True
         self.restarts_total["rolling"] += 1
         grace = self.grace()
@@ -545,6 +575,7 @@ class Supervisor:
                   "killing it", file=sys.stderr, flush=True)
             self._kill(old)
             await asyncio.shield(old._exited)
+        return True
 
     def _kill(self, wp: WorkerProc) -> None:
         try:
@@ -597,7 +628,7 @@ class Supervisor:
             pass
         pids = ", ".join(str(wp.pid) for wp in self.workers)
         print(f"fastgw: {self.n} workers (pids {pids}){note}", file=sys.stderr, flush=True)
-        self._timers.append(loop.call_later(HEARTBEAT_INTERVAL, self._check_beats))
+        self._later(HEARTBEAT_INTERVAL, self._check_beats)
         self._spawn_task(self._poll())
         why, grace = await self._stop
         await self._shutdown(grace)
@@ -650,6 +681,7 @@ class Supervisor:
         self.draining = True
         for timer in self._timers:
             timer.cancel()
+        self._timers.clear()
         await asyncio.gather(*(self._ask_quietly(wp, "drain", grace=grace, exit=True)
                                for wp in list(self.procs.values())))
         waiting = [wp._exited for wp in self.procs.values() if wp._exited is not None]
@@ -803,7 +835,7 @@ class MinimalBackend:
         return rows
 
     async def close_connection(self, conn_id: int) -> bool:
-        for wp in self.sup.workers:
+        for wp in list(self.sup.procs.values()):
             if wp.incarnation == conn_id >> 32:
                 return bool(await self.sup._ask_quietly(wp, "close", id=conn_id))
         return False

@@ -191,13 +191,15 @@ _BACKEND = web.AppKey("backend", object)
 _THROTTLE = web.AppKey("log_throttle", Throttle)
 
 
-async def _maybe(value):
-    """A backend's answer, awaited if it is awaitable (the supervisor's ask its workers)."""
-    return await value if inspect.isawaitable(value) else value
-
-
 def _backend(request: web.Request) -> AdminBackend:
     return request.app[_BACKEND]  # type: ignore[return-value]
+
+
+async def _value(result):
+    """A backend method's value, awaited if it is an awaitable."""
+    if inspect.isawaitable(result):
+        return await result
+    return result
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -237,7 +239,7 @@ async def _histogram(request: web.Request) -> web.Response:
 
 
 async def _list_connections(request: web.Request) -> web.Response:
-    rows = await _maybe(_backend(request).connections(_query_value(request, "api"),
+    rows = await _value(_backend(request).connections(_query_value(request, "api"),
                                                       _query_value(request, "client")))
     return web.json_response(list(rows))
 
@@ -247,7 +249,7 @@ async def _close_connection(request: web.Request) -> web.Response:
     if not _DIGITS.fullmatch(text):
         return _error(400, f"connection id must be a non-negative integer, not {text!r}")
     conn_id = int(text)
-    if not await _maybe(_backend(request).close_connection(conn_id)):
+    if not await _value(_backend(request).close_connection(conn_id)):
         return _error(404, f"no connection with id {conn_id}")
     return web.json_response({"closed": 1})
 
@@ -257,7 +259,7 @@ async def _close_client(request: web.Request) -> web.Response:
     if client is None:
         # Never close every connection because a parameter was forgotten.
         return _error(400, "give the client whose connections to close: ?client=KEY")
-    return web.json_response({"closed": await _maybe(_backend(request).close_client(client))})
+    return web.json_response({"closed": await _value(_backend(request).close_client(client))})
 
 
 async def _reload(request: web.Request) -> web.Response:
