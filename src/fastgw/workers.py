@@ -80,7 +80,6 @@ class WorkerProc:
     killed_for: str | None = field(default=None, repr=False)   # "heartbeat": we killed it
     exit_reason: str | None = field(default=None, repr=False)
     _sock: socket.socket | None = field(default=None, repr=False)  # our end of the channel
-    _ctl_fd: int = field(default=-1, repr=False)
     _pidfd: int = field(default=-1, repr=False)
     _ready: asyncio.Future | None = field(default=None, repr=False)
     _exited: asyncio.Future | None = field(default=None, repr=False)
@@ -212,24 +211,30 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            self._child(index, slot, incarnation, theirs, ours)     # never returns
+        # No signal between the fork and the child's own handlers: the supervisor's would
+        # write to the supervisor's wakeup descriptor (a child inherits it).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(index, slot, incarnation, theirs, ours, mask)   # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         wp = WorkerProc(index=index, slot=slot, pid=pid, incarnation=incarnation,
                         started=time.time(), restarts=restarts, started_mono=time.monotonic())
         wp._sock = ours
-        wp._ctl_fd = ours.fileno()
         self.procs[pid] = wp
         self._slots.add(slot)
         return wp
 
     def _child(self, index: int, slot: int, incarnation: int, sock: socket.socket,
-               ours: socket.socket) -> None:
+               ours: socket.socket, mask) -> None:
         status = 1
         try:
             gc.freeze()                      # the parent's objects: never collected here
             self._forget_parent(index, sock, ours)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             sockets = self.sockets[index]
             status = self.runner(run_worker(self.config, self.config_path, self.zone, slot,
                                             index, incarnation, sockets, sock, self.grace()))
