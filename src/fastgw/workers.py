@@ -592,6 +592,15 @@ class Supervisor:
 
     async def run(self) -> int:
         """Attach to the workers forked before the loop; serve until stopped. Exit status."""
+        try:
+            return await self._run()
+        except Exception:                    # a bug: the workers are not left behind
+            traceback.print_exc()
+            if not self.stopping:
+                await self._shutdown(0.0)
+            return 1
+
+    async def _run(self) -> int:
         loop = self.loop = asyncio.get_running_loop()
         loop.set_default_executor(_InlineExecutor())
         self._stop = loop.create_future()
@@ -633,6 +642,9 @@ class Supervisor:
             pass
         pids = ", ".join(str(wp.pid) for wp in self.workers)
         print(f"fastgw: {self.n} workers (pids {pids}){note}", file=sys.stderr, flush=True)
+        if config.histogram_log is not None:
+            print("fastgw: warning: histogram-log is not written with workers > 1 (the admin "
+                  "API's /histograms has every worker's)", file=sys.stderr, flush=True)
         self._later(HEARTBEAT_INTERVAL, self._check_beats)
         self._spawn_task(self._poll())
         why, grace = await self._stop
