@@ -409,3 +409,38 @@ async def test_a_killed_workers_count_limit_slots_are_released(supervised, echo_
         await close_all(more)
     finally:
         await close_all(conns)
+
+
+async def test_a_worker_sigtermed_alone_drains_and_is_replaced(supervised, echo_process):
+    sup = await supervised(config(echo_process))
+    pids = await sup.pids()
+    conns = await open_many(sup.url(), 20)
+    on_1 = sum(1 for r in await sup.connections() if r["worker"] == 1)
+    os.kill(pids[1], signal.SIGTERM)
+    ended = await asyncio.gather(*(asyncio.wait_for(asyncio.shield(ws.wait_closed()), 1.5)
+                                   for ws in conns), return_exceptions=True)
+    gone = [ws for ws, e in zip(conns, ended) if not isinstance(e, asyncio.TimeoutError)]
+    assert len(gone) == on_1 and {ws.close_code for ws in gone} == {1001}
+    await until(lambda: f"worker 1 (pid {pids[1]}) exited with status 0; restarting" in sup.stderr(),
+                2, "the restart line")
+    new = await sup.pids()
+    assert new[1] != pids[1] and new[0] == pids[0]
+    assert (await sup.status())["restarts"]["exit"] == 1
+    await close_all(conns)
+
+
+async def test_admin_drain_with_exit_stops_the_supervisor(supervised, echo_process):
+    sup = await supervised(config(echo_process))
+    pids = await sup.pids()
+    conns = await open_many(sup.url(), 10)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{sup.admin}/drain?grace=2&exit=true") as r:
+            assert r.status == 202
+    for ws in conns:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 3)
+        assert ws.close_code == 1001
+    await until(lambda: sup.proc.poll() is not None, 10, "the supervisor's exit")
+    assert sup.proc.returncode == 0
+    assert not any(alive(pid) for pid in pids.values())
+    assert "restarting" not in sup.stderr()
