@@ -444,3 +444,16 @@ async def test_admin_drain_with_exit_stops_the_supervisor(supervised, echo_proce
     assert sup.proc.returncode == 0
     assert not any(alive(pid) for pid in pids.values())
     assert "restarting" not in sup.stderr()
+
+
+async def test_workers_outliving_a_killed_supervisor_drain_and_exit(supervised, echo_process):
+    sup = await supervised(config(echo_process, extra_top="drain-time: 3s\n"))
+    pids = await sup.pids()
+    conns = await open_many(sup.url(), 10)
+    sup.proc.kill()                         # no drain asked: each worker sees its channel end
+    sup.proc.wait()
+    for ws in conns:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 3)
+        assert ws.close_code == 1001
+    await until(lambda: not any(alive(pid) for pid in pids.values()), 5, "the workers' exit")
