@@ -472,6 +472,7 @@ class Supervisor:
         for wp, reply in zip(procs, replies):
             row = wp.describe()
             row["current"] = self.workers[wp.index] is wp
+            row["zone"] = self.zone.worker_info(wp.slot)      # pid, beat, held
             if isinstance(reply, BaseException):
                 row["error"] = repr(reply)
             else:

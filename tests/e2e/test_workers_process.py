@@ -24,10 +24,11 @@ from websockets.exceptions import ConnectionClosed
 FASTGW = (sys.executable, "-m", "fastgw")
 
 
-def config(backend_port: int, workers: int = 2, extra_top: str = "", policies: str = "") -> str:
+def config(backend_port: int, workers: int = 2, extra_top: str = "", policies: str = "",
+           admin_host: str = "127.0.0.1") -> str:
     return (f"workers: {workers}\n{extra_top}"
             "listeners:\n  - {host: 127.0.0.1, port: 0}\n"
-            "admin: {host: 127.0.0.1, port: 0}\n"
+            f"admin: {{host: {admin_host}, port: 0}}\n"
             "apis:\n  - name: test\n    path: /\n    assembly:\n" + policies +
             f"      - {{policy: websocket-upgrade, target-url: \"ws://127.0.0.1:{backend_port}/\"}}\n")
 
@@ -164,8 +165,10 @@ async def close_all(conns) -> None:
 
 
 async def test_two_workers_serve_upgrades(supervised, echo_process):
-    sup = await supervised(config(echo_process))
+    # A host name to resolve: the supervisor does it on its own thread (it forks later).
+    sup = await supervised(config(echo_process, admin_host="localhost"))
     assert re.search(r"fastgw: 2 workers \(pids \d+, \d+\)", sup.stderr())
+    assert os.listdir(f"/proc/{sup.proc.pid}/task") == [str(sup.proc.pid)]
     pids = await sup.pids()
     assert sorted(pids) == [0, 1]
     for pid in pids.values():           # forked by the supervisor
@@ -184,6 +187,7 @@ async def test_two_workers_serve_upgrades(supervised, echo_process):
         assert all(r["id"] >> 32 == incarnation[r["worker"]] for r in rows)
         assert st["active"] == 40
         assert all(w["status"]["active"] > 0 for w in st["workers"])
+        assert all(w["zone"]["pid"] == w["pid"] for w in st["workers"])
     finally:
         await close_all(conns)
 
@@ -317,6 +321,7 @@ async def test_sigusr2_rolling_restart_refuses_no_upgrade(supervised, echo_proce
     assert sorted(new) == [0, 1]
     assert not set(new.values()) & set(pids.values())
     assert not any(alive(pid) for pid in pids.values())
+    assert "threads alive" not in sup.stderr()
     st = await sup.status()
     assert st["restarts"]["rolling"] == 2
     # The connections of the retired workers were closed with 1001.
