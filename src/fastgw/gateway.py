@@ -643,8 +643,12 @@ class Gateway:
             self.loop.create_task(self.close())
 
     async def _drain(self, grace: float) -> None:
-        log.info("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
-                 len(self.live), grace)
+        if self._retired:
+            log.info("retiring: %d connections closed with 1001, %g s to end; new clients "
+                     "are accepted by the successor", len(self.live), grace)
+        else:
+            log.info("draining: %d connections closed with 1001, %g s to end; new upgrades "
+                     "get 503", len(self.live), grace)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))

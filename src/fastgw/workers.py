@@ -761,6 +761,9 @@ async def run_worker(config, config_path, zone, slot: int, index: int, incarnati
     from fastgw.gateway import Gateway
     from fastgw.observe.events import EventSink
     zone.set_worker(slot)
+    for handler in logging.getLogger().handlers:     # the CLI's: which worker says it
+        handler.setFormatter(logging.Formatter(
+            f"fastgw: worker {index}: %(levelname)s %(name)s: %(message)s"))
     loop = asyncio.get_running_loop()
     gw = Gateway(config, config_path, zone=zone, sockets=sockets, id_base=incarnation << 32)
     stop = loop.create_future()
