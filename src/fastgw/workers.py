@@ -504,9 +504,13 @@ class Supervisor:
         problem = _unreloadable(self.config, config) or listeners_changed(self.config, config)
         if problem is not None:
             return f"{path}: {problem}"
-        self.config = config
-        workers = [wp for wp in self.workers if wp.pid in self.procs]
-        replies = dict(await self.ask_all("reload"))
+        self.config = config                 # what a worker forked from now on starts with
+        # Every process that goes on serving: a rolling restart's new one too (forked before
+        # this, it may not be sup.workers' yet), not those retiring.
+        workers = [wp for wp in self.procs.values() if not wp.retiring and wp.peer is not None]
+        answers = await asyncio.gather(*(self.ask(wp, "reload") for wp in workers),
+                                       return_exceptions=True)
+        replies = {wp: r for wp, r in zip(workers, answers) if not isinstance(r, BaseException)}
         errors = []
         for wp in workers:
             if wp not in replies:
