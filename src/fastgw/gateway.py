@@ -710,7 +710,7 @@ class Gateway:
             listener.close()         # this process's descriptors: the queue stays open
         start = self.clock.now()
         while (self.handshakes.counted or self._connecting) and self.clock.now() - start < grace:
-            await self._within(self.loop.create_future(), 0.01)
+            await self._within(self.loop.create_future(), 0.01)     # 10 ms on the clock
         await self.shutdown(max(0.0, grace - (self.clock.now() - start)))
 
     def status(self) -> dict:
