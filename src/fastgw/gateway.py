@@ -66,6 +66,14 @@ def _unreloadable(old, new) -> str | None:
             + "; ".join(changed))
 
 
+def listeners_changed(old, new) -> str | None:
+    """With workers > 1 the supervisor holds the listening sockets: a reload cannot change
+    which addresses are listened on (a listener's TLS files and the backlog may change)."""
+    if [(lc.host, lc.port) for lc in old.listeners] == [(lc.host, lc.port) for lc in new.listeners]:
+        return None
+    return "listeners cannot change on reload with workers > 1: restart fastgw"
+
+
 class Gateway:
     """Listeners and live connections of one process."""
 
@@ -73,8 +81,13 @@ class Gateway:
     TABLE_FULL_LOG_INTERVAL = 10.0
     TABLE_FULL_CHECK = 1.0
 
-    def __init__(self, config, config_path: str | None = None, clock: Clock | None = None,
-                 zone: LimitZone | None = None):
+    def __init__(self, config, config_path: str | None = None, clock: Clock | None = None, *,
+                 zone: LimitZone | None = None, sockets: list[list[socket.socket]] | None = None,
+                 id_base: int = 0):
+        """`zone`, `sockets` and `id_base` are for a worker process (fastgw.workers): the
+        region shared with the other workers, the listening sockets the supervisor made (one
+        list per configured listener: start() binds nothing, a reload cannot change the
+        listeners) and the base of its connection ids (id_base + 1, id_base + 2, ...)."""
         self.config = config
         self.config_path = config_path
         # The one source of time: timers and time reads here, in the handshakes, in
@@ -104,6 +117,9 @@ class Gateway:
         self.draining = False
         self.on_exit = None                    # called once a drain asked to exit is over (the CLI)
         self._ids = 0
+        self.id_base = id_base
+        self._given_sockets = sockets          # the supervisor's (workers > 1), else None
+        self._retired = False                  # retire(): accepting stopped for good
         self._idle = None
         self._drain_task = None
         self._exit_asked = False
@@ -130,7 +146,7 @@ class Gateway:
 
     def next_id(self) -> int:
         self._ids += 1
-        return self._ids
+        return self.id_base + self._ids
 
     @property
     def accepted(self) -> int:
@@ -170,8 +186,11 @@ class Gateway:
         try:
             for i, lc in enumerate(self.config.listeners):
                 ctx = listener_context(i, lc)
-                listeners.append(Listener(lc.host, lc.port,
-                                          await bind(self.loop, i, lc, self.config.backlog), ctx))
+                if self._given_sockets is not None:
+                    socks = self._given_sockets[i]
+                else:
+                    socks = await bind(self.loop, i, lc, self.config.backlog)
+                listeners.append(Listener(lc.host, lc.port, socks, ctx))
         except BaseException:
             for listener in listeners:
                 listener.close()
@@ -230,7 +249,7 @@ class Gateway:
         that to go back to it), since one wake-up of a uvloop server accepts every client
         queued (up to the backlog), and only with a cap the descriptors can hold.
         "own": by the gateway's readers, one accept() at a time against the cap."""
-        if not self._open or self._backing_off:
+        if not self._open or self._backing_off or self._retired:
             return "off"
         cap = self.max_connections
         if not cap:
@@ -248,12 +267,13 @@ class Gateway:
         """Accept new clients exactly as `_desired_mode` says."""
         mode = self._desired_mode()
         if mode == "off" and self.shared_cap and self._open and not self._backing_off \
+                and not self._retired \
                 and self._cap_timer is None:
             self._cap_timer = self.clock.call_later(CAP_POLL, self._cap_poll)
         if mode == self._mode:
             return
         self._apply_mode(mode)
-        if mode == "off" and self._open and not self._backing_off:
+        if mode == "off" and self._open and not self._backing_off and not self._retired:
             self.log_throttle.warning(
                 "at-cap", "at max-connections %d (%d relayed, %d in handshake): new clients wait "
                 "in the listen backlog until a connection ends", self.max_connections,
@@ -591,6 +611,8 @@ class Gateway:
         except (OSError, ValueError) as exc:
             return f"{self.config_path}: {exc}"
         problem = _unreloadable(self.config, config)
+        if problem is None and self._given_sockets is not None:
+            problem = listeners_changed(self.config, config)
         if problem is not None:
             return f"{self.config_path}: {problem}"
         # Listeners: contexts read and new sockets bound before anything changes.
@@ -668,8 +690,12 @@ class Gateway:
             self.loop.create_task(self.close())
 
     async def _drain(self, grace: float) -> None:
-        log.info("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
-                 len(self.live), grace)
+        if self._retired:
+            log.info("retiring: %d connections closed with 1001, %g s to end; new clients "
+                     "are accepted by the successor", len(self.live), grace)
+        else:
+            log.info("draining: %d connections closed with 1001, %g s to end; new upgrades "
+                     "get 503", len(self.live), grace)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))
@@ -715,6 +741,28 @@ class Gateway:
                 for leg in (relay.client, relay.backend):
                     if leg.connected:
                         leg.abort_transport()
+
+    async def retire(self, grace: float) -> None:
+        """Leave the listeners to a successor (a rolling restart, fastgw.workers): stop
+        accepting at once and close this process's descriptors of the listening sockets,
+        whose queue the successor (holding the same sockets) goes on accepting from; nobody
+        is answered 503. Handshakes under way finish; then every live connection gets 1001
+        "gateway shutting down" and those left after `grace` are cut. Returns once that is
+        over and the gateway is closed."""
+        if self.loop is None or self._retired:
+            return
+        self._retired = True
+        self._update_accepting()
+        for listener in self.listeners:
+            listener.close()         # this process's descriptors: the queue stays open
+        # A client a uvloop server accepted in this loop turn counts from its connection_made,
+        # one turn later: let it arrive before looking at the handshakes under way.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        start = self.clock.now()
+        while (self.handshakes.counted or self._connecting) and self.clock.now() - start < grace:
+            await self._within(self.loop.create_future(), 0.01)     # 10 ms on the clock
+        await self.shutdown(max(0.0, grace - (self.clock.now() - start)))
 
     def status(self) -> dict:
         return {
