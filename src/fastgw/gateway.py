@@ -104,6 +104,7 @@ class Gateway:
         # about 60% load: twice the slots keeps max-keys active keys well below it.
         # A worker process is given the zone its supervisor shares with every worker.
         self.zone = zone if zone is not None else LimitZone(2 * config.limits.max_keys)
+        self._zone_shared = zone is not None
         self.metrics.message_table_full = lambda: self.zone.message_overflows
         self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
         self._table_timer = None
@@ -209,9 +210,10 @@ class Gateway:
         self.max_connections = self.derived_max_connections if value == "auto" else int(value)
         self.max_handshakes_per_ip = int(config.limits.max_handshakes_per_ip)
         self._slack = int(config.backlog) + 64
-        # Worker processes: a number is the cap of them all, counted in the shared zone (each
-        # accept() takes a slot first); "auto" stays each process's own descriptor bound.
-        self.shared_cap = config.workers != 1 and value != "auto" and self.max_connections > 0
+        # Worker processes (given their supervisor's zone): a number is the cap of them all,
+        # counted in the shared zone (each accept() takes a slot first); "auto" stays each
+        # process's own descriptor bound.
+        self.shared_cap = self._zone_shared and value != "auto" and self.max_connections > 0
         self._native_ok = (not self._native_broken and not self.shared_cap
                            and 0 < self.max_connections <= self.derived_max_connections)
         if value != "auto" and self.derived_max_connections and \
