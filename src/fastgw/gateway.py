@@ -699,7 +699,7 @@ class Gateway:
             log.info("draining: %d connections closed with 1001, %g s to end; new upgrades "
                      "get 503", len(self.live), grace)
         for hs in list(self.handshakes):
-            if hs.state == "head":
+            if hs.state == "head" and not self._retired:
                 hs.refuse(Refusal(503, "gateway is shutting down"))
         for conn in list(self.live.values()):
             if conn.relay is not None:
@@ -765,6 +765,11 @@ class Gateway:
         while (self.handshakes.counted or self._connecting) and self.clock.now() - start < grace:
             await self._within(self.loop.create_future(), 0.01)     # 10 ms on the clock
         await self.shutdown(max(0.0, grace - (self.clock.now() - start)))
+
+    @property
+    def retired(self) -> bool:
+        """retire() was called: accepting stopped for good, and nobody is answered 503."""
+        return self._retired
 
     def status(self) -> dict:
         return {

@@ -169,7 +169,9 @@ class Handshake(asyncio.Protocol):
         self.conn.api = self.api.name
         if ("wss" if self.secure else "ws") not in self.api.schemes:
             return Refusal(403, f"this API requires {'ws' if self.secure else 'wss'}", kind="forbidden")
-        if self.gw.draining:
+        if self.gw.draining and not self.gw.retired:
+            # A retiring worker (rolling restart) refuses nobody: a late upgrade gets its
+            # 101, then 1001 with the others (Gateway.attach).
             return Refusal(503, "gateway is shutting down", kind="capacity")
         return None
 
