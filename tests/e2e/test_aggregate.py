@@ -55,6 +55,7 @@ class FakeSupervisor:
         self.rolls = 0
         self.reloads = 0
         self.drains: list[tuple[float, bool]] = []
+        self.draining = False
 
     def add(self, index: int, incarnation: int, rg) -> FakeWorker:
         # Connection ids id_base + n with id_base = incarnation << 32, as a worker's.
@@ -103,6 +104,7 @@ class FakeSupervisor:
 
     async def drain(self, grace: float, exit: bool) -> None:
         self.drains.append((grace, exit))
+        self.draining = True
 
     async def rolling_restart(self) -> None:
         self.rolls += 1
@@ -290,6 +292,8 @@ async def test_a_replaced_worker_is_folded_and_counters_never_go_down(supervised
         assert time.monotonic() - t0 < 1.0
         assert muted[("fastgw_messages_total", req("a"))] == 11
         sup.workers[0].mute = False
+        async with http.get(f"{admin.url}/histograms") as r:
+            assert await r.json() == sorted(g1.histogram_names())
         async with http.get(f"{admin.url}/histograms/a/handshake_us") as r:
             assert (await r.json())["total_count"] == 4     # a/: 1 + 2 + 1 upgrades
 
@@ -334,8 +338,12 @@ async def test_workers_connections_and_routing_through_the_admin_app(supervised)
             assert await r.json() == {"closed": 2}
         async with http.post(f"{admin.url}/reload") as r:
             assert r.status == 200 and sup.reloads == 1
+        async with http.get(f"{admin.url}/readyz") as r:
+            assert r.status == 200
         async with http.post(f"{admin.url}/drain?grace=3&exit=true") as r:
             assert r.status == 202 and sup.drains == [(3.0, True)]
+        async with http.get(f"{admin.url}/readyz") as r:
+            assert r.status == 503
         # A rolling restart: 202 and started; 409 while it runs; 202 again once it is over.
         async with http.post(f"{admin.url}/workers/restart") as r:
             assert r.status == 202 and await r.json() == {"restarting": True}

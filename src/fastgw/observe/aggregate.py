@@ -289,6 +289,11 @@ class SupervisorBackend:
     def _workers(self) -> list:
         return [w for w in self.sup.workers if w is not None]
 
+    def _serving(self, w) -> bool:
+        """A worker process up (not reaped yet, when the supervisor says) and ready."""
+        procs = getattr(self.sup, "procs", None)      # pid -> WorkerProc, of processes not reaped
+        return bool(getattr(w, "ready", True)) and (procs is None or w.pid in procs)
+
     def _keep(self, incarnation: int, snap: dict | None) -> None:
         """Remember `snap` of that process if it is fresher than the one kept."""
         if snap is None or incarnation in self.retired:
@@ -319,7 +324,7 @@ class SupervisorBackend:
         parallel); one that does not answer counts with its last snapshot. Processes not
         retired yet that are no longer in sup.workers (a rolling restart's old one, still
         draining) count with their last snapshot too."""
-        workers = [w for w in self._workers() if getattr(w, "ready", True)]
+        workers = [w for w in self._workers() if self._serving(w)]
         answers = await asyncio.gather(*(self._ask(w, "snapshot") for w in workers),
                                        return_exceptions=True)
         for w, answer in zip(workers, answers):
@@ -331,13 +336,16 @@ class SupervisorBackend:
 
     def live_workers(self) -> int:
         """fastgw_workers: worker processes up and serving."""
-        return sum(1 for w in self._workers() if getattr(w, "ready", True))
+        return sum(1 for w in self._workers() if self._serving(w))
 
     # ---- admin.AdminBackend -------------------------------------------------------
 
     def ready(self) -> bool:
-        return (not getattr(self.sup, "draining", False)
-                and any(getattr(w, "ready", True) for w in self._workers()))
+        """Some worker serves and nothing drains (a worker being replaced leaves the others
+        serving, and its queue waits for its successor: the machine stays ready)."""
+        sup = self.sup
+        return (not getattr(sup, "draining", False) and not getattr(sup, "stopping", False)
+                and any(self._serving(w) for w in self._workers()))
 
     async def metrics_text(self) -> str:
         live = await self._fresh()
@@ -407,5 +415,7 @@ class SupervisorBackend:
     async def _roll(self) -> None:
         try:
             await self.sup.rolling_restart()
+        except RuntimeError as exc:          # one under way (SIGUSR2), or a worker not ready
+            log.warning("rolling restart: %s", exc)
         except Exception:
             log.exception("rolling restart failed")
