@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from hdrh.histogram import HdrHistogram
 
-from fastgw.observe.metrics import Exposition, api_sample, process_sample
+from fastgw.observe.metrics import Exposition, _label, _num, api_sample, process_sample
 from fastgw.observe.histograms import new_histogram
 
 __all__ = ["RESTART_REASONS", "SNAPSHOT_TIMEOUT", "SupervisorBackend", "Totals", "snapshot",
@@ -211,13 +211,11 @@ class Totals:
         for name, s in total["apis"].items():
             ex.add_api(name, s)
         ex.add_process(total["process"])
-        reasons = sorted(set(RESTART_REASONS) | set(restarts),
-                         key=lambda r: (r not in RESTART_REASONS,
-                                        RESTART_REASONS.index(r) if r in RESTART_REASONS else 0, r))
+        reasons = [*RESTART_REASONS, *sorted(set(restarts) - set(RESTART_REASONS))]
         extra = (
-            (*_WORKER_FAMILIES[0], [f"fastgw_workers {float(workers)!r}"]),
+            (*_WORKER_FAMILIES[0], [f"fastgw_workers {_num(workers)}"]),
             (*_WORKER_FAMILIES[1],
-             [f'fastgw_worker_restarts_total{{reason="{r}"}} {float(restarts.get(r, 0))!r}'
+             [f'fastgw_worker_restarts_total{{reason="{_label(r)}"}} {_num(restarts.get(r, 0))}'
               for r in reasons]),
         )
         return ex.text(extra)
