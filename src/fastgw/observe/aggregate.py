@@ -51,7 +51,7 @@ def snapshot(gw) -> dict:
     """Everything one gateway's /metrics and /histograms show, as plain data (str keys,
     ints, floats, lists, bytes: msgpack-able)::
 
-        {"taken": monotonic s, "connections": live connections,
+        {"taken": monotonic s, "active": live relayed connections (as Gateway.status()),
          "apis": {name: metrics.api_sample},       # "active" a gauge, the rest counters
          "process": metrics.process_sample,        # "connections_max" a gauge
          "histograms": {"API/kind_unit": HdrHistogram encoding (b"": empty)}}
@@ -78,7 +78,7 @@ async def snapshot_async(gw) -> dict:
 
 
 def _start(gw) -> dict:
-    return {"taken": time.monotonic(), "connections": 0, "apis": {}, "process": {},
+    return {"taken": time.monotonic(), "active": 0, "apis": {}, "process": {},
             "histograms": {}}
 
 
@@ -91,7 +91,7 @@ def _add_api_snapshot(snap: dict, name: str, am) -> None:
 
 def _finish(snap: dict, gw) -> dict:
     snap["process"] = process_sample(gw.metrics)
-    snap["connections"] = len(gw.live)
+    snap["active"] = len(gw.live)
     return snap
 
 
@@ -194,14 +194,13 @@ class Totals:
         """A snapshot-shaped sum (without histograms): folded counters + the live ones'."""
         apis = {name: _copy_api(s) for name, s in self.apis.items()}
         process = _copy_process(self.process)
-        connections = 0
+        active = 0
         for snap in live:
             for name, s in snap["apis"].items():
                 _add_api(apis.setdefault(name, _empty_api()), s, gauges=True)
             _add_process(process, snap["process"], gauges=True)
-            connections += snap.get("connections", 0)
-        return {"apis": dict(sorted(apis.items())), "process": process,
-                "connections": connections}
+            active += snap.get("active", 0)
+        return {"apis": dict(sorted(apis.items())), "process": process, "active": active}
 
     def render(self, live: Iterable[dict], workers: int, restarts: dict[str, int]) -> str:
         """The Prometheus exposition of the sum: the single process's families, then
@@ -396,7 +395,7 @@ class SupervisorBackend:
                 connections = int(answer["active"])
             else:
                 snap = self.latest.get(w.incarnation) or self.sup.last_snapshot.get(w.incarnation)
-                connections = int(snap.get("connections", 0)) if snap else 0
+                connections = int(snap.get("active", 0)) if snap else 0
             out.append({"index": w.index, "pid": w.pid, "started": float(w.started),
                         "connections": connections, "restarts": w.restarts})
         return out
