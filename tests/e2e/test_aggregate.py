@@ -371,3 +371,18 @@ async def test_a_single_gateway_has_no_workers_routes(gateway, admin_for):
             assert r.status == 404
         async with http.post(f"{admin.url}/workers/restart") as r:
             assert r.status == 404
+
+
+async def test_the_shared_zones_count_is_not_multiplied_by_the_workers(gateway_factory, echo_backend):
+    """Messages limited for want of a slot are counted in the limit zone, which every worker
+    shares: each reports the machine's number. The supervisor reads it from the zone."""
+    g1, g2 = await busy_gateways(gateway_factory, echo_backend)
+    snaps = [snapshot(g1.gw), snapshot(g2.gw)]
+    for s in snaps:
+        s["process"]["table_full"]["message-rate-limit"] = 5      # the one region's count
+        s["process"]["table_full"]["count-limit"] = 2             # each process's own
+    totals = Totals()
+    totals.fold(snaps[0])
+    m = samples(totals.render(snaps, 2, {}, zone_table_full={"message-rate-limit": 7}))
+    assert m[("fastgw_limit_table_full_total", frozenset({("policy", "message-rate-limit")}))] == 7
+    assert m[("fastgw_limit_table_full_total", frozenset({("policy", "count-limit")}))] == 6

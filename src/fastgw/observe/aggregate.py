@@ -202,10 +202,18 @@ class Totals:
             active += snap.get("active", 0)
         return {"apis": dict(sorted(apis.items())), "process": process, "active": active}
 
-    def render(self, live: Iterable[dict], workers: int, restarts: dict[str, int]) -> str:
+    def render(self, live: Iterable[dict], workers: int, restarts: dict[str, int],
+               zone_table_full: dict[str, int] | None = None) -> str:
         """The Prometheus exposition of the sum: the single process's families, then
-        fastgw_workers and fastgw_worker_restarts_total (every reason)."""
+        fastgw_workers and fastgw_worker_restarts_total (every reason).
+
+        `zone_table_full`: the counts of fastgw_limit_table_full_total that the shared
+        limit zone keeps for the whole machine (messages limited for want of a slot), read
+        from the zone itself: every worker reports the same region's number, so their sum
+        would count it once per worker, and it must not be folded either."""
         total = self.combined(live)
+        if zone_table_full:
+            total["process"]["table_full"].update(zone_table_full)
         ex = Exposition()
         for name, s in total["apis"].items():
             ex.add_api(name, s)
@@ -346,7 +354,9 @@ class SupervisorBackend:
 
     async def metrics_text(self) -> str:
         live = await self._fresh()
-        return self.totals.render(live, self.live_workers(), dict(self.sup.restarts_total))
+        zone = getattr(self.sup, "zone", None)       # the limit zone all workers share
+        shared = {"message-rate-limit": int(zone.message_overflows)} if zone is not None else None
+        return self.totals.render(live, self.live_workers(), dict(self.sup.restarts_total), shared)
 
     async def histogram_names(self) -> list[str]:
         return self.totals.histogram_names(await self._fresh())
