@@ -131,6 +131,29 @@ async def test_one_admin_api_over_two_workers(tmp_path, echo_backend):
             assert v(after, "fastgw_connections_active", api="echo") <= 40 - on_victim
             merged = await get(http, f"{admin}/histograms/echo/handshake_us")
             assert merged["total_count"] >= 40
+            # POST /workers/restart: 202, 409 while it runs; every worker replaced, the
+            # retired ones' counters folded (their final snapshots).
+            for ws in clients:
+                await ws.close()
+            async with http.post(f"{admin}/workers/restart") as r:
+                assert r.status == 202 and await r.json() == {"restarting": True}
+            async with http.post(f"{admin}/workers/restart") as r:
+                assert r.status == 409
+            old = {w["pid"] for w in await get(http, f"{admin}/workers")}
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                rolled = await get(http, f"{admin}/metrics")
+                if v(rolled, "fastgw_worker_restarts_total", reason="rolling") == 2 and \
+                        "rolling restart done" in err.read_text():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the rolling restart did not end")
+            assert not old & {w["pid"] for w in await get(http, f"{admin}/workers")}
+            for k, x in counters(after).items():
+                assert rolled.get(k, 0.0) >= x, k
+            assert v(rolled, "fastgw_connections_total", api="echo") == 41
+            assert v(rolled, "fastgw_messages_total", api="echo", direction="request") == 201
     finally:
         for ws in clients:
             await ws.close()
