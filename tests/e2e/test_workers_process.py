@@ -24,10 +24,11 @@ from websockets.exceptions import ConnectionClosed
 FASTGW = (sys.executable, "-m", "fastgw")
 
 
-def config(backend_port: int, workers: int = 2, extra_top: str = "", policies: str = "") -> str:
+def config(backend_port: int, workers: int = 2, extra_top: str = "", policies: str = "",
+           admin_host: str = "127.0.0.1") -> str:
     return (f"workers: {workers}\n{extra_top}"
             "listeners:\n  - {host: 127.0.0.1, port: 0}\n"
-            "admin: {host: 127.0.0.1, port: 0}\n"
+            f"admin: {{host: {admin_host}, port: 0}}\n"
             "apis:\n  - name: test\n    path: /\n    assembly:\n" + policies +
             f"      - {{policy: websocket-upgrade, target-url: \"ws://127.0.0.1:{backend_port}/\"}}\n")
 
@@ -164,8 +165,10 @@ async def close_all(conns) -> None:
 
 
 async def test_two_workers_serve_upgrades(supervised, echo_process):
-    sup = await supervised(config(echo_process))
+    # A host name to resolve: the supervisor does it on its own thread (it forks later).
+    sup = await supervised(config(echo_process, admin_host="localhost"))
     assert re.search(r"fastgw: 2 workers \(pids \d+, \d+\)", sup.stderr())
+    assert os.listdir(f"/proc/{sup.proc.pid}/task") == [str(sup.proc.pid)]
     pids = await sup.pids()
     assert sorted(pids) == [0, 1]
     for pid in pids.values():           # forked by the supervisor
@@ -184,6 +187,7 @@ async def test_two_workers_serve_upgrades(supervised, echo_process):
         assert all(r["id"] >> 32 == incarnation[r["worker"]] for r in rows)
         assert st["active"] == 40
         assert all(w["status"]["active"] > 0 for w in st["workers"])
+        assert all(w["zone"]["pid"] == w["pid"] for w in st["workers"])
     finally:
         await close_all(conns)
 
@@ -317,6 +321,7 @@ async def test_sigusr2_rolling_restart_refuses_no_upgrade(supervised, echo_proce
     assert sorted(new) == [0, 1]
     assert not set(new.values()) & set(pids.values())
     assert not any(alive(pid) for pid in pids.values())
+    assert "threads alive" not in sup.stderr()
     st = await sup.status()
     assert st["restarts"]["rolling"] == 2
     # The connections of the retired workers were closed with 1001.
@@ -409,3 +414,51 @@ async def test_a_killed_workers_count_limit_slots_are_released(supervised, echo_
         await close_all(more)
     finally:
         await close_all(conns)
+
+
+async def test_a_worker_sigtermed_alone_drains_and_is_replaced(supervised, echo_process):
+    sup = await supervised(config(echo_process))
+    pids = await sup.pids()
+    conns = await open_many(sup.url(), 20)
+    on_1 = sum(1 for r in await sup.connections() if r["worker"] == 1)
+    os.kill(pids[1], signal.SIGTERM)
+    ended = await asyncio.gather(*(asyncio.wait_for(asyncio.shield(ws.wait_closed()), 1.5)
+                                   for ws in conns), return_exceptions=True)
+    gone = [ws for ws, e in zip(conns, ended) if not isinstance(e, asyncio.TimeoutError)]
+    assert len(gone) == on_1 and {ws.close_code for ws in gone} == {1001}
+    await until(lambda: f"worker 1 (pid {pids[1]}) exited with status 0; restarting" in sup.stderr(),
+                2, "the restart line")
+    new = await sup.pids()
+    assert new[1] != pids[1] and new[0] == pids[0]
+    assert (await sup.status())["restarts"]["exit"] == 1
+    await close_all(conns)
+
+
+async def test_admin_drain_with_exit_stops_the_supervisor(supervised, echo_process):
+    sup = await supervised(config(echo_process))
+    pids = await sup.pids()
+    conns = await open_many(sup.url(), 10)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{sup.admin}/drain?grace=2&exit=true") as r:
+            assert r.status == 202
+    for ws in conns:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 3)
+        assert ws.close_code == 1001
+    await until(lambda: sup.proc.poll() is not None, 10, "the supervisor's exit")
+    assert sup.proc.returncode == 0
+    assert not any(alive(pid) for pid in pids.values())
+    assert "restarting" not in sup.stderr()
+
+
+async def test_workers_outliving_a_killed_supervisor_drain_and_exit(supervised, echo_process):
+    sup = await supervised(config(echo_process, extra_top="drain-time: 3s\n"))
+    pids = await sup.pids()
+    conns = await open_many(sup.url(), 10)
+    sup.proc.kill()                         # no drain asked: each worker sees its channel end
+    sup.proc.wait()
+    for ws in conns:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 3)
+        assert ws.close_code == 1001
+    await until(lambda: not any(alive(pid) for pid in pids.values()), 5, "the workers' exit")
