@@ -56,8 +56,9 @@ def snapshot(gw) -> dict:
          "process": metrics.process_sample,        # "connections_max" a gauge
          "histograms": {"API/kind_unit": HdrHistogram encoding (b"": empty)}}
 
-    About 0.3 ms per API with traffic (the histograms' encoding): a worker answers with
-    :func:`snapshot_async`, which gives its loop a turn between APIs.
+    About 0.05 ms per API, plus ~0.15 ms per histogram recorded into since the last
+    snapshot (its encoding; see ApiMetrics.encoded_histograms). :func:`snapshot_async`
+    gives the loop a turn between APIs.
     """
     snap = _start(gw)
     for name in sorted(gw.metrics.apis):
@@ -84,9 +85,8 @@ def _start(gw) -> dict:
 
 def _add_api_snapshot(snap: dict, name: str, am) -> None:
     snap["apis"][name] = api_sample(am)
-    for kind, arr in am.histograms().items():
-        if arr is not None:
-            snap["histograms"][f"{name}/{kind}"] = arr.to_hdr().encode() if arr.total_count else b""
+    for kind, encoded in am.encoded_histograms().items():
+        snap["histograms"][f"{name}/{kind}"] = encoded
 
 
 def _finish(snap: dict, gw) -> dict:
