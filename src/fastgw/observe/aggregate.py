@@ -13,6 +13,10 @@ own: ``fastgw_workers`` and ``fastgw_worker_restarts_total{reason}``.
 supervisor (fastgw.workers): every route reaches the workers through their control
 channels. A worker killed (SIGKILL) loses what it counted since its last snapshot (polled
 every second, and taken afresh by each /metrics): at most one poll interval of its counts.
+Its live connections were counted in fastgw_connections_total but never in
+fastgw_closes_total: after a SIGKILL the two no longer differ by the active gauge.
+Messages limited for want of a limit-table slot are counted in the limit zone that every
+worker shares: that count is read from the zone itself, not summed.
 """
 
 from __future__ import annotations
