@@ -159,11 +159,18 @@ def make_sockets(config, n: int) -> list[list[list[socket.socket]]]:
 class Supervisor:
     """The parent of the worker processes (see the module's docstring).
 
-    Public (the admin side, fastgw.observe.aggregate, uses these): `workers` (WorkerProc per
-    index), `procs` (every worker process alive, by pid: the current ones and those retiring),
-    `config`, `zone`, `restarts_total`, `last_snapshot` (incarnation -> snapshot, fresh within a
-    second), `on_retired`, `rolling`, `draining`, `stopping`; `ask`, `ask_all`, `reload`,
-    `drain`, `rolling_restart`, `ready`, `status`.
+    Public (the admin side, fastgw.observe.aggregate, uses these):
+      attributes: `workers` (the current WorkerProc of each index), `procs` (pid -> every
+      worker process not reaped yet: the current ones, a rolling restart's new one, those
+      retiring), `config` (as last reloaded), `config_path`, `n`, `zone`, `sockets`
+      ([index][listener] -> sockets), `restarts_total` (reason -> count, every reason of
+      REASONS), `last_snapshot` (incarnation -> snapshot, within a second), `on_retired`
+      (callback(worker, last snapshot or None), called once per process reaped), `admin`,
+      `draining`, `stopping`; properties `rolling`, `addresses`.
+      methods: `await ask(worker, op, **args)`, `await ask_all(op, **args)`, `await reload()`,
+      `await drain(grace, exit=False)`, `await rolling_restart()` (RuntimeError if one is
+      under way), `start_rolling_restart()` (the same in a task), `ready()`, `await status()`,
+      `grace()` (the drain time now), `spawn(index, restarts)`, `await run()`.
     """
 
     def __init__(self, config, config_path: str | None, drain_time: float | None, runner, n: int):
