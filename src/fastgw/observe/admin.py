@@ -21,7 +21,14 @@ DELETE  /connections?client=KEY          close every connection of one client
 POST    /reload                          reload the configuration file (422: not applied)
 POST    /drain?grace=SECONDS&exit=BOOL   start draining (default grace 10 s); exit=true:
                                          the process exits once the drain is over
+GET     /workers                         the worker processes (a supervisor's backend only)
+POST    /workers/restart                 202: a rolling restart started; 409: one is under
+                                         way (a supervisor's backend only)
 ======  ===============================  =============================================
+
+A backend's methods may return their value or an awaitable of it (the supervisor of worker
+processes asks its workers). The /workers routes exist when the backend has ``workers``
+and ``restart_workers`` (:class:`fastgw.observe.aggregate.SupervisorBackend`).
 
 When a token is configured, every route but ``/healthz`` needs
 ``Authorization: Bearer <token>``.
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AdminBackend",
     "AdminServer",
+    "WorkersBackend",
     "METRICS_CONTENT_TYPE",
     "PERCENTILES",
     "check_admin_exposure",
@@ -120,6 +128,18 @@ class AdminBackend(Protocol):
     async def drain(self, grace: float, exit: bool = False) -> None:
         """Start draining (returns once it has started, not when it ends); with `exit`, the
         process exits once the drain is over."""
+        ...
+
+
+class WorkersBackend(AdminBackend, Protocol):
+    """A backend over worker processes (the supervisor's): two more routes."""
+
+    def workers(self) -> "list[dict] | Awaitable[list[dict]]":
+        """The worker processes: [{"index", "pid", "started", "connections", "restarts"}]."""
+        ...
+
+    def restart_workers(self) -> bool:
+        """Start a rolling restart; False when one is under way already."""
         ...
 
 
@@ -212,15 +232,13 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    text = _backend(request).metrics_text()
-    if inspect.isawaitable(text):
-        text = await text
+    text = await _value(_backend(request).metrics_text())
     body = text.encode("utf-8")
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def _histogram_names(request: web.Request) -> web.Response:
-    return web.json_response(list(_backend(request).histogram_names()))
+    return web.json_response(list(await _value(_backend(request).histogram_names())))
 
 
 async def _histogram(request: web.Request) -> web.Response:
@@ -228,7 +246,7 @@ async def _histogram(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "hdr", "percentiles"):
         return _error(400, f"unknown format {fmt!r}: use json, hdr or percentiles")
-    histogram = _backend(request).histogram(name)
+    histogram = await _value(_backend(request).histogram(name))
     if histogram is None:
         return _error(404, f"no histogram named {name!r}")
     if fmt == "hdr":
@@ -286,6 +304,16 @@ async def _drain(request: web.Request) -> web.Response:
         return _error(400, f"exit must be true or false, not {text!r}")
     await _backend(request).drain(grace, exit=exit_)
     return web.json_response({"draining": True, "exit": exit_}, status=202)
+
+
+async def _workers(request: web.Request) -> web.Response:
+    return web.json_response(list(await _value(_backend(request).workers())))
+
+
+async def _restart_workers(request: web.Request) -> web.Response:
+    if not _backend(request).restart_workers():
+        return _error(409, "a rolling restart is under way")
+    return web.json_response({"restarting": True}, status=202)
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -355,6 +383,9 @@ def create_app(backend: AdminBackend, token: str | None) -> web.Application:
     app.router.add_delete("/connections/{conn_id}", _close_connection)
     app.router.add_post("/reload", _reload)
     app.router.add_post("/drain", _drain)
+    if hasattr(backend, "workers") and hasattr(backend, "restart_workers"):
+        app.router.add_get("/workers", _workers)
+        app.router.add_post("/workers/restart", _restart_workers)
     return app
 
 
