@@ -46,9 +46,16 @@ POLICIES = """\
         response:
           - {policy: message-rate-limit, messages: 100000000/1s, action: delay}
 """
+# The same request limit with scope client: its bucket is in the shared limit zone
+# (LimitStore.take on every message), not in the connection.
+SHARED = """\
+        request:
+          - {policy: message-rate-limit, messages: 100000000/1s, bytes: 100GiB/1s, scope: client}
+"""
 VARIANTS = {
     "bare": ("metrics: false\n", ""),
     "policies": ("metrics: false\n", POLICIES),
+    "shared": ("metrics: false\n", SHARED),
     "observed": ("events: {{target: {events}}}\nadmin: {{port: 0}}\n", ""),
 }
 

@@ -21,7 +21,14 @@ DELETE  /connections?client=KEY          close every connection of one client
 POST    /reload                          reload the configuration file (422: not applied)
 POST    /drain?grace=SECONDS&exit=BOOL   start draining (default grace 10 s); exit=true:
                                          the process exits once the drain is over
+GET     /workers                         the worker processes (a supervisor's backend only)
+POST    /workers/restart                 202: a rolling restart started; 409: one is under
+                                         way (a supervisor's backend only)
 ======  ===============================  =============================================
+
+A backend's methods may return their value or an awaitable of it (the supervisor of worker
+processes asks its workers). The /workers routes exist when the backend has ``workers``
+and ``restart_workers`` (:class:`fastgw.observe.aggregate.SupervisorBackend`).
 
 When a token is configured, every route but ``/healthz`` needs
 ``Authorization: Bearer <token>``.
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AdminBackend",
     "AdminServer",
+    "WorkersBackend",
     "METRICS_CONTENT_TYPE",
     "PERCENTILES",
     "check_admin_exposure",
@@ -120,6 +128,18 @@ class AdminBackend(Protocol):
     async def drain(self, grace: float, exit: bool = False) -> None:
         """Start draining (returns once it has started, not when it ends); with `exit`, the
         process exits once the drain is over."""
+        ...
+
+
+class WorkersBackend(AdminBackend, Protocol):
+    """A backend over worker processes (the supervisor's): two more routes."""
+
+    def workers(self) -> "list[dict] | Awaitable[list[dict]]":
+        """The worker processes: [{"index", "pid", "started", "connections", "restarts"}]."""
+        ...
+
+    def restart_workers(self) -> bool:
+        """Start a rolling restart; False when one is under way already."""
         ...
 
 
@@ -195,6 +215,13 @@ def _backend(request: web.Request) -> AdminBackend:
     return request.app[_BACKEND]  # type: ignore[return-value]
 
 
+async def _value(result):
+    """A backend method's value, awaited if it is an awaitable."""
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
@@ -205,15 +232,13 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    text = _backend(request).metrics_text()
-    if inspect.isawaitable(text):
-        text = await text
+    text = await _value(_backend(request).metrics_text())
     body = text.encode("utf-8")
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def _histogram_names(request: web.Request) -> web.Response:
-    return web.json_response(list(_backend(request).histogram_names()))
+    return web.json_response(list(await _value(_backend(request).histogram_names())))
 
 
 async def _histogram(request: web.Request) -> web.Response:
@@ -221,7 +246,7 @@ async def _histogram(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "hdr", "percentiles"):
         return _error(400, f"unknown format {fmt!r}: use json, hdr or percentiles")
-    histogram = _backend(request).histogram(name)
+    histogram = await _value(_backend(request).histogram(name))
     if histogram is None:
         return _error(404, f"no histogram named {name!r}")
     if fmt == "hdr":
@@ -232,8 +257,8 @@ async def _histogram(request: web.Request) -> web.Response:
 
 
 async def _list_connections(request: web.Request) -> web.Response:
-    rows = _backend(request).connections(_query_value(request, "api"),
-                                         _query_value(request, "client"))
+    rows = await _value(_backend(request).connections(_query_value(request, "api"),
+                                                      _query_value(request, "client")))
     return web.json_response(list(rows))
 
 
@@ -242,7 +267,7 @@ async def _close_connection(request: web.Request) -> web.Response:
     if not _DIGITS.fullmatch(text):
         return _error(400, f"connection id must be a non-negative integer, not {text!r}")
     conn_id = int(text)
-    if not _backend(request).close_connection(conn_id):
+    if not await _value(_backend(request).close_connection(conn_id)):
         return _error(404, f"no connection with id {conn_id}")
     return web.json_response({"closed": 1})
 
@@ -252,7 +277,7 @@ async def _close_client(request: web.Request) -> web.Response:
     if client is None:
         # Never close every connection because a parameter was forgotten.
         return _error(400, "give the client whose connections to close: ?client=KEY")
-    return web.json_response({"closed": _backend(request).close_client(client)})
+    return web.json_response({"closed": await _value(_backend(request).close_client(client))})
 
 
 async def _reload(request: web.Request) -> web.Response:
@@ -279,6 +304,16 @@ async def _drain(request: web.Request) -> web.Response:
         return _error(400, f"exit must be true or false, not {text!r}")
     await _backend(request).drain(grace, exit=exit_)
     return web.json_response({"draining": True, "exit": exit_}, status=202)
+
+
+async def _workers(request: web.Request) -> web.Response:
+    return web.json_response(list(await _value(_backend(request).workers())))
+
+
+async def _restart_workers(request: web.Request) -> web.Response:
+    if not _backend(request).restart_workers():
+        return _error(409, "a rolling restart is under way")
+    return web.json_response({"restarting": True}, status=202)
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -348,6 +383,9 @@ def create_app(backend: AdminBackend, token: str | None) -> web.Application:
     app.router.add_delete("/connections/{conn_id}", _close_connection)
     app.router.add_post("/reload", _reload)
     app.router.add_post("/drain", _drain)
+    if hasattr(backend, "workers") and hasattr(backend, "restart_workers"):
+        app.router.add_get("/workers", _workers)
+        app.router.add_post("/workers/restart", _restart_workers)
     return app
 
 

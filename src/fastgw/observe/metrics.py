@@ -174,68 +174,131 @@ def _num(v) -> str:
     return repr(float(v))
 
 
-def _api_lines(name: str, a: ApiMetrics) -> dict[str, list[str]]:
-    """The samples of one API, by family."""
-    api = f'api="{_label(name)}"'
-    out: dict[str, list[str]] = {f[0]: [] for f in _FAMILIES}
-    out["fastgw_connections_active"].append(f"fastgw_connections_active{{{api}}} {_num(a.active)}")
-    out["fastgw_connections_total"].append(f"fastgw_connections_total{{{api}}} {_num(a.accepted)}")
-    rej = out["fastgw_upgrades_rejected_total"]
-    for reason in sorted(set(REJECT_REASONS) | set(a.rejected)):
-        rej.append(f'fastgw_upgrades_rejected_total{{{api},reason="{_label(reason)}"}} '
-                   f"{_num(a.rejected.get(reason, 0))}")
-    for direction, flow in (("request", a.request), ("response", a.response)):
-        d = f'{api},direction="{direction}"'
-        out["fastgw_messages_total"].append(f"fastgw_messages_total{{{d}}} {_num(flow.messages)}")
-        out["fastgw_bytes_total"].append(f"fastgw_bytes_total{{{d}}} {_num(flow.bytes)}")
-        for action, n in (("reject", flow.rejected), ("delay", flow.delayed), ("drop", flow.dropped)):
-            out["fastgw_messages_limited_total"].append(
-                f'fastgw_messages_limited_total{{{d},action="{action}"}} {_num(n)}')
-        sizes = out["fastgw_message_size_bytes"]
-        for le, n in flow.size_buckets():
-            le_s = "+Inf" if le is None else str(le)
-            sizes.append(f'fastgw_message_size_bytes_bucket{{{d},le="{le_s}"}} {_num(n)}')
-        sizes.append(f"fastgw_message_size_bytes_sum{{{d}}} {_num(flow.bytes)}")
-        sizes.append(f"fastgw_message_size_bytes_count{{{d}}} {_num(flow.messages)}")
-    for (code, side), n in sorted(a.closes.items()):
-        out["fastgw_closes_total"].append(
-            f'fastgw_closes_total{{{api},code="{code}",side="{_label(side)}"}} {_num(n)}')
-    for metric, attr, bounds, scale in _LATENCY:
-        arr = getattr(a, attr)
-        if arr is None:
-            continue
-        counts, total = arr.cumulative([b * scale for b in bounds])
-        lines = out[metric]
-        for b, c in zip(bounds, counts):
-            lines.append(f'{metric}_bucket{{{api},le="{_num(b)}"}} {_num(c)}')
-        lines.append(f'{metric}_bucket{{{api},le="+Inf"}} {_num(arr.total_count)}')
-        lines.append(f"{metric}_sum{{{api}}} {_num(total / scale)}")
-        lines.append(f"{metric}_count{{{api}}} {_num(arr.total_count)}")
-    return out
+def _flow_sample(flow: FlowStats) -> dict:
+    return {"messages": flow.messages, "bytes": flow.bytes, "rejected": flow.rejected,
+            "delayed": flow.delayed, "dropped": flow.dropped,
+            "sizes": [n for _, n in flow.size_buckets()]}
+
+
+def _latency_sample(arr, bounds, scale) -> dict | None:
+    if arr is None:
+        return None
+    counts, total = arr.cumulative([b * scale for b in bounds])
+    return {"buckets": counts, "sum": total, "count": arr.total_count}
+
+
+def api_sample(a: ApiMetrics) -> dict:
+    """One API's numbers as plain data (str keys, ints, floats, lists): what the renderer
+    writes, and what a worker process sends its supervisor (fastgw.observe.aggregate).
+    `active` is a gauge; everything else is a counter. Latency sums are in the histogram's
+    unit (µs, ms), bucket counts cumulative, in the order of the family's bounds."""
+    return {
+        "active": a.active,
+        "accepted": a.accepted,
+        "rejected": dict(a.rejected),
+        "closes": [[code, side, n] for (code, side), n in sorted(a.closes.items())],
+        "flows": {"request": _flow_sample(a.request), "response": _flow_sample(a.response)},
+        "latency": {attr: _latency_sample(getattr(a, attr), bounds, scale)
+                    for _, attr, bounds, scale in _LATENCY},
+    }
+
+
+def process_sample(metrics: "Metrics") -> dict:
+    """The numbers not tied to one API, as plain data (`connections_max` is a gauge)."""
+    return {
+        "rejected_unrouted": dict(metrics.rejected_unrouted),
+        "events_dropped": int(metrics.events_dropped()),
+        "table_full": metrics.table_full_counts(),
+        "accept_errors": dict(metrics.accept_errors),
+        "connections_max": int(metrics.max_connections()),
+    }
+
+
+# The bounds of fastgw_message_size_bytes (those of FlowStats.size_buckets; None: +Inf).
+SIZE_BOUNDS = tuple(le for le, _ in FlowStats(False).size_buckets())
+
+
+class Exposition:
+    """The one renderer of the Prometheus text: fed plain samples (api_sample,
+    process_sample), by one process for its own Metrics and by the supervisor of worker
+    processes for their sum, so that both write the same families, labels and order."""
+
+    def __init__(self):
+        self.families: dict[str, list[str]] = {f[0]: [] for f in _FAMILIES}
+
+    def add_api(self, name: str, s: dict) -> None:
+        """The samples of one API (add them in the order of the API names)."""
+        api = f'api="{_label(name)}"'
+        out = self.families
+        out["fastgw_connections_active"].append(f"fastgw_connections_active{{{api}}} {_num(s['active'])}")
+        out["fastgw_connections_total"].append(f"fastgw_connections_total{{{api}}} {_num(s['accepted'])}")
+        rej = out["fastgw_upgrades_rejected_total"]
+        rejected = s["rejected"]
+        for reason in sorted(set(REJECT_REASONS) | set(rejected)):
+            rej.append(f'fastgw_upgrades_rejected_total{{{api},reason="{_label(reason)}"}} '
+                       f"{_num(rejected.get(reason, 0))}")
+        for direction in ("request", "response"):
+            flow = s["flows"][direction]
+            d = f'{api},direction="{direction}"'
+            out["fastgw_messages_total"].append(f"fastgw_messages_total{{{d}}} {_num(flow['messages'])}")
+            out["fastgw_bytes_total"].append(f"fastgw_bytes_total{{{d}}} {_num(flow['bytes'])}")
+            for action, key in (("reject", "rejected"), ("delay", "delayed"), ("drop", "dropped")):
+                out["fastgw_messages_limited_total"].append(
+                    f'fastgw_messages_limited_total{{{d},action="{action}"}} {_num(flow[key])}')
+            sizes = out["fastgw_message_size_bytes"]
+            for le, n in zip(SIZE_BOUNDS, flow["sizes"]):
+                le_s = "+Inf" if le is None else str(le)
+                sizes.append(f'fastgw_message_size_bytes_bucket{{{d},le="{le_s}"}} {_num(n)}')
+            sizes.append(f"fastgw_message_size_bytes_sum{{{d}}} {_num(flow['bytes'])}")
+            sizes.append(f"fastgw_message_size_bytes_count{{{d}}} {_num(flow['messages'])}")
+        for code, side, n in sorted(s["closes"]):
+            out["fastgw_closes_total"].append(
+                f'fastgw_closes_total{{{api},code="{code}",side="{_label(side)}"}} {_num(n)}')
+        for metric, attr, bounds, scale in _LATENCY:
+            h = s["latency"].get(attr)
+            if h is None:
+                continue
+            lines = out[metric]
+            for b, c in zip(bounds, h["buckets"]):
+                lines.append(f'{metric}_bucket{{{api},le="{_num(b)}"}} {_num(c)}')
+            lines.append(f'{metric}_bucket{{{api},le="+Inf"}} {_num(h["count"])}')
+            lines.append(f"{metric}_sum{{{api}}} {_num(h['sum'] / scale)}")
+            lines.append(f"{metric}_count{{{api}}} {_num(h['count'])}")
+
+    def add_process(self, s: dict) -> None:
+        """The samples not tied to one API (once, after the APIs)."""
+        families = self.families
+        rej = families["fastgw_upgrades_rejected_total"]
+        for reason, n in sorted(s["rejected_unrouted"].items()):
+            rej.append(f'fastgw_upgrades_rejected_total{{api="",reason="{_label(reason)}"}} {_num(n)}')
+        families["fastgw_events_dropped_total"].append(f"fastgw_events_dropped_total {_num(s['events_dropped'])}")
+        for policy in TABLE_FULL_POLICIES:
+            families["fastgw_limit_table_full_total"].append(
+                f'fastgw_limit_table_full_total{{policy="{policy}"}} {_num(s["table_full"].get(policy, 0))}')
+        errors = s["accept_errors"]
+        for name in sorted(set(ACCEPT_ERRNOS) | set(errors)):
+            families["fastgw_accept_errors_total"].append(
+                f'fastgw_accept_errors_total{{errno="{_label(name)}"}} {_num(errors.get(name, 0))}')
+        families["fastgw_connections_max"].append(f"fastgw_connections_max {_num(s['connections_max'])}")
+
+    def text(self, extra: tuple = ()) -> str:
+        """The exposition: every family of _FAMILIES in order, then `extra` families, each
+        (name, type, help, [sample lines])."""
+        text = []
+        every = [(name, kind, help_, self.families[name]) for name, kind, help_ in _FAMILIES]
+        for name, kind, help_, lines in (*every, *extra):
+            base = name[:-6] if kind == "counter" and name.endswith("_total") else name
+            text.append(f"# HELP {base} {help_}\n# TYPE {base} {kind}\n")
+            text.extend(line + "\n" for line in lines)
+        return "".join(text)
 
 
 async def render_async(metrics: "Metrics") -> str:
     """The exposition, one API at a time, giving the event loop a turn between APIs so
     that a scrape never holds the relay for longer than one API's lines take (~0.1 ms)."""
-    families: dict[str, list[str]] = {f[0]: [] for f in _FAMILIES}
+    ex = Exposition()
     for name in sorted(metrics.apis):
-        for fam, lines in _api_lines(name, metrics.apis[name]).items():
-            families[fam].extend(lines)
+        ex.add_api(name, api_sample(metrics.apis[name]))
         await asyncio.sleep(0)
-    rej = families["fastgw_upgrades_rejected_total"]
-    for reason, n in sorted(metrics.rejected_unrouted.items()):
-        rej.append(f'fastgw_upgrades_rejected_total{{api="",reason="{_label(reason)}"}} {_num(n)}')
-    families["fastgw_events_dropped_total"].append(f"fastgw_events_dropped_total {_num(metrics.events_dropped())}")
-    for policy, n in metrics.table_full_counts().items():
-        families["fastgw_limit_table_full_total"].append(
-            f'fastgw_limit_table_full_total{{policy="{policy}"}} {_num(n)}')
-    for name in sorted(set(ACCEPT_ERRNOS) | set(metrics.accept_errors)):
-        families["fastgw_accept_errors_total"].append(
-            f'fastgw_accept_errors_total{{errno="{_label(name)}"}} {_num(metrics.accept_errors.get(name, 0))}')
-    families["fastgw_connections_max"].append(f"fastgw_connections_max {_num(metrics.max_connections())}")
-    text = []
-    for name, kind, help_ in _FAMILIES:
-        base = name[:-6] if kind == "counter" and name.endswith("_total") else name
-        text.append(f"# HELP {base} {help_}\n# TYPE {base} {kind}\n")
-        text.extend(line + "\n" for line in families[name])
-    return "".join(text)
+    ex.add_process(process_sample(metrics))
+    return ex.text()
