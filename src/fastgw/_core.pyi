@@ -89,6 +89,7 @@ class LimitZone(LimitStore):
     lock_steals: int
     lock_timeouts: int
     unquiet: int
+    pending_ops: int
 
 class HdrArray:
     """The counts of an HdrHistogram, recorded from C (hdr.pxi)."""

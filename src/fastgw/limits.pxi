@@ -18,8 +18,9 @@ from libc.stdlib cimport malloc, free
 from posix.mman cimport (
     mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_ANONYMOUS, MAP_FAILED,
 )
+from libc.signal cimport SIGKILL
 from posix.signal cimport kill
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport getpid
 
 
@@ -69,6 +70,7 @@ cdef extern from *:
     double fgw_double(uint64_t u) nogil
     void fgw_pause() nogil
     int sched_yield() nogil
+    const int SIGSTOP
 
 
 cdef enum:
@@ -96,9 +98,40 @@ cdef uint64_t ZONE_INDEX_MASK = 0x3FFFFFFFULL
 cdef uint64_t ZONE_LOCK_RECONCILE = 0xFFFFFFFFULL
 # Lock waits: check the owner from this on, give up after that (seconds).
 cdef double ZONE_LOCK_CHECK = 100e-6
-cdef double ZONE_LOCK_GIVE_UP = 5e-3
+cdef double ZONE_LOCK_GIVE_UP = 50e-3
 # reconcile(): how long it looks for a quiet snapshot of a slot (seconds).
 cdef double ZONE_QUIET_BOUND = 1.0
+
+
+# Tests only (_zone_crash_at): the process SIGKILLs itself at this step of its
+# next operation, to prove the recovery of each step with a real death (or,
+# at step + CRASH_STOP, SIGSTOPs itself once: a live process stalled there).
+cdef enum:
+    CRASH_STOP = 10
+    CRASH_NONE = 0
+    CRASH_BEFORE_CAS = 1            # count op: journal odd, count unchanged
+    CRASH_AFTER_CAS = 2             # count op: count changed, share not yet
+    CRASH_AFTER_SHARE = 3           # count op: share changed, journal still odd
+    CRASH_LOCKED = 4                # holding the insert lock
+    CRASH_RESERVED = 5              # bucket re-key: tat RESERVED
+    CRASH_CLAIMED = 6               # count slot claimed (tag set), key not stored
+
+cdef int _crash_at = CRASH_NONE
+
+
+def _zone_crash_at(int step):
+    """Tests only: SIGKILL this process at `step` of its next zone operation."""
+    global _crash_at
+    _crash_at = step
+
+
+cdef inline void _crash(int step) noexcept nogil:
+    global _crash_at
+    if _crash_at == step:
+        kill(getpid(), SIGKILL)
+    elif _crash_at == step + CRASH_STOP:
+        _crash_at = CRASH_NONE
+        kill(getpid(), SIGSTOP)
 
 
 cdef inline double _mono() noexcept nogil:
@@ -241,8 +274,11 @@ cdef inline int _count_acquire(WorkerSlot* ws, CountSlot* s, uint32_t* own, uint
         if not started:
             fgw_st(&ws.journal, (seq << 32) | (<uint64_t>ZONE_OP_ACQUIRE << 30) | index)
             started = True
+            _crash(CRASH_BEFORE_CAS)
         if fgw_cas(&s.word, w, w + 1):      # ACQ_REL: after the odd journal
+            _crash(CRASH_AFTER_CAS)
             fgw_add32(own, 1)               # release: after the count
+            _crash(CRASH_AFTER_SHARE)
             r = 1
             break
     if started:
@@ -259,12 +295,15 @@ cdef inline void _count_release(WorkerSlot* ws, CountSlot* s, uint32_t* own, uin
         return
     seq = ((fgw_ld(&ws.journal) >> 32) + 1) | 1
     fgw_st(&ws.journal, (seq << 32) | (<uint64_t>ZONE_OP_RELEASE << 30) | index)
+    _crash(CRASH_BEFORE_CAS)
     while True:
         w = fgw_ld_acq(&s.word)
         if <uint32_t>(w >> 32) != tag or <uint32_t>w == 0:
             break                           # not with a share held (I): never
         if fgw_cas(&s.word, w, w - 1):
+            _crash(CRASH_AFTER_CAS)
             fgw_add32(own, 0xFFFFFFFFU)     # - 1
+            _crash(CRASH_AFTER_SHARE)
             break
     fgw_st_rel(&ws.journal, (seq + 1) << 32)
 
@@ -436,10 +475,14 @@ cdef class LimitZone(LimitStore):
         cdef uint32_t owner
         cdef double start = 0.0
         cdef double t
+        cdef timespec nap
+        nap.tv_sec = 0
+        nap.tv_nsec = 20000                 # 20 us
         while True:
             cur = fgw_ld(lock)
             if cur == 0:
                 if fgw_cas(lock, 0, me):
+                    _crash(CRASH_LOCKED)
                     return True
                 continue
             spins += 1
@@ -461,6 +504,9 @@ cdef class LimitZone(LimitStore):
                             self._repair(owner)
                         return True
                     continue
+                # A live owner that was preempted holding it: give it the CPU.
+                nanosleep(&nap, NULL)
+                continue
             sched_yield()
 
     cdef void _unlock(self) noexcept nogil:
@@ -557,6 +603,7 @@ cdef class LimitZone(LimitStore):
             if not fgw_cas(&lru.tat, lru_v, ZONE_RESERVED):
                 fgw_st_rel(&ws.ins_slot, 0)     # taken meanwhile: look again
                 continue
+            _crash(CRASH_RESERVED)
             fgw_st(&lru.key, k)
             # From a full bucket: admitted. >= lru_t (idle: lru_t <= now), and
             # > lru_t but for a first take costing nothing at now == lru_t.
@@ -616,7 +663,10 @@ cdef class LimitZone(LimitStore):
                     r = _count_acquire(ws, s, _own(s) + self.wslot, i, tag, limit)
                     self._unlock()
                     return r if r >= 0 else -1
-                if spare == NULL and <uint32_t>w == 0 and <uint32_t>(w >> 32) != tag:
+                # A slot at 0 whose tag is k's is taken only if it never had a
+                # key (a claimer killed before storing it): nobody matched it.
+                if spare == NULL and <uint32_t>w == 0 and (<uint32_t>(w >> 32) != tag
+                                                            or found == 0):
                     spare = s
                     spare_i = i
                     spare_w = w
@@ -628,6 +678,7 @@ cdef class LimitZone(LimitStore):
                 break
             if not fgw_cas(&spare.word, spare_w, <uint64_t>tag << 32):
                 continue                        # counted meanwhile: look again
+            _crash(CRASH_CLAIMED)
             if spare_k != 0:
                 fgw_inc(&self.header.count_reuses)
             fgw_st_rel(&spare.key, k)
@@ -781,6 +832,7 @@ cdef class LimitZone(LimitStore):
         cdef CountSlot* s
         cdef uint64_t released = 0
         if (j >> 32) & 1:                   # (1) killed inside an operation
+            fgw_inc(&self.header.pending_ops)
             index = <uint32_t>(j & ZONE_INDEX_MASK)
             if index <= self.count_mask:
                 d = self._quiet_delta(index, w)
@@ -927,6 +979,11 @@ cdef class LimitZone(LimitStore):
     def lock_timeouts(self):
         """Waits for the insert lock given up (the caller refused)."""
         return fgw_ld(&self.header.lock_timeouts)
+
+    @property
+    def pending_ops(self):
+        """reconcile() calls that found their process killed inside a count operation."""
+        return fgw_ld(&self.header.pending_ops)
 
     @property
     def unquiet(self):

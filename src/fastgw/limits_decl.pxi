@@ -66,10 +66,11 @@
 # Insert lock: a word, 0 when free, else (pid << 32) | (process slot + 1) of
 # its owner (slot + 1 = 0xFFFFFFFF: reconcile()), taken by CAS 0 -> owner and
 # held for a few dozen instructions. A waiter spins (cpu pause, then
-# sched_yield), and from ~100 us on checks kill(owner pid, 0) now and then: an
-# owner that no longer exists loses the lock to the first waiter that CASes
-# that same word to its own (lock_steals); the thief first repairs the dead
-# owner's bucket re-key (below). A waiter gives up after ~5 ms
+# sched_yield), and from ~100 us on checks kill(owner pid, 0) between naps of
+# 20 us (an owner preempted while holding it needs the CPU, not a spinning
+# waiter): an owner that no longer exists loses the lock to the first waiter
+# that CASes that same word to its own (lock_steals); the thief first repairs
+# the dead owner's bucket re-key (below). A waiter gives up after ~50 ms
 # (lock_timeouts): take() returns ZONE_NO_SLOT, acquire() -1 (the caller
 # refuses; nothing was counted). reconcile(slot) frees a lock its dead process
 # held. So a dead process holds the lock no longer than until its first
@@ -125,10 +126,12 @@
 # key's is not the key's any more, or not yet: look again). Claiming a slot
 # for a key (under the insert lock): CAS the word (any other tag, count 0) ->
 # (tag, 0), then store the key. A slot whose tag already is the new key's is
-# never claimed for it, so the CAS of a stale acquirer of the old key always
-# fails (and a slot that comes back to a key is that key's again). A claimer
-# killed between the two steps leaves a slot at count 0 that no lookup
-# matches: harmless, the next claimer may take it.
+# never claimed for it (but when it never had a key), so the CAS of a stale
+# acquirer of the old key always fails (and a slot that comes back to a key
+# is that key's again). A claimer killed between the two steps leaves a slot
+# at count 0 that no lookup matches: harmless, the next claimer may take it
+# (a never-used one, whose key is still 0, ends the chain: its own key claims
+# it again).
 #   Shares: each count slot holds uint32 own[workers]; own[w] is changed only
 # by the process of slot w (atomic add) and by reconcile(w). Invariant, at
 # any moment when no process is inside an operation on the slot:
@@ -225,9 +228,10 @@ cdef struct ZoneHeader:     # 192 bytes at offset 0 of the region
     # The insert lock (its own cache line) and its counters.
     uint64_t insert_lock        # 0: free; else (pid << 32) | (process slot + 1)
     uint64_t lock_steals        # locks taken over from a dead owner
-    uint64_t lock_timeouts      # waits given up (~5 ms): nothing inserted, the caller refuses
+    uint64_t lock_timeouts      # waits given up (~50 ms): nothing inserted, the caller refuses
     uint64_t unquiet            # reconcile() calls that found no quiet snapshot in 1 s
-    uint64_t reserved1[4]
+    uint64_t pending_ops        # reconcile() calls whose process was killed inside an op
+    uint64_t reserved1[3]
 
 
 cdef class LimitStore:

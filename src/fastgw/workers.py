@@ -104,6 +104,13 @@ class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
         return fut
 
 
+async def _getaddrinfo_here(host, port, *, family=0, type=0, proto=0, flags=0):
+    """The supervisor's loop.getaddrinfo: on the loop's thread (uvloop's would start libuv's
+    thread pool, and a fork needs a process with one thread). Used at its start only (the
+    admin API's listener): the supervisor dials nothing."""
+    return socket.getaddrinfo(host, port, family, type, proto, flags)
+
+
 def make_sockets(config, n: int) -> list[list[list[socket.socket]]]:
     """[index][listener] -> the listening sockets of worker `index` for that listener: the
     listener's addresses, each bound with SO_REUSEADDR and SO_REUSEPORT, listen(backlog),
@@ -185,6 +192,7 @@ class Supervisor:
         self._rolling_index: int | None = None
         self._stop = None
         self._timers: set = set()
+        self._threads_warned = False
         self._tasks: set = set()
 
     # ---- processes -----------------------------------------------------------
@@ -208,6 +216,11 @@ class Supervisor:
         slot = self._free_slot()
         self._incarnations += 1
         incarnation = self._incarnations
+        threads = len(os.listdir("/proc/self/task"))
+        if threads > 1 and not self._threads_warned:
+            self._threads_warned = True
+            log.warning("forking a worker with %d threads alive in the supervisor (a bug: "
+                        "a child inherits their locks)", threads)
         ours, theirs = socket.socketpair()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -459,6 +472,7 @@ class Supervisor:
         for wp, reply in zip(procs, replies):
             row = wp.describe()
             row["current"] = self.workers[wp.index] is wp
+            row["zone"] = self.zone.worker_info(wp.slot)      # pid, beat, held
             if isinstance(reply, BaseException):
                 row["error"] = repr(reply)
             else:
@@ -592,8 +606,18 @@ class Supervisor:
 
     async def run(self) -> int:
         """Attach to the workers forked before the loop; serve until stopped. Exit status."""
+        try:
+            return await self._run()
+        except Exception:                    # a bug: the workers are not left behind
+            traceback.print_exc()
+            if not self.stopping:
+                await self._shutdown(0.0)
+            return 1
+
+    async def _run(self) -> int:
         loop = self.loop = asyncio.get_running_loop()
         loop.set_default_executor(_InlineExecutor())
+        loop.getaddrinfo = _getaddrinfo_here
         self._stop = loop.create_future()
         for wp in self.workers:
             await self._attach(wp)
@@ -633,6 +657,9 @@ class Supervisor:
             pass
         pids = ", ".join(str(wp.pid) for wp in self.workers)
         print(f"fastgw: {self.n} workers (pids {pids}){note}", file=sys.stderr, flush=True)
+        if config.histogram_log is not None:
+            print("fastgw: warning: histogram-log is not written with workers > 1 (the admin "
+                  "API's /histograms has every worker's)", file=sys.stderr, flush=True)
         self._later(HEARTBEAT_INTERVAL, self._check_beats)
         self._spawn_task(self._poll())
         why, grace = await self._stop

@@ -374,7 +374,9 @@ class SupervisorBackend:
 
     async def close_connection(self, conn_id: int) -> bool:
         inc = conn_id >> 32
-        for w in self._workers():
+        # Every process not reaped (a rolling restart's old one, still draining, too).
+        procs = getattr(self.sup, "procs", None)
+        for w in (list(procs.values()) if procs is not None else self._workers()):
             if w.incarnation == inc:
                 try:
                     return bool(await self.sup.ask(w, "close", id=conn_id))
