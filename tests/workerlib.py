@@ -28,7 +28,7 @@ from conftest import samples, stop_process
 from wire import connect, new_key, read_head, status_of, upgrade_request
 
 HERE = Path(__file__).resolve().parent
-KEYS = {"alice": "alice-secret", "bob": "bob-secret"}
+KEYS = {name: f"{name}-secret" for name in ("alice", "bob", "carol", "dave", "erin")}
 
 
 def alive(pid: int) -> bool:

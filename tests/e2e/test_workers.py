@@ -58,15 +58,17 @@ async def test_count_limit_admits_exactly_max_of_100_simultaneous_upgrades_over_
         start_gateway, backend):
     gw = start_gateway(gateway_config(backend.port, 4, pre=[
         {"policy": "count-limit", "key": "client-id", "max": 10}]), 4)
-    for round_ in (1, 2):
+    # Every round is exact. Which worker gets there first is the scheduler's choice: a round
+    # may see one worker take all 10 (about one in eight here), so rounds go on (5 at most)
+    # until one has admitted on more than one worker, the case this test is about.
+    splits = []
+    while len(splits) < 2 or (all(len(s) == 1 for s in splits) and len(splits) < 5):
         attempts = await attempts_at_once(gw.port, 100, KEYS["alice"])
         try:
-            assert statuses(attempts) == {101: 10, 429: 90}, f"round {round_}"
+            assert statuses(attempts) == {101: 10, 429: 90}, f"round {len(splits) + 1}"
             rows = await gw.aget("/connections?client=alice")
             assert len(rows) == 10
-            split = counted([r["worker"] for r in rows])
-            print(f"round {round_}: the 10 admitted by worker: {split}")
-            assert len(split) > 1, f"round {round_}: all admitted on one worker: {split}"
+            splits.append(counted([r["worker"] for r in rows]))
             assert (await backend.wait_live(10))["live"] == 10
         finally:
             for a in attempts:
@@ -74,25 +76,35 @@ async def test_count_limit_admits_exactly_max_of_100_simultaneous_upgrades_over_
         # All closed: the count is back to 0 (the next round admits 10 again).
         assert (await backend.wait_live(0))["live"] == 0
         await wait_no_connections(gw)
+    print(f"the 10 admitted by worker, round by round: {splits}")
+    assert any(len(s) > 1 for s in splits), f"all admitted on one worker in every round: {splits}"
     m = gw.metrics()
-    assert value(m, "fastgw_upgrades_rejected_total", api="chat", reason="count_limit") == 180
-    assert value(m, "fastgw_connections_total", api="chat") == 20
+    assert value(m, "fastgw_upgrades_rejected_total", api="chat", reason="count_limit") == 90 * len(splits)
+    assert value(m, "fastgw_connections_total", api="chat") == 10 * len(splits)
 
 
 async def test_rate_limit_burst_5_admits_exactly_5_of_100_simultaneous_upgrades_over_4_workers(
         start_gateway, backend):
     gw = start_gateway(gateway_config(backend.port, 4, pre=[
         {"policy": "rate-limit", "key": "client-id", "rate": "1/1h", "burst": 5}]), 4)
-    attempts = await attempts_at_once(gw.port, 100, KEYS["alice"])
-    try:
-        assert statuses(attempts) == {101: 5, 429: 95}
-        rows = await gw.aget("/connections?client=alice")
-        print(f"the 5 admitted by worker: {counted([r['worker'] for r in rows])}")
-        assert len(rows) == 5
-    finally:
-        for a in attempts:
-            a.close()
-    assert (await backend.wait_live(0))["live"] == 0
+    # One client per round (its bucket stays empty for the hour), rounds until one has
+    # admitted on more than one worker (see the count-limit test), 5 at most.
+    splits = []
+    for client in KEYS:
+        attempts = await attempts_at_once(gw.port, 100, KEYS[client])
+        try:
+            assert statuses(attempts) == {101: 5, 429: 95}, client
+            rows = await gw.aget(f"/connections?client={client}")
+            assert len(rows) == 5
+            splits.append(counted([r["worker"] for r in rows]))
+        finally:
+            for a in attempts:
+                a.close()
+        assert (await backend.wait_live(0))["live"] == 0
+        if len(splits[-1]) > 1:
+            break
+    print(f"the 5 admitted by worker, client by client: {splits}")
+    assert len(splits[-1]) > 1, f"all admitted on one worker in every round: {splits}"
     # The bucket stays empty once they are closed: the next attempt is refused too.
     with pytest.raises(InvalidStatus) as info:
         await websockets.connect(gw.url("/"), additional_headers={"X-API-Key": KEYS["alice"]},
