@@ -20,7 +20,7 @@ import time
 from conftest import value
 from fastgw.workers import FAST_DEATH
 from wire import CLOSE, TEXT, close_payload, connect, frame, new_key, read_frame, read_head, status_of, upgrade_request
-from workerlib import (KEYS, attempts_at_once, backend, gateway_config, start_gateway,  # noqa: F401
+from workerlib import (KEYS, alive, attempts_at_once, backend, gateway_config, start_gateway,  # noqa: F401
                        statuses)
 
 
@@ -227,6 +227,10 @@ async def test_rolling_restart_under_200_upgrades_per_second_refuses_none(start_
     assert not failed, f"{len(failed)} of {len(outcomes)} upgrades failed: {failed[:10]}"
     assert len(outcomes) >= 150 * t_load, "the client did not keep up 200/s"
     assert all(after[i] != before[i] for i in before)
+    deadline = time.monotonic() + 3               # the retired ones have exited (drain-time 2s)
+    while (left := [pid for pid in before.values() if alive(pid)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not left, f"retired workers still running: {left}"
     m = gw.metrics()
     assert value(m, "fastgw_worker_restarts_total", reason="rolling") == 2
 
