@@ -643,8 +643,12 @@ class Gateway:
             self.loop.create_task(self.close())
 
     async def _drain(self, grace: float) -> None:
-        log.info("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
-                 len(self.live), grace)
+        if self._retired:
+            log.info("retiring: %d connections closed with 1001, %g s to end; new clients "
+                     "are accepted by the successor", len(self.live), grace)
+        else:
+            log.info("draining: %d connections closed with 1001, %g s to end; new upgrades "
+                     "get 503", len(self.live), grace)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))
@@ -706,7 +710,7 @@ class Gateway:
             listener.close()         # this process's descriptors: the queue stays open
         start = self.clock.now()
         while (self.handshakes.counted or self._connecting) and self.clock.now() - start < grace:
-            await self._within(self.loop.create_future(), 0.01)
+            await self._within(self.loop.create_future(), 0.01)     # 10 ms on the clock
         await self.shutdown(max(0.0, grace - (self.clock.now() - start)))
 
     def status(self) -> dict:

@@ -466,11 +466,12 @@ cdef class LimitZone(LimitStore):
     # -- the insert lock
 
     cdef bint _lock(self) noexcept nogil:
-        # Take the insert lock; False if it stayed held by a live process for
+        # Take the insert lock; False if one live owner kept it for
         # ZONE_LOCK_GIVE_UP (counted in lock_timeouts).
         cdef uint64_t* lock = &self.header.insert_lock
         cdef uint64_t me = (<uint64_t>getpid() << 32) | (<uint64_t>self.wslot + 1)
         cdef uint64_t cur
+        cdef uint64_t seen = 0
         cdef uint32_t spins = 0
         cdef uint32_t owner
         cdef double start = 0.0
@@ -490,8 +491,9 @@ cdef class LimitZone(LimitStore):
                 fgw_pause()
                 continue
             t = _mono()
-            if start == 0.0:
+            if start == 0.0 or cur != seen:     # a new owner: the lock moves, wait on
                 start = t
+                seen = cur
             elif t - start > ZONE_LOCK_GIVE_UP:
                 fgw_inc(&self.header.lock_timeouts)
                 return False

@@ -70,9 +70,9 @@
 # 20 us (an owner preempted while holding it needs the CPU, not a spinning
 # waiter): an owner that no longer exists loses the lock to the first waiter
 # that CASes that same word to its own (lock_steals); the thief first repairs
-# the dead owner's bucket re-key (below). A waiter gives up after ~50 ms
-# (lock_timeouts): take() returns ZONE_NO_SLOT, acquire() -1 (the caller
-# refuses; nothing was counted). reconcile(slot) frees a lock its dead process
+# the dead owner's bucket re-key (below). A waiter gives up when one owner
+# kept the lock for ~50 ms (lock_timeouts): take() returns ZONE_NO_SLOT,
+# acquire() -1 (the caller refuses; nothing was counted). reconcile(slot) frees a lock its dead process
 # held. So a dead process holds the lock no longer than until its first
 # waiter's check, or its reconcile() (an unreaped zombie still answers
 # kill(pid, 0)).

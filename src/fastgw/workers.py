@@ -159,11 +159,18 @@ def make_sockets(config, n: int) -> list[list[list[socket.socket]]]:
 class Supervisor:
     """The parent of the worker processes (see the module's docstring).
 
-    Public (the admin side, fastgw.observe.aggregate, uses these): `workers` (WorkerProc per
-    index), `procs` (every worker process alive, by pid: the current ones and those retiring),
-    `config`, `zone`, `restarts_total`, `last_snapshot` (incarnation -> snapshot, fresh within a
-    second), `on_retired`, `rolling`, `draining`, `stopping`; `ask`, `ask_all`, `reload`,
-    `drain`, `rolling_restart`, `ready`, `status`.
+    Public (the admin side, fastgw.observe.aggregate, uses these):
+      attributes: `workers` (the current WorkerProc of each index), `procs` (pid -> every
+      worker process not reaped yet: the current ones, a rolling restart's new one, those
+      retiring), `config` (as last reloaded), `config_path`, `n`, `zone`, `sockets`
+      ([index][listener] -> sockets), `restarts_total` (reason -> count, every reason of
+      REASONS), `last_snapshot` (incarnation -> snapshot, within a second), `on_retired`
+      (callback(worker, last snapshot or None), called once per process reaped), `admin`,
+      `draining`, `stopping`; properties `rolling`, `addresses`.
+      methods: `await ask(worker, op, **args)`, `await ask_all(op, **args)`, `await reload()`,
+      `await drain(grace, exit=False)`, `await rolling_restart()` (RuntimeError if one is
+      under way), `start_rolling_restart()` (the same in a task), `ready()`, `await status()`,
+      `grace()` (the drain time now), `spawn(index, restarts)`, `await run()`.
     """
 
     def __init__(self, config, config_path: str | None, drain_time: float | None, runner, n: int):
@@ -504,9 +511,13 @@ class Supervisor:
         problem = _unreloadable(self.config, config) or listeners_changed(self.config, config)
         if problem is not None:
             return f"{path}: {problem}"
-        self.config = config
-        workers = [wp for wp in self.workers if wp.pid in self.procs]
-        replies = dict(await self.ask_all("reload"))
+        self.config = config                 # what a worker forked from now on starts with
+        # Every process that goes on serving: a rolling restart's new one too (forked before
+        # this, it may not be sup.workers' yet), not those retiring.
+        workers = [wp for wp in self.procs.values() if not wp.retiring and wp.peer is not None]
+        answers = await asyncio.gather(*(self.ask(wp, "reload") for wp in workers),
+                                       return_exceptions=True)
+        replies = {wp: r for wp, r in zip(workers, answers) if not isinstance(r, BaseException)}
         errors = []
         for wp in workers:
             if wp not in replies:
@@ -754,6 +765,15 @@ def _snapshot(gw):
     return snapshot(gw)
 
 
+async def _snapshot_op(gw):
+    """The "snapshot" op: the same, one API at a time with a turn for the relay between."""
+    try:
+        from fastgw.observe.aggregate import snapshot_async
+    except ImportError:
+        return gw.status()
+    return await snapshot_async(gw)
+
+
 async def run_worker(config, config_path, zone, slot: int, index: int, incarnation: int,
                      sockets, sock: socket.socket, drain_time: float) -> int:
     """A worker process's main coroutine, on its own fresh loop: the Gateway on the
@@ -761,6 +781,9 @@ async def run_worker(config, config_path, zone, slot: int, index: int, incarnati
     from fastgw.gateway import Gateway
     from fastgw.observe.events import EventSink
     zone.set_worker(slot)
+    for handler in logging.getLogger().handlers:     # the CLI's: which worker says it
+        handler.setFormatter(logging.Formatter(
+            f"fastgw: worker {index}: %(levelname)s %(name)s: %(message)s"))
     loop = asyncio.get_running_loop()
     gw = Gateway(config, config_path, zone=zone, sockets=sockets, id_base=incarnation << 32)
     stop = loop.create_future()
@@ -785,7 +808,7 @@ async def run_worker(config, config_path, zone, slot: int, index: int, incarnati
         loop.create_task(run())
 
     handlers = {
-        "snapshot": lambda: _snapshot(gw),
+        "snapshot": lambda: _snapshot_op(gw),
         "connections": lambda api=None, client=None: gw.connections(api, client),
         "close": lambda id: gw.close_connection(id),
         "close_client": lambda client: gw.close_client(client),

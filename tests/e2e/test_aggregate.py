@@ -386,3 +386,17 @@ async def test_the_shared_zones_count_is_not_multiplied_by_the_workers(gateway_f
     m = samples(totals.render(snaps, 2, {}, zone_table_full={"message-rate-limit": 7}))
     assert m[("fastgw_limit_table_full_total", frozenset({("policy", "message-rate-limit")}))] == 7
     assert m[("fastgw_limit_table_full_total", frozenset({("policy", "count-limit")}))] == 6
+
+
+async def test_a_histogram_is_encoded_again_only_once_recorded_into(gateway_factory, echo_backend):
+    from hdrh.histogram import HdrHistogram
+    g1, _ = await busy_gateways(gateway_factory, echo_backend)
+    am = g1.gw.metrics.apis["a"]
+    first = am.encoded_histograms()
+    assert am.encoded_histograms()["handshake_us"] is first["handshake_us"]     # kept
+    assert first["request_held_us"] == b""                                      # empty
+    am.record("handshake_us", 123)
+    again = snapshot(g1.gw)["histograms"]["a/handshake_us"]
+    assert again != first["handshake_us"]
+    assert HdrHistogram.decode(again).get_total_count() == 2      # one upgrade on /a, one recorded
+    assert again == g1.gw.histogram("a/handshake_us").encode()

@@ -131,3 +131,47 @@ async def test_retire_leaves_the_queue_to_the_successor(echo_backend):
         await new.shutdown(1.0)
         for s in held[0]:
             s.close()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_make_sockets_one_port_per_listener_for_every_index():
+    hosts = ["127.0.0.1"] + (["::1"] if ipv6_loopback() else [])
+    listeners = "".join(f"  - {{host: \"{h}\", port: 0}}\n" for h in hosts)
+    config = cfgmod.loads("workers: 3\nbacklog: 77\nlisteners:\n" + listeners + "apis:\n  - name: t\n"
+                          "    path: /\n    assembly:\n      - {policy: websocket-upgrade, "
+                          "target-url: \"ws://127.0.0.1:1/\"}\n", "yaml", "t.yaml")
+    made = make_sockets(config, 3)
+    try:
+        assert len(made) == 3 and all(len(per) == len(hosts) for per in made)
+        for li, host in enumerate(hosts):
+            names = [made[i][li][0].getsockname()[:2] for i in range(3)]
+            assert names[0][0] == host and names[0][1] != 0
+            assert names == [names[0]] * 3                 # index 0's port, for every index
+            for i in range(3):
+                s = made[i][li][0]
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+                assert not s.getblocking()
+    finally:
+        for per in made:
+            for socks in per:
+                for s in socks:
+                    s.close()
+    # A port taken by a socket without SO_REUSEPORT: the error names the listener.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bad = cfgmod.loads(f"listeners:\n  - {{host: 127.0.0.1, port: {port}}}\napis:\n  - name: t\n"
+                           "    path: /\n    assembly:\n      - {policy: websocket-upgrade, "
+                           "target-url: \"ws://127.0.0.1:1/\"}\n", "yaml", "t.yaml")
+        with pytest.raises(OSError, match=rf"listeners\[0\]: cannot listen on 127.0.0.1:{port}: "):
+            make_sockets(bad, 2)

@@ -131,6 +131,7 @@ def supervised(tmp_path):
         return sup
 
     yield start
+    problems = []
     for sup in started:
         if sup.proc.poll() is None:
             sup.proc.send_signal(signal.SIGTERM)
@@ -139,6 +140,10 @@ def supervised(tmp_path):
             except subprocess.TimeoutExpired:
                 sup.proc.kill()
                 sup.proc.wait()
+                problems.append("the supervisor did not stop within 10 s of SIGTERM")
+        if "Traceback" in sup.stderr():
+            problems.append("a traceback in the log:\n" + sup.stderr()[-3000:])
+    assert not problems, "\n".join(problems)
 
 
 def alive(pid: int) -> bool:
@@ -462,3 +467,24 @@ async def test_workers_outliving_a_killed_supervisor_drain_and_exit(supervised, 
             await asyncio.wait_for(ws.recv(), 3)
         assert ws.close_code == 1001
     await until(lambda: not any(alive(pid) for pid in pids.values()), 5, "the workers' exit")
+
+
+async def test_workers_on_asyncios_own_loop(supervised, echo_process):
+    """`--loop asyncio`: the supervisor and its workers (a restarted one forked from the
+    supervisor's running loop) on the standard library's loop."""
+    sup = await supervised(config(echo_process), "--loop", "asyncio")
+    pids = await sup.pids()
+    conns = await open_many(sup.url(), 20)
+    try:
+        await echo_all(conns)
+        assert {r["worker"] for r in await sup.connections()} == {0, 1}
+        os.kill(pids[0], signal.SIGKILL)
+        await until(lambda: f"worker 0 (pid {pids[0]}) was killed" in sup.stderr(), 2, "the restart")
+        new = await sup.pids()
+        assert new[0] != pids[0]
+        fresh = await open_many(sup.url(), 20)
+        await echo_all(fresh)
+        assert {r["worker"] for r in await sup.connections()} == {0, 1}
+        await close_all(fresh)
+    finally:
+        await close_all(conns)
