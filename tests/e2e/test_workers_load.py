@@ -77,6 +77,9 @@ async def session(port: int, key: str | None, hold: float = 0.0, timeout: float 
 
 # ---- the stress: SIGKILL 50 times under load ---------------------------------------------
 
+MONOTONIC = ("fastgw_connections_total", "fastgw_messages_total", "fastgw_upgrades_rejected_total",
+             "fastgw_closes_total", "fastgw_bytes_total")
+
 
 async def test_count_limit_never_exceeded_at_the_backend_while_workers_are_killed_50_times(
         start_gateway, backend):
@@ -136,9 +139,15 @@ async def test_count_limit_never_exceeded_at_the_backend_while_workers_are_kille
     thread = threading.Thread(target=killer)
     thread.start()
     peaks = []
+    scrapes: list[dict] = []                 # /metrics about once a second, meanwhile
+    next_scrape = time.monotonic()
     while thread.is_alive():                 # the backend's count seen from here, meanwhile
         s = backend.stats()
         peaks.append(s["live"])
+        if time.monotonic() >= next_scrape:
+            next_scrape += 1.0
+            m = await asyncio.to_thread(gw.metrics)
+            scrapes.append({k: v for k, v in m.items() if k[0] in MONOTONIC})
         await asyncio.sleep(0.05)
     thread.join()
     stop.set()
@@ -148,8 +157,11 @@ async def test_count_limit_never_exceeded_at_the_backend_while_workers_are_kille
     print(f"stress: {kills} SIGKILLs in {t_stress:.1f} s; restarts (kill -> new pid listed): "
           f"mean {statistics.mean(restart_times) * 1e3:.0f} ms, max {max(restart_times) * 1e3:.0f} ms; "
           f"sessions {tally}, other statuses {other}; backend peak {s['peak']} (max {mx}), "
-          f"sampled max {max(peaks)}, backend total {s['total']}")
+          f"sampled max {max(peaks)}, backend total {s['total']}; {len(scrapes)} scrapes of /metrics")
     assert not killer_error, killer_error[0]
+    for earlier, later in zip(scrapes, scrapes[1:]):     # no counter went down across the kills
+        for k, v in earlier.items():
+            assert later.get(k, 0.0) >= v, f"{k[0]}{dict(k[1])}: {v} -> {later.get(k)}"
     assert len(restart_times) == kills
     assert s["peak"] <= mx, f"the backend held {s['peak']} connections of a key limited to {mx}"
     assert s["live"] == 0
@@ -171,6 +183,10 @@ async def test_count_limit_never_exceeded_at_the_backend_while_workers_are_kille
             a.close()
     assert (await backend.wait_live(0))["live"] == 0
     m = gw.metrics()
+    counted = value(m, "fastgw_connections_total", api="chat")
+    reached = backend.stats()["total"]
+    print(f"fastgw_connections_total {counted:.0f}, connections that reached the backend {reached} "
+          f"(the difference: counts of killed workers since their last snapshot)")
     assert value(m, "fastgw_worker_restarts_total", reason="signal") == kills
     assert value(m, "fastgw_workers") == 4
 
