@@ -4,7 +4,8 @@ kernel's reuseport hash spreads 1,000 connections over 2 workers.
 
 Real `fastgw run -c FILE` supervisors, the counting echo backend in its own process
 (tests/countecho.py), raw clients (tests/wire.py), the admin API over HTTP on loopback.
-Each test prints its figures (run with -s to see them).
+A stuck (SIGSTOPped) worker keeps its share of new connections until it is replaced; its queue
+is then served. Each test prints its figures (run with -s to see them).
 """
 
 from __future__ import annotations
@@ -287,3 +288,39 @@ async def test_1000_connections_spread_over_2_workers_within_35_to_65_percent(st
         for w in held:
             w.close()
     assert (await backend.wait_live(0, timeout=10))["live"] == 0
+
+
+async def test_a_stuck_worker_keeps_its_share_until_replaced_and_its_queue_is_served_not_reset(
+        start_gateway, backend):
+    """The known reuseport imbalance: a worker whose loop is stuck (SIGSTOP) keeps receiving
+    its share of new connections. They wait in its socket's queue (the supervisor holds the
+    socket) until the worker is killed for its missing heartbeat and replaced; then they are
+    served, none reset."""
+    timeout = 1.0
+    gw = start_gateway(gateway_config(backend.port, 2, top={"worker-heartbeat-timeout": f"{timeout}s"}), 2)
+    pids = gw.pids()
+
+    async def timed() -> tuple[object, float]:
+        t = time.monotonic()
+        try:
+            outcome = await session(gw.port, KEYS["alice"], timeout=3 * timeout + 2)
+        except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError, AssertionError) as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        return outcome, time.monotonic() - t
+
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        results = await asyncio.gather(*(timed() for _ in range(100)))
+    finally:
+        if alive(pids[0]):
+            os.kill(pids[0], signal.SIGKILL)
+    waited = sorted(d for o, d in results if o == 101 and d >= timeout / 2)
+    failed = [o for o, _ in results if o != 101]
+    print(f"worker 0 stopped: of 100 upgrades {100 - len(waited) - len(failed)} served at once, "
+          f"{len(waited)} waited {waited[0] if waited else 0:.2f}-{waited[-1] if waited else 0:.2f} s "
+          f"for its replacement (worker-heartbeat-timeout {timeout:g}s), {len(failed)} failed")
+    assert not failed, failed[:5]
+    assert 0 < len(waited) < 100, "the stopped worker's share"
+    assert waited[-1] < timeout + 2.0
+    assert gw.pids()[0] != pids[0]
+    assert value(gw.metrics(), "fastgw_worker_restarts_total", reason="heartbeat") == 1
