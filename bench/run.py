@@ -10,14 +10,18 @@ What it does, in one run:
 1. raises its own file-descriptor limit to the hard limit (the children inherit it) and installs
    the Debian packages of the peers that are missing (``bench/peers.py``; a peer that cannot be
    installed is skipped and the report says why);
-2. starts the echo backend (``python -m fastgw.echo``), two gateways (``fastgw``: metrics off,
-   no policy; ``fastgw-governed``: a request and a response ``message-rate-limit`` that never
-   trigger, metrics, events to a file and the admin API on) and the peers, each one a
-   foreground process it started itself;
-3. pins every proxy to the first CPU and the backend and the load generator to the second;
+2. starts the echo backend (``python -m fastgw.echo``), three gateways (``fastgw``: metrics off,
+   no policy; ``fastgw-2w``: the same with ``workers: 2``, ready once both workers printed
+   their "listening on" line; ``fastgw-governed``: a request and a response
+   ``message-rate-limit`` that never trigger, metrics, events to a file and the admin API on)
+   and the peers, each one a foreground process it started itself;
+3. pins every proxy (every process of it) to the first CPU and the backend and the load
+   generator to the second;
 4. for each round, for each scenario, for each target runs ``bench/loadgen.py`` and reads the
-   CPU time of the proxy under test and of the backend from ``/proc/PID/stat`` before and
-   after, and the busy time of each CPU from ``/proc/stat`` (which core was the bottleneck);
+   CPU time of each process of the proxy under test (a supervisor and each of its workers
+   separately) and of the backend from ``/proc/PID/stat`` before and after, and the busy time
+   of each CPU from ``/proc/stat`` (which core was the bottleneck); the ``lim-*`` scenarios
+   (client- against connection-scoped message limits) run on ``fastgw`` and ``fastgw-2w`` only;
 5. then, once per proxy, holds ``--idle-connections`` idle connections through it and reads
    its proportional set size (``/proc/PID/smaps_rollup``) before and while they are held;
 6. writes the report (``bench/report.py``): Markdown, the raw figures as JSON, PNG plots.
@@ -55,6 +59,8 @@ import peers  # noqa: E402  (bench/peers.py)
 import report  # noqa: E402  (bench/report.py)
 
 LISTEN_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^:\s]+):(\d+)")
+# a supervisor's line once every worker is ready: "fastgw: 2 workers (pids 123, 124)..."
+WORKERS_RE = re.compile(r"fastgw: (\d+) workers \(pids ([\d, ]+)\)")
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "tp-64B": {"mode": "throughput", "size": 64},
@@ -154,6 +160,7 @@ class Started:
         self.log_path = logdir / f"{name}.log"
         self.lines: list[str] = []
         self.port_q: queue.Queue[int] = queue.Queue()
+        self.workers_q: queue.Queue[list[int]] = queue.Queue()
         full_env = dict(os.environ)
         if any((SRC / "fastgw").glob("_core*.so")):
             # A checkout with the core built in place (pip install -e): run its sources.
@@ -168,6 +175,7 @@ class Started:
                                  text=True, errors="replace")
         self.pid = self.proc.pid
         self.descendants: dict[int, int] = {}   # pid -> start time (clock ticks after boot)
+        self.worker_pids: list[int] = []          # by worker index, as the supervisor said
         self._threads = [
             threading.Thread(target=self._drain, args=(self.proc.stdout, "stdout",
                                                        listen_stream == "stdout"), daemon=True),
@@ -190,6 +198,9 @@ class Started:
                 m = LISTEN_RE.search(line)
                 if m:
                     self.port_q.put(int(m.group(2)))
+                m = WORKERS_RE.search(line)
+                if m:
+                    self.workers_q.put([int(x) for x in m.group(2).replace(",", " ").split()])
 
     def wait_port(self, timeout: float, lines: int = 1) -> int:
         """The port of the first 'listening on' line, once `lines` of them were printed (a
@@ -208,6 +219,21 @@ class Started:
                         f"{self.name} exited with status {self.proc.returncode}: {self.tail()}")
         raise RuntimeError(f"{self.name} printed {len(ports)} of {lines} 'listening on' line(s) "
                            f"within {timeout} s: {self.tail()}")
+
+    def wait_workers(self, n: int, timeout: float) -> list[int]:
+        """The pids of the `n` workers, by index, from the supervisor's "N workers (pids ...)"
+        line (printed after its "listening on" lines, once every worker is ready), each one
+        checked to be a live child of the supervisor."""
+        try:
+            pids = self.workers_q.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"{self.name} printed no 'fastgw: {n} workers (pids ...)' line "
+                               f"within {timeout} s: {self.tail()}") from None
+        kids = set(children_of(self.pid))
+        if len(pids) != n or not kids.issuperset(pids):
+            raise RuntimeError(f"{self.name}: workers {pids}, expected {n} children of pid "
+                               f"{self.pid} (its children: {sorted(kids)})")
+        return pids
 
     def wait_children(self, n: int, timeout: float) -> list[int]:
         """The pids of the process's `n` direct children (its workers), once all are there."""
@@ -370,13 +396,15 @@ def tree_times(pid: int) -> dict[int, dict[str, Any]]:
 
 
 def cpu_breakdown(root: int, before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]],
-                  wall: float, units: int) -> dict[str, Any]:
+                  wall: float, units: int, indexes: list[int] | None = None) -> dict[str, Any]:
     """The CPU a process tree used between two tree_times snapshots, per process.
 
-    The root is the supervisor, its direct children are the workers (numbered by start time:
-    w0, w1, ...), deeper descendants are "other". A process that started during the window
-    counts from 0; one that ended during it is listed in "exited" (its last CPU is lost: /proc
-    keeps nothing of a reaped process)."""
+    The root is the supervisor, its direct children are the workers, deeper descendants are
+    "other". A worker whose pid is `indexes[i]` is named wi; without `indexes`, workers are
+    numbered by start time (w0, w1, ...), and a worker not in `indexes` (one started since:
+    a restart) is named "w?PID". A process that started during the window counts from 0; one
+    that ended during it is listed in "exited" (its last CPU is lost: /proc keeps nothing of a
+    reaped process)."""
     procs = []
     for pid, t in after.items():
         b = before.get(pid)
@@ -389,11 +417,13 @@ def cpu_breakdown(root: int, before: dict[int, dict[str, Any]], after: dict[int,
                               r["pid"]))
     index = 0
     for r in procs:
-        if r["role"] == "worker":
+        if r["role"] != "worker":
+            r["name"] = r["role"]
+        elif indexes:
+            r["name"] = f"w{indexes.index(r['pid'])}" if r["pid"] in indexes else f"w?{r['pid']}"
+        else:
             r["name"] = f"w{index}"
             index += 1
-        else:
-            r["name"] = r["role"]
         r["pct_of_wall"] = r["cpu_s"] / wall * 100 if wall else None
         r["us_per_unit"] = r["cpu_s"] / units * 1e6 if units else None
         del r["start"]
@@ -556,7 +586,7 @@ def measure(target: str, sname: str, url: str, proxy: Started | None, backend: S
     proxy_s = 0.0
     if proxy:
         # every process of the proxy (a supervisor and its workers), each one separately
-        brk = cpu_breakdown(proxy.pid, t0, t1, wall, n)
+        brk = cpu_breakdown(proxy.pid, t0, t1, wall, n, proxy.worker_pids)
         proxy_s = brk["total_s"]
         cpu["proxy_s"] = proxy_s
         cpu["proxy_us_per_unit"] = proxy_s / n * 1e6 if n else None
@@ -770,11 +800,12 @@ def start_targets(args: argparse.Namespace, backend_port: int, cpu: int | None, 
                 proc = Started(target, cmd, cpu, logdir, "stderr")
                 started.append(proc)
                 n = WORKERS.get(target, 1)
-                port = proc.wait_port(15, lines=n)
+                # a supervisor prints its "listening on" lines once every worker is ready
+                port = proc.wait_port(30 if n > 1 else 15)
                 if n > 1:
-                    pids = proc.wait_children(n, 15)
+                    proc.worker_pids = proc.wait_workers(n, 5)
                     proc.remember_descendants()
-                    meta.setdefault("workers", {})[target] = pids
+                    meta.setdefault("workers", {})[target] = proc.worker_pids
                 urls[target] = f"ws://127.0.0.1:{port}{path}"
                 bases[target] = f"ws://127.0.0.1:{port}"
             else:

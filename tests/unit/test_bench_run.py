@@ -1,8 +1,9 @@
 """bench/run.py's plumbing for a target with worker processes, and bench/report.py's tables.
 
-A stand-in supervisor (a real process that forks two real workers, each printing its own
-"fastgw: listening on" line) checks the readiness wait, the per-process CPU accounting from
-/proc, and that stop() ends workers that outlive a supervisor killed after its SIGTERM grace.
+A stand-in supervisor (a real process that forks two real workers, then prints its
+"fastgw: listening on" line and "fastgw: 2 workers (pids ...)", as fastgw.workers does once
+every worker is ready) checks the readiness wait, the per-process CPU accounting from /proc,
+and that stop() ends workers that outlive a supervisor killed after its SIGTERM grace.
 The report's issue-11 tables are checked on a synthetic result. A few seconds in all.
 """
 
@@ -18,24 +19,28 @@ import pytest
 import report  # noqa: E402  (bench/report.py, on sys.path by conftest)
 import run  # noqa: E402  (bench/run.py)
 
-# argv[1]: seconds the first worker burns CPU; argv[2]: "ignore" makes the supervisor ignore
-# SIGTERM (so stop() must kill it and then its orphaned workers).
+# argv[1]: seconds of CPU the first worker forked burns; argv[2]: "ignore" makes the supervisor
+# ignore SIGTERM (so stop() must kill it and then its orphaned workers).
 SUPERVISOR = r"""
 import os, signal, sys, time
 burn, mode = float(sys.argv[1]), sys.argv[2]
 if mode == "ignore":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pids = []
 for i in range(2):
-    if os.fork() == 0:
+    pid = os.fork()
+    if pid == 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a worker that outlives its supervisor
-        print(f"fastgw: listening on ws://127.0.0.1:45{i}01", file=sys.stderr, flush=True)
         while i == 0 and time.process_time() < burn:   # CPU time, however busy the machine
             pass
-        print(f"w{i} burnt", file=sys.stderr, flush=True)
+        print(f"forked {i} done", file=sys.stderr, flush=True)
         time.sleep(60)
         os._exit(0)
-    time.sleep(0.3)
-print("fastgw: supervisor up", file=sys.stderr, flush=True)
+    pids.append(pid)
+    time.sleep(0.2)
+pids.reverse()          # index order is not start order: the names must follow the indexes
+print("fastgw: listening on ws://127.0.0.1:45001", file=sys.stderr, flush=True)
+print(f"fastgw: 2 workers (pids {', '.join(map(str, pids))})", file=sys.stderr, flush=True)
 time.sleep(60)
 """
 
@@ -53,21 +58,25 @@ def test_waits_for_every_worker_and_accounts_each_process(tmp_path):
     sup = _start(tmp_path, 0.6, "term")
     try:
         t0 = run.tree_times(sup.pid)
-        assert sup.wait_port(10, lines=2) == 45001         # the first line's port, after both
-        workers = sup.wait_children(2, 10)
-        assert len(workers) == 2 and all(run.proc_times(p)["ppid"] == sup.pid for p in workers)
+        assert sup.wait_port(10) == 45001
+        workers = sup.wait_workers(2, 5)                    # by index: w0 started last
+        assert workers == list(reversed(sup.wait_children(2, 1)))
         sup.remember_descendants()
-        deadline = time.monotonic() + 20                    # w0 burns 0.6 s of CPU, w1 none
-        while not any("w0 burnt" in line for line in sup.lines):
+        deadline = time.monotonic() + 20                    # the first forked burns 0.6 s of CPU
+        while not any("forked 0 done" in line for line in sup.lines):
             assert time.monotonic() < deadline, sup.tail()
             time.sleep(0.02)
         t1 = run.tree_times(sup.pid)
-        brk = run.cpu_breakdown(sup.pid, t0, t1, wall=1.5, units=1000)
+        brk = run.cpu_breakdown(sup.pid, t0, t1, wall=1.5, units=1000, indexes=workers)
         names = {r["name"]: r for r in brk["processes"]}
         assert set(names) == {"supervisor", "w0", "w1"}
-        assert names["w0"]["pid"] == workers[0]             # numbered by start time
-        assert names["w0"]["cpu_s"] >= 0.5 and names["w1"]["cpu_s"] < 0.2
-        assert brk["busiest_worker"] == "w0"
+        assert names["w0"]["pid"] == workers[0]
+        # worker index 0 is the second process forked: the one that did not burn
+        assert names["w1"]["cpu_s"] >= 0.5 and names["w0"]["cpu_s"] < 0.2
+        assert brk["busiest_worker"] == "w1"
+        by_start = run.cpu_breakdown(sup.pid, t0, t1, wall=1.5, units=1000)   # no indexes:
+        assert [r["pid"] for r in by_start["processes"] if r["name"] in ("w0", "w1")] == [
+            workers[1], workers[0]]                                           # start order
         assert brk["total_s"] == pytest.approx(sum(r["cpu_s"] for r in brk["processes"]))
         assert brk["run_total_s"] >= 0.5                    # the schedstat cross-check agrees
         assert names["w0"]["us_per_unit"] == pytest.approx(names["w0"]["cpu_s"] / 1000 * 1e6)
@@ -81,8 +90,8 @@ def test_waits_for_every_worker_and_accounts_each_process(tmp_path):
 def test_stop_kills_a_stuck_supervisor_and_its_orphans(tmp_path):
     sup = _start(tmp_path, 0, "ignore")
     try:
-        sup.wait_port(10, lines=2)
-        workers = sup.wait_children(2, 10)
+        sup.wait_port(10)
+        workers = sup.wait_workers(2, 5)
     finally:
         t = time.monotonic()
         sup.stop(grace=1.0)                                 # SIGTERM ignored: 1 s, then kill
@@ -101,6 +110,8 @@ def test_readiness_fails_when_too_few_workers_listen(tmp_path):
             sup.wait_port(1.0, lines=2)
         with pytest.raises(RuntimeError, match="0 of 2 worker processes"):
             sup.wait_children(2, 0.3)
+        with pytest.raises(RuntimeError, match="no 'fastgw: 2 workers"):
+            sup.wait_workers(2, 0.3)
     finally:
         sup.stop()
 
