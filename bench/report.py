@@ -92,6 +92,7 @@ def _workers(brks: list[dict[str, Any]], cpu: list[dict[str, Any]]) -> dict[str,
         rows = [next((r for r in b["processes"] if r["name"] == name), None) for b in brks]
         f[f"{name} µs/unit"] = _med([r["us_per_unit"] if r else None for r in rows])
         f[f"{name} % of a core"] = _med([r["pct_of_wall"] if r else None for r in rows])
+        f[f"{name} connections"] = _med([r.get("connections") if r else None for r in rows])
     f["process names"] = names
     f["busiest worker % of a core"] = _med([b.get("busiest_worker_pct") for b in brks])
     f["bottleneck detail"] = _mode([c.get("bottleneck_detail") for c in cpu])
@@ -299,17 +300,21 @@ def workers_table(summary: dict[str, dict[str, dict[str, Any]]], targets: list[s
     names: list[str] = []
     for _, _, f in rows:
         names += [n for n in f["process names"] if n not in names]
+    ws = [n for n in names if n.startswith("w")]
     head = (["scenario", "target", "total µs/unit"] + [f"{n} µs/unit" for n in names] +
-            [f"{n} % of a core" for n in names if n.startswith("w")] +
+            [f"{n} % of a core" for n in ws] + [f"{n} conn" for n in ws] +
             ["client core busy %", "bottleneck"])
     out = ["### Workers: CPU of each process (utime + stime, /proc/PID/stat)", "",
            "Every process of the target is pinned to the proxy's core. A unit is an echoed "
-           "message (an upgrade for connrate); the total is the supervisor plus every worker.",
+           "message (an upgrade for connrate); the total is the supervisor plus every worker; "
+           "conn: the client connections each worker held halfway through the run (the "
+           "kernel's reuseport hash spreads them).",
            "", "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
     for s, t, f in rows:
         total = f.get("proxy CPU µs/msg", f.get("proxy CPU µs/upgrade"))
         cells = ([s, t, fmt(total)] + [fmt(f.get(f"{n} µs/unit")) for n in names] +
-                 [fmt(f.get(f"{n} % of a core")) for n in names if n.startswith("w")] +
+                 [fmt(f.get(f"{n} % of a core")) for n in ws] +
+                 [fmt(f.get(f"{n} connections")) for n in ws] +
                  [fmt(f.get("client core busy %")),
                   f.get("bottleneck detail") or f.get("bottleneck") or "–"])
         out.append("| " + " | ".join(cells) + " |")

@@ -441,6 +441,39 @@ def cpu_breakdown(root: int, before: dict[int, dict[str, Any]], after: dict[int,
     }
 
 
+def connections_by_pid(pids: list[int], port: int) -> dict[int, int]:
+    """Established TCP connections whose local port is `port` (a proxy's client side) held by
+    each of `pids`: the sockets of /proc/net/tcp{,6} matched by inode with /proc/PID/fd."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    # local_address is HEXIP:HEXPORT; st 01 is ESTABLISHED; field 9 the inode
+                    if (len(fields) > 9 and fields[3] == "01"
+                            and int(fields[1].rsplit(":", 1)[1], 16) == port):
+                        inodes.add(fields[9])
+        except OSError:
+            pass
+    out = {}
+    for pid in pids:
+        n = 0
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    n += 1
+        except OSError:
+            pass
+        out[pid] = n
+    return out
+
+
 def tree_pss_bytes(pid: int) -> int:
     """Proportional set size of pid and its descendants, from /proc/PID/smaps_rollup."""
     total = 0
@@ -572,9 +605,22 @@ def measure(target: str, sname: str, url: str, proxy: Started | None, backend: S
     b0 = tree_cpu_seconds(backend.pid)
     t0 = tree_times(proxy.pid) if proxy else {}
     l0 = children_cpu_seconds()
+    spread: dict[int, int] = {}
+    sampler = None
+    if proxy is not None and proxy.worker_pids and sc["mode"] in ("throughput", "latency"):
+        # halfway through the measured window: how the kernel spread the connections
+        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        sampler = threading.Timer(args.warmup + args.duration / 2, lambda: spread.update(
+            connections_by_pid(proxy.worker_pids, port)))
+        sampler.daemon = True
     s0, w0 = cpu_idle_irq_seconds(), time.monotonic()
+    if sampler is not None:
+        sampler.start()
     res = run_loadgen(url, sc, args, load_cpu, running)
     s1, w1 = cpu_idle_irq_seconds(), time.monotonic()
+    if sampler is not None:
+        sampler.cancel()
+        sampler.join(1)
     l1 = children_cpu_seconds()
     b1 = tree_cpu_seconds(backend.pid)
     t1 = tree_times(proxy.pid) if proxy else {}
@@ -596,6 +642,10 @@ def measure(target: str, sname: str, url: str, proxy: Started | None, backend: S
             cpu["proxy_us_per_mb"] = proxy_s / mb * 1e6 if mb else None
         if target in WORKERS:
             cpu["breakdown"] = brk
+            if spread:
+                for r in brk["processes"]:
+                    if r["pid"] in spread:
+                        r["connections"] = spread[r["pid"]]
     # Busy time of each pinned CPU (wall - idle) and the part of it that is none of ours.
     if proxy_cpu is not None and load_cpu is not None and s0 and s1:
         ours = {proxy_cpu: proxy_s, load_cpu: (b1 - b0) + (l1 - l0)}
@@ -619,8 +669,9 @@ def bottleneck_detail(core: str, brk: dict[str, Any]) -> str:
     Every worker of the target is pinned to the proxy's core, so the core can be full while no
     single worker is; a worker at >= 90 % would be the bottleneck on a core of its own."""
     workers = [r for r in brk["processes"] if r["role"] == "worker"]
-    shares = ", ".join(f"{r['name']} {r['pct_of_wall']:.0f}%" for r in workers
-                       if r["pct_of_wall"] is not None)
+    shares = ", ".join(f"{r['name']} {r['pct_of_wall']:.0f}%" +
+                       (f" ({r['connections']} conn)" if "connections" in r else "")
+                       for r in workers if r["pct_of_wall"] is not None)
     sat = [r["name"] for r in workers if (r["pct_of_wall"] or 0.0) >= 90.0]
     if core in ("client", "neither", "?") and sat:
         core = "worker " + ",".join(sat)

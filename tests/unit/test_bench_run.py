@@ -10,6 +10,7 @@ The report's issue-11 tables are checked on a synthetic result. A few seconds in
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,25 @@ def test_readiness_fails_when_too_few_workers_listen(tmp_path):
         sup.stop()
 
 
+def test_connections_by_pid_counts_the_accepted_side_of_one_port():
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_server(
+            ("127.0.0.1", 0)) as other:
+        port = srv.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        clients.append(socket.create_connection(other.getsockname()))
+        accepted = [srv.accept()[0] for _ in range(3)] + [other.accept()[0]]
+        try:
+            # the accepted sockets of `port` only: not the clients' ends, not the other port
+            assert run.connections_by_pid([os.getpid(), 1 << 22], port) == {
+                os.getpid(): 3, 1 << 22: 0}
+            accepted[0].close()
+            clients[0].close()
+            assert run.connections_by_pid([os.getpid()], port) == {os.getpid(): 2}
+        finally:
+            for c in clients + accepted:
+                c.close()
+
+
 def test_cpu_breakdown_counts_a_replaced_worker_from_zero():
     before = {10: {"ppid": 1, "start": 5, "cpu": 1.0, "run": 1.0},
               11: {"ppid": 10, "start": 6, "cpu": 2.0, "run": 2.0},
@@ -149,7 +169,8 @@ def _run(scenario: str, target: str, rnd: int, us: float, workers: tuple[float, 
         procs = [{"pid": 1, "role": "supervisor", "name": "supervisor", "cpu_s": 0.0,
                   "run_s": 0.0, "pct_of_wall": 0.5, "us_per_unit": 0.01}]
         procs += [{"pid": 2 + i, "role": "worker", "name": f"w{i}", "cpu_s": 0.1, "run_s": 0.1,
-                   "pct_of_wall": 30.0 + i, "us_per_unit": w} for i, w in enumerate(workers)]
+                   "pct_of_wall": 30.0 + i, "us_per_unit": w, "connections": 5 - 2 * i}
+                  for i, w in enumerate(workers)]
         cpu["breakdown"] = {"processes": procs, "busiest_worker_pct": 31.0, "exited": []}
         cpu["bottleneck_detail"] = "client (w0 30%, w1 31% of a core)"
     return {"scenario": scenario, "target": target, "round": rnd, "cpu": cpu,
@@ -172,7 +193,8 @@ def test_report_judges_the_issue_11_goals_per_round_and_over_rounds():
     assert f["w0 µs/unit"] == pytest.approx(0.26) and f["w1 % of a core"] == pytest.approx(31.0)
     text = report.markdown(result)
     assert "### Workers: CPU of each process" in text
-    assert "| tp-64B | fastgw-2w | 0.53 | 0.01 | 0.26 | 0.25 | 30.0 | 31.0 | 99.0 | client" in text
+    assert ("| tp-64B | fastgw-2w | 0.53 | 0.01 | 0.26 | 0.25 | 30.0 | 31.0 | 5.00 | 3.00 | "
+            "99.0 | client") in text
     goal = next(line for line in text.splitlines() if line.startswith("| tp-64B: 2 workers"))
     assert "| 1.060 | 1.040, 1.060, 1.080 | 1.060 | <= 1.05 | no |" in goal
     lim = next(line for line in text.splitlines() if line.startswith("| 64 B, 2 workers"))
