@@ -950,6 +950,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"{cpu.get(f'busy_cpu{load_cpu}_pct', 0):.0f}%]"
                           + (f" [{cpu['bottleneck_detail']}]" if "bottleneck_detail" in cpu
                              else ""), file=sys.stderr)
+                    gone = (cpu.get("breakdown") or {}).get("exited")
+                    if gone:
+                        print(f"bench: {target}: process(es) {gone} ended during the run (a "
+                              "worker restarted?): their last CPU time is not counted",
+                              file=sys.stderr)
                     for p in (backend, *procs.values()):
                         if p.proc.poll() is not None:
                             raise RuntimeError(f"{p.name} died: {p.tail()}")
