@@ -2,7 +2,6 @@
 noise does not move, for comparing gateway configurations (bare, policies, observed).
 
     python bench/instructions.py [--size 64] [--duration 4]
-    python bench/instructions.py --variants scope-connection,scope-client   # shared limits' cost
 
 For each configuration it starts `fastgw run` under callgrind (in front of the bundled echo
 backend), warms up, zeroes the counters (`callgrind_control -z`), runs the load generator
@@ -47,21 +46,10 @@ POLICIES = """\
         response:
           - {policy: message-rate-limit, messages: 100000000/1s, action: delay}
 """
-# A request and a response message-rate-limit that never trigger, in the connection (private
-# state) or shared by all of the client's connections (the shared limit region, atomics): the
-# cost of the shared budget, as bench/run.py's lim-conn-64B and lim-client-64B measure it.
-SCOPED = """\
-        request:
-          - {{policy: message-rate-limit, messages: 100000000/1s, scope: {scope}, action: reject}}
-        response:
-          - {{policy: message-rate-limit, messages: 100000000/1s, scope: {scope}, action: reject}}
-"""
 VARIANTS = {
     "bare": ("metrics: false\n", ""),
     "policies": ("metrics: false\n", POLICIES),
     "observed": ("events: {{target: {events}}}\nadmin: {{port: 0}}\n", ""),
-    "scope-connection": ("metrics: false\n", SCOPED.format(scope="connection")),
-    "scope-client": ("metrics: false\n", SCOPED.format(scope="client")),
 }
 
 

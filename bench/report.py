@@ -76,6 +76,7 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             f["client core busy %"] = _med([c.get(f"busy_cpu{lc}_pct") for c in cpu])
             f["bottleneck"] = _mode([c.get("bottleneck") for c in cpu])
             f["proxy run µs/unit"] = _med([c.get("proxy_run_us_per_unit") for c in cpu])
+            f["proxy core other load %"] = _med([c.get(f"other_load_cpu{pc}_pct") for c in cpu])
         brks = [c["breakdown"] for c in cpu if c.get("breakdown")]
         if brks:
             f.update(_workers(brks, cpu))
@@ -95,8 +96,18 @@ def _workers(brks: list[dict[str, Any]], cpu: list[dict[str, Any]]) -> dict[str,
         f[f"{name} connections"] = _med([r.get("connections") if r else None for r in rows])
     f["process names"] = names
     f["busiest worker % of a core"] = _med([b.get("busiest_worker_pct") for b in brks])
-    f["bottleneck detail"] = _mode([c.get("bottleneck_detail") for c in cpu])
     f["exited during runs"] = sum(len(b.get("exited") or ()) for b in brks)
+    # which core ran out (the most frequent verdict of the rounds), and a worker that used
+    # >= 90 % of a core (median over the rounds) would be the bottleneck on a core of its own
+    core = _mode([c.get("bottleneck") for c in cpu]) or "?"
+    sat = [n for n in names if n.startswith("w") and (f.get(f"{n} % of a core") or 0) >= 90]
+    if sat and core in ("client", "neither", "?"):
+        core = "worker " + ",".join(sat)
+    elif sat and core == "both":
+        core = "client and worker " + ",".join(sat)
+    elif core == "proxy":
+        core = "worker " + ",".join(sat) if sat else "the workers' shared core"
+    f["bottleneck detail"] = core
     return f
 
 
@@ -303,19 +314,21 @@ def workers_table(summary: dict[str, dict[str, dict[str, Any]]], targets: list[s
     ws = [n for n in names if n.startswith("w")]
     head = (["scenario", "target", "total µs/unit"] + [f"{n} µs/unit" for n in names] +
             [f"{n} % of a core" for n in ws] + [f"{n} conn" for n in ws] +
-            ["client core busy %", "bottleneck"])
+            ["proxy core busy %", "of it not ours %", "client core busy %", "bottleneck"])
     out = ["### Workers: CPU of each process (utime + stime, /proc/PID/stat)", "",
            "Every process of the target is pinned to the proxy's core. A unit is an echoed "
            "message (an upgrade for connrate); the total is the supervisor plus every worker; "
            "conn: the client connections each worker held halfway through the run (the "
-           "kernel's reuseport hash spreads them).",
+           "kernel's reuseport hash spreads them); not ours: the proxy core's busy time that "
+           "is neither the target's CPU nor interrupts (other processes of the machine).",
            "", "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
     for s, t, f in rows:
         total = f.get("proxy CPU µs/msg", f.get("proxy CPU µs/upgrade"))
         cells = ([s, t, fmt(total)] + [fmt(f.get(f"{n} µs/unit")) for n in names] +
                  [fmt(f.get(f"{n} % of a core")) for n in ws] +
                  [fmt(f.get(f"{n} connections")) for n in ws] +
-                 [fmt(f.get("client core busy %")),
+                 [fmt(f.get("proxy core busy %")), fmt(f.get("proxy core other load %")),
+                  fmt(f.get("client core busy %")),
                   f.get("bottleneck detail") or f.get("bottleneck") or "–"])
         out.append("| " + " | ".join(cells) + " |")
     return out + [""]

@@ -164,6 +164,7 @@ def test_bottleneck_detail_names_the_core_or_the_worker(core, pcts, expected):
 
 def _run(scenario: str, target: str, rnd: int, us: float, workers: tuple[float, ...] = ()):
     cpu = {"proxy_us_per_unit": us, "proxy_run_us_per_unit": us, "busy_cpu0_pct": 50.0,
+           "other_load_cpu0_pct": 4.0,
            "busy_cpu1_pct": 99.0, "bottleneck": "client"}
     if workers:
         procs = [{"pid": 1, "role": "supervisor", "name": "supervisor", "cpu_s": 0.0,
@@ -194,7 +195,7 @@ def test_report_judges_the_issue_11_goals_per_round_and_over_rounds():
     text = report.markdown(result)
     assert "### Workers: CPU of each process" in text
     assert ("| tp-64B | fastgw-2w | 0.53 | 0.01 | 0.26 | 0.25 | 30.0 | 31.0 | 5.00 | 3.00 | "
-            "99.0 | client") in text
+            "50.0 | 4.00 | 99.0 | client |") in text
     goal = next(line for line in text.splitlines() if line.startswith("| tp-64B: 2 workers"))
     assert "| 1.060 | 1.040, 1.060, 1.080 | 1.060 | <= 1.05 | no |" in goal
     lim = next(line for line in text.splitlines() if line.startswith("| 64 B, 2 workers"))
