@@ -46,9 +46,19 @@ POLICIES = """\
         response:
           - {policy: message-rate-limit, messages: 100000000/1s, action: delay}
 """
+# One request limit with scope client: its buckets are in the shared limit zone
+# (LimitStore.take on every message); "private" is the same limit kept in the
+# connection (scope connection), to compare with.
+SHARED = """\
+        request:
+          - {policy: message-rate-limit, messages: 100000000/1s, bytes: 100GiB/1s, scope: client}
+"""
+PRIVATE = SHARED.replace(", scope: client", "")
 VARIANTS = {
     "bare": ("metrics: false\n", ""),
     "policies": ("metrics: false\n", POLICIES),
+    "shared": ("metrics: false\n", SHARED),
+    "private": ("metrics: false\n", PRIVATE),
     "observed": ("events: {{target: {events}}}\nadmin: {{port: 0}}\n", ""),
 }
 

@@ -59,11 +59,22 @@ class LimitStore:
         """A Lease, or the index of the first key at its limit, or -1 (no room)."""
 
 class LimitZone(LimitStore):
-    """The shared-memory LimitStore of one process (and its forks)."""
+    """The shared-memory LimitStore of a process and its forked workers,
+    exact across them (atomics; process slots and shares, see limits_decl.pxi)."""
 
-    def __init__(self, max_keys: int) -> None: ...
+    def __init__(self, max_keys: int, workers: int = 1) -> None: ...
+    workers: int
+    worker: int
+    def set_worker(self, slot: int) -> None:
+        """In a worker after fork: its process slot (records os.getpid())."""
+    def beat(self, now: float) -> None: ...
+    def worker_info(self, slot: int) -> dict[str, Any]:
+        """{"pid": int, "beat": float, "held": int}."""
+    def reconcile(self, slot: int) -> int:
+        """Supervisor, after the slot's process is dead: give back what it held."""
     def count(self, key: int) -> int: ...
-    def bucket(self, key: int) -> tuple[float, float, float] | None: ...
+    def share(self, key: int, slot: int) -> int: ...
+    def bucket(self, key: int) -> float | None: ...
     def buckets_used(self, now: float) -> int: ...
     def counts_used(self) -> int: ...
     def home_slot(self, key: int) -> int: ...
@@ -75,6 +86,10 @@ class LimitZone(LimitStore):
     bucket_reuses: int
     count_reuses: int
     lease_leaks: int
+    lock_steals: int
+    lock_timeouts: int
+    unquiet: int
+    pending_ops: int
 
 class HdrArray:
     """The counts of an HdrHistogram, recorded from C (hdr.pxi)."""

@@ -136,8 +136,9 @@ def cmd_run(args) -> int:
     except ConfigError as exc:
         print(f"fastgw: {exc}", file=sys.stderr)
         return 2
-    run = loop_runner(args.loop)
-    if run is None:
+    workers = len(os.sched_getaffinity(0)) if config.workers == "auto" else int(config.workers)
+    run = loop_runner(args.loop) if workers == 1 else None
+    if workers == 1 and run is None:
         return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="fastgw: %(levelname)s %(name)s: %(message)s")
@@ -147,6 +148,9 @@ def cmd_run(args) -> int:
     # A thread (the event writer) gives the GIL back to the relay's loop within
     # 0.5 ms instead of the default 5 ms.
     sys.setswitchinterval(0.0005)
+    if workers > 1:
+        from fastgw.workers import supervise
+        return supervise(config, args.config, drain, args.loop)
     try:
         return run(_serve(config, drain, args.config))
     except KeyboardInterrupt:       # a second Ctrl-C during the drain

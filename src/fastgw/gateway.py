@@ -62,6 +62,14 @@ def _unreloadable(old, new) -> str | None:
             + "; ".join(changed))
 
 
+def listeners_changed(old, new) -> str | None:
+    """With workers > 1 the supervisor holds the listening sockets: a reload cannot change
+    which addresses are listened on (a listener's TLS files and the backlog may change)."""
+    if [(lc.host, lc.port) for lc in old.listeners] == [(lc.host, lc.port) for lc in new.listeners]:
+        return None
+    return "listeners cannot change on reload with workers > 1: restart fastgw"
+
+
 class Gateway:
     """Listeners and live connections of one process."""
 
@@ -69,7 +77,13 @@ class Gateway:
     TABLE_FULL_LOG_INTERVAL = 10.0
     TABLE_FULL_CHECK = 1.0
 
-    def __init__(self, config, config_path: str | None = None, clock: Clock | None = None):
+    def __init__(self, config, config_path: str | None = None, clock: Clock | None = None, *,
+                 zone: LimitZone | None = None, sockets: list[list[socket.socket]] | None = None,
+                 id_base: int = 0):
+        """`zone`, `sockets` and `id_base` are for a worker process (fastgw.workers): the
+        region shared with the other workers, the listening sockets the supervisor made (one
+        list per configured listener: start() binds nothing, a reload cannot change the
+        listeners) and the base of its connection ids (id_base + 1, id_base + 2, ...)."""
         self.config = config
         self.config_path = config_path
         # The one source of time: timers and time reads here, in the handshakes, in
@@ -84,7 +98,7 @@ class Gateway:
             self.metrics.api(api.name)
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
-        self.zone = LimitZone(2 * config.limits.max_keys)
+        self.zone = zone if zone is not None else LimitZone(2 * config.limits.max_keys)
         self.metrics.message_table_full = lambda: self.zone.message_overflows
         self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
         self._table_timer = None
@@ -97,6 +111,9 @@ class Gateway:
         self.draining = False
         self.on_exit = None                    # called once a drain asked to exit is over (the CLI)
         self._ids = 0
+        self.id_base = id_base
+        self._given_sockets = sockets          # the supervisor's (workers > 1), else None
+        self._retired = False                  # retire(): accepting stopped for good
         self._idle = None
         self._drain_task = None
         self._exit_asked = False
@@ -121,7 +138,7 @@ class Gateway:
 
     def next_id(self) -> int:
         self._ids += 1
-        return self._ids
+        return self.id_base + self._ids
 
     @property
     def accepted(self) -> int:
@@ -161,8 +178,11 @@ class Gateway:
         try:
             for i, lc in enumerate(self.config.listeners):
                 ctx = listener_context(i, lc)
-                listeners.append(Listener(lc.host, lc.port,
-                                          await bind(self.loop, i, lc, self.config.backlog), ctx))
+                if self._given_sockets is not None:
+                    socks = self._given_sockets[i]
+                else:
+                    socks = await bind(self.loop, i, lc, self.config.backlog)
+                listeners.append(Listener(lc.host, lc.port, socks, ctx))
         except BaseException:
             for listener in listeners:
                 listener.close()
@@ -218,7 +238,7 @@ class Gateway:
         that to go back to it), since one wake-up of a uvloop server accepts every client
         queued (up to the backlog), and only with a cap the descriptors can hold.
         "own": by the gateway's readers, one accept() at a time against the cap."""
-        if not self._open or self._backing_off:
+        if not self._open or self._backing_off or self._retired:
             return "off"
         cap = self.max_connections
         if not cap:
@@ -236,7 +256,7 @@ class Gateway:
         if mode == self._mode:
             return
         self._apply_mode(mode)
-        if mode == "off" and self._open and not self._backing_off:
+        if mode == "off" and self._open and not self._backing_off and not self._retired:
             self.log_throttle.warning(
                 "at-cap", "at max-connections %d (%d relayed, %d in handshake): new clients wait "
                 "in the listen backlog until a connection ends", self.max_connections,
@@ -544,6 +564,8 @@ class Gateway:
         except (OSError, ValueError) as exc:
             return f"{self.config_path}: {exc}"
         problem = _unreloadable(self.config, config)
+        if problem is None and self._given_sockets is not None:
+            problem = listeners_changed(self.config, config)
         if problem is not None:
             return f"{self.config_path}: {problem}"
         # Listeners: contexts read and new sockets bound before anything changes.
@@ -621,8 +643,12 @@ class Gateway:
             self.loop.create_task(self.close())
 
     async def _drain(self, grace: float) -> None:
-        log.info("draining: %d connections closed with 1001, %g s to end; new upgrades get 503",
-                 len(self.live), grace)
+        if self._retired:
+            log.info("retiring: %d connections closed with 1001, %g s to end; new clients "
+                     "are accepted by the successor", len(self.live), grace)
+        else:
+            log.info("draining: %d connections closed with 1001, %g s to end; new upgrades "
+                     "get 503", len(self.live), grace)
         for hs in list(self.handshakes):
             if hs.state == "head":
                 hs.refuse(Refusal(503, "gateway is shutting down"))
@@ -668,6 +694,24 @@ class Gateway:
                 for leg in (relay.client, relay.backend):
                     if leg.connected:
                         leg.abort_transport()
+
+    async def retire(self, grace: float) -> None:
+        """Leave the listeners to a successor (a rolling restart, fastgw.workers): stop
+        accepting at once and close this process's descriptors of the listening sockets,
+        whose queue the successor (holding the same sockets) goes on accepting from; nobody
+        is answered 503. Handshakes under way finish; then every live connection gets 1001
+        "gateway shutting down" and those left after `grace` are cut. Returns once that is
+        over and the gateway is closed."""
+        if self.loop is None or self._retired:
+            return
+        self._retired = True
+        self._update_accepting()
+        for listener in self.listeners:
+            listener.close()         # this process's descriptors: the queue stays open
+        start = self.clock.now()
+        while (self.handshakes.counted or self._connecting) and self.clock.now() - start < grace:
+            await self._within(self.loop.create_future(), 0.01)     # 10 ms on the clock
+        await self.shutdown(max(0.0, grace - (self.clock.now() - start)))
 
     def status(self) -> dict:
         return {

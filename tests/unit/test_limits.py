@@ -81,23 +81,39 @@ def test_region_layout():
     z = LimitZone(100)
     lay = z.layout()
     assert z.capacity == 128                    # rounded up to a power of two
+    assert z.workers == lay["workers"] == 1
     assert lay["magic"] == int.from_bytes(b"FGWLIMIT", "little")
-    assert lay["version"] == 2
-    assert lay["header_size"] == lay["bucket_off"] == 128
-    assert lay["bucket_slot_size"] == 32 and lay["count_slot_size"] == 16
+    assert lay["version"] == 3
+    assert lay["header_size"] == lay["worker_off"] == 192
+    assert lay["worker_slot_size"] == 64
+    assert lay["bucket_off"] == 192 + 64
+    assert lay["bucket_slot_size"] == 16 and lay["count_slot_size"] == 24   # 16 + one share
     assert lay["bucket_cap"] == lay["count_cap"] == 128
-    assert lay["count_off"] == 128 + 128 * 32
-    assert lay["region_size"] == 128 + 128 * 32 + 128 * 16
+    assert lay["count_off"] == 256 + 128 * 16
+    assert lay["region_size"] == 256 + 128 * 16 + 128 * 24
     assert lay["probe_limit"] == 32
     assert LimitZone(16).layout()["probe_limit"] == 16
     assert LimitZone(16).capacity == 16
     assert LimitZone(1024).capacity == 1024
+    w8 = LimitZone(16, workers=8).layout()
+    assert w8["workers"] == 8 and w8["count_slot_size"] == 16 + 8 * 4
+    assert w8["bucket_off"] == 192 + 8 * 64
+    w3 = LimitZone(16, workers=3).layout()
+    assert w3["count_slot_size"] == 32                  # 16 + 12, padded to 8
+    for lay in (w8, w3):                                # every atomic word 8-byte aligned
+        assert lay["bucket_off"] % 64 == 0 and lay["count_off"] % 8 == 0
 
 
 @pytest.mark.parametrize("bad", [0, 15, -1, 1 << 31])
 def test_zone_size_bounds(bad):
     with pytest.raises(ValueError):
         LimitZone(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 4097])
+def test_zone_workers_bounds(bad):
+    with pytest.raises(ValueError):
+        LimitZone(16, workers=bad)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -138,15 +154,15 @@ def test_distinct_keys_do_not_interfere_and_one_key_is_shared():
     assert z.take_py(shared, 1.0, 3.0, 0.0) == 0.0   # connection B
     assert z.take_py(shared, 1.0, 3.0, 0.0) == 0.0   # connection A
     assert z.take_py(shared, 1.0, 3.0, 0.0) > 0.0    # connection B: the client's 3 are gone
-    assert z.bucket(shared)[0] == 0.0
+    assert z.bucket(shared) == 3.0                   # full again at t = 3: no token left
 
 
 def test_key_state_is_kept_and_reset_once_idle():
     z = LimitZone(16)
     z.take_py(5, 2.0, 4.0, 10.0, 3.0)
-    assert z.bucket(5) == (1.0, 10.0, 11.5)      # tokens, stamp, full_at
+    assert z.bucket(5) == 11.5                   # full_at: 1 token left of 4 at t = 10
     assert z.take_py(5, 2.0, 4.0, 10.5, 2.0) == 0.0   # 1 + 1 refilled
-    assert z.bucket(5) == (0.0, 10.5, 12.5)
+    assert z.bucket(5) == 12.5                   # 0 left at t = 10.5
     assert z.buckets_used(12.4) == 1
     assert z.buckets_used(12.5) == 0              # full again: idle
     assert z.bucket(77) is None
@@ -157,10 +173,15 @@ def test_idle_key_starts_over_with_the_parameters_of_the_call():
     z.take_py(5, 1.0, 2.0, 0.0, 2.0)            # burst 2: full again at t = 2
     # Idle at t = 3, now with burst 10 (a reload): a new, full bucket of 10.
     assert z.take_py(5, 1.0, 10.0, 3.0, 10.0) == 0.0
-    assert z.bucket(5) == (0.0, 3.0, 13.0)
-    # Not idle: the state carries on (no reset to the new burst).
-    assert z.take_py(5, 1.0, 20.0, 4.0, 2.0) > 0.0
-    assert z.bucket(5)[0] == 1.0
+    assert z.bucket(5) == 13.0
+    # Not idle: the state carries on (no reset), as a deficit: full again at
+    # t = 13, so 9 tokens short at t = 4; a new burst applies at once (GCRA):
+    # with 20, 11 tokens are there.
+    assert z.take_py(5, 1.0, 20.0, 4.0, 11.0) == 0.0
+    assert z.bucket(5) == 24.0
+    assert z.take_py(5, 1.0, 20.0, 4.0, 1.0) == pytest.approx(1.0)
+    # With a lower burst the deficit is a debt: 20 s short of a burst of 2.
+    assert z.take_py(5, 1.0, 2.0, 4.0, 1.0) == pytest.approx(19.0)
 
 
 def test_key_zero_is_a_key():
@@ -197,7 +218,7 @@ def test_a_new_key_evicts_the_least_recently_used_idle_bucket():
     for k in range(1, 17):
         full_at = 1 + (k * 5) % 16
         assert z.take_py(k, 1.0 / full_at, 1.0, 0.0) == 0.0
-        assert z.bucket(k)[2] == pytest.approx(full_at)
+        assert z.bucket(k) == pytest.approx(full_at)
     order = sorted(range(1, 17), key=lambda k: (k * 5) % 16)   # least recently used first
     # At t = 100 all are idle: each new key evicts the one full again the longest.
     for i, new in enumerate(range(101, 117)):
@@ -273,7 +294,7 @@ def test_probe_bound_and_reuse_inside_a_chain():
     # ...and the keys behind it are still found with their state (not re-inserted full).
     for k in keys[1:32]:
         if k != keys[20]:
-            assert z.bucket(k) == (0.0, 0.0, 100.0)
+            assert z.bucket(k) == 100.0
         assert z.take_py(k, 0.01, 1.0, 0.5) > 0.0
     assert z.take_py(keys[33], 0.01, 1.0, 0.5) > 0.0
     assert z.overflows == 1

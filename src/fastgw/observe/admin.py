@@ -195,6 +195,13 @@ def _backend(request: web.Request) -> AdminBackend:
     return request.app[_BACKEND]  # type: ignore[return-value]
 
 
+async def _value(result):
+    """A backend method's value, awaited if it is an awaitable."""
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
@@ -232,8 +239,8 @@ async def _histogram(request: web.Request) -> web.Response:
 
 
 async def _list_connections(request: web.Request) -> web.Response:
-    rows = _backend(request).connections(_query_value(request, "api"),
-                                         _query_value(request, "client"))
+    rows = await _value(_backend(request).connections(_query_value(request, "api"),
+                                                      _query_value(request, "client")))
     return web.json_response(list(rows))
 
 
@@ -242,7 +249,7 @@ async def _close_connection(request: web.Request) -> web.Response:
     if not _DIGITS.fullmatch(text):
         return _error(400, f"connection id must be a non-negative integer, not {text!r}")
     conn_id = int(text)
-    if not _backend(request).close_connection(conn_id):
+    if not await _value(_backend(request).close_connection(conn_id)):
         return _error(404, f"no connection with id {conn_id}")
     return web.json_response({"closed": 1})
 
@@ -252,7 +259,7 @@ async def _close_client(request: web.Request) -> web.Response:
     if client is None:
         # Never close every connection because a parameter was forgotten.
         return _error(400, "give the client whose connections to close: ?client=KEY")
-    return web.json_response({"closed": _backend(request).close_client(client)})
+    return web.json_response({"closed": await _value(_backend(request).close_client(client))})
 
 
 async def _reload(request: web.Request) -> web.Response:
