@@ -75,8 +75,40 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             f["proxy core busy %"] = _med([c.get(f"busy_cpu{pc}_pct") for c in cpu])
             f["client core busy %"] = _med([c.get(f"busy_cpu{lc}_pct") for c in cpu])
             f["bottleneck"] = _mode([c.get("bottleneck") for c in cpu])
+            f["proxy run µs/unit"] = _med([c.get("proxy_run_us_per_unit") for c in cpu])
+            f["proxy core other load %"] = _med([c.get(f"other_load_cpu{pc}_pct") for c in cpu])
+        brks = [c["breakdown"] for c in cpu if c.get("breakdown")]
+        if brks:
+            f.update(_workers(brks, cpu))
         out.setdefault(scenario, {})[target] = f
     return out
+
+
+def _workers(brks: list[dict[str, Any]], cpu: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of a proxy with workers: each process's CPU per unit and share of a core."""
+    f: dict[str, Any] = {}
+    names = sorted({r["name"] for b in brks for r in b["processes"]},
+                   key=lambda n: (n != "supervisor", n == "other", len(n), n))
+    for name in names:
+        rows = [next((r for r in b["processes"] if r["name"] == name), None) for b in brks]
+        f[f"{name} µs/unit"] = _med([r["us_per_unit"] if r else None for r in rows])
+        f[f"{name} % of a core"] = _med([r["pct_of_wall"] if r else None for r in rows])
+        f[f"{name} connections"] = _med([r.get("connections") if r else None for r in rows])
+    f["process names"] = names
+    f["busiest worker % of a core"] = _med([b.get("busiest_worker_pct") for b in brks])
+    f["exited during runs"] = sum(len(b.get("exited") or ()) for b in brks)
+    # which core ran out (the most frequent verdict of the rounds), and a worker that used
+    # >= 90 % of a core (median over the rounds) would be the bottleneck on a core of its own
+    core = _mode([c.get("bottleneck") for c in cpu]) or "?"
+    sat = [n for n in names if n.startswith("w") and (f.get(f"{n} % of a core") or 0) >= 90]
+    if sat and core in ("client", "neither", "?"):
+        core = "worker " + ",".join(sat)
+    elif sat and core == "both":
+        core = "client and worker " + ",".join(sat)
+    elif core == "proxy":
+        core = "worker " + ",".join(sat) if sat else "the workers' shared core"
+    f["bottleneck detail"] = core
+    return f
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +212,8 @@ def markdown(result: dict[str, Any]) -> str:
                         for b in ratioed.get(c, ())]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += workers_table(summary, targets)
+    lines += goals_workers(result, summary)
     goals_ = goals(summary)
     if goals_:
         lines += [f"### Goals ({SUBJECT}: a request and a response message-rate-limit that never "
@@ -265,6 +299,89 @@ def goals(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]
     add("tp-64B: msg/s vs the plain Python proxy", fig("tp-64B", SUBJECT, "msg/s"), "pyproxy",
         fig("tp-64B", "pyproxy", "msg/s"), 20.0, lower_is_better=False)
     return out
+
+
+def workers_table(summary: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> list[str]:
+    """One row per (scenario, target with workers): the CPU of the supervisor and of each worker
+    per unit (message or upgrade) and as a share of a core, and which core ran out."""
+    rows = [(s, t, f) for s, per in summary.items() for t in targets
+            if (f := per.get(t)) and f.get("process names")]
+    if not rows:
+        return []
+    names: list[str] = []
+    for _, _, f in rows:
+        names += [n for n in f["process names"] if n not in names]
+    ws = [n for n in names if n.startswith("w")]
+    head = (["scenario", "target", "total µs/unit"] + [f"{n} µs/unit" for n in names] +
+            [f"{n} % of a core" for n in ws] + [f"{n} conn" for n in ws] +
+            ["proxy core busy %", "of it not ours %", "client core busy %", "bottleneck"])
+    out = ["### Workers: CPU of each process (utime + stime, /proc/PID/stat)", "",
+           "Every process of the target is pinned to the proxy's core. A unit is an echoed "
+           "message (an upgrade for connrate); the total is the supervisor plus every worker; "
+           "conn: the client connections each worker held halfway through the run (the "
+           "kernel's reuseport hash spreads them); not ours: the proxy core's busy time that "
+           "is neither the target's CPU nor interrupts (other processes of the machine).",
+           "", "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
+    for s, t, f in rows:
+        total = f.get("proxy CPU µs/msg", f.get("proxy CPU µs/upgrade"))
+        cells = ([s, t, fmt(total)] + [fmt(f.get(f"{n} µs/unit")) for n in names] +
+                 [fmt(f.get(f"{n} % of a core")) for n in ws] +
+                 [fmt(f.get(f"{n} connections")) for n in ws] +
+                 [fmt(f.get("proxy core busy %")), fmt(f.get("proxy core other load %")),
+                  fmt(f.get("client core busy %")),
+                  f.get("bottleneck detail") or f.get("bottleneck") or "–"])
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+# (goal, scenario of the value, target of the value, scenario of the reference, its target)
+WORKER_GOALS = (
+    ("tp-64B: 2 workers vs 1, proxy CPU µs/msg", "tp-64B", "fastgw-2w", "tp-64B", "fastgw"),
+    ("tp-1KiB: 2 workers vs 1, proxy CPU µs/msg", "tp-1KiB", "fastgw-2w", "tp-1KiB", "fastgw"),
+    ("64 B, 2 workers: client-scoped vs connection-scoped limits", "lim-client-64B",
+     "fastgw-2w", "lim-conn-64B", "fastgw-2w"),
+    ("64 B, 1 worker: client-scoped vs connection-scoped limits", "lim-client-64B",
+     "fastgw", "lim-conn-64B", "fastgw"),
+)
+WORKER_LIMIT = 1.05
+
+
+def goals_workers(result: dict[str, Any],
+                  summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The goals of issue 11: ratios of proxy CPU per message, medians over the rounds, with
+    the ratio of each round (the runs of one round are minutes apart at most) and the same
+    ratio from the threads' run time (schedstat, ns) as a check of the clock-tick figure."""
+    per_round: dict[tuple[str, str], dict[int, dict[str, Any]]] = collections.defaultdict(dict)
+    for r in result.get("runs", ()):
+        per_round[(r["scenario"], r["target"])][r.get("round", 1)] = r.get("cpu") or {}
+    rows = []
+    for goal, vs, vt, rs, rt in WORKER_GOALS:
+        v = ((summary.get(vs) or {}).get(vt) or {})
+        ref = ((summary.get(rs) or {}).get(rt) or {})
+        a, b = v.get("proxy CPU µs/msg"), ref.get("proxy CPU µs/msg")
+        if a is None and b is None:
+            continue
+        ratio = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+        ra, rb = v.get("proxy run µs/unit"), ref.get("proxy run µs/unit")
+        run_ratio = ra / rb if ra and rb else None
+        rounds = []
+        for rnd, c in sorted(per_round[(vs, vt)].items()):
+            c2 = per_round[(rs, rt)].get(rnd) or {}
+            x, y = c.get("proxy_us_per_unit"), c2.get("proxy_us_per_unit")
+            if x and y:
+                rounds.append(f"{x / y:.3f}")
+        met = None if ratio is None else ratio <= WORKER_LIMIT
+        rows.append(f"| {goal} | {fmt(a)} ({vt}, {vs}) | {fmt(b)} ({rt}, {rs}) | "
+                    f"{'–' if ratio is None else f'{ratio:.3f}'} | "
+                    f"{', '.join(rounds) or '–'} | "
+                    f"{'–' if run_ratio is None else f'{run_ratio:.3f}'} | <= {WORKER_LIMIT:g} | "
+                    f"{'yes' if met else 'no' if met is False else '–'} |")
+    if not rows:
+        return []
+    return ["### Goals of issue 11 (proxy CPU per echoed message, all the target's processes)", "",
+            "| goal | value µs/msg | reference µs/msg | ratio | ratio per round | ratio "
+            "(schedstat) | limit | met |", "|---|---:|---:|---:|---|---:|---:|---|",
+            *rows, ""]
 
 
 # ---------------------------------------------------------------------------------------------

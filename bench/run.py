@@ -10,14 +10,18 @@ What it does, in one run:
 1. raises its own file-descriptor limit to the hard limit (the children inherit it) and installs
    the Debian packages of the peers that are missing (``bench/peers.py``; a peer that cannot be
    installed is skipped and the report says why);
-2. starts the echo backend (``python -m fastgw.echo``), two gateways (``fastgw``: metrics off,
-   no policy; ``fastgw-governed``: a request and a response ``message-rate-limit`` that never
-   trigger, metrics, events to a file and the admin API on) and the peers, each one a
-   foreground process it started itself;
-3. pins every proxy to the first CPU and the backend and the load generator to the second;
+2. starts the echo backend (``python -m fastgw.echo``), three gateways (``fastgw``: metrics off,
+   no policy; ``fastgw-2w``: the same with ``workers: 2``, ready once both workers printed
+   their "listening on" line; ``fastgw-governed``: a request and a response
+   ``message-rate-limit`` that never trigger, metrics, events to a file and the admin API on)
+   and the peers, each one a foreground process it started itself;
+3. pins every proxy (every process of it) to the first CPU and the backend and the load
+   generator to the second;
 4. for each round, for each scenario, for each target runs ``bench/loadgen.py`` and reads the
-   CPU time of the proxy under test and of the backend from ``/proc/PID/stat`` before and
-   after, and the busy time of each CPU from ``/proc/stat`` (which core was the bottleneck);
+   CPU time of each process of the proxy under test (a supervisor and each of its workers
+   separately) and of the backend from ``/proc/PID/stat`` before and after, and the busy time
+   of each CPU from ``/proc/stat`` (which core was the bottleneck); the ``lim-*`` scenarios
+   (client- against connection-scoped message limits) run on ``fastgw`` and ``fastgw-2w`` only;
 5. then, once per proxy, holds ``--idle-connections`` idle connections through it and reads
    its proportional set size (``/proc/PID/smaps_rollup``) before and while they are held;
 6. writes the report (``bench/report.py``): Markdown, the raw figures as JSON, PNG plots.
@@ -55,6 +59,8 @@ import peers  # noqa: E402  (bench/peers.py)
 import report  # noqa: E402  (bench/report.py)
 
 LISTEN_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^:\s]+):(\d+)")
+# a supervisor's line once every worker is ready: "fastgw: 2 workers (pids 123, 124)..."
+WORKERS_RE = re.compile(r"fastgw: (\d+) workers \(pids ([\d, ]+)\)")
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "tp-64B": {"mode": "throughput", "size": 64},
@@ -62,6 +68,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "tp-64KiB": {"mode": "throughput", "size": 65536},
     "lat-5k/s": {"mode": "latency", "size": 64, "rate": 5000},
     "connrate": {"mode": "connrate", "size": 64},
+    # The same 64 B load through an API with a request and a response message-rate-limit that
+    # never trigger, scoped to the connection (private state) or to the client (all 8
+    # connections share one budget in the shared limit region, updated atomically, across
+    # workers too): the cost of the shared, atomic budget. Only on the SCOPED targets.
+    "lim-conn-64B": {"mode": "throughput", "size": 64, "path": "/scope-connection/"},
+    "lim-client-64B": {"mode": "throughput", "size": 64, "path": "/scope-client/"},
     "idle": {"mode": "idle"},
 }
 
@@ -88,12 +100,47 @@ apis:
           - policy: message-rate-limit
             messages: 100000000/1s
             action: delay
+  - name: scope-connection
+    path: /scope-connection
+    assembly:
+      - policy: websocket-upgrade
+        target-url: ws://127.0.0.1:{backend_port}/
+        request:
+          - policy: message-rate-limit
+            messages: 100000000/1s
+            scope: connection
+            action: reject
+        response:
+          - policy: message-rate-limit
+            messages: 100000000/1s
+            scope: connection
+            action: reject
+  - name: scope-client
+    path: /scope-client
+    assembly:
+      - policy: websocket-upgrade
+        target-url: ws://127.0.0.1:{backend_port}/
+        request:
+          - policy: message-rate-limit
+            messages: 100000000/1s
+            scope: client
+            action: reject
+        response:
+          - policy: message-rate-limit
+            messages: 100000000/1s
+            scope: client
+            action: reject
 """
 # target -> (top of its configuration, path of its API)
 GATEWAYS: dict[str, tuple[str, str]] = {
     "fastgw": ("metrics: false\n", "/"),
+    "fastgw-2w": ("metrics: false\nworkers: 2\n", "/"),
     "fastgw-governed": ("events: {{target: {events}}}\nadmin: {{port: 0}}\n", "/policed/"),
 }
+# target -> worker processes (`workers:` of its configuration; the others run one process)
+WORKERS: dict[str, int] = {"fastgw-2w": 2}
+# the targets the scenarios with a "path" (the scoped limits) run on
+SCOPED: tuple[str, ...] = ("fastgw", "fastgw-2w")
 TARGETS: tuple[str, ...] = ("direct", *GATEWAYS, *peers.PEERS)
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -113,6 +160,7 @@ class Started:
         self.log_path = logdir / f"{name}.log"
         self.lines: list[str] = []
         self.port_q: queue.Queue[int] = queue.Queue()
+        self.workers_q: queue.Queue[list[int]] = queue.Queue()
         full_env = dict(os.environ)
         if any((SRC / "fastgw").glob("_core*.so")):
             # A checkout with the core built in place (pip install -e): run its sources.
@@ -126,6 +174,8 @@ class Started:
                                  stdin=subprocess.DEVNULL, env=full_env, cwd=str(ROOT),
                                  text=True, errors="replace")
         self.pid = self.proc.pid
+        self.descendants: dict[int, int] = {}   # pid -> start time (clock ticks after boot)
+        self.worker_pids: list[int] = []          # by worker index, as the supervisor said
         self._threads = [
             threading.Thread(target=self._drain, args=(self.proc.stdout, "stdout",
                                                        listen_stream == "stdout"), daemon=True),
@@ -148,33 +198,96 @@ class Started:
                 m = LISTEN_RE.search(line)
                 if m:
                     self.port_q.put(int(m.group(2)))
+                m = WORKERS_RE.search(line)
+                if m:
+                    self.workers_q.put([int(x) for x in m.group(2).replace(",", " ").split()])
 
-    def wait_port(self, timeout: float) -> int:
+    def wait_port(self, timeout: float, lines: int = 1) -> int:
+        """The port of the first 'listening on' line, once `lines` of them were printed (a
+        gateway with N workers: every worker prints its own when it listens)."""
         deadline = time.monotonic() + timeout
+        ports: list[int] = []
         while time.monotonic() < deadline:
             try:
-                return self.port_q.get(timeout=0.05)
+                ports.append(self.port_q.get(timeout=0.05))
+                if len(ports) >= lines:
+                    return ports[0]
             except queue.Empty:
                 if self.proc.poll() is not None:
                     time.sleep(0.1)  # let the drain threads catch the last lines
                     raise RuntimeError(
                         f"{self.name} exited with status {self.proc.returncode}: {self.tail()}")
-        raise RuntimeError(f"{self.name} printed no 'listening on' line within {timeout} s: "
-                           f"{self.tail()}")
+        raise RuntimeError(f"{self.name} printed {len(ports)} of {lines} 'listening on' line(s) "
+                           f"within {timeout} s: {self.tail()}")
+
+    def wait_workers(self, n: int, timeout: float) -> list[int]:
+        """The pids of the `n` workers, by index, from the supervisor's "N workers (pids ...)"
+        line (printed after its "listening on" lines, once every worker is ready), each one
+        checked to be a live child of the supervisor."""
+        try:
+            pids = self.workers_q.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"{self.name} printed no 'fastgw: {n} workers (pids ...)' line "
+                               f"within {timeout} s: {self.tail()}") from None
+        kids = set(children_of(self.pid))
+        if len(pids) != n or not kids.issuperset(pids):
+            raise RuntimeError(f"{self.name}: workers {pids}, expected {n} children of pid "
+                               f"{self.pid} (its children: {sorted(kids)})")
+        return pids
+
+    def wait_children(self, n: int, timeout: float) -> list[int]:
+        """The pids of the process's `n` direct children (its workers), once all are there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            kids = children_of(self.pid)
+            if len(kids) >= n:
+                return kids
+            if self.proc.poll() is not None or time.monotonic() >= deadline:
+                raise RuntimeError(f"{self.name}: {len(kids)} of {n} worker processes after "
+                                   f"{timeout} s: {self.tail()}")
+            time.sleep(0.05)
+
+    def remember_descendants(self) -> None:
+        """Note the descendants (workers) now, so that stop() can end any that outlive the
+        supervisor (one killed after the SIGTERM grace leaves its workers orphaned)."""
+        for p in tree_pids(self.pid)[1:]:
+            st = start_time(p)
+            if st is not None:
+                self.descendants[p] = st
 
     def tail(self, n: int = 6) -> str:
         return " | ".join(self.lines[-n:]) or "(no output)"
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, `grace` s, SIGKILL; then SIGKILL any descendant still alive 1 s later."""
+        self.remember_descendants()
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
-                self.proc.wait(5)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(3)
             except ProcessLookupError:
                 pass
+        # Descendants still alive once the supervisor is gone: the same pid with the same
+        # start time is the process we saw (not a reused pid); wait for them, then kill them.
+        deadline = time.monotonic() + 1
+        left = dict(self.descendants)
+        while left and time.monotonic() < deadline:
+            left = {p: st for p, st in left.items() if start_time(p) == st}
+            if left:
+                time.sleep(0.05)
+        for p in left:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 1
+        while left and time.monotonic() < deadline:   # a killed process dies asynchronously
+            left = {p: st for p, st in left.items() if start_time(p) == st}
+            if left:
+                time.sleep(0.02)
         for t in self._threads:
             t.join(1)
         self._log.close()
@@ -205,6 +318,26 @@ def _stat_fields(pid: int) -> list[str] | None:
     return data[data.rindex(")") + 2:].split()
 
 
+def start_time(pid: int) -> int | None:
+    """Start time of pid (clock ticks after boot, field 22 of /proc/PID/stat); None if gone or a
+    zombie."""
+    f = _stat_fields(pid)
+    if f is None or f[0] == "Z":
+        return None
+    return int(f[19])
+
+
+def children_of(pid: int) -> list[int]:
+    """The live direct children of pid, oldest first."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat_fields(int(entry))
+            if f is not None and int(f[1]) == pid and f[0] != "Z":
+                kids.append((int(f[19]), int(entry)))
+    return [p for _, p in sorted(kids)]
+
+
 def tree_pids(pid: int) -> list[int]:
     """pid and all its live descendants."""
     children: dict[int, list[int]] = {}
@@ -229,6 +362,116 @@ def tree_cpu_seconds(pid: int) -> float:
         if f is not None:
             total += int(f[11]) + int(f[12])  # utime, stime (fields 14 and 15 of stat)
     return total / CLK_TCK
+
+
+def proc_times(pid: int) -> dict[str, Any] | None:
+    """One process's CPU: utime + stime (s, /proc/PID/stat, clock ticks: the figure used), the
+    run time of its live threads (s, /proc/PID/task/*/schedstat, ns: a finer cross-check), its
+    parent and its start time. None if it is gone."""
+    f = _stat_fields(pid)
+    if f is None:
+        return None
+    run_ns = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                    run_ns += int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    except OSError:
+        pass
+    return {"ppid": int(f[1]), "start": int(f[19]),
+            "cpu": (int(f[11]) + int(f[12])) / CLK_TCK, "run": run_ns / 1e9}
+
+
+def tree_times(pid: int) -> dict[int, dict[str, Any]]:
+    """proc_times of pid and of each of its live descendants, by pid."""
+    out = {}
+    for p in tree_pids(pid):
+        t = proc_times(p)
+        if t is not None:
+            out[p] = t
+    return out
+
+
+def cpu_breakdown(root: int, before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]],
+                  wall: float, units: int, indexes: list[int] | None = None) -> dict[str, Any]:
+    """The CPU a process tree used between two tree_times snapshots, per process.
+
+    The root is the supervisor, its direct children are the workers, deeper descendants are
+    "other". A worker whose pid is `indexes[i]` is named wi; without `indexes`, workers are
+    numbered by start time (w0, w1, ...), and a worker not in `indexes` (one started since:
+    a restart) is named "w?PID". A process that started during the window counts from 0; one
+    that ended during it is listed in "exited" (its last CPU is lost: /proc keeps nothing of a
+    reaped process)."""
+    procs = []
+    for pid, t in after.items():
+        b = before.get(pid)
+        if b is None or b["start"] != t["start"]:
+            b = {"cpu": 0.0, "run": 0.0}
+        role = "supervisor" if pid == root else "worker" if t["ppid"] == root else "other"
+        procs.append({"pid": pid, "role": role, "start": t["start"],
+                      "cpu_s": t["cpu"] - b["cpu"], "run_s": t["run"] - b["run"]})
+    procs.sort(key=lambda r: (r["role"] != "supervisor", r["role"] != "worker", r["start"],
+                              r["pid"]))
+    index = 0
+    for r in procs:
+        if r["role"] != "worker":
+            r["name"] = r["role"]
+        elif indexes:
+            r["name"] = f"w{indexes.index(r['pid'])}" if r["pid"] in indexes else f"w?{r['pid']}"
+        else:
+            r["name"] = f"w{index}"
+            index += 1
+        r["pct_of_wall"] = r["cpu_s"] / wall * 100 if wall else None
+        r["us_per_unit"] = r["cpu_s"] / units * 1e6 if units else None
+        del r["start"]
+    total = sum(r["cpu_s"] for r in procs)
+    run = sum(r["run_s"] for r in procs)
+    workers = [r for r in procs if r["role"] == "worker"]
+    return {
+        "processes": procs, "total_s": total, "run_total_s": run,
+        "supervisor_s": sum(r["cpu_s"] for r in procs if r["role"] == "supervisor"),
+        "workers_s": sum(r["cpu_s"] for r in workers),
+        "busiest_worker": max(workers, key=lambda r: r["cpu_s"])["name"] if workers else None,
+        "busiest_worker_pct": max((r["pct_of_wall"] or 0.0 for r in workers), default=None),
+        "exited": sorted(p for p, b in before.items()
+                         if p not in after or after[p]["start"] != b["start"]),
+    }
+
+
+def connections_by_pid(pids: list[int], port: int) -> dict[int, int]:
+    """Established TCP connections whose local port is `port` (a proxy's client side) held by
+    each of `pids`: the sockets of /proc/net/tcp{,6} matched by inode with /proc/PID/fd."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    # local_address is HEXIP:HEXPORT; st 01 is ESTABLISHED; field 9 the inode
+                    if (len(fields) > 9 and fields[3] == "01"
+                            and int(fields[1].rsplit(":", 1)[1], 16) == port):
+                        inodes.add(fields[9])
+        except OSError:
+            pass
+    out = {}
+    for pid in pids:
+        n = 0
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    n += 1
+        except OSError:
+            pass
+        out[pid] = n
+    return out
 
 
 def tree_pss_bytes(pid: int) -> int:
@@ -360,28 +603,52 @@ def measure(target: str, sname: str, url: str, proxy: Started | None, backend: S
     proxy_cpu, load_cpu = cpus
     sc = SCENARIOS[sname]
     b0 = tree_cpu_seconds(backend.pid)
-    p0 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
+    t0 = tree_times(proxy.pid) if proxy else {}
     l0 = children_cpu_seconds()
+    spread: dict[int, int] = {}
+    sampler = None
+    if proxy is not None and proxy.worker_pids and sc["mode"] in ("throughput", "latency"):
+        # halfway through the measured window: how the kernel spread the connections
+        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        sampler = threading.Timer(args.warmup + args.duration / 2, lambda: spread.update(
+            connections_by_pid(proxy.worker_pids, port)))
+        sampler.daemon = True
     s0, w0 = cpu_idle_irq_seconds(), time.monotonic()
+    if sampler is not None:
+        sampler.start()
     res = run_loadgen(url, sc, args, load_cpu, running)
     s1, w1 = cpu_idle_irq_seconds(), time.monotonic()
+    if sampler is not None:
+        sampler.cancel()
+        sampler.join(1)
     l1 = children_cpu_seconds()
     b1 = tree_cpu_seconds(backend.pid)
-    p1 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
+    t1 = tree_times(proxy.pid) if proxy else {}
     n = units_of(res, sc)
     wall = w1 - w0
     cpu: dict[str, Any] = {"wall_s": wall, "units": n, "backend_s": b1 - b0,
                            "loadgen_s": l1 - l0,
                            "backend_us_per_unit": (b1 - b0) / n * 1e6 if n else None}
+    proxy_s = 0.0
     if proxy:
-        cpu["proxy_s"] = p1 - p0
-        cpu["proxy_us_per_unit"] = (p1 - p0) / n * 1e6 if n else None
+        # every process of the proxy (a supervisor and its workers), each one separately
+        brk = cpu_breakdown(proxy.pid, t0, t1, wall, n, proxy.worker_pids)
+        proxy_s = brk["total_s"]
+        cpu["proxy_s"] = proxy_s
+        cpu["proxy_us_per_unit"] = proxy_s / n * 1e6 if n else None
+        cpu["proxy_run_us_per_unit"] = brk["run_total_s"] / n * 1e6 if n else None
         if sc["mode"] == "throughput":
             mb = n * sc["size"] / 1e6
-            cpu["proxy_us_per_mb"] = (p1 - p0) / mb * 1e6 if mb else None
+            cpu["proxy_us_per_mb"] = proxy_s / mb * 1e6 if mb else None
+        if target in WORKERS:
+            cpu["breakdown"] = brk
+            if spread:
+                for r in brk["processes"]:
+                    if r["pid"] in spread:
+                        r["connections"] = spread[r["pid"]]
     # Busy time of each pinned CPU (wall - idle) and the part of it that is none of ours.
     if proxy_cpu is not None and load_cpu is not None and s0 and s1:
-        ours = {proxy_cpu: p1 - p0, load_cpu: (b1 - b0) + (l1 - l0)}
+        ours = {proxy_cpu: proxy_s, load_cpu: (b1 - b0) + (l1 - l0)}
         for c, used in ours.items():
             if c in s0 and c in s1:
                 busy = wall - (s1[c][0] - s0[c][0])
@@ -390,7 +657,29 @@ def measure(target: str, sname: str, url: str, proxy: Started | None, backend: S
                 cpu[f"other_load_cpu{c}_pct"] = max(0.0, busy - irq - used) / wall * 100
         cpu["bottleneck"] = bottleneck(cpu.get(f"busy_cpu{proxy_cpu}_pct"),
                                        cpu.get(f"busy_cpu{load_cpu}_pct"), proxy is not None)
+    if "breakdown" in cpu:
+        cpu["bottleneck_detail"] = bottleneck_detail(cpu.get("bottleneck", "?"), cpu["breakdown"])
     return {"scenario": sname, "target": target, "loadgen": res, "cpu": cpu}
+
+
+def bottleneck_detail(core: str, brk: dict[str, Any]) -> str:
+    """For a proxy with workers: which core ran out, and whether one worker used a whole core
+    (>= 90 % of the wall time) before the client's core did.
+
+    Every worker of the target is pinned to the proxy's core, so the core can be full while no
+    single worker is; a worker at >= 90 % would be the bottleneck on a core of its own."""
+    workers = [r for r in brk["processes"] if r["role"] == "worker"]
+    shares = ", ".join(f"{r['name']} {r['pct_of_wall']:.0f}%" +
+                       (f" ({r['connections']} conn)" if "connections" in r else "")
+                       for r in workers if r["pct_of_wall"] is not None)
+    sat = [r["name"] for r in workers if (r["pct_of_wall"] or 0.0) >= 90.0]
+    if core in ("client", "neither", "?") and sat:
+        core = "worker " + ",".join(sat)
+    elif core == "both" and sat:
+        core = "client and worker " + ",".join(sat)
+    elif core == "proxy":
+        core = "worker " + ",".join(sat) if sat else "the workers' shared core"
+    return f"{core} ({shares} of a core)" if shares else core
 
 
 def bottleneck(proxy_busy: float | None, load_busy: float | None, has_proxy: bool) -> str:
@@ -541,9 +830,10 @@ def versions(available: dict[str, str | None]) -> dict[str, str]:
 
 
 def start_targets(args: argparse.Namespace, backend_port: int, cpu: int | None, logdir: Path,
-                  started: list[Started], meta: dict[str, Any]
+                  started: list[Started], meta: dict[str, Any], bases: dict[str, str]
                   ) -> tuple[dict[str, str], dict[str, Started]]:
-    """Start every proxy target; return target -> URL and target -> its process."""
+    """Start every proxy target; return target -> URL and target -> its process (and fill
+    bases: gateway target -> ws://host:port, for the scenarios with their own path)."""
     urls = {"direct": f"ws://127.0.0.1:{backend_port}/"}
     procs: dict[str, Started] = {}
     skipped: dict[str, str] = meta.setdefault("skipped", {})
@@ -560,8 +850,15 @@ def start_targets(args: argparse.Namespace, backend_port: int, cpu: int | None, 
                 cmd = args.gateway_cmd.format(config=cfg).split()
                 proc = Started(target, cmd, cpu, logdir, "stderr")
                 started.append(proc)
-                port = proc.wait_port(15)
+                n = WORKERS.get(target, 1)
+                # a supervisor prints its "listening on" lines once every worker is ready
+                port = proc.wait_port(30 if n > 1 else 15)
+                if n > 1:
+                    proc.worker_pids = proc.wait_workers(n, 5)
+                    proc.remember_descendants()
+                    meta.setdefault("workers", {})[target] = proc.worker_pids
                 urls[target] = f"ws://127.0.0.1:{port}{path}"
+                bases[target] = f"ws://127.0.0.1:{port}"
             else:
                 port = peers.free_port()
                 cmd, env = peers.peer_command(target, port, backend_port, logdir / target, PY)
@@ -628,7 +925,8 @@ def main(argv: list[str] | None = None) -> int:
         backend_port = backend.wait_port(15)
         pin_all_threads(backend.pid, load_cpu)
         print(f"bench: echo backend pid {backend.pid} on port {backend_port}", file=sys.stderr)
-        urls, procs = start_targets(args, backend_port, proxy_cpu, logdir, started, meta)
+        bases: dict[str, str] = {}
+        urls, procs = start_targets(args, backend_port, proxy_cpu, logdir, started, meta, bases)
         targets = [t for t in args.targets if t in urls]
         meta["targets"] = targets
 
@@ -636,7 +934,11 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             for sname in timed:
                 for target in targets:
-                    r = measure(target, sname, urls[target], procs.get(target), backend,
+                    path = SCENARIOS[sname].get("path")
+                    if path is not None and target not in SCOPED:
+                        continue
+                    url = urls[target] if path is None else bases[target] + path
+                    r = measure(target, sname, url, procs.get(target), backend,
                                 (proxy_cpu, load_cpu), args, running)
                     r["round"] = rnd
                     raw.append(r)
@@ -645,7 +947,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"bench: round {rnd} {sname:9s} {target:15s} "
                           f"{res.get('summary') or res.get('errors')}{status} "
                           f"[busy {cpu.get(f'busy_cpu{proxy_cpu}_pct', 0):.0f}%/"
-                          f"{cpu.get(f'busy_cpu{load_cpu}_pct', 0):.0f}%]", file=sys.stderr)
+                          f"{cpu.get(f'busy_cpu{load_cpu}_pct', 0):.0f}%]"
+                          + (f" [{cpu['bottleneck_detail']}]" if "bottleneck_detail" in cpu
+                             else ""), file=sys.stderr)
+                    gone = (cpu.get("breakdown") or {}).get("exited")
+                    if gone:
+                        print(f"bench: {target}: process(es) {gone} ended during the run (a "
+                              "worker restarted?): their last CPU time is not counted",
+                              file=sys.stderr)
                     for p in (backend, *procs.values()):
                         if p.proc.poll() is not None:
                             raise RuntimeError(f"{p.name} died: {p.tail()}")
