@@ -848,64 +848,9 @@ async def run_worker(config, config_path, zone, slot: int, index: int, incarnati
     return 0
 
 
-# ---- the admin API until fastgw.observe.aggregate lands -----------------------------------
-
-
 def _backend(sup: Supervisor):
-    try:
-        from fastgw.observe.aggregate import SupervisorBackend
-    except ImportError:
-        return MinimalBackend(sup)
+    from fastgw.observe.aggregate import SupervisorBackend
     return SupervisorBackend(sup)
-
-
-class MinimalBackend:
-    """A small AdminBackend for the supervisor (replaced by aggregate.SupervisorBackend):
-    readiness, the workers' connections (with a `worker` field), closing, reload, drain."""
-
-    def __init__(self, sup: Supervisor):
-        self.sup = sup
-
-    def ready(self) -> bool:
-        return self.sup.ready()
-
-    def metrics_text(self) -> str:
-        sup = self.sup
-        lines = ["# TYPE fastgw_workers gauge", f"fastgw_workers {len(sup.procs)}",
-                 "# TYPE fastgw_worker_restarts_total counter"]
-        lines += [f'fastgw_worker_restarts_total{{reason="{r}"}} {n}'
-                  for r, n in sup.restarts_total.items()]
-        return "\n".join(lines) + "\n"
-
-    def histogram_names(self) -> list[str]:
-        return []
-
-    def histogram(self, name: str):
-        return None
-
-    async def connections(self, api=None, client=None) -> list[dict]:
-        rows = []
-        for wp, conns in await self.sup.ask_all("connections", api=api, client=client):
-            rows += [{**c, "worker": wp.index} for c in conns]
-        return rows
-
-    async def close_connection(self, conn_id: int) -> bool:
-        for wp in list(self.sup.procs.values()):
-            if wp.incarnation == conn_id >> 32:
-                return bool(await self.sup._ask_quietly(wp, "close", id=conn_id))
-        return False
-
-    async def close_client(self, client: str) -> int:
-        return sum(n for _, n in await self.sup.ask_all("close_client", client=client))
-
-    async def reload(self) -> str | None:
-        return await self.sup.reload()
-
-    async def drain(self, grace: float, exit: bool = False) -> None:
-        await self.sup.drain(grace, exit=exit)
-
-
-# ---- the entry point -----------------------------------------------------------------
 
 
 def supervise(config, config_path: str | None, drain_time: float | None, loop_name: str | None) -> int:
