@@ -16,7 +16,7 @@ class Connection:
 
     __slots__ = ("id", "api", "peer", "started", "started_mono", "head_at", "subprotocol", "relay",
                  "admission", "ended", "lifetime_timer", "idle_timer", "expiry_timer",
-                 "removal_timer", "dial_us", "ping_timers", "cap_slot")
+                 "removal_timer", "dial_us", "ping_timers", "cap_slot", "target")
 
     def __init__(self, peer: str):
         self.id = 0                         # given when its relay is made
@@ -31,6 +31,7 @@ class Connection:
         self.admission = None               # admission.Admission: identity, leases, rules
         self.ended = False                  # its end of life has run
         self.cap_slot = False               # holds a slot of the shared max-connections count
+        self.target = None                  # pool.TargetState dialled (counted in its active)
         self.lifetime_timer = None
         self.idle_timer = None
         self.expiry_timer = None
@@ -44,6 +45,7 @@ class Connection:
         byts = relay.bytes if relay is not None else (0, 0)
         return {"id": self.id, "api": self.api, "client": self.client_key, "remote": self.peer,
                 "started": self.started, "subprotocol": self.subprotocol,
+                "target": self.target.label if self.target is not None else None,
                 "messages_in": msgs[0], "messages_out": msgs[1],
                 "bytes_in": byts[0], "bytes_out": byts[1]}
 

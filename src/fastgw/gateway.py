@@ -30,8 +30,9 @@ from fastgw.connection import Connection
 from fastgw.http.handshake import Handshake
 from fastgw.listeners import HandshakeTable, Listener, bind, listener_context
 from fastgw.observe import events as ev
-from fastgw.observe.logs import Throttle
+from fastgw.observe.logs import Throttle, clean
 from fastgw.observe.metrics import Metrics, TableFullWarnings
+from fastgw.pool import build_pools
 from fastgw.routing import Router, compile_config
 from fastgw.verdicts import HANDSHAKE_LIMIT, Refusal
 
@@ -100,6 +101,9 @@ class Gateway:
         self.log_throttle = Throttle(log, clock=self.clock)   # lines a request can cause
         for api in self.router.apis:
             self.metrics.api(api.name)
+        self.pools = build_pools(self.router)  # API name -> pool.Pool
+        self._bind_pools()
+        self._eject_timers: dict = {}          # TargetState -> the timer at its ejection's end
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
         # A worker process is given the zone its supervisor shares with every worker.
@@ -508,7 +512,52 @@ class Gateway:
         if self.draining:            # dialled before the drain began: it ends with the others
             self.loop.call_soon(relay.close, 1001, "gateway shutting down")
             return
+        target = conn.target
+        if target is not None:
+            target.conns[conn.id] = conn
+            if target.draining:      # dialled before its drain began
+                self.loop.call_soon(relay.close, 1001, "backend draining")
         conn.start_timers(self.clock, api)
+
+    # ---- the pools ---------------------------------------------------------------
+
+    def _bind_pools(self) -> None:
+        """Each API's metrics show its pool's targets."""
+        for name, pool in self.pools.items():
+            self.metrics.api(name).pool = pool
+
+    def dial_ok(self, target) -> None:
+        self.pools[target.api].dial_ok(target, self.clock.now())
+
+    def dial_failed(self, target, refusal: Refusal) -> None:
+        """A dial of a pool's target failed: counted, and its outlier detection told."""
+        pool = self.pools.get(target.api)
+        if pool is None or pool.find(target.url) is not target:
+            # A reload removed it meanwhile: only count.
+            target.dial_failures[refusal.cause] = target.dial_failures.get(refusal.cause, 0) + 1
+            return
+        eject = pool.dial_failed(target, refusal, self.clock.now())
+        if not eject:
+            return
+        log.warning("api %s: target %s ejected for %gs after %d failed dials in a row",
+                    target.api, target.label, eject, pool.upgrade.outlier.failures)
+        if self.events is not None:
+            self.events.emit(ev.TargetDownEvent(api=target.api, target=target.label,
+                                                reason="outlier", detail=clean(refusal.reason),
+                                                eject_s=eject))
+        old = self._eject_timers.pop(target, None)
+        if old is not None:
+            old.cancel()
+        self._eject_timers[target] = self.clock.call_later(eject, self._ejection_over, target)
+
+    def _ejection_over(self, target) -> None:
+        self._eject_timers.pop(target, None)
+        if target.ejected_until > self.clock.now():
+            return
+        log.warning("api %s: target %s back after its ejection", target.api, target.label)
+        if self.events is not None and target.healthy:
+            self.events.emit(ev.TargetUpEvent(api=target.api, target=target.label,
+                                              reason="outlier"))
 
     # ---- end of life -----------------------------------------------------------
 
@@ -530,6 +579,11 @@ class Gateway:
             self.zone.release_py(CAP_KEY)
         if conn.admission is not None:
             conn.admission.release()
+        target = conn.target
+        if target is not None:
+            conn.target = None
+            target.active -= 1
+            target.conns.pop(conn.id, None)
         if refusal is not None:
             self.metrics.count_reject(refusal.api or conn.api, refusal.kind, refusal.status)
             if refusal.table_full is not None:
@@ -646,11 +700,13 @@ class Gateway:
         self.listeners = [listener for listener, _ in plan]
         names = {a.name for a in router.apis}
         self.config, self.router = config, router
+        self.pools = build_pools(router, self.pools)
         self.handshake_timeout = float(config.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self._apply_limits(config)
         for name in names:
             self.metrics.api(name)
+        self._bind_pools()
         grace = float(config.reload_grace)
         for conn in self.live.values():
             if conn.api not in names and conn.relay is not None and conn.removal_timer is None:

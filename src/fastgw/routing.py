@@ -16,6 +16,7 @@ from fastgw import identity
 from fastgw.admission import CountLimitRule, Propagation, RateLimitRule
 from fastgw.config.web import normalize_host
 from fastgw.policies import MessageRules, compile_flow
+from fastgw.pool import PoolEntry
 from fastgw.upstream import make_ssl_context
 
 
@@ -23,7 +24,7 @@ from fastgw.upstream import make_ssl_context
 class Upgrade:
     """A compiled websocket-upgrade policy."""
 
-    target: object                 # config.Target
+    target: object                 # config.Target: the first (or only) target's
     ssl_context: object            # ssl.SSLContext or None (ws://)
     server_name: str | None
     timeout: float
@@ -34,12 +35,21 @@ class Upgrade:
     subprotocols: frozenset[str] | None
     # Liveness per side, (client, backend): (ping interval, ping timeout), 0.0 for none.
     liveness: tuple = ((0.0, 0.0), (0.0, 0.0))
+    # The pool (fastgw.pool): one entry for a target-url.
+    targets: tuple = ()            # pool.PoolEntry, in configuration order
+    balance: str = "least-connections"
+    hash_key: str | None = None    # consistent-hash: client-id, client-ip, header:N, query:N
+    retries: int = 2
+    health: object = None          # config.HealthCheck or None
+    outlier: object = None         # config.Outlier or None
+    extensions: str = "pass"       # "pass" (permessage-deflate negotiated) or "none"
 
-    def backend_url(self, rest: str, drop_params: frozenset[str] = frozenset()) -> str:
-        """The backend URL for the part of the request path after the API's prefix.
-        The client's query parameters named in `drop_params` are left out (those of
-        the target URL are kept)."""
-        t = self.target
+    def backend_url(self, rest: str, drop_params: frozenset[str] = frozenset(),
+                    target=None) -> str:
+        """The backend URL for the part of the request path after the API's prefix, on
+        `target` (a config.Target; default: the first target). The client's query
+        parameters named in `drop_params` are left out (those of the target URL are kept)."""
+        t = self.target if target is None else target
         path, _, query = t.path.partition("?")
         rest_path, sep, rest_query = rest.partition("?")
         if rest_path:
@@ -72,10 +82,15 @@ class CompiledApi:
 
 
 def compile_upgrade(policy, profiles) -> Upgrade:
-    target = cfgmod.parse_target(policy.target_url)
+    if policy.targets is not None:
+        entries = tuple(PoolEntry(t.url, cfgmod.parse_target(t.url), t.weight)
+                        for t in policy.targets)
+    else:
+        entries = (PoolEntry(policy.target_url, cfgmod.parse_target(policy.target_url), 1),)
+    target = entries[0].endpoint
     ctx = None
     server_name = None
-    if target.secure:
+    if any(e.endpoint.secure for e in entries):
         profile = profiles.get(policy.tls_profile) if policy.tls_profile else None
         ctx = make_ssl_context(profile)
         if profile is not None:
@@ -91,6 +106,13 @@ def compile_upgrade(policy, profiles) -> Upgrade:
         max_message_size=int(policy.max_message_size),
         subprotocols=frozenset(policy.subprotocols) if policy.subprotocols is not None else None,
         liveness=tuple(_liveness(policy, side) for side in ("client", "backend")),
+        targets=entries,
+        balance=policy.balance,
+        hash_key=(policy.hash_key or "client-id") if policy.balance == "consistent-hash" else None,
+        retries=policy.retries,
+        health=policy.health_check,
+        outlier=policy.outlier,
+        extensions=policy.extensions,
     )
 
 

@@ -11,6 +11,7 @@ import base64
 import functools
 import hashlib
 import os
+import socket
 import ssl
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -39,21 +40,35 @@ def make_ssl_context(profile) -> ssl.SSLContext:
     return ctx
 
 
-def _describe(exc: BaseException, secure: bool = False) -> str:
-    """The reason a dial failed, for the 502's body and the log. On a wss:// dial, a
-    connection reset or closed without an errno of connect() failed the TLS handshake."""
+def _failure(exc: BaseException, secure: bool = False) -> tuple[str, str]:
+    """(the reason a dial failed, for the 502's body and the log; its cause, one of
+    pool.DIAL_FAILURE_REASONS). On a wss:// dial, a connection reset or closed without an
+    errno of connect() failed the TLS handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"backend certificate rejected: {exc.verify_message or exc}"
+        return f"backend certificate rejected: {exc.verify_message or exc}", "tls"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS error with backend: {exc.reason or exc}"
+        return f"TLS error with backend: {exc.reason or exc}", "tls"
     if isinstance(exc, HandshakeError):
-        return str(exc)
+        return str(exc), "reset" if "closed the connection" in str(exc) else "handshake"
     if isinstance(exc, OSError):
         what = exc.strerror or str(exc) or type(exc).__name__
-        if secure and isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-            return f"TLS handshake with backend failed: {what}"
-        return f"backend unreachable: {what}"
-    return f"backend error: {exc!r}"
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            if secure:
+                return f"TLS handshake with backend failed: {what}", "tls"
+            return f"backend unreachable: {what}", "reset"
+        if isinstance(exc, ConnectionRefusedError):
+            return f"backend unreachable: {what}", "refused"
+        if isinstance(exc, socket.gaierror):
+            return f"backend unreachable: {what}", "dns"
+        return f"backend unreachable: {what}", "unreachable"
+    return f"backend error: {exc!r}", "handshake"
+
+
+def _failed(reason: str, cause: str, retry: bool = True, status: int = 502) -> Refusal:
+    refusal = Refusal(status, reason)
+    refusal.cause = cause
+    refusal.retry = retry
+    return refusal
 
 
 class HandshakeError(Exception):
@@ -159,13 +174,16 @@ def _target(url: str) -> tuple[str, int, bool, str]:
 
 
 async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str],
-               listener, clock) -> Dialled | Refusal:
+               listener, clock, timeout: float | None = None) -> Dialled | Refusal:
     """Open the backend leg and hand it to `listener` (the relay's backend leg).
 
     `upgrade` is the compiled websocket-upgrade policy (timeout, ssl context,
-    server name); its timeout runs on `clock` (fastgw.clock). Returns what the
-    backend chose, or the Refusal the client gets (502, 504: the backend's fault).
+    server name); the time-out (`timeout`, default the policy's) runs on `clock`
+    (fastgw.clock). Returns what the backend chose, or the Refusal the client gets
+    (502, 504: the backend's fault) with its `cause` and whether to `retry` elsewhere.
     """
+    if timeout is None:
+        timeout = upgrade.timeout
     host, port, secure, fixed = _target(url)
     key = base64.b64encode(os.urandom(16)).decode("ascii")
     lines = [fixed, f"Sec-WebSocket-Key: {key}"]
@@ -188,7 +206,7 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
         expired.append(True)
         task.cancel()
 
-    timer = clock.call_later(upgrade.timeout, expire)
+    timer = clock.call_later(timeout, expire)
     try:
         try:
             transport, proto = await loop.create_connection(
@@ -196,30 +214,35 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
             head = await done
         except asyncio.CancelledError:
             if expired and task.uncancel() <= cancelling:    # our time-out, no cancel from outside
-                return Refusal(504, f"backend did not answer within {upgrade.timeout:g}s")
+                return _failed(f"backend did not answer within {timeout:g}s", "timeout",
+                               retry=False, status=504)
             raise
         except Exception as exc:  # every failure of the dial is the backend's
-            return Refusal(502, _describe(exc, secure))
+            return _failed(*_failure(exc, secure))
         finally:
             timer.cancel()
         try:
             status, response = _parse_response(head)
         except HandshakeError as exc:
-            return Refusal(502, str(exc))
+            return _failed(str(exc), "handshake")
         if status != 101:
-            return Refusal(502, f"backend refused the upgrade with HTTP {status}")
+            # A 5xx is the instance's trouble (another may do); a 4xx is its answer.
+            return _failed(f"backend refused the upgrade with HTTP {status}", "status",
+                           retry=status >= 500)
         if ("websocket" not in response.get("upgrade", "").lower()
                 or "upgrade" not in response.get("connection", "").lower()):
-            return Refusal(502, "backend handshake failed: 101 without Upgrade: websocket")
+            return _failed("backend handshake failed: 101 without Upgrade: websocket", "handshake")
         if response.get("sec-websocket-accept") != accept_key(key):
-            return Refusal(502, "backend handshake failed: wrong Sec-WebSocket-Accept")
+            return _failed("backend handshake failed: wrong Sec-WebSocket-Accept", "handshake")
         chosen = response.get("sec-websocket-protocol")
         if chosen is not None and chosen not in offered:
             transport.write(_close_frame(1001, b"subprotocol not offered"))
-            return Refusal(502, f"backend chose subprotocol {chosen!r}, which the client did not offer")
+            return _failed(f"backend chose subprotocol {chosen!r}, which the client did not offer",
+                           "handshake", retry=False)
         if response.get("sec-websocket-extensions"):
             transport.write(_close_frame(1001, b"extension not offered"))
-            return Refusal(502, "backend answered with an extension that was not offered")
+            return _failed("backend answered with an extension that was not offered", "handshake",
+                           retry=False)
         early = bytes(proto.buf)
         transport.set_protocol(listener)
         listener.connection_made(transport)

@@ -379,11 +379,58 @@ def _check_jwt(policy: Jwt, here: Segments) -> None:
             )
 
 
+HASH_KEYS = ("client-id", "client-ip")
+HASH_KEY_PREFIXES = ("header:", "query:")
+
+
+def _check_targets(policy: WebsocketUpgrade, here: Segments) -> bool:
+    """The backend of a websocket-upgrade: ``target-url`` or a pool of ``targets``, and the
+    pool's keys. Returns whether any target is wss://."""
+    if (policy.target_url is None) == (policy.targets is None):
+        raise Invalid("websocket-upgrade needs either target-url or targets (not both)"
+                      if policy.target_url is not None else
+                      "websocket-upgrade needs target-url or targets", here)
+    if policy.target_url is not None:
+        try:
+            return parse_target(policy.target_url).secure
+        except ValueError as exc:
+            raise Invalid(str(exc), (*here, "target-url")) from None
+    if not policy.targets:
+        raise Invalid("targets must list at least one target", (*here, "targets"))
+    secure = False
+    seen: set[str] = set()
+    for index, entry in enumerate(policy.targets):
+        try:
+            secure |= parse_target(entry.url).secure
+        except ValueError as exc:
+            raise Invalid(str(exc), (*here, "targets", index, "url")) from None
+        if entry.url in seen:
+            raise Invalid(f"Duplicate target {entry.url!r}", (*here, "targets", index, "url"))
+        seen.add(entry.url)
+    key = policy.hash_key
+    if key is not None:
+        if policy.balance != "consistent-hash":
+            raise Invalid("hash-key is for balance: consistent-hash only", (*here, "hash-key"))
+        name = key.partition(":")[2]
+        if key not in HASH_KEYS and not (key.startswith(HASH_KEY_PREFIXES) and name
+                                         and HTTP_TOKEN.fullmatch(name)):
+            raise Invalid(f"Invalid hash-key {key!r} (client-id, client-ip, header:NAME"
+                          " or query:NAME)", (*here, "hash-key"))
+    hc = policy.health_check
+    if hc is not None:
+        for name in ("interval", "timeout"):
+            if getattr(hc, name) <= 0:
+                raise Invalid(f"{name} must be greater than 0", (*here, "health-check", name))
+        if not hc.path.startswith("/") or any(ch.isspace() or ord(ch) < 0x20 for ch in hc.path):
+            raise Invalid(f"Invalid health-check path {hc.path!r} (it must start with '/')",
+                          (*here, "health-check", "path"))
+    if policy.outlier is not None and policy.outlier.eject <= 0:
+        raise Invalid("eject must be greater than 0", (*here, "outlier", "eject"))
+    return secure
+
+
 def _check_websocket_upgrade(config: Config, policy: WebsocketUpgrade, here: Segments) -> None:
-    try:
-        target = parse_target(policy.target_url)
-    except ValueError as exc:
-        raise Invalid(str(exc), (*here, "target-url")) from None
+    secure = _check_targets(policy, here)
     # Zero would refuse everything: a timeout of 0 s, frames or messages of at most 0 bytes.
     for key, value in (("timeout", policy.timeout), ("idle-timeout", policy.idle_timeout),
                        ("max-lifetime", policy.max_lifetime),
@@ -407,9 +454,10 @@ def _check_websocket_upgrade(config: Config, policy: WebsocketUpgrade, here: Seg
                 f"Unknown tls-profile {policy.tls_profile!r} (known: {known})",
                 (*here, "tls-profile"),
             )
-        if not target.secure:
+        if not secure:
             raise Invalid(
-                f"tls-profile {policy.tls_profile!r} needs a wss:// target-url",
+                f"tls-profile {policy.tls_profile!r} needs a wss:// target-url"
+                + (" (or a wss:// target)" if policy.targets is not None else ""),
                 (*here, "tls-profile"),
             )
     for index, subprotocol in enumerate(policy.subprotocols or ()):

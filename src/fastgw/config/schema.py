@@ -36,11 +36,13 @@ __all__ = [
     "Api",
     "ApiKey",
     "Base",
+    "BALANCE_MODES",
     "Client",
     "ClientsFile",
     "Config",
     "CountLimit",
     "Events",
+    "HealthCheck",
     "HistogramLog",
     "Jwt",
     "Limits",
@@ -48,7 +50,9 @@ __all__ = [
     "ListenerTls",
     "MessageRateLimit",
     "MessageSizeLimit",
+    "Outlier",
     "Policy",
+    "PoolTarget",
     "RateLimit",
     "TlsProfile",
     "WebsocketUpgrade",
@@ -233,11 +237,58 @@ class MessageSizeLimit(Base, kw_only=True, tag_field="policy", tag="message-size
     max: PerPlan[PositiveSize]
 
 
+class PoolTarget(Base, kw_only=True):
+    """One backend instance of a pool (``websocket-upgrade.targets``)."""
+
+    url: NonEmptyStr
+    """ws://host[:port][/path] or wss://...; a host name is resolved when dialled."""
+    weight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+
+
+class HealthCheck(Base, kw_only=True):
+    """Active checks of every target of a pool: a WebSocket upgrade to ``path`` (a 101,
+    then a 1000 close, is healthy), or a bare TCP connect with ``tcp: true``."""
+
+    interval: Duration = Duration(5.0)
+    timeout: Duration = Duration(2.0)
+    path: NonEmptyStr = "/"
+    tcp: bool = False
+    unhealthy_after: PositiveInt = 2
+    """Failed checks in a row that mark a healthy target down."""
+    healthy_after: PositiveInt = 2
+    """Passed checks in a row that mark a down target up."""
+
+
+class Outlier(Base, kw_only=True):
+    """Passive checks: real dials of a target that fail ``failures`` times in a row eject it
+    for ``eject`` (doubled at each new ejection while it keeps failing)."""
+
+    failures: PositiveInt = 5
+    eject: Duration = Duration(30.0)
+
+
+BALANCE_MODES = ("round-robin", "least-connections", "consistent-hash", "random")
+
+
 class WebsocketUpgrade(Base, kw_only=True, tag_field="policy", tag="websocket-upgrade"):
     """The last policy of every assembly: dial the backend and relay frames both ways."""
 
-    target_url: NonEmptyStr
-    """ws://host[:port][/path] or wss://..."""
+    target_url: NonEmptyStr | None = None
+    """ws://host[:port][/path] or wss://...; or ``targets`` (a pool), not both."""
+    targets: list[PoolTarget] | None = None
+    """A pool of backend instances, balanced by ``balance``."""
+    balance: Literal["round-robin", "least-connections", "consistent-hash", "random"] = (
+        "least-connections")
+    hash_key: NonEmptyStr | None = None
+    """consistent-hash only: client-id (default) | client-ip | header:NAME | query:NAME."""
+    retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
+    """A dial that fails (refused, reset, TLS error, 5xx answer) is tried on another
+    target, within ``timeout``."""
+    health_check: HealthCheck | None = None
+    outlier: Outlier | None = None
+    extensions: Literal["pass", "none"] = "pass"
+    """pass: permessage-deflate is negotiated between client and backend (frames relayed
+    compressed); none: no extension is negotiated."""
     tls_profile: NonEmptyStr | None = None
     """Name of an entry of ``Config.tls_profiles``; only for wss:// targets."""
     timeout: Duration = Duration(10.0)

@@ -33,6 +33,7 @@ from fastgw.connection import Connection
 from fastgw.http.forwarding import backend_headers
 from fastgw.http.head import Request, check_upgrade, http_response, parse_head, switching_protocols
 from fastgw.observe.logs import clean, url_without_query
+from fastgw.pool import hash_value
 from fastgw.upstream import accept_key, dial
 from fastgw.verdicts import Refusal
 
@@ -207,18 +208,46 @@ class Handshake(asyncio.Protocol):
         return None
 
     async def _dial(self, req: Request) -> Refusal | None:
-        """The dial phase: the backend's 101 (its leg goes to the relay), or 502/504."""
+        """The dial phase: the backend's 101 (its leg goes to the relay), or 502/504.
+        A pool's target is picked for each attempt (fastgw.pool); a failure that another
+        target may not share is tried again on one not tried yet, `retries` times at most,
+        within the policy's `timeout` for all the attempts."""
         conn, up, clock = self.conn, self.api.upgrade, self.gw.clock
+        pool = self.gw.pools[self.api.name]
         start = clock.now()
-        url = up.backend_url(self.rest, conn.admission.strip_query)
+        deadline = start + up.timeout
         headers = backend_headers(req, self.peer_ip, self.secure, self.offered, conn.admission)
-        dialled = await dial(up, url, headers, self.offered, self.relay.backend, clock)
-        if isinstance(dialled, Refusal):
+        key = None
+        if pool.hash_key is not None:
+            key = hash_value(pool.hash_key, conn.admission, req.headers, self.request.query)
+        tried: list = []
+        dialled = None
+        while True:
+            target = pool.pick(key, tried, clock.now())
+            if target is None:       # every target tried, or draining
+                return dialled or Refusal(503, "every backend target is draining", kind="capacity")
+            tried.append(target)
+            url = up.backend_url(self.rest, conn.admission.strip_query, target.endpoint)
+            target.active += 1
+            try:
+                dialled = await dial(up, url, headers, self.offered, self.relay.backend, clock,
+                                     timeout=max(0.0, deadline - clock.now()))
+            except BaseException:       # the client went away meanwhile
+                target.active -= 1
+                raise
+            if not isinstance(dialled, Refusal):
+                break
+            target.active -= 1
+            self.gw.dial_failed(target, dialled)
             reason = clean(dialled.reason)
             self.gw.log_throttle.warning(("upstream", conn.api, dialled.status, reason),
                                          "api %s: %s -> %d: %s", conn.api, url_without_query(url),
                                          dialled.status, reason)
-            return dialled
+            if (not dialled.retry or len(tried) > up.retries or clock.now() >= deadline
+                    or self.state != "upgrading"):
+                return dialled
+        self.gw.dial_ok(target)
+        conn.target = target
         conn.subprotocol = dialled.subprotocol
         conn.dial_us = (clock.now() - start) * 1e6
         return None

@@ -81,6 +81,9 @@ __all__ = [
     "EventSink",
     "RejectEvent",
     "RejectReason",
+    "TargetDownEvent",
+    "TargetDrainEvent",
+    "TargetUpEvent",
     "UpgradeEvent",
     "decode_event",
 ]
@@ -143,7 +146,39 @@ class CloseEvent(_EventBase, kw_only=True, tag="close"):
     dropped: int
 
 
-Event: TypeAlias = UpgradeEvent | RejectEvent | CloseEvent
+class TargetDownEvent(_EventBase, kw_only=True, tag="target_down"):
+    """A target of an API's pool went out of it: its active checks failed
+    (``reason: health-check``) or its dials did (``reason: outlier``, ejected for
+    ``eject_s``)."""
+
+    api: str
+    target: str                    # its URL as configured, without the query
+    reason: Literal["health-check", "outlier"]
+    detail: str
+    eject_s: float | None = None
+
+
+class TargetUpEvent(_EventBase, kw_only=True, tag="target_up"):
+    """A target is back in its pool: its active checks passed again, its ejection ended,
+    or an operator enabled it (``reason: enable``)."""
+
+    api: str
+    target: str
+    reason: Literal["health-check", "outlier", "enable"]
+
+
+class TargetDrainEvent(_EventBase, kw_only=True, tag="target_drain"):
+    """An operator began draining a target: no new connection goes to it, and its
+    ``connections`` live ones are closed with 1001 over ``grace_s``."""
+
+    api: str
+    target: str
+    grace_s: float
+    connections: int
+
+
+Event: TypeAlias = (UpgradeEvent | RejectEvent | CloseEvent | TargetDownEvent | TargetUpEvent
+                    | TargetDrainEvent)
 
 _decoder = msgspec.json.Decoder(Event)
 

@@ -45,6 +45,7 @@ class ApiMetrics:
                          "upstream_connect_us": new_histogram() if iv else None,
                          "duration_ms": new_histogram() if iv else None}
         self._encoded: dict[str, tuple[int, bytes]] = {}    # kind -> (total_count, encoding)
+        self.pool = None                                    # pool.Pool (the gateway sets it)
 
     @property
     def active(self) -> int:
