@@ -30,7 +30,7 @@ from fastgw.connection import Connection
 from fastgw.http.handshake import Handshake
 from fastgw.listeners import HandshakeTable, Listener, bind, listener_context
 from fastgw.observe import events as ev
-from fastgw.observe.logs import Throttle, clean
+from fastgw.observe.logs import Throttle, clean, url_without_query
 from fastgw.observe.metrics import Metrics, TableFullWarnings
 from fastgw.pool import build_pools
 from fastgw.routing import Router, compile_config
@@ -47,6 +47,15 @@ ACCEPT_BACKOFF_MAX = 1.0
 # key; a worker at it looks again this often (other workers' connections end unseen).
 CAP_KEY = key_hash("fastgw:limits.max-connections")
 CAP_POLL = 0.02
+# A target's drain closes the connections due at most this often (s).
+TARGET_DRAIN_TICK = 0.05
+
+
+class UnknownTarget(KeyError):
+    """No such API, or no such target in its pool (drain_target, enable_target)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown target"
 
 
 def _show(value) -> str:
@@ -104,6 +113,8 @@ class Gateway:
         self.pools = build_pools(self.router)  # API name -> pool.Pool
         self._bind_pools()
         self._eject_timers: dict = {}          # TargetState -> the timer at its ejection's end
+        # TargetState -> [schedule [(due, Connection)], next index, timer] of its drain
+        self._target_drains: dict = {}
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
         # A worker process is given the zone its supervisor shares with every worker.
@@ -559,6 +570,105 @@ class Gateway:
             self.events.emit(ev.TargetUpEvent(api=target.api, target=target.label,
                                               reason="outlier"))
 
+    # ---- draining and enabling a target (the admin API) ----------------------------
+
+    def _target(self, api: str, target: str):
+        """(pool, TargetState) of `api`'s target named `target` (its URL as configured, or
+        without its query); UnknownTarget if there is none."""
+        pool = self.pools.get(api)
+        if pool is None:
+            raise UnknownTarget(f"no API named {clean(api)!r}")
+        t = pool.find(target)
+        if t is None:
+            raise UnknownTarget(f"API {clean(api)!r} has no target "
+                                f"{clean(url_without_query(target))!r}")
+        return pool, t
+
+    @staticmethod
+    def _target_view(pool, t, now: float) -> dict:
+        return {**t.describe(now), "balance": pool.balance}
+
+    def targets(self) -> list[dict]:
+        """Every pool's targets (GET /targets): APIs in name order, targets in the order of
+        the configuration, each its TargetState.describe() and its pool's balance."""
+        now = self.clock.now()
+        return [self._target_view(pool, t, now)
+                for _, pool in sorted(self.pools.items()) for t in pool.targets]
+
+    def drain_target(self, api: str, target: str, grace: float | None = None) -> dict:
+        """An operator's drain of one target: no new connection goes to it from now on
+        (Pool.pick never chooses a draining target; one dialled before is closed as it
+        attaches), and its live connections are closed with 1001 "backend draining", spread
+        evenly over `grace` s (connection i of n at grace * i / n), so that their clients
+        reconnect to the rest of the pool a few at a time. A drain under way is replaced
+        (its schedule is made again over the new grace). `grace` None: the configuration's
+        drain-time. Returns the target's view."""
+        pool, t = self._target(api, target)
+        grace = float(self.config.drain_time) if grace is None else max(0.0, float(grace))
+        self._stop_target_drain(t)
+        t.draining = True
+        now = self.clock.now()
+        conns = list(t.conns.values())
+        n = len(conns)
+        schedule = [(now + grace * i / n, conn) for i, conn in enumerate(conns)]
+        log.warning("api %s: target %s draining: %d connections closed with 1001 over %gs",
+                    t.api, t.label, n, grace)
+        if self.events is not None:
+            self.events.emit(ev.TargetDrainEvent(api=t.api, target=t.label, grace_s=grace,
+                                                 connections=n))
+        self._target_drains[t] = [schedule, 0, None]
+        self._drain_tick(t)
+        return self._target_view(pool, t, now)
+
+    def _drain_tick(self, t) -> None:
+        """Close the connections of `t`'s drain that are due; the timer again for the next
+        one (TARGET_DRAIN_TICK s later at the soonest)."""
+        plan = self._target_drains.get(t)
+        if plan is None:
+            return
+        schedule, i, _ = plan
+        now = self.clock.now()
+        n = len(schedule)
+        while i < n and schedule[i][0] <= now:
+            conn = schedule[i][1]
+            i += 1
+            if t.conns.get(conn.id) is conn and conn.relay is not None:
+                conn.relay.close(1001, "backend draining")
+        plan[1] = i
+        if i >= n:
+            del self._target_drains[t]
+            return
+        plan[2] = self.clock.call_later(max(TARGET_DRAIN_TICK, schedule[i][0] - now),
+                                        self._drain_tick, t)
+
+    def _stop_target_drain(self, t) -> None:
+        """Cancel the closes of `t`'s drain still pending."""
+        plan = self._target_drains.pop(t, None)
+        if plan is not None and plan[2] is not None:
+            plan[2].cancel()
+
+    def _stop_target_drains(self) -> None:
+        for t in list(self._target_drains):
+            self._stop_target_drain(t)
+
+    def enable_target(self, api: str, target: str) -> dict:
+        """Bring a target back into its pool: not draining (the closes still pending are
+        cancelled), its outlier ejection cleared. Its active checks' verdict stays what
+        it is. Returns the target's view."""
+        pool, t = self._target(api, target)
+        self._stop_target_drain(t)
+        timer = self._eject_timers.pop(t, None)
+        if timer is not None:
+            timer.cancel()
+        t.draining = False
+        t.ejected_until = 0.0
+        t.ejections = 0
+        t.fails_in_row = 0
+        log.warning("api %s: target %s enabled", t.api, t.label)
+        if self.events is not None:
+            self.events.emit(ev.TargetUpEvent(api=t.api, target=t.label, reason="enable"))
+        return self._target_view(pool, t, self.clock.now())
+
     # ---- end of life -----------------------------------------------------------
 
     def relay_gone(self, relay) -> None:
@@ -754,6 +864,7 @@ class Gateway:
         else:
             log.info("draining: %d connections closed with 1001, %g s to end; new upgrades "
                      "get 503", len(self.live), grace)
+        self._stop_target_drains()       # every connection gets its 1001 now
         for hs in list(self.handshakes):
             if hs.state == "head" and not self._retired:
                 hs.refuse(Refusal(503, "gateway is shutting down"))
@@ -867,6 +978,7 @@ class Gateway:
         if self._cap_timer is not None:
             self._cap_timer.cancel()
             self._cap_timer = None
+        self._stop_target_drains()
         if self._table_timer is not None:
             self._table_timer.cancel()
             self._table_timer = None

@@ -166,7 +166,8 @@ class Supervisor:
       ([index][listener] -> sockets), `restarts_total` (reason -> count, every reason of
       REASONS), `last_snapshot` (incarnation -> snapshot, within a second), `on_retired`
       (callback(worker, last snapshot or None), called once per process reaped), `admin`,
-      `draining`, `stopping`; properties `rolling`, `addresses`.
+      `draining`, `stopping`, `drained_targets` ((api, target) drained by the admin API:
+      a worker started later is told at its "ready"); properties `rolling`, `addresses`.
       methods: `await ask(worker, op, **args)`, `await ask_all(op, **args)`, `await reload()`,
       `await drain(grace, exit=False)`, `await rolling_restart()` (RuntimeError if one is
       under way), `start_rolling_restart()` (the same in a task), `ready()`, `await status()`,
@@ -191,6 +192,9 @@ class Supervisor:
         self.admin = None
         self.draining = False
         self.stopping = False
+        # (api, target) drained by the admin API and not enabled since: a worker started
+        # later (a restart, a rolling restart) is told at its "ready".
+        self.drained_targets: set[tuple[str, str]] = set()
         self._drain_grace = 0.0
         self._incarnations = 0
         self._slots: set[int] = set()          # zone slots held (alive or not yet reconciled)
@@ -318,6 +322,9 @@ class Supervisor:
                 wp._ready.set_result(None)
             if self.draining and not self.stopping:
                 self._spawn_task(self._ask_quietly(wp, "drain", grace=self._drain_grace, exit=False))
+            for api, target in list(self.drained_targets):     # it has no connection yet
+                self._spawn_task(self._ask_quietly(wp, "drain_target", api=api, target=target,
+                                                   grace=0.0))
         elif event == "final":
             self.last_snapshot[wp.incarnation] = message.get("snapshot")
 
@@ -774,6 +781,17 @@ async def _snapshot_op(gw):
     return await snapshot_async(gw)
 
 
+def _target_op(method, *args) -> dict:
+    """The "drain_target" and "enable_target" ops: {"view": the target's view} or, for an
+    unknown API or target, {"unknown": why} (an answer, not an error: the supervisor
+    answers 404 only when every worker says so)."""
+    from fastgw.gateway import UnknownTarget
+    try:
+        return {"view": method(*args)}
+    except UnknownTarget as exc:
+        return {"unknown": str(exc)}
+
+
 async def run_worker(config, config_path, zone, slot: int, index: int, incarnation: int,
                      sockets, sock: socket.socket, drain_time: float) -> int:
     """A worker process's main coroutine, on its own fresh loop: the Gateway on the
@@ -816,6 +834,10 @@ async def run_worker(config, config_path, zone, slot: int, index: int, incarnati
         "drain": gw.drain,
         "retire": retire,
         "status": gw.status,
+        "targets": gw.targets,
+        "drain_target": lambda api, target, grace=None: _target_op(gw.drain_target, api,
+                                                                   target, grace),
+        "enable_target": lambda api, target: _target_op(gw.enable_target, api, target),
     }
     peer = await control.connect(sock, handlers=handlers,
                                  on_lost=lambda: finish("the supervisor is gone"))

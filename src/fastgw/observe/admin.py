@@ -21,6 +21,10 @@ DELETE  /connections?client=KEY          close every connection of one client
 POST    /reload                          reload the configuration file (422: not applied)
 POST    /drain?grace=SECONDS&exit=BOOL   start draining (default grace 10 s); exit=true:
                                          the process exits once the drain is over
+GET     /targets                         every pool's targets: ``{"targets": [...]}``
+POST    /targets/drain?api=&target=&grace=SECONDS   drain one target (default grace: the
+                                         configuration's drain-time); 404: no such target
+POST    /targets/enable?api=&target=     bring a drained (or ejected) target back
 GET     /workers                         the worker processes (a supervisor's backend only)
 POST    /workers/restart                 202: a rolling restart started; 409: one is under
                                          way (a supervisor's backend only)
@@ -128,6 +132,22 @@ class AdminBackend(Protocol):
     async def drain(self, grace: float, exit: bool = False) -> None:
         """Start draining (returns once it has started, not when it ends); with `exit`, the
         process exits once the drain is over."""
+        ...
+
+
+    def targets(self) -> "list[dict] | Awaitable[list[dict]]":
+        """Every pool's targets: [{"api", "target", "balance", "weight", "state", "up",
+        "connections", "dial_failures", "ejected_for", "health_check"}]."""
+        ...
+
+    def drain_target(self, api: str, target: str,
+                     grace: float | None) -> "dict | Awaitable[dict]":
+        """Drain one target (grace None: the configuration's drain-time); its view.
+        KeyError (fastgw.gateway.UnknownTarget) for an unknown API or target."""
+        ...
+
+    def enable_target(self, api: str, target: str) -> "dict | Awaitable[dict]":
+        """Bring one target back; its view. KeyError for an unknown API or target."""
         ...
 
 
@@ -306,6 +326,60 @@ async def _drain(request: web.Request) -> web.Response:
     return web.json_response({"draining": True, "exit": exit_}, status=202)
 
 
+def _grace(text: str | None) -> float | None:
+    """?grace=SECONDS: None when absent; ValueError unless a finite number >= 0."""
+    if text is None:
+        return None
+    try:
+        grace = float(text)
+    except ValueError:
+        grace = math.nan
+    if not math.isfinite(grace) or grace < 0:
+        raise ValueError(f"grace must be a number of seconds >= 0, not {clean(text)!r}")
+    return grace
+
+
+def _api_target(request: web.Request) -> tuple[str, str]:
+    """?api=&target=, both needed (ValueError)."""
+    api, target = _query_value(request, "api"), _query_value(request, "target")
+    if api is None or target is None:
+        raise ValueError("give the API and the target: ?api=NAME&target=URL")
+    return api, target
+
+
+async def _targets(request: web.Request) -> web.Response:
+    return web.json_response({"targets": list(await _value(_backend(request).targets()))})
+
+
+async def _drain_target(request: web.Request) -> web.Response:
+    try:
+        api, target = _api_target(request)
+        grace = _grace(request.query.get("grace"))
+    except ValueError as exc:
+        return _error(400, str(exc))
+    try:
+        view = await _value(_backend(request).drain_target(api, target, grace))
+    except KeyError as exc:
+        return _error(404, str(exc))
+    except ConnectionError as exc:            # workers > 1: no worker answered
+        return _error(503, str(exc))
+    return web.json_response(view)
+
+
+async def _enable_target(request: web.Request) -> web.Response:
+    try:
+        api, target = _api_target(request)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    try:
+        view = await _value(_backend(request).enable_target(api, target))
+    except KeyError as exc:
+        return _error(404, str(exc))
+    except ConnectionError as exc:            # workers > 1: no worker answered
+        return _error(503, str(exc))
+    return web.json_response(view)
+
+
 async def _workers(request: web.Request) -> web.Response:
     return web.json_response(list(await _value(_backend(request).workers())))
 
@@ -383,6 +457,9 @@ def create_app(backend: AdminBackend, token: str | None) -> web.Application:
     app.router.add_delete("/connections/{conn_id}", _close_connection)
     app.router.add_post("/reload", _reload)
     app.router.add_post("/drain", _drain)
+    app.router.add_get("/targets", _targets)
+    app.router.add_post("/targets/drain", _drain_target)
+    app.router.add_post("/targets/enable", _enable_target)
     if hasattr(backend, "workers") and hasattr(backend, "restart_workers"):
         app.router.add_get("/workers", _workers)
         app.router.add_post("/workers/restart", _restart_workers)

@@ -31,8 +31,8 @@ from hdrh.histogram import HdrHistogram
 from fastgw.observe.metrics import Exposition, _label, _num, api_sample, process_sample
 from fastgw.observe.histograms import new_histogram
 
-__all__ = ["RESTART_REASONS", "SNAPSHOT_TIMEOUT", "SupervisorBackend", "Totals", "snapshot",
-           "snapshot_async"]
+__all__ = ["RESTART_REASONS", "SNAPSHOT_TIMEOUT", "SupervisorBackend", "Totals", "merge_targets",
+           "snapshot", "snapshot_async"]
 
 log = logging.getLogger("fastgw.admin")
 
@@ -253,6 +253,40 @@ class Totals:
         return merged if found else None
 
 
+#: A target's states, the most severe first: the merged state is the most severe of the
+#: workers' (one worker that sees it unhealthy is enough to say so).
+_SEVERITY = ("draining", "unhealthy", "ejected", "healthy")
+
+
+def merge_targets(per_worker: Iterable[list[dict]]) -> list[dict]:
+    """The workers' GET /targets lists as one: by (api, target), in the order first seen;
+    connections and dial_failures summed, the state the most severe of the workers'
+    (draining > unhealthy > ejected > healthy), up only if up in every worker, ejected_for
+    the longest, health_check the latest (by its "at")."""
+    merged: dict[tuple, dict] = {}
+    for rows in per_worker:
+        for row in rows:
+            key = (row["api"], row["target"])
+            m = merged.get(key)
+            if m is None:
+                merged[key] = dict(row)
+                continue
+            m["connections"] += row["connections"]
+            m["dial_failures"] += row["dial_failures"]
+            m["state"] = min(m["state"], row["state"], key=_severity)
+            m["up"] = bool(m["up"] and row["up"])
+            m["ejected_for"] = max(m.get("ejected_for", 0.0), row.get("ejected_for", 0.0))
+            check = row.get("health_check")
+            if check is not None and (m.get("health_check") is None
+                                      or check.get("at", 0) > m["health_check"].get("at", 0)):
+                m["health_check"] = check
+    return list(merged.values())
+
+
+def _severity(state: str) -> int:
+    return _SEVERITY.index(state) if state in _SEVERITY else len(_SEVERITY)
+
+
 def _copy_api(s: dict) -> dict:
     out = _empty_api()
     _add_api(out, s, gauges=True)
@@ -396,6 +430,45 @@ class SupervisorBackend:
 
     async def drain(self, grace: float, exit: bool = False) -> None:
         await self.sup.drain(grace, exit)
+
+    # ---- the pools' targets -------------------------------------------------------------
+
+    async def _ask_serving(self, op: str, **args) -> list:
+        """`op` on every serving worker at once (at most `timeout` s each); the answers of
+        those that answered."""
+        workers = [w for w in self._workers() if self._serving(w)]
+        answers = await asyncio.gather(*(self._ask(w, op, **args) for w in workers),
+                                       return_exceptions=True)
+        return [a for a in answers if not isinstance(a, BaseException)]
+
+    async def targets(self) -> list[dict]:
+        """GET /targets: every worker's targets merged by (api, target) (merge_targets)."""
+        return merge_targets(await self._ask_serving("targets"))
+
+    async def drain_target(self, api: str, target: str, grace: float | None) -> dict:
+        return await self._target_op("drain_target", api=api, target=target, grace=grace)
+
+    async def enable_target(self, api: str, target: str) -> dict:
+        return await self._target_op("enable_target", api=api, target=target)
+
+    async def _target_op(self, op: str, **args) -> dict:
+        """drain_target / enable_target on every serving worker: the merged view of the
+        target; KeyError (UnknownTarget) when every worker says it does not know it."""
+        from fastgw.gateway import UnknownTarget
+        answers = [a for a in await self._ask_serving(op, **args) if isinstance(a, dict)]
+        views = [a["view"] for a in answers if a.get("view") is not None]
+        if not views:
+            if answers:
+                raise UnknownTarget(answers[0].get("unknown") or "unknown target")
+            raise ConnectionError("no worker answered")
+        key = (views[0]["api"], views[0]["target"])
+        drained = getattr(self.sup, "drained_targets", None)
+        if drained is not None:
+            if op == "drain_target":
+                drained.add(key)
+            else:
+                drained.discard(key)
+        return merge_targets([views])[0]
 
     # ---- the supervisor's own routes ------------------------------------------------
 
