@@ -608,7 +608,8 @@ class Gateway:
         self._stop_target_drain(t)
         t.draining = True
         now = self.clock.now()
-        conns = list(t.conns.values())
+        # Its live connections (not those closing already, by whichever side).
+        conns = [c for c in t.conns.values() if c.relay is not None and c.relay.end_side is None]
         n = len(conns)
         schedule = [(now + grace * i / n, conn) for i, conn in enumerate(conns)]
         log.warning("api %s: target %s draining: %d connections closed with 1001 over %gs",
@@ -632,8 +633,9 @@ class Gateway:
         while i < n and schedule[i][0] <= now:
             conn = schedule[i][1]
             i += 1
-            if t.conns.get(conn.id) is conn and conn.relay is not None:
-                conn.relay.close(1001, "backend draining")
+            relay = conn.relay
+            if relay is not None and relay.end_side is None and t.conns.get(conn.id) is conn:
+                relay.close(1001, "backend draining")
         plan[1] = i
         if i >= n:
             del self._target_drains[t]

@@ -14,7 +14,9 @@ import aiohttp
 import pytest
 
 from conftest import gateway_yaml
-from wire import CLOSE, close_payload, frame, open_ws, read_close
+from fastgw.observe.events import TargetDrainEvent
+from wire import (CLOSE, TEXT, accept_upgrade, close_payload, frame, free_port, open_ws,
+                  read_close, read_frame)
 from workerlib import CountingBackend
 
 N = 300
@@ -157,3 +159,169 @@ async def test_drain_300_connections_spread_over_the_grace_reconnect_to_b_enable
     assert f"target {ta} draining: {N} connections closed with 1001 over 3s" in err
     assert f"target {ta} enabled" in err
     assert "Traceback" not in err
+
+
+# ---- the drain's schedule, in this process ----------------------------------------------------
+
+
+@pytest.fixture
+async def echo_pair():
+    """Two bundled echo backends on this loop; yields (port A, port B)."""
+    from fastgw.echo import close_connections, serve, server_port
+    servers = [await serve("127.0.0.1", 0) for _ in range(2)]
+    yield tuple(server_port(s) for s in servers)
+    for s in servers:
+        close_connections(s)
+        s.close()
+
+
+class Events:
+    """An event sink keeping the events emitted (gw.events)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def emit(self, event) -> None:
+        self.seen.append(event)
+
+    def of(self, kind) -> list:
+        return [e for e in self.seen if isinstance(e, kind)]
+
+
+async def on_a(rg, a: int, b: int, n: int) -> list:
+    """n live connections, all on A (B drained at once while they connect, then enabled)."""
+    gw = rg.gw
+    gw.drain_target("chat", f"ws://127.0.0.1:{b}/", 0)
+    clients = [await open_ws(rg.port) for _ in range(n)]
+    gw.enable_target("chat", f"ws://127.0.0.1:{b}/")
+    assert {c.target.label for c in gw.live.values()} == {f"ws://127.0.0.1:{a}/"}
+    assert len(gw.live) == n
+    return clients
+
+
+async def closes(clients, timeout: float) -> list:
+    """(code, reason) of each client's CLOSE, or None when none came within `timeout`."""
+    async def one(reader, writer):
+        try:
+            code, reason = (await read_close(reader, timeout))[0].close
+        except (TimeoutError, asyncio.TimeoutError):
+            return None
+        writer.write(frame(CLOSE, close_payload(code)))      # the client's answer
+        return code, reason
+    return list(await asyncio.gather(*(one(r, w) for r, w in clients)))
+
+
+def close_all(clients) -> None:
+    for _, w in clients:
+        w.close()
+
+
+async def test_a_second_drain_replaces_the_first_schedule(gateway_factory, echo_pair):
+    a, b = echo_pair
+    rg = await gateway_factory(pool_yaml(a, b))
+    clients = await on_a(rg, a, b, 10)
+    events = rg.gw.events = Events()
+    try:
+        rg.gw.drain_target("chat", f"ws://127.0.0.1:{a}/", 60)     # one now, the next in 6 s
+        got = await closes(clients, 0.3)
+        assert got.count((1001, b"backend draining")) == 1 and got.count(None) == 9
+        t0 = time.monotonic()
+        view = rg.gw.drain_target("chat", f"ws://127.0.0.1:{a}/", 0.5)
+        assert view["state"] == "draining"
+        rest = [c for c, g in zip(clients, got) if g is None]
+        assert await closes(rest, 2.0) == [(1001, b"backend draining")] * 9
+        assert time.monotonic() - t0 < 1.0
+        drains = events.of(TargetDrainEvent)
+        assert [(e.api, e.target, e.grace_s) for e in drains] == [
+            ("chat", f"ws://127.0.0.1:{a}/", 60.0), ("chat", f"ws://127.0.0.1:{a}/", 0.5)]
+        assert drains[0].connections == 10 and drains[1].connections == 9
+    finally:
+        close_all(clients)
+
+
+async def test_enable_cancels_the_closes_still_pending_and_the_rest_stay_live(
+        gateway_factory, echo_pair):
+    from fastgw.observe.events import TargetUpEvent
+    a, b = echo_pair
+    rg = await gateway_factory(pool_yaml(a, b))
+    clients = await on_a(rg, a, b, 10)
+    events = rg.gw.events = Events()
+    try:
+        rg.gw.drain_target("chat", f"ws://127.0.0.1:{a}/", 20)     # one close every 2 s
+        got = await closes(clients, 0.3)
+        assert got.count(None) == 9
+        view = rg.gw.enable_target("chat", f"ws://127.0.0.1:{a}/")
+        assert view["state"] == "healthy" and view["connections"] in (9, 10)
+        assert not rg.gw._target_drains
+        assert [(e.target, e.reason) for e in events.of(TargetUpEvent)] == [
+            (f"ws://127.0.0.1:{a}/", "enable")]
+        rest = [c for c, g in zip(clients, got) if g is None]
+        assert await closes(rest, 2.5) == [None] * 9         # past the next one's due time
+        for reader, writer in rest:                          # and they still relay
+            writer.write(frame(TEXT, b"still here"))
+            f = await read_frame(reader)
+            assert f.payload == b"still here"
+    finally:
+        close_all(clients)
+
+
+async def test_grace_0_closes_every_connection_at_once(gateway_factory, echo_pair):
+    a, b = echo_pair
+    rg = await gateway_factory(pool_yaml(a, b))
+    clients = await on_a(rg, a, b, 20)
+    try:
+        rg.gw.drain_target("chat", f"ws://127.0.0.1:{a}/", 0)
+        assert not rg.gw._target_drains                      # nothing left to schedule
+        assert await closes(clients, 1.0) == [(1001, b"backend draining")] * 20
+    finally:
+        close_all(clients)
+
+
+async def test_a_connection_dialled_before_the_drain_is_closed_as_it_attaches(gateway_factory):
+    """A's 101 comes after the drain began: the client gets its 101, then 1001 at once."""
+    go = asyncio.Event()
+    held = []
+
+    async def slow_backend(reader, writer):
+        held.append(writer)
+        await go.wait()
+        await accept_upgrade(reader, writer)
+
+    server = await asyncio.start_server(slow_backend, "127.0.0.1", 0)
+    a = server.sockets[0].getsockname()[1]
+    rg = await gateway_factory(pool_yaml(a, free_port()))
+    b_url = rg.gw.pools["chat"].targets[1].url
+    rg.gw.drain_target("chat", b_url, 0)                     # only A is left
+    try:
+        opening = asyncio.ensure_future(open_ws(rg.port))
+        deadline = time.monotonic() + 5
+        while not held and time.monotonic() < deadline:     # the dial reached A
+            await asyncio.sleep(0.01)
+        assert held
+        rg.gw.drain_target("chat", f"ws://127.0.0.1:{a}/", 5)
+        go.set()
+        reader, writer = await asyncio.wait_for(opening, 5)
+        try:
+            assert await closes([(reader, writer)], 1.0) == [(1001, b"backend draining")]
+        finally:
+            writer.close()
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+
+
+async def test_the_gateways_drain_cancels_a_targets_drain(gateway_factory, echo_pair):
+    a, b = echo_pair
+    rg = await gateway_factory(pool_yaml(a, b))
+    clients = await on_a(rg, a, b, 5)
+    try:
+        rg.gw.drain_target("chat", f"ws://127.0.0.1:{a}/", 30)
+        assert rg.gw._target_drains
+        await rg.gw.drain(2.0)
+        got = await closes(clients, 2.0)
+        assert not rg.gw._target_drains
+        assert got[0] == (1001, b"backend draining")
+        assert got[1:] == [(1001, b"gateway shutting down")] * 4
+    finally:
+        close_all(clients)
