@@ -261,7 +261,8 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             sockets = self.sockets[index]
             status = self.runner(run_worker(self.config, self.config_path, self.zone, slot,
-                                            index, incarnation, sockets, sock, self.grace()))
+                                            index, incarnation, sockets, sock, self.grace(),
+                                            drained=sorted(self.drained_targets)))
         except BaseException:
             traceback.print_exc()
         finally:
@@ -322,7 +323,8 @@ class Supervisor:
                 wp._ready.set_result(None)
             if self.draining and not self.stopping:
                 self._spawn_task(self._ask_quietly(wp, "drain", grace=self._drain_grace, exit=False))
-            for api, target in list(self.drained_targets):     # it has no connection yet
+            # Forked before a drain (a rolling restart's new process): told now.
+            for api, target in list(self.drained_targets):
                 self._spawn_task(self._ask_quietly(wp, "drain_target", api=api, target=target,
                                                    grace=0.0))
         elif event == "final":
@@ -793,9 +795,11 @@ def _target_op(method, *args) -> dict:
 
 
 async def run_worker(config, config_path, zone, slot: int, index: int, incarnation: int,
-                     sockets, sock: socket.socket, drain_time: float) -> int:
+                     sockets, sock: socket.socket, drain_time: float,
+                     drained: list | None = None) -> int:
     """A worker process's main coroutine, on its own fresh loop: the Gateway on the
-    supervisor's sockets for `index`, its control channel, its heartbeat. Exit status."""
+    supervisor's sockets for `index`, its control channel, its heartbeat. Exit status.
+    `drained`: the (api, target) drained by the admin API, drained here before the start."""
     from fastgw.gateway import Gateway
     from fastgw.observe.events import EventSink
     zone.set_worker(slot)
@@ -841,6 +845,8 @@ async def run_worker(config, config_path, zone, slot: int, index: int, incarnati
     }
     peer = await control.connect(sock, handlers=handlers,
                                  on_lost=lambda: finish("the supervisor is gone"))
+    for api, target in drained or ():
+        _target_op(gw.drain_target, api, target, 0.0)    # a reload may have removed it
     try:
         await gw.start()
     except OSError as exc:
