@@ -635,7 +635,11 @@ class Gateway:
             i += 1
             relay = conn.relay
             if relay is not None and relay.end_side is None and t.conns.get(conn.id) is conn:
-                relay.close(1001, "backend draining")
+                try:
+                    relay.close(1001, "backend draining")
+                except Exception:            # a bug: the drain goes on with the others
+                    log.exception("api %s: target %s: closing connection %d failed",
+                                  t.api, t.label, conn.id)
         plan[1] = i
         if i >= n:
             del self._target_drains[t]

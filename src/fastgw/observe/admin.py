@@ -22,8 +22,8 @@ POST    /reload                          reload the configuration file (422: not
 POST    /drain?grace=SECONDS&exit=BOOL   start draining (default grace 10 s); exit=true:
                                          the process exits once the drain is over
 GET     /targets                         every pool's targets: ``{"targets": [...]}``
-POST    /targets/drain?api=&target=&grace=SECONDS   drain one target (default grace: the
-                                         configuration's drain-time); 404: no such target
+POST    /targets/drain?api=&target=      drain one target: 1001 to its connections spread
+        &grace=SECONDS                   over the grace (default: drain-time); 404: unknown
 POST    /targets/enable?api=&target=     bring a drained (or ejected) target back
 GET     /workers                         the worker processes (a supervisor's backend only)
 POST    /workers/restart                 202: a rolling restart started; 409: one is under
