@@ -455,19 +455,25 @@ class SupervisorBackend:
         """drain_target / enable_target on every serving worker: the merged view of the
         target; KeyError (UnknownTarget) when every worker says it does not know it."""
         from fastgw.gateway import UnknownTarget
+        from fastgw.observe.logs import url_without_query
+        # Remembered before asking: a worker ready meanwhile is told at its "ready".
+        drained = getattr(self.sup, "drained_targets", None)
+        if drained is None:
+            drained = set()
+        key = (args["api"], url_without_query(args["target"]))
+        before = key in drained
+        if op == "drain_target":
+            drained.add(key)
+        else:
+            drained.discard(key)
         answers = [a for a in await self._ask_serving(op, **args) if isinstance(a, dict)]
         views = [a["view"] for a in answers if a.get("view") is not None]
         if not views:
+            if not before:
+                drained.discard(key)
             if answers:
                 raise UnknownTarget(answers[0].get("unknown") or "unknown target")
             raise ConnectionError("no worker answered")
-        key = (views[0]["api"], views[0]["target"])
-        drained = getattr(self.sup, "drained_targets", None)
-        if drained is not None:
-            if op == "drain_target":
-                drained.add(key)
-            else:
-                drained.discard(key)
         return merge_targets([views])[0]
 
     # ---- the supervisor's own routes ------------------------------------------------
