@@ -5,9 +5,12 @@ a run of results gives a target, and the loops that start(), a reload and close(
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import pytest
+import trustme
+from websockets.asyncio.server import serve as ws_serve
 
 from conftest import gateway_yaml
 from fastgw import config as cfgmod
@@ -243,3 +246,126 @@ async def test_loops_follow_start_reload_and_close(tmp_path):
     assert gw.health.loops == {}
     await asyncio.sleep(0)
     assert all(loop.task.done() for loop in loops)
+
+
+# ---- a real third-party backend with a /health path, over TLS too ------------------------
+
+class HealthBackend:
+    """A `websockets` server that upgrades /health only (404 elsewhere) and keeps the close
+    code of each connection; with `cert` (trustme), over TLS."""
+
+    def __init__(self, cert=None):
+        self.codes: list[int | None] = []
+        self.ctx = None
+        if cert is not None:
+            self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            cert.configure_cert(self.ctx)
+
+    async def __aenter__(self):
+        async def handler(conn):
+            try:
+                await conn.wait_closed()
+            finally:
+                self.codes.append(conn.close_code)
+
+        def only_health(conn, request):
+            if request.path != "/health":
+                return conn.respond(404, "no such path\n")
+            return None
+
+        self.server = await ws_serve(handler, "127.0.0.1", 0, ssl=self.ctx,
+                                     process_request=only_health)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def wait_codes(self, n: int) -> list:
+        deadline = time.monotonic() + 2
+        while len(self.codes) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.codes
+
+
+async def test_a_websockets_backend_is_healthy_on_its_health_path_only():
+    async with HealthBackend() as srv:
+        assert await check(target(srv.port), hc(path="/health"), Clock()) is None
+        assert await check(target(srv.port), hc(path="/"), Clock()) == "answered HTTP 404 instead of 101"
+        assert await srv.wait_codes(1) == [1000]
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+async def test_wss_targets_are_checked_with_the_apis_tls_context(ca):
+    cert = ca.issue_cert("api.internal")
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    wss = lambda port: parse_target(f"wss://127.0.0.1:{port}/")  # noqa: E731
+    async with HealthBackend(cert) as srv:
+        assert await check(wss(srv.port), hc(path="/health"), Clock(), trusting,
+                           "api.internal") is None
+        assert await srv.wait_codes(1) == [1000]
+        # The certificate does not name 127.0.0.1: without the server name, it is refused;
+        # without the CA too.
+        detail = await check(wss(srv.port), hc(path="/health"), Clock(), trusting)
+        assert detail.startswith("backend certificate rejected"), detail
+        detail = await check(wss(srv.port), hc(path="/health"), Clock(), ssl.create_default_context(),
+                             "api.internal")
+        assert detail.startswith("backend certificate rejected"), detail
+        # A tcp check of a wss target is a bare connect: no TLS.
+        assert await check(wss(srv.port), hc(tcp=True), Clock()) is None
+
+
+# ---- the target metrics, and their sum over workers -----------------------------------------
+
+def test_target_metrics_sum_over_workers_with_up_the_minimum():
+    from conftest import samples
+    from fastgw.observe.aggregate import Totals, snapshot
+    from fastgw.pool import DIAL_FAILURE_REASONS
+
+    def worker(ports):
+        return Gateway(cfgmod.loads(pool_yaml(ports, "health-check: {}"), "yaml", "t.yaml"))
+
+    g1, g2 = worker([1, 2]), worker([1, 3])
+    a1, b1 = g1.pools["test"].targets
+    a2, c2 = g2.pools["test"].targets
+    a1.healthy = False                              # down for worker 1 only
+    a1.dial_failures = {"refused": 2, "timeout": 1}
+    a2.dial_failures = {"refused": 5}
+    a1.health_checks = {"failure": 2}
+    a2.health_checks = {"success": 4, "failure": 1}
+    a1.active, a2.active, c2.active = 1, 2, 7
+    c2.ejected_until = g2.clock.now() + 60          # ejected: down
+    one = samples(Totals().render([snapshot(g1)], 1, {}))
+    label = lambda port: {"api": "test", "target": f"ws://127.0.0.1:{port}/"}  # noqa: E731
+
+    def v(m, name, port, **kw):
+        return m.get((name, frozenset({**label(port), **kw}.items())))
+
+    assert v(one, "fastgw_target_up", 1) == 0 and v(one, "fastgw_target_up", 2) == 1
+    assert [v(one, "fastgw_target_dial_failures_total", 1, reason=r) for r in DIAL_FAILURE_REASONS] \
+        == [2, 0, 0, 0, 0, 1, 0, 0]
+    m = samples(Totals().render([snapshot(g1), snapshot(g2)], 2, {}))
+    assert v(m, "fastgw_target_up", 1) == 0                      # the minimum
+    assert v(m, "fastgw_target_up", 2) == 1 and v(m, "fastgw_target_up", 3) == 0   # as it is
+    assert v(m, "fastgw_target_connections_active", 1) == 3
+    assert v(m, "fastgw_target_connections_active", 3) == 7
+    assert v(m, "fastgw_target_dial_failures_total", 1, reason="refused") == 7
+    assert v(m, "fastgw_target_dial_failures_total", 1, reason="timeout") == 1
+    assert v(m, "fastgw_target_health_checks_total", 1, result="failure") == 3
+    assert v(m, "fastgw_target_health_checks_total", 1, result="success") == 4
+    assert v(m, "fastgw_target_health_checks_total", 3, result="success") == 0
+    # Worker 1 retired: its counters stay, its gauges go; b is known to it only.
+    totals = Totals()
+    totals.fold(snapshot(g1))
+    m = samples(totals.render([snapshot(g2)], 1, {}))
+    assert v(m, "fastgw_target_up", 1) == 1 and v(m, "fastgw_target_up", 2) is None
+    assert v(m, "fastgw_target_connections_active", 1) == 2
+    assert v(m, "fastgw_target_connections_active", 2) == 0
+    assert v(m, "fastgw_target_dial_failures_total", 1, reason="refused") == 7
+    assert v(m, "fastgw_target_dial_failures_total", 2, reason="refused") == 0
