@@ -132,8 +132,10 @@ class _Loop:
                 self.owner.record(t, hc, detail)
             except asyncio.CancelledError:
                 raise
-            except Exception:             # a bug here must not end the checks
-                log.exception("api %s: health check of %s failed", t.api, t.label)
+            except Exception as exc:      # a bug here must not end the checks
+                gw.log_throttle.log(logging.ERROR, ("health", t.api, type(exc).__name__),
+                                    "api %s: internal error in a health check of %s",
+                                    t.api, t.label, exc_info=exc)
             await self._sleep(max(0.0, interval - (gw.clock.now() - began)))
 
     def stop(self) -> None:

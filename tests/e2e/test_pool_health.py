@@ -99,14 +99,13 @@ async def test_a_target_killed_under_load(gateway_factory, admin_for, tmp_path):
         # Both healthy, both checked: the checks are no dials.
         await wait_for(lambda: tb.health_checks.get("success", 0) >= 2, 3 * INTERVAL + 1, "checks")
         assert tb.dial_failures == {} and ta.dial_failures == {}
-        assert tb.conns or tb.active or load.ok          # b takes its share
         # b's port is closed (its server stopped; its few live echoes end on their own).
         b.close()
         killed = time.monotonic()
         await wait_for(lambda: tb.ejected_until > gw.clock.now(), 2, "outlier ejection")
         ejected_after = time.monotonic() - killed
-        down_after = await wait_for(lambda: not tb.healthy,
-                                    INTERVAL * UNHEALTHY_AFTER + 1, "health-check down")
+        await wait_for(lambda: not tb.healthy, INTERVAL * UNHEALTHY_AFTER + 1 - ejected_after,
+                       "health-check down")
         down_after = time.monotonic() - killed
         m = await get_metrics(admin)
         label = dict(api="test", target=tb.label)
@@ -119,8 +118,8 @@ async def test_a_target_killed_under_load(gateway_factory, admin_for, tmp_path):
         # b comes back on the same port.
         b = await echo_serve("127.0.0.1", port_b)
         back = time.monotonic()
-        await wait_for(lambda: tb.healthy, INTERVAL * HEALTHY_AFTER + 1, "health-check up")
-        up_after = time.monotonic() - back
+        up_after = await wait_for(lambda: tb.healthy, INTERVAL * HEALTHY_AFTER + 1,
+                                  "health-check up")
         await wait_for(lambda: tb.up(gw.clock.now()), 2.5, "ejection over")
         served = tb.health_checks.get("success", 0)
         await asyncio.sleep(0.3)
