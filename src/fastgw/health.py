@@ -55,7 +55,7 @@ async def _probe(endpoint, hc, ssl_context, server_name) -> str | None:
     request = f"GET {hc.path} HTTP/1.1\r\n{fixed}\r\nSec-WebSocket-Key: {key}\r\n\r\n"
     kwargs = {}
     if secure:
-        kwargs["ssl"] = ssl_context
+        kwargs["ssl"] = ssl_context if ssl_context is not None else True   # system trust
         if server_name:
             kwargs["server_hostname"] = server_name
     done = loop.create_future()

@@ -369,3 +369,40 @@ def test_target_metrics_sum_over_workers_with_up_the_minimum():
     assert v(m, "fastgw_target_connections_active", 2) == 0
     assert v(m, "fastgw_target_dial_failures_total", 1, reason="refused") == 7
     assert v(m, "fastgw_target_dial_failures_total", 2, reason="refused") == 0
+
+
+async def test_the_checks_run_on_the_gateways_clock():
+    """With a SimClock nothing is checked until time moves: the first check comes within
+    one interval (its random offset), then one per interval."""
+    from fastgw.clock import SimClock
+    server = await echo_serve("127.0.0.1", 0)
+    clock = SimClock()
+    gw = Gateway(cfgmod.loads(pool_yaml([server_port(server)], "health-check: {interval: 10s}"),
+                              "yaml", "t.yaml"), clock=clock)
+    try:
+        await gw.start()
+        (t,) = gw.pools["test"].targets
+        count = lambda: t.health_checks.get("success", 0)  # noqa: E731
+
+        async def settle(n: int) -> None:
+            deadline = time.monotonic() + 2
+            while count() < n:
+                assert time.monotonic() < deadline, t.health_checks
+                await asyncio.sleep(0.005)
+            for _ in range(5):
+                await asyncio.sleep(0)         # the loop's next sleep is set
+        await asyncio.sleep(0.05)
+        assert count() == 0                    # time has not moved
+        clock.advance(10.0)
+        await settle(1)
+        assert t.last_check["at"] == clock.wall() and t.last_check["result"] == "success"
+        for n in (2, 3):
+            clock.advance(9.9)
+            await asyncio.sleep(0.05)
+            assert count() == n - 1
+            clock.advance(0.1)
+            await settle(n)
+        assert t.health_checks == {"success": 3}
+    finally:
+        await gw.close()
+        server.close()
