@@ -27,6 +27,7 @@ from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accept
                            derived_max_connections, raise_fd_limit)
 from fastgw.clock import Clock
 from fastgw.connection import Connection
+from fastgw.health import HealthChecks
 from fastgw.http.handshake import Handshake
 from fastgw.listeners import HandshakeTable, Listener, bind, listener_context
 from fastgw.observe import events as ev
@@ -115,6 +116,7 @@ class Gateway:
         self._eject_timers: dict = {}          # TargetState -> the timer at its ejection's end
         # TargetState -> [schedule [(due, Connection)], next index, timer] of its drain
         self._target_drains: dict = {}
+        self.health = HealthChecks(self)       # the active checks (fastgw.health), from start()
         # Linear probing with a bounded probe finds no slot for a few keys past
         # about 60% load: twice the slots keeps max-keys active keys well below it.
         # A worker process is given the zone its supervisor shares with every worker.
@@ -216,6 +218,7 @@ class Gateway:
         self._apply_limits(self.config)
         self._open = True
         self._update_accepting()
+        self.health.update()
         return self.addresses
 
     def _apply_limits(self, config) -> None:
@@ -535,7 +538,9 @@ class Gateway:
     def _bind_pools(self) -> None:
         """Each API's metrics show its pool's targets."""
         for name, pool in self.pools.items():
-            self.metrics.api(name).pool = pool
+            am = self.metrics.api(name)
+            am.pool = pool
+            am.now = self.clock.now
 
     def dial_ok(self, target) -> None:
         self.pools[target.api].dial_ok(target, self.clock.now())
@@ -829,6 +834,7 @@ class Gateway:
                 conn.removal_timer = self.clock.call_later(
                     grace, conn.relay.close, 1001, "API removed by reload")
         self._update_accepting()
+        self.health.update()
         changes = [f"+{listener.describe()}" for listener in opened]
         changes += [f"-{listener.host}:{listener.port}" for listener in removed]
         log.warning("configuration reloaded from %s%s", self.config_path,
@@ -880,6 +886,7 @@ class Gateway:
         if not await self._wait_live_gone(grace):
             log.warning("drain time over: cutting %d connections", len(self.live))
             self._cut()
+        self.health.close()
         log.info("drained")
 
     async def _wait_live_gone(self, timeout: float) -> bool:
@@ -977,6 +984,7 @@ class Gateway:
             return
         self._open = False
         self._update_accepting_off()
+        self.health.close()
         self.handshakes.wake = None
         if self._native_timer is not None:
             self._native_timer.cancel()

@@ -157,7 +157,8 @@ def counters(m: dict) -> dict:
     """The samples of counters (and histogram buckets/sums/counts): those that never go down."""
     return {k: v for k, v in m.items()
             if not k[0].startswith(("fastgw_connections_active", "fastgw_connections_max",
-                                    "fastgw_workers"))}
+                                    "fastgw_workers", "fastgw_target_connections_active",
+                                    "fastgw_target_up"))}
 
 
 async def test_snapshot_is_plain_data_and_renders_as_the_gateway_does(gateway_factory, echo_backend):
@@ -187,9 +188,14 @@ async def test_the_sum_of_two_gateways_has_the_families_of_one(gateway_factory, 
                            restarts={"signal": 3, "rolling": 2})
     assert families(text) == families(await g1.gw.metrics_text()) + list(WORKER_FAMILIES)
     m = samples(text)
+    # A target is up where every worker finds it up (the minimum); the rest are sums.
+    up = {k: min(one.get(k, 1), two.get(k, 1)) for k in set(one) | set(two)
+          if k[0] == "fastgw_target_up"}
     expected = {k: one.get(k, 0) + two.get(k, 0) for k in set(one) | set(two)}
+    expected.update(up)
     got = {k: v for k, v in m.items() if not k[0].startswith(WORKER_FAMILIES)}
     assert got == pytest.approx(expected)
+    assert up and set(up.values()) == {1.0}
     # The figures are those of the traffic.
     a_req = frozenset({("api", "a"), ("direction", "request")})
     assert m[("fastgw_messages_total", a_req)] == 10 + 7 + 1

@@ -58,7 +58,8 @@ def v(m: dict, name: str, **labels) -> float:
 def counters(m: dict) -> dict:
     return {k: x for k, x in m.items()
             if not k[0].startswith(("fastgw_connections_active", "fastgw_connections_max",
-                                    "fastgw_workers"))}
+                                    "fastgw_workers", "fastgw_target_connections_active",
+                                    "fastgw_target_up"))}
 
 
 async def test_one_admin_api_over_two_workers(tmp_path, echo_backend):

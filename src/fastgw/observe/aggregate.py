@@ -119,7 +119,7 @@ def _empty_api() -> dict:
     return {"active": 0, "accepted": 0, "rejected": {}, "closes": [],
             "flows": {d: {"messages": 0, "bytes": 0, "rejected": 0, "delayed": 0, "dropped": 0,
                           "sizes": []} for d in ("request", "response")},
-            "latency": {}}
+            "latency": {}, "targets": []}
 
 
 def _empty_process() -> dict:
@@ -153,6 +153,27 @@ def _add_api(into: dict, s: dict, gauges: bool) -> None:
         _add_list(mine["buckets"], h["buckets"])
         mine["sum"] += h["sum"]
         mine["count"] += h["count"]
+    _add_targets(into["targets"], s.get("targets", ()), gauges)
+
+
+def _add_targets(into: list, more, gauges: bool) -> None:
+    """A pool's targets over workers, by label: counters summed, `active` summed and `up`
+    the minimum (the target is up only where every worker finds it up); a target known
+    to one worker only counts as that worker has it. Folded (not `gauges`): the
+    counters only (`up` None until a live worker tells it)."""
+    mine = {t["target"]: t for t in into}
+    for t in more:
+        kept = mine.get(t["target"])
+        if kept is None:
+            kept = mine[t["target"]] = {"target": t["target"], "active": 0, "up": None,
+                                        "dial_failures": {}, "health_checks": {}}
+            into.append(kept)
+        if gauges:
+            kept["active"] += t["active"]
+            if t["up"] is not None:
+                kept["up"] = t["up"] if kept["up"] is None else min(kept["up"], t["up"])
+        _add_counts(kept["dial_failures"], t["dial_failures"])
+        _add_counts(kept["health_checks"], t["health_checks"])
 
 
 def _add_process(into: dict, s: dict, gauges: bool) -> None:

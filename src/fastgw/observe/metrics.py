@@ -12,10 +12,12 @@ Metric names and labels are a contract (see README, "Metrics").
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 from fastgw._core import FlowStats
 from fastgw.observe.histograms import new_histogram
+from fastgw.pool import DIAL_FAILURE_REASONS, HEALTH_RESULTS
 from fastgw.verdicts import REJECT_REASONS
 
 # The `policy` label of fastgw_limit_table_full_total.
@@ -46,6 +48,7 @@ class ApiMetrics:
                          "duration_ms": new_histogram() if iv else None}
         self._encoded: dict[str, tuple[int, bytes]] = {}    # kind -> (total_count, encoding)
         self.pool = None                                    # pool.Pool (the gateway sets it)
+        self.now = time.monotonic                           # the clock of the pool's times (idem)
 
     @property
     def active(self) -> int:
@@ -175,6 +178,12 @@ _FAMILIES = (
      "Upgrades refused (503) and messages limited because the limit table had no slot for the key."),
     ("fastgw_accept_errors_total", "counter", "Failed accept() calls on the listeners, by errno."),
     ("fastgw_connections_max", "gauge", "Client connections held at most (limits.max-connections; 0: no cap)."),
+    ("fastgw_target_connections_active", "gauge",
+     "Dials under way and live connections through a backend target."),
+    ("fastgw_target_up", "gauge",
+     "1 if a backend target is up (healthy by its health checks, not ejected as an outlier), else 0."),
+    ("fastgw_target_dial_failures_total", "counter", "Failed dials of a backend target, by reason."),
+    ("fastgw_target_health_checks_total", "counter", "Active health checks of a backend target, by result."),
 )
 
 # Always written, so that a dashboard finds the series before the first error.
@@ -205,11 +214,22 @@ def _latency_sample(arr, bounds, scale) -> dict | None:
     return {"buckets": counts, "sum": total, "count": arr.total_count}
 
 
+def _targets_sample(a: ApiMetrics) -> list[dict]:
+    if a.pool is None:
+        return []
+    now = a.now()
+    return [{"target": t.label, "active": t.active, "up": int(t.up(now)),
+             "dial_failures": dict(t.dial_failures), "health_checks": dict(t.health_checks)}
+            for t in a.pool.targets]
+
+
 def api_sample(a: ApiMetrics) -> dict:
     """One API's numbers as plain data (str keys, ints, floats, lists): what the renderer
     writes, and what a worker process sends its supervisor (fastgw.observe.aggregate).
     `active` is a gauge; everything else is a counter. Latency sums are in the histogram's
-    unit (µs, ms), bucket counts cumulative, in the order of the family's bounds."""
+    unit (µs, ms), bucket counts cumulative, in the order of the family's bounds.
+    `targets`: the pool's, in its order, each {"target" (label), "active" and "up" (0/1)
+    (gauges), "dial_failures" {reason: n}, "health_checks" {result: n}}."""
     return {
         "active": a.active,
         "accepted": a.accepted,
@@ -218,6 +238,7 @@ def api_sample(a: ApiMetrics) -> dict:
         "flows": {"request": _flow_sample(a.request), "response": _flow_sample(a.response)},
         "latency": {attr: _latency_sample(getattr(a, attr), bounds, scale)
                     for _, attr, bounds, scale in _LATENCY},
+        "targets": _targets_sample(a),
     }
 
 
@@ -282,6 +303,22 @@ class Exposition:
             lines.append(f'{metric}_bucket{{{api},le="+Inf"}} {_num(h["count"])}')
             lines.append(f"{metric}_sum{{{api}}} {_num(h['sum'] / scale)}")
             lines.append(f"{metric}_count{{{api}}} {_num(h['count'])}")
+        for t in s.get("targets", ()):
+            at = f'{api},target="{_label(t["target"])}"'
+            out["fastgw_target_connections_active"].append(
+                f"fastgw_target_connections_active{{{at}}} {_num(t['active'])}")
+            if t["up"] is not None:     # None: known to retired workers only
+                out["fastgw_target_up"].append(f"fastgw_target_up{{{at}}} {_num(t['up'])}")
+            failures = t["dial_failures"]
+            for reason in (*DIAL_FAILURE_REASONS, *sorted(set(failures) - set(DIAL_FAILURE_REASONS))):
+                out["fastgw_target_dial_failures_total"].append(
+                    f'fastgw_target_dial_failures_total{{{at},reason="{_label(reason)}"}} '
+                    f"{_num(failures.get(reason, 0))}")
+            checks = t["health_checks"]
+            for result in HEALTH_RESULTS:
+                out["fastgw_target_health_checks_total"].append(
+                    f'fastgw_target_health_checks_total{{{at},result="{result}"}} '
+                    f"{_num(checks.get(result, 0))}")
 
     def add_process(self, s: dict) -> None:
         """The samples not tied to one API (once, after the APIs)."""
