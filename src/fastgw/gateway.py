@@ -993,6 +993,9 @@ class Gateway:
             self._cap_timer.cancel()
             self._cap_timer = None
         self._stop_target_drains()
+        for timer in self._eject_timers.values():
+            timer.cancel()
+        self._eject_timers.clear()
         if self._table_timer is not None:
             self._table_timer.cancel()
             self._table_timer = None
