@@ -58,7 +58,7 @@ cdef inline int frame_header(const char* p, Py_ssize_t avail, FrameHeader* h,
             return FRAME_RESERVED_BITS
         if op == OP_CONT:
             return FRAME_RSV1_CONTINUATION
-        if op >= OP_CLOSE:
+        if OP_CLOSE <= op <= OP_PONG:
             return FRAME_RSV1_CONTROL
     if op > OP_BINARY and (op < OP_CLOSE or op > OP_PONG):
         return FRAME_BAD_OPCODE
