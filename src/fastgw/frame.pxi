@@ -16,11 +16,14 @@ cdef extern from "<endian.h>" nogil:
     uint64_t be64toh(uint64_t)
 
 
-cdef inline int frame_header(const char* p, Py_ssize_t avail, FrameHeader* h) noexcept nogil:
+cdef inline int frame_header(const char* p, Py_ssize_t avail, FrameHeader* h,
+                             bint deflate) noexcept nogil:
     """Decode the frame header at p (avail bytes there) into h. FRAME_OK, or
     FRAME_INCOMPLETE while the header is not all there, or the first RFC 6455
     violation found (in this order: lengths, reserved bits, opcode, control
-    frame rules). The mask direction and the size bounds are the caller's."""
+    frame rules). With `deflate` (permessage-deflate negotiated, RFC 7692) RSV1
+    may be set on the first frame of a data message (a TEXT or BINARY frame).
+    The mask direction and the size bounds are the caller's."""
     cdef uint8_t b0, b1, op, len7
     cdef uint16_t len16
     cdef uint64_t length
@@ -50,8 +53,13 @@ cdef inline int frame_header(const char* p, Py_ssize_t avail, FrameHeader* h) no
         header = 10
         if length >> 63 or length < 65536:
             return FRAME_BAD_LENGTH64
-    if b0 & 0x70:
-        return FRAME_RESERVED_BITS
+    if b0 & 0x70:                   # rare: the common path pays this one test only
+        if (b0 & 0x30) or not deflate:
+            return FRAME_RESERVED_BITS
+        if op == OP_CONT:
+            return FRAME_RSV1_CONTINUATION
+        if OP_CLOSE <= op <= OP_PONG:
+            return FRAME_RSV1_CONTROL
     if op > OP_BINARY and (op < OP_CLOSE or op > OP_PONG):
         return FRAME_BAD_OPCODE
     if op >= OP_CLOSE and (not (b0 & 0x80) or length > 125):
@@ -71,6 +79,10 @@ cdef bytes frame_error_reason(int status):
         return b"invalid 64-bit frame length"
     if status == FRAME_RESERVED_BITS:
         return b"reserved bits set without extension"
+    if status == FRAME_RSV1_CONTINUATION:
+        return b"RSV1 set on a continuation frame"
+    if status == FRAME_RSV1_CONTROL:
+        return b"RSV1 set on a control frame"
     if status == FRAME_BAD_OPCODE:
         return b"invalid opcode"
     return b"fragmented or oversized control frame"

@@ -31,9 +31,11 @@ cdef enum FrameStatus:          # what frame_header() found
     FRAME_INCOMPLETE = 1        # the header needs more bytes
     FRAME_NON_MINIMAL = 2       # a 16-bit length below 126
     FRAME_BAD_LENGTH64 = 3      # a 64-bit length below 65536 or with its top bit set
-    FRAME_RESERVED_BITS = 4     # RSV1-3 set (no extension is negotiated)
+    FRAME_RESERVED_BITS = 4     # RSV2/RSV3 set, or RSV1 without permessage-deflate
     FRAME_BAD_OPCODE = 5
     FRAME_BAD_CONTROL = 6       # a fragmented or oversized control frame
+    FRAME_RSV1_CONTINUATION = 7 # RSV1 on a continuation frame (RFC 7692 6: first frame only)
+    FRAME_RSV1_CONTROL = 8      # RSV1 on a control frame (RFC 7692 6: data messages only)
 
 
 cdef struct FrameHeader:

@@ -207,6 +207,16 @@ cdef class Leg:
         self.stats = stats
         self.rate = RateLimit(rules, store, start) if rules else None
 
+    def set_compression(self, bint on):
+        """permessage-deflate (RFC 7692) negotiated or not: with it, the first frame of
+        a data message read from this leg may carry RSV1 (relayed as it is: the gateway
+        does not inflate); RSV1 elsewhere, RSV2 and RSV3 stay protocol errors (1002)."""
+        self.deflate = on
+
+    @property
+    def compression(self):
+        return self.deflate
+
     def decide(self, int opcode, bint fin, Py_ssize_t size, double now, bint retry=False):
         """Sans-I/O view of the flow's rate limits: the verdict on one data frame
         (opcode 0 for a continuation) at time `now`, reached by the code the
@@ -336,7 +346,7 @@ cdef class Leg:
             if self.broken or self.gone:
                 return size
             avail = size - pos
-            status = frame_header(data + pos, avail, &h)
+            status = frame_header(data + pos, avail, &h, self.deflate)
             if status != FRAME_OK:
                 if status == FRAME_INCOMPLETE:
                     break

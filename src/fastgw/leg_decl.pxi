@@ -89,6 +89,7 @@ cdef class Leg:
         bint is_client               # the client's side (fastgw is its server)
         bint masked                  # frames written to this leg are masked (backend leg)
         uint64_t max_frame_size      # larger data frames end the connection with 1009
+        bint deflate                 # permessage-deflate negotiated: RSV1 on a message's first frame
 
         InBuf inbuf
         OutBuf out

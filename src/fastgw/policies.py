@@ -25,6 +25,7 @@ class MessageRules:
     flow: str                      # "request" | "response"
     rates: tuple                   # (index, MessageRateLimit)
     sizes: tuple                   # MessageSizeLimit
+    drops: bool = False            # a rate limit with action drop: no shared compression context
 
     def for_connection(self, api: str, plan: str, client_key: str) -> list[RateRule]:
         """The flow's rate limits for Leg.set_policies, with the values of the plan."""
@@ -54,4 +55,5 @@ def compile_flow(flow: str, policies) -> MessageRules | None:
         return None
     rates = tuple((i, p) for i, p in enumerate(policies) if isinstance(p, cfgmod.MessageRateLimit))
     sizes = tuple(p for p in policies if isinstance(p, cfgmod.MessageSizeLimit))
-    return MessageRules(flow, rates, sizes)
+    drops = any(p.action == "drop" for _, p in rates)
+    return MessageRules(flow, rates, sizes, drops)

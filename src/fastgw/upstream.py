@@ -16,6 +16,7 @@ import ssl
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from fastgw.http.extensions import check_answer
 from fastgw.verdicts import Refusal
 
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -25,6 +26,7 @@ class Dialled(NamedTuple):
     """A backend that answered 101; its leg is handed to the relay."""
 
     subprotocol: str | None        # the one it chose, if any
+    deflate: dict | None = None    # its permessage-deflate parameters (http.extensions), if any
 
 
 def make_ssl_context(profile) -> ssl.SSLContext:
@@ -174,13 +176,16 @@ def _target(url: str) -> tuple[str, int, bool, str]:
 
 
 async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str],
-               listener, clock, timeout: float | None = None) -> Dialled | Refusal:
+               listener, clock, timeout: float | None = None,
+               deflate: list[dict] = ()) -> Dialled | Refusal:
     """Open the backend leg and hand it to `listener` (the relay's backend leg).
 
     `upgrade` is the compiled websocket-upgrade policy (timeout, ssl context,
     server name); the time-out (`timeout`, default the policy's) runs on `clock`
     (fastgw.clock). Returns what the backend chose, or the Refusal the client gets
     (502, 504: the backend's fault) with its `cause` and whether to `retry` elsewhere.
+    `deflate`: the permessage-deflate offers in `headers` (http.extensions); an answer
+    that accepts none of them is a 502, one that does makes both legs allow RSV1.
     """
     if timeout is None:
         timeout = upgrade.timeout
@@ -239,17 +244,22 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
             transport.write(_close_frame(1001, b"subprotocol not offered"))
             return _failed(f"backend chose subprotocol {chosen!r}, which the client did not offer",
                            "handshake", retry=False)
-        if response.get("sec-websocket-extensions"):
-            transport.write(_close_frame(1001, b"extension not offered"))
-            return _failed("backend answered with an extension that was not offered", "handshake",
-                           retry=False)
+        answer = None
+        extensions = response.get("sec-websocket-extensions")
+        if extensions:
+            answer = check_answer(extensions, list(deflate))
+            if isinstance(answer, str):
+                transport.write(_close_frame(1001, b"extension not offered"))
+                return _failed(answer, "handshake", retry=False)
         early = bytes(proto.buf)
         transport.set_protocol(listener)
+        if answer is not None:
+            listener.set_compression(True)
         listener.connection_made(transport)
         handed_over = True
         listener.feed(early)
         transport.resume_reading()
-        return Dialled(chosen)
+        return Dialled(chosen, answer)
     finally:
         if not handed_over and transport is not None:
             transport.close()

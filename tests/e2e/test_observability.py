@@ -70,7 +70,8 @@ async def test_admin_lists_and_closes_connections(gateway_factory, admin_for):
         finally:
             backend_closed.append(conn.close_code)
 
-    async with ws_serve(handler, "127.0.0.1", 0) as server:
+    # No compression: bytes_in is a plain size (with permessage-deflate it is the wire's).
+    async with ws_serve(handler, "127.0.0.1", 0, compression=None) as server:
         port = server.sockets[0].getsockname()[1]
         gw = await gateway_factory(gateway_yaml(f"ws://127.0.0.1:{port}/"))
         admin = await admin_for(gw, token="s3cret")

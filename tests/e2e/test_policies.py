@@ -125,7 +125,9 @@ class Backend:
 @pytest.fixture
 async def backend():
     b = Backend()
-    async with ws_serve(b.handler, "127.0.0.1", 0) as server:
+    # No compression: these tests judge plain sizes (a compressing backend negotiates
+    # permessage-deflate through the gateway, whose limits see wire sizes: test_deflate.py).
+    async with ws_serve(b.handler, "127.0.0.1", 0, compression=None) as server:
         b.port = server.sockets[0].getsockname()[1]
         yield b
 

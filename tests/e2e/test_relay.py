@@ -139,7 +139,8 @@ async def test_headers_and_path_forwarded(gateway_factory, echo_backend):
     assert h["x-forwarded-proto"] == "http"
     assert h["x-forwarded-host"] == f"127.0.0.1:{gw.port}"
     assert h["host"] == f"127.0.0.1:{echo_backend}"
-    assert "sec-websocket-extensions" not in h
+    # extensions: pass (the default since issue 12): the client's permessage-deflate offer only.
+    assert h["sec-websocket-extensions"] == "permessage-deflate; client_max_window_bits"
 
 
 async def test_no_compression_negotiated(gateway):

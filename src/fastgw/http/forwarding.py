@@ -30,14 +30,15 @@ def _forwarded_value(value: str) -> str:
 
 
 def backend_headers(req, peer_ip: str, secure: bool, offered: list[str],
-                    admission=None) -> list[tuple[str, str]]:
+                    admission=None, extensions: str | None = None) -> list[tuple[str, str]]:
     """The client's end-to-end headers plus the forwarding headers, for the backend handshake.
 
     `req` is an http.head.Request. `admission` (admission.Admission) says what the client
     is: its address (X-Real-IP), whether the peer is a trusted proxy (whose Forwarded is
     kept, with the gateway's element appended; from any other peer it is replaced), the
     headers to remove (a hidden credential, a client's own identity headers) and those to
-    add (the identity)."""
+    add (the identity). `extensions`: the Sec-WebSocket-Extensions to offer (the client's
+    own is never copied; http.extensions picks its permessage-deflate offers)."""
     dropped = set(_NOT_FORWARDED)
     dropped.update(req.tokens("connection"))
     client_ip, trusted = peer_ip, False
@@ -67,4 +68,6 @@ def backend_headers(req, peer_ip: str, secure: bool, offered: list[str],
         out.extend(admission.add_headers)
     if offered:
         out.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
+    if extensions:
+        out.append(("Sec-WebSocket-Extensions", extensions))
     return out

@@ -13,7 +13,8 @@ client gets as its HTTP answer (never a 101 followed by a close):
                then the relay is made with the message rules of the client's plan.
 5. dial        the backend (upstream.dial) while client bytes keep being buffered
                (reading pauses past a cap): 502, 504.
-6. answer      the 101 (with the backend's subprotocol); the transport goes to the relay's
+6. answer      the 101 (with the backend's subprotocol and permessage-deflate answer,
+               http.extensions); the transport goes to the relay's
                client leg (the Cython core is its protocol from then on) and the bytes read
                after the head are fed to it.
 7. relay       the core relays frames until both legs are gone.
@@ -30,6 +31,7 @@ import logging
 from fastgw._core import Relay
 from fastgw.admission import UpgradeRequest, admit, identify
 from fastgw.connection import Connection
+from fastgw.http.extensions import client_answer, deflate_offers, format_deflate
 from fastgw.http.forwarding import backend_headers
 from fastgw.http.head import Request, check_upgrade, http_response, parse_head, switching_protocols
 from fastgw.observe.logs import clean, url_without_query
@@ -63,6 +65,7 @@ class Handshake(asyncio.Protocol):
         self.request: UpgradeRequest | None = None
         self.who = None              # identity.Identity, once identified
         self.relay = None            # once admitted (the record's own is dropped by its end of life)
+        self.extensions = None       # the 101's Sec-WebSocket-Extensions (permessage-deflate)
 
     # -- asyncio.Protocol: the read-head phase ---------------------------
     def connection_made(self, transport):
@@ -216,7 +219,14 @@ class Handshake(asyncio.Protocol):
         pool = self.gw.pools[self.api.name]
         start = clock.now()
         deadline = start + up.timeout
-        headers = backend_headers(req, self.peer_ip, self.secure, self.offered, conn.admission)
+        offers = []
+        if up.extensions == "pass":
+            # A drop in the response flow: the backend must not compress with context takeover.
+            response = self.api.response
+            offers = deflate_offers(req.get_all("sec-websocket-extensions"),
+                                    server_no_context_takeover=response is not None and response.drops)
+        headers = backend_headers(req, self.peer_ip, self.secure, self.offered, conn.admission,
+                                  ", ".join(format_deflate(o) for o in offers))
         key = None
         if pool.hash_key is not None:
             key = hash_value(pool.hash_key, conn.admission, req.headers, self.request.query)
@@ -231,7 +241,7 @@ class Handshake(asyncio.Protocol):
             target.active += 1
             try:
                 dialled = await dial(up, url, headers, self.offered, self.relay.backend, clock,
-                                     timeout=max(0.0, deadline - clock.now()))
+                                     timeout=max(0.0, deadline - clock.now()), deflate=offers)
             except BaseException:       # the client went away meanwhile
                 target.active -= 1
                 raise
@@ -249,6 +259,10 @@ class Handshake(asyncio.Protocol):
         self.gw.dial_ok(target)
         conn.target = target
         conn.subprotocol = dialled.subprotocol
+        if dialled.deflate is not None:
+            # A drop in the request flow: the client must not compress with context takeover.
+            request = self.api.request
+            self.extensions = client_answer(dialled.deflate, request is not None and request.drops)
         conn.dial_us = (clock.now() - start) * 1e6
         return None
 
@@ -263,7 +277,9 @@ class Handshake(asyncio.Protocol):
         self.buf = bytearray()
         transport = self.transport
         transport.write(switching_protocols(accept_key(req.get("sec-websocket-key")),
-                                            self.conn.subprotocol))
+                                            self.conn.subprotocol, self.extensions))
+        if self.extensions is not None:
+            relay.client.set_compression(True)
         transport.set_protocol(relay.client)
         relay.client.connection_made(transport)
         self.gw.attach(self.conn, self.api)

@@ -140,10 +140,13 @@ def http_response(status: int, reason: str, headers: list[tuple[str, str]] = ())
     return "\r\n".join(lines).encode("latin-1") + body
 
 
-def switching_protocols(accept: str, subprotocol: str | None) -> bytes:
-    """The client's 101, with its Sec-WebSocket-Accept and the backend's subprotocol."""
+def switching_protocols(accept: str, subprotocol: str | None, extensions: str | None = None) -> bytes:
+    """The client's 101, with its Sec-WebSocket-Accept, the backend's subprotocol and
+    the extension it accepted (permessage-deflate, http.extensions)."""
     head = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
             "Sec-WebSocket-Accept: " + accept]
     if subprotocol:
         head.append("Sec-WebSocket-Protocol: " + subprotocol)
+    if extensions:
+        head.append("Sec-WebSocket-Extensions: " + extensions)
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
