@@ -205,11 +205,15 @@ async def test_only_deflate_offers_go_to_the_backend(gateway_factory):
 # ---- Node's ws as the second implementation -------------------------------------------------
 
 def node_peer() -> list[str]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("no node on this machine")
+    """Node and the pinned ws (tests/node/package-lock.json), installed on first use."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail("these tests need Node.js and npm (Debian: apt-get install nodejs npm)")
     if not (NODE_DIR / "node_modules" / "ws").is_dir():
-        pytest.fail("Node's ws is not installed: npm install --prefix tests/node")
+        subprocess.run([npm, "ci", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund",
+                        "--silent"], check=False, timeout=180)
+    if not (NODE_DIR / "node_modules" / "ws").is_dir():
+        pytest.fail(f"Node's ws could not be installed: npm ci --prefix {NODE_DIR}")
     return [node, str(NODE_DIR / "peer.js")]
 
 
