@@ -12,7 +12,8 @@ draining, not already tried by this upgrade, healthy (active checks) and not eje
 Draining targets are never chosen. Weights hold in every mode:
 
 - round-robin: smooth weighted round robin (nginx's);
-- least-connections: the fewest connections per unit of weight; ties taken in turn;
+- least-connections: the fewest connections per unit of weight; ties broken by the smooth
+  weighted round robin (as nginx's least_conn), so that weights hold for short connections too;
 - random: two random choices in proportion to weight, the fewer connections per weight wins;
 - consistent-hash: a ring of RING_POINTS points per unit of weight for each target, hashed
   from its URL; a key takes the first candidate clockwise of its hash. Removing a target
@@ -29,6 +30,7 @@ import bisect
 import hashlib
 import random
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from fastgw.observe.logs import url_without_query
 
@@ -129,7 +131,6 @@ class Pool:
             self.targets.append(state)
         self.by_label = {t.label: t for t in self.targets}
         self.by_url = {t.url: t for t in self.targets}
-        self._turn = 0
         self._ring: list[int] = []
         self._owners: list[TargetState] = []
         if self.balance == "consistent-hash":
@@ -169,15 +170,17 @@ class Pool:
         return self._least(cands)
 
     def _least(self, cands: list[TargetState]) -> TargetState:
-        n = len(cands)
-        self._turn += 1
-        start = self._turn % n
-        best = cands[start]
-        for i in range(1, n):
-            t = cands[(start + i) % n]
-            if t.active * best.weight < best.active * t.weight:
-                best = t
-        return best
+        best = cands[0]
+        tied = None
+        for t in cands[1:]:
+            d = t.active * best.weight - best.active * t.weight   # t's load minus best's
+            if d < 0:
+                best, tied = t, None
+            elif d == 0:
+                if tied is None:
+                    tied = [best]
+                tied.append(t)
+        return best if tied is None else self._round_robin(tied)
 
     def _round_robin(self, cands: list[TargetState]) -> TargetState:
         total = 0
@@ -200,7 +203,6 @@ class Pool:
             if id(t) in allowed:
                 return t
         return cands[0]
-
 
     # ---- what dials tell (the passive checks) ----------------------------------------
 
@@ -250,7 +252,6 @@ def hash_value(hash_key: str | None, admission, headers, query: str) -> str | No
             if k == name:
                 return v
         return None
-    from urllib.parse import parse_qsl
     for k, v in parse_qsl(query, keep_blank_values=True):
         if k == name:
             return v
