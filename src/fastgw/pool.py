@@ -144,8 +144,14 @@ class Pool:
         return self.by_url.get(target) or self.by_label.get(target)
 
     def candidates(self, tried, now: float) -> list[TargetState]:
-        fit = [t for t in self.targets if not t.draining and t not in tried]
-        up = [t for t in fit if t.up(now)]
+        """The targets not draining and not tried: those up, or all of them (fail open)."""
+        fit, up = [], []
+        for t in self.targets:
+            if t.draining or t in tried:
+                continue
+            fit.append(t)
+            if t.healthy and t.ejected_until <= now:     # t.up(now), inline: once per dial
+                up.append(t)
         return up or fit
 
     def pick(self, key: str | None, tried, now: float) -> TargetState | None:
