@@ -365,3 +365,72 @@ async def test_a_host_name_is_resolved_when_dialled(start_gateway, backends):
     assert b.stats()["total"] - before == 10
     assert pg.pool.find(unknown).dial_failures == {"dns": 10}
     assert pg.pool.find(named).dial_failures == {}
+
+
+# ---- what is retried, what is not -----------------------------------------------------------
+
+
+@pytest.fixture
+async def fake_backend():
+    """fake_backend(behaviour): a hand-made backend on a free port, answering every request
+    with `behaviour` ("503", "403": that HTTP status; "close": the connection closed at once;
+    "silent": nothing, the connection held). Yields a starter returning (url, connections)."""
+    servers, held = [], []
+
+    async def start(behaviour: str):
+        seen = []
+
+        async def serve(reader, writer):
+            seen.append(1)
+            if behaviour == "close":
+                writer.close()
+                return
+            held.append(writer)
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if behaviour != "silent":
+                writer.write(f"HTTP/1.1 {behaviour} No\r\nContent-Length: 0\r\n\r\n".encode())
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        return f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/", seen
+
+    yield start
+    for w in held:
+        w.close()
+    for s in servers:
+        s.close()
+
+
+@pytest.mark.parametrize(("behaviour", "cause"), [("503", "status"), ("close", "reset")])
+async def test_a_5xx_or_a_reset_is_retried(start_gateway, backends, fake_backend, behaviour,
+                                           cause):
+    bad, seen = await fake_backend(behaviour)
+    pg = await start_gateway(config_text([(bad, 1), (url_of(backends[0]), 1)],
+                                         balance="round-robin", extra={"retries": 1}))
+    assert await attempts(pg, 40, at_once=4) == {101: 40}
+    assert pg.pool.find(bad).dial_failures == {cause: 20} and len(seen) == 20
+
+
+async def test_a_4xx_answer_is_not_retried(start_gateway, backends, fake_backend):
+    bad, seen = await fake_backend("403")
+    pg = await start_gateway(config_text([(bad, 1), (url_of(backends[0]), 1)],
+                                         balance="round-robin", extra={"retries": 2}))
+    assert await attempts(pg, 40, at_once=4) == {101: 20, 502: 20}
+    assert pg.pool.find(bad).dial_failures == {"status": 20}
+
+
+async def test_a_time_out_is_not_retried(start_gateway, backends, fake_backend):
+    silent, seen = await fake_backend("silent")
+    dead = f"ws://127.0.0.1:{free_port()}/"
+    pg = await start_gateway(config_text([(dead, 1), (silent, 1), (url_of(backends[0]), 1)],
+                                         balance="round-robin",
+                                         extra={"retries": 2, "timeout": "300ms"}))
+    got = await attempts(pg, 30, at_once=30)
+    # refused: retried on another target; no answer within the timeout: 504, not retried
+    assert set(got) == {101, 504} and got[504] >= 5, got
+    assert pg.pool.find(silent).dial_failures == {"timeout": got[504]} == {"timeout": len(seen)}
+    assert got[101] == 30 - got[504]
