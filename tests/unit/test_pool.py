@@ -8,8 +8,13 @@ connection ends. Random choices use the module's generator, seeded per test.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -274,6 +279,28 @@ def test_hash_weights():
     pool = pool_of(W112, "balance: consistent-hash")
     counts = Counter(pool.pick(f"k{i}", (), NOW) for i in range(20000))
     assert_weight_shares(counts, pool, 0.15)
+
+
+def test_large_weights_build_at_once_and_hold():
+    """No table is built: 10 targets of weight 1,000 cost nothing at a reload."""
+    t0 = time.perf_counter()
+    pool = pool_of(list(zip(urls(10), (1000,) * 9 + (500,))), "balance: consistent-hash")
+    assert time.perf_counter() - t0 < 0.5
+    counts = Counter(pool.pick(f"k{i}", (), NOW) for i in range(20000))
+    assert_weight_shares(counts, pool, 0.15)
+
+
+def test_the_mapping_is_the_same_in_every_process():
+    """Workers, gateway nodes and restarts agree: no per-process hash seed."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_pool as tp\n"
+            "p = tp.pool_of(list(zip(tp.urls(4), (1, 1, 1, 1))), 'balance: consistent-hash')\n"
+            "print(','.join(p.pick(k, (), 0.0).url[-7:-6] for k in tp.KEYS[:200]))")
+    here = str(Path(__file__).parent)
+    runs = {subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=60).stdout
+            for seed in ("1", "2", "random")}
+    pool = pool_of(list(zip(urls(4), (1, 1, 1, 1))), "balance: consistent-hash")
+    assert runs == {",".join(pool.pick(k, (), 0.0).url[-7:-6] for k in KEYS[:200]) + "\n"}
 
 
 def test_an_ejected_targets_keys_move_and_come_back():
