@@ -13,7 +13,8 @@ started are stopped, by pid.
 With ``--mode connrate`` the load is whole connection cycles (connect, upgrade, one echoed
 message, close) and the figure is instructions per upgrade, for the upgrade path: ``one``
 (a target-url) against ``pool2`` (a pool of two targets, the same echo backend at two URLs,
-least-connections): the cost of picking a target.
+least-connections) and ``hash2`` (the same pool, consistent-hash by client-id): the cost of
+picking a target.
 
 Callgrind counts user-space instructions only (system calls are not in the figure), and the
 pipelined load puts a varying number of frames in each socket read: per-read costs are shared
@@ -75,6 +76,7 @@ apis:
 UPGRADE_VARIANTS = {
     "one": ("metrics: false\n", APIS),
     "pool2": ("metrics: false\n", POOL2),
+    "hash2": ("metrics: false\n", POOL2.replace("least-connections", "consistent-hash")),
 }
 VARIANTS = {
     "bare": ("metrics: false\n", ""),
