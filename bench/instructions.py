@@ -2,12 +2,19 @@
 noise does not move, for comparing gateway configurations (bare, policies, observed).
 
     python bench/instructions.py [--size 64] [--duration 4]
+    python bench/instructions.py --mode connrate      # instructions per upgrade: one, pool2
 
 For each configuration it starts `fastgw run` under callgrind (in front of the bundled echo
 backend), warms up, zeroes the counters (`callgrind_control -z`), runs the load generator
 in throughput mode, dumps the counters (`callgrind_control -d`), and divides the gateway's
 instructions by the messages echoed (each crosses the gateway twice). Only the processes it
 started are stopped, by pid.
+
+With ``--mode connrate`` the load is whole connection cycles (connect, upgrade, one echoed
+message, close) and the figure is instructions per upgrade, for the upgrade path: ``one``
+(a target-url) against ``pool2`` (a pool of two targets, the same echo backend at two URLs,
+least-connections) and ``hash2`` (the same pool, consistent-hash by client-id): the cost of
+picking a target.
 
 Callgrind counts user-space instructions only (system calls are not in the figure), and the
 pipelined load puts a varying number of frames in each socket read: per-read costs are shared
@@ -54,6 +61,23 @@ SHARED = """\
           - {policy: message-rate-limit, messages: 100000000/1s, bytes: 100GiB/1s, scope: client}
 """
 PRIVATE = SHARED.replace(", scope: client", "")
+POOL2 = """\
+apis:
+  - name: bench
+    path: /
+    assembly:
+      - policy: websocket-upgrade
+        targets:
+          - url: ws://127.0.0.1:{port}/
+          - url: ws://127.0.0.1:{port}/b/
+        balance: least-connections
+{flows}"""
+# --mode connrate: name -> (top, the APIs)
+UPGRADE_VARIANTS = {
+    "one": ("metrics: false\n", APIS),
+    "pool2": ("metrics: false\n", POOL2),
+    "hash2": ("metrics: false\n", POOL2.replace("least-connections", "consistent-hash")),
+}
 VARIANTS = {
     "bare": ("metrics: false\n", ""),
     "policies": ("metrics: false\n", POLICIES),
@@ -74,10 +98,11 @@ def wait_line(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) 
     raise RuntimeError(f"no {pattern!r} within {timeout}s")
 
 
-def loadgen(url: str, size: int, duration: float) -> dict:
-    out = subprocess.run([PY, str(HERE / "loadgen.py"), "--url", url, "--mode", "throughput",
-                          "--size", str(size), "--duration", str(duration), "--warmup", "0.5",
-                          "--connections", "4", "--inflight", "16"],
+def loadgen(url: str, size: int, duration: float, mode: str = "throughput") -> dict:
+    load = (["--warmup", "0.5", "--connections", "4", "--inflight", "16"] if mode == "throughput"
+            else ["--warmup", "0", "--connections", "4"])
+    out = subprocess.run([PY, str(HERE / "loadgen.py"), "--url", url, "--mode", mode,
+                          "--size", str(size), "--duration", str(duration), *load],
                          capture_output=True, text=True, env=ENV, timeout=duration + 120)
     return json.loads(out.stdout)
 
@@ -86,11 +111,13 @@ def messages_of(res: dict) -> int:
     return int(res.get("received_total") or res.get("received") or 0)
 
 
-def measure(name: str, top: str, flows: str, backend_port: int, args, tmp: Path) -> dict:
+def measure(name: str, top: str, flows: str, backend_port: int, args, tmp: Path,
+            apis: str = APIS) -> dict:
+    mode = args.mode
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(top.format(events=tmp / f"{name}.events") +
                    "listeners: [{host: 127.0.0.1, port: 0}]\n" +
-                   APIS.format(port=backend_port, flows=flows))
+                   apis.format(port=backend_port, flows=flows))
     out = tmp / f"{name}.callgrind"
     err = tmp / f"{name}.stderr"
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
@@ -99,15 +126,22 @@ def measure(name: str, top: str, flows: str, backend_port: int, args, tmp: Path)
     try:
         port = int(wait_line(err, r"listening on ws://127\.0\.0\.1:(\d+)", proc, 300).group(1))
         url = f"ws://127.0.0.1:{port}/"
-        loadgen(url, args.size, 1.0)                           # warm-up: imports, caches
+        loadgen(url, args.size, 1.0, mode)                     # warm-up: imports, caches
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        res = loadgen(url, args.size, args.duration)
+        res = loadgen(url, args.size, args.duration, mode)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
         time.sleep(1.0)
         dumps = sorted(tmp.glob(f"{name}.callgrind*"), key=lambda p: p.stat().st_mtime)
         text = dumps[-1].read_text(errors="replace")
         m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
         instructions = int(m.group(1))
+        if mode == "connrate":
+            # No warm-up: every cycle the gateway served in the window is counted.
+            if res.get("failures"):
+                raise RuntimeError(f"{name}: {res['failures']} failed cycles: {res.get('errors')}")
+            n = int(res.get("upgrades") or 0)
+            return {"variant": name, "messages": n, "instructions": instructions,
+                    "instructions_per_message": instructions / n if n else None}
         # The load generator counts its measured window only; the gateway also relayed the
         # warm-up and drain of this run: count every message the run sent.
         n = int(res.get("sent_total") or messages_of(res))
@@ -126,19 +160,35 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--duration", type=float, default=4.0)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--mode", choices=("throughput", "connrate"), default="throughput",
+                   help="connrate: instructions per upgrade (variants one, pool2)")
+    p.add_argument("--variants", default=None,
+                   help=f"throughput: {','.join(VARIANTS)} (default: all); "
+                        f"connrate: {','.join(UPGRADE_VARIANTS)}")
     args = p.parse_args(argv)
+    table = VARIANTS if args.mode == "throughput" else UPGRADE_VARIANTS
+    variants = (args.variants or ",".join(table)).split(",")
+    for v in variants:
+        if v not in table:
+            p.error(f"unknown variant {v!r} for --mode {args.mode}")
     tmp = Path(tempfile.mkdtemp(prefix="fastgw-instr-"))
     backend = subprocess.Popen([PY, "-m", "fastgw.echo", "--port", "0"], stdout=subprocess.PIPE,
                                text=True, env=ENV)
     try:
         backend_port = int(re.search(r":(\d+)", backend.stdout.readline()).group(1))
-        rows = [measure(v, *VARIANTS[v], backend_port, args, tmp) for v in args.variants.split(",")]
+        if args.mode == "throughput":
+            rows = [measure(v, *VARIANTS[v], backend_port, args, tmp) for v in variants]
+        else:
+            rows = [measure(v, UPGRADE_VARIANTS[v][0], "", backend_port, args, tmp,
+                            apis=UPGRADE_VARIANTS[v][1]) for v in variants]
     finally:
         backend.terminate()
         backend.wait(10)
     base = rows[0]["instructions_per_message"]
-    print(f"| variant | messages | instructions per echoed message ({args.size} B) | vs {rows[0]['variant']} |")
+    what = ("upgrades | instructions per upgrade (connect, upgrade, one "
+            f"{args.size} B echo, close)" if args.mode == "connrate" else
+            f"messages | instructions per echoed message ({args.size} B)")
+    print(f"| variant | {what} | vs {rows[0]['variant']} |")
     print("|---|---:|---:|---:|")
     for r in rows:
         ipm = r["instructions_per_message"]

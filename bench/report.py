@@ -345,20 +345,40 @@ WORKER_GOALS = (
 )
 WORKER_LIMIT = 1.05
 
+# Issue 12: a pool of 2 targets against one target, CPU per upgrade, the same process.
+POOL_GOALS = (
+    ("connrate: pool of 2 vs 1 target, proxy CPU µs/upgrade", "connrate-pool2", "fastgw",
+     "connrate", "fastgw"),
+    ("connrate, 2 workers: pool of 2 vs 1 target, proxy CPU µs/upgrade", "connrate-pool2",
+     "fastgw-2w", "connrate", "fastgw-2w"),
+)
+POOL_LIMIT = 1.03
+
 
 def goals_workers(result: dict[str, Any],
                   summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    """The goals of issue 11: ratios of proxy CPU per message, medians over the rounds, with
-    the ratio of each round (the runs of one round are minutes apart at most) and the same
-    ratio from the threads' run time (schedstat, ns) as a check of the clock-tick figure."""
+    """The goals of issue 11 (proxy CPU per message) and of issue 12 (per upgrade)."""
+    return (_ratio_goals(result, summary, WORKER_GOALS, "proxy CPU µs/msg", WORKER_LIMIT,
+                         "### Goals of issue 11 (proxy CPU per echoed message, all the "
+                         "target's processes)", "µs/msg")
+            + _ratio_goals(result, summary, POOL_GOALS, "proxy CPU µs/upgrade", POOL_LIMIT,
+                           "### Goals of issue 12 (proxy CPU per upgrade, all the target's "
+                           "processes)", "µs/upgrade"))
+
+
+def _ratio_goals(result: dict[str, Any], summary: dict[str, dict[str, dict[str, Any]]],
+                 table: tuple, figure: str, limit: float, title: str, unit: str) -> list[str]:
+    """Ratios of `figure` (proxy CPU per unit), medians over the rounds, with the ratio of
+    each round (the runs of one round are minutes apart at most) and the same ratio from the
+    threads' run time (schedstat, ns) as a check of the clock-tick figure."""
     per_round: dict[tuple[str, str], dict[int, dict[str, Any]]] = collections.defaultdict(dict)
     for r in result.get("runs", ()):
         per_round[(r["scenario"], r["target"])][r.get("round", 1)] = r.get("cpu") or {}
     rows = []
-    for goal, vs, vt, rs, rt in WORKER_GOALS:
+    for goal, vs, vt, rs, rt in table:
         v = ((summary.get(vs) or {}).get(vt) or {})
         ref = ((summary.get(rs) or {}).get(rt) or {})
-        a, b = v.get("proxy CPU µs/msg"), ref.get("proxy CPU µs/msg")
+        a, b = v.get(figure), ref.get(figure)
         if a is None and b is None:
             continue
         ratio = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
@@ -370,16 +390,16 @@ def goals_workers(result: dict[str, Any],
             x, y = c.get("proxy_us_per_unit"), c2.get("proxy_us_per_unit")
             if x and y:
                 rounds.append(f"{x / y:.3f}")
-        met = None if ratio is None else ratio <= WORKER_LIMIT
+        met = None if ratio is None else ratio <= limit
         rows.append(f"| {goal} | {fmt(a)} ({vt}, {vs}) | {fmt(b)} ({rt}, {rs}) | "
                     f"{'–' if ratio is None else f'{ratio:.3f}'} | "
                     f"{', '.join(rounds) or '–'} | "
-                    f"{'–' if run_ratio is None else f'{run_ratio:.3f}'} | <= {WORKER_LIMIT:g} | "
+                    f"{'–' if run_ratio is None else f'{run_ratio:.3f}'} | <= {limit:g} | "
                     f"{'yes' if met else 'no' if met is False else '–'} |")
     if not rows:
         return []
-    return ["### Goals of issue 11 (proxy CPU per echoed message, all the target's processes)", "",
-            "| goal | value µs/msg | reference µs/msg | ratio | ratio per round | ratio "
+    return [title, "",
+            f"| goal | value {unit} | reference {unit} | ratio | ratio per round | ratio "
             "(schedstat) | limit | met |", "|---|---:|---:|---:|---|---:|---:|---|",
             *rows, ""]
 

@@ -21,7 +21,8 @@ What it does, in one run:
    CPU time of each process of the proxy under test (a supervisor and each of its workers
    separately) and of the backend from ``/proc/PID/stat`` before and after, and the busy time
    of each CPU from ``/proc/stat`` (which core was the bottleneck); the ``lim-*`` scenarios
-   (client- against connection-scoped message limits) run on ``fastgw`` and ``fastgw-2w`` only;
+   (client- against connection-scoped message limits) and ``connrate-pool2`` (upgrades through
+   a pool of 2 targets) run on ``fastgw`` and ``fastgw-2w`` only;
 5. then, once per proxy, holds ``--idle-connections`` idle connections through it and reads
    its proportional set size (``/proc/PID/smaps_rollup``) before and while they are held;
 6. writes the report (``bench/report.py``): Markdown, the raw figures as JSON, PNG plots.
@@ -74,6 +75,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # workers too): the cost of the shared, atomic budget. Only on the SCOPED targets.
     "lim-conn-64B": {"mode": "throughput", "size": 64, "path": "/scope-connection/"},
     "lim-client-64B": {"mode": "throughput", "size": 64, "path": "/scope-client/"},
+    # connrate through an API whose websocket-upgrade has a pool of 2 targets (the same echo
+    # backend at two URLs, least-connections): against `connrate` on the same process, the
+    # cost of picking a target per upgrade (issue 12: at most 3 % more CPU per upgrade).
+    "connrate-pool2": {"mode": "connrate", "size": 64, "path": "/pool2/"},
     "idle": {"mode": "idle"},
 }
 
@@ -115,6 +120,14 @@ apis:
             messages: 100000000/1s
             scope: connection
             action: reject
+  - name: pool2
+    path: /pool2
+    assembly:
+      - policy: websocket-upgrade
+        targets:
+          - url: ws://127.0.0.1:{backend_port}/
+          - url: ws://127.0.0.1:{backend_port}/b/
+        balance: least-connections
   - name: scope-client
     path: /scope-client
     assembly:
@@ -139,7 +152,7 @@ GATEWAYS: dict[str, tuple[str, str]] = {
 }
 # target -> worker processes (`workers:` of its configuration; the others run one process)
 WORKERS: dict[str, int] = {"fastgw-2w": 2}
-# the targets the scenarios with a "path" (the scoped limits) run on
+# the targets the scenarios with a "path" (the scoped limits, the pool) run on
 SCOPED: tuple[str, ...] = ("fastgw", "fastgw-2w")
 TARGETS: tuple[str, ...] = ("direct", *GATEWAYS, *peers.PEERS)
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

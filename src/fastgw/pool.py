@@ -12,11 +12,17 @@ draining, not already tried by this upgrade, healthy (active checks) and not eje
 Draining targets are never chosen. Weights hold in every mode:
 
 - round-robin: smooth weighted round robin (nginx's);
-- least-connections: the fewest connections per unit of weight; ties taken in turn;
+- least-connections: the fewest connections per unit of weight; ties broken by the smooth
+  weighted round robin (as nginx's least_conn), so that weights hold for short connections too;
 - random: two random choices in proportion to weight, the fewer connections per weight wins;
-- consistent-hash: a ring of RING_POINTS points per unit of weight for each target, hashed
-  from its URL; a key takes the first candidate clockwise of its hash. Removing a target
-  moves only the keys it had. An upgrade without the key (no such header or parameter)
+- consistent-hash: rendezvous (highest random weight) hashing, weighted: each candidate
+  scores weight / -ln(u), u a uniform draw in (0, 1) hashed from (key, its URL); the highest
+  score wins, so that a target wins weight / total of the keys. Removing a target moves only
+  the keys it had, adding one moves keys only to it, and a key whose target is ejected or
+  tried goes to its next-best target and comes back with it. No table is built (a ring with
+  points per unit of weight took seconds to build at weight 1000), and a pick costs one
+  hash of the key plus a few integer operations per target. The hashes are blake2b (the same
+  in every worker, node and run). An upgrade without the key (no such header or parameter)
   falls back to least-connections.
 
 Everything here runs on the event loop of one process (one worker): connection counts are
@@ -25,15 +31,13 @@ this process's.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
+import math
 import random
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from fastgw.observe.logs import url_without_query
-
-#: Ring points per unit of weight (consistent-hash).
-RING_POINTS = 160
 
 #: Why a dial of a target failed (fastgw_target_dial_failures_total{reason}).
 DIAL_FAILURE_REASONS = ("refused", "unreachable", "dns", "reset", "tls", "timeout", "status",
@@ -60,7 +64,7 @@ class TargetState:
 
     __slots__ = ("api", "url", "label", "endpoint", "weight", "active", "conns", "draining",
                  "healthy", "check_streak", "last_check", "ejected_until", "ejections",
-                 "fails_in_row", "dial_failures", "health_checks", "current")
+                 "fails_in_row", "dial_failures", "health_checks", "current", "seed")
 
     def __init__(self, api: str, entry: PoolEntry):
         self.api = api
@@ -80,6 +84,7 @@ class TargetState:
         self.dial_failures: dict[str, int] = {}     # reason -> count
         self.health_checks: dict[str, int] = {}     # result -> count
         self.current = 0                # smooth weighted round robin's current weight
+        self.seed = _hash64(entry.url)  # consistent-hash: this target's part of each score
 
     def up(self, now: float) -> bool:
         """Healthy and not ejected: what fastgw_target_up says."""
@@ -104,8 +109,18 @@ class TargetState:
                 "health_check": self.last_check}
 
 
-def _point(text: str) -> int:
+_MASK64 = (1 << 64) - 1
+
+
+def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers that spreads every input bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 class Pool:
@@ -129,22 +144,20 @@ class Pool:
             self.targets.append(state)
         self.by_label = {t.label: t for t in self.targets}
         self.by_url = {t.url: t for t in self.targets}
-        self._turn = 0
-        self._ring: list[int] = []
-        self._owners: list[TargetState] = []
-        if self.balance == "consistent-hash":
-            points = sorted((_point(f"{t.url}#{i}"), n) for n, t in enumerate(self.targets)
-                            for i in range(RING_POINTS * t.weight))
-            self._ring = [p for p, _ in points]
-            self._owners = [self.targets[n] for _, n in points]
 
     def find(self, target: str) -> TargetState | None:
         """The target named by its URL as configured, or without its query."""
         return self.by_url.get(target) or self.by_label.get(target)
 
     def candidates(self, tried, now: float) -> list[TargetState]:
-        fit = [t for t in self.targets if not t.draining and t not in tried]
-        up = [t for t in fit if t.up(now)]
+        """The targets not draining and not tried: those up, or all of them (fail open)."""
+        fit, up = [], []
+        for t in self.targets:
+            if t.draining or t in tried:
+                continue
+            fit.append(t)
+            if t.healthy and t.ejected_until <= now:     # t.up(now), inline: once per dial
+                up.append(t)
         return up or fit
 
     def pick(self, key: str | None, tried, now: float) -> TargetState | None:
@@ -169,15 +182,17 @@ class Pool:
         return self._least(cands)
 
     def _least(self, cands: list[TargetState]) -> TargetState:
-        n = len(cands)
-        self._turn += 1
-        start = self._turn % n
-        best = cands[start]
-        for i in range(1, n):
-            t = cands[(start + i) % n]
-            if t.active * best.weight < best.active * t.weight:
-                best = t
-        return best
+        best = cands[0]
+        tied = None
+        for t in cands[1:]:
+            d = t.active * best.weight - best.active * t.weight   # t's load minus best's
+            if d < 0:
+                best, tied = t, None
+            elif d == 0:
+                if tied is None:
+                    tied = [best]
+                tied.append(t)
+        return best if tied is None else self._round_robin(tied)
 
     def _round_robin(self, cands: list[TargetState]) -> TargetState:
         total = 0
@@ -191,16 +206,14 @@ class Pool:
         return best
 
     def _by_hash(self, key: str, cands: list[TargetState]) -> TargetState:
-        ring, owners = self._ring, self._owners
-        n = len(ring)
-        i = bisect.bisect_left(ring, _point(key))
-        allowed = set(map(id, cands))
-        for step in range(n):
-            t = owners[(i + step) % n]
-            if id(t) in allowed:
-                return t
-        return cands[0]
-
+        h = _hash64(key)
+        best, top = cands[0], -1.0
+        for t in cands:
+            u = (_mix64(h ^ t.seed) + 1) / 18446744073709551617.0    # in (0, 1): / (2**64 + 1)
+            score = t.weight / -math.log(u)
+            if score > top:
+                best, top = t, score
+        return best
 
     # ---- what dials tell (the passive checks) ----------------------------------------
 
@@ -250,7 +263,6 @@ def hash_value(hash_key: str | None, admission, headers, query: str) -> str | No
             if k == name:
                 return v
         return None
-    from urllib.parse import parse_qsl
     for k, v in parse_qsl(query, keep_blank_values=True):
         if k == name:
             return v

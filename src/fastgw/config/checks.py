@@ -398,15 +398,19 @@ def _check_targets(policy: WebsocketUpgrade, here: Segments) -> bool:
     if not policy.targets:
         raise Invalid("targets must list at least one target", (*here, "targets"))
     secure = False
-    seen: set[str] = set()
+    seen: dict[tuple, int] = {}     # (scheme, host, port, path) -> index: one instance once
     for index, entry in enumerate(policy.targets):
         try:
-            secure |= parse_target(entry.url).secure
+            target = parse_target(entry.url)
         except ValueError as exc:
             raise Invalid(str(exc), (*here, "targets", index, "url")) from None
-        if entry.url in seen:
-            raise Invalid(f"Duplicate target {entry.url!r}", (*here, "targets", index, "url"))
-        seen.add(entry.url)
+        secure |= target.secure
+        same = (target.scheme, target.host.lower(), target.port, target.path)
+        if same in seen:
+            raise Invalid(f"Duplicate target {entry.url!r} (same as"
+                          f" `{format_path((*here, 'targets', seen[same], 'url'))}`)",
+                          (*here, "targets", index, "url"))
+        seen[same] = index
     key = policy.hash_key
     if key is not None:
         if policy.balance != "consistent-hash":
@@ -421,9 +425,12 @@ def _check_targets(policy: WebsocketUpgrade, here: Segments) -> bool:
         for name in ("interval", "timeout"):
             if getattr(hc, name) <= 0:
                 raise Invalid(f"{name} must be greater than 0", (*here, "health-check", name))
-        if not hc.path.startswith("/") or any(ch.isspace() or ord(ch) < 0x20 for ch in hc.path):
+        if not hc.path.startswith("/"):
             raise Invalid(f"Invalid health-check path {hc.path!r} (it must start with '/')",
                           (*here, "health-check", "path"))
+        if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in hc.path):
+            raise Invalid(f"Invalid health-check path {hc.path!r} (no spaces or control"
+                          " characters)", (*here, "health-check", "path"))
     if policy.outlier is not None and policy.outlier.eject <= 0:
         raise Invalid("eject must be greater than 0", (*here, "outlier", "eject"))
     return secure
