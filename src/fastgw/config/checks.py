@@ -413,8 +413,6 @@ def _check_targets(policy: WebsocketUpgrade, here: Segments) -> bool:
         seen[same] = index
     key = policy.hash_key
     if key is not None:
-        if policy.balance != "consistent-hash":
-            raise Invalid("hash-key is for balance: consistent-hash only", (*here, "hash-key"))
         name = key.partition(":")[2]
         if key not in HASH_KEYS and not (key.startswith(HASH_KEY_PREFIXES) and name
                                          and HTTP_TOKEN.fullmatch(name)):
