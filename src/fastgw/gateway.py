@@ -69,7 +69,7 @@ def _unreloadable(old, new) -> str | None:
               ("histogram-log", old.histogram_log, new.histogram_log),
               ("metrics", old.metrics, new.metrics),
               ("limits.max-keys", old.limits.max_keys, new.limits.max_keys),
-              ("workers", old.workers, new.workers))
+              ("workers", old.workers, new.workers), ("cluster", old.cluster, new.cluster))
     changed = [f"{name} ({_show(a)} -> {_show(b)})" for name, a, b in fields if a != b]
     if not changed:
         return None

@@ -479,6 +479,7 @@ def test_encode_and_decode_again(confdir: Path) -> None:
         "key": "client-ip",
         "rate": {"default": "5/1s", "gold": "50/1s"},
         "burst": {"default": 10},
+        "cluster": True,
     }
     # The clients-file's clients are inline now; decode without the file.
     data["clients-file"] = None

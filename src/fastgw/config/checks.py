@@ -9,6 +9,7 @@ trusted-proxies as networks. Environment variables and files are looked at by ``
 import ipaddress
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -171,6 +172,64 @@ def _check_settings(config: Config) -> None:
         )
     if config.histogram_log is not None and config.histogram_log.interval <= 0:
         raise Invalid("interval must be greater than 0", ("histogram-log", "interval"))
+    if config.cluster is not None:
+        _check_cluster(config)
+
+
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+def _check_redis_url(url: str, here: Segments) -> bool:
+    """A redis:// or rediss:// URL with a host; returns whether it is rediss://."""
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError as exc:
+        raise Invalid(f"Invalid Redis URL {url!r} ({exc})", here) from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise Invalid(f"Invalid Redis URL {url!r} (the scheme must be redis or rediss)", here)
+    if not parts.hostname:
+        raise Invalid(f"Invalid Redis URL {url!r} (missing host)", here)
+    return parts.scheme == "rediss"
+
+
+def _check_cluster(config: Config) -> None:
+    """The cluster section: one store, and times that a lease can work with."""
+    cl = config.cluster
+    here: Segments = ("cluster",)
+    r = cl.redis
+    at: Segments = (*here, "redis")
+    if (r.url is None) == (r.cluster_nodes is None):
+        raise Invalid("cluster.redis needs either url or cluster-nodes (not both)"
+                      if r.url is not None else "cluster.redis needs url or cluster-nodes", at)
+    if r.url is not None:
+        secure = {_check_redis_url(r.url, (*at, "url"))}
+    else:
+        if not r.cluster_nodes:
+            raise Invalid("cluster-nodes must list at least one node", (*at, "cluster-nodes"))
+        secure = {_check_redis_url(u, (*at, "cluster-nodes", i))
+                  for i, u in enumerate(r.cluster_nodes)}
+        if len(secure) > 1:
+            raise Invalid("cluster-nodes must all be redis:// or all rediss://",
+                          (*at, "cluster-nodes"))
+    if r.tls_profile is not None:
+        if r.tls_profile not in config.tls_profiles:
+            known = ", ".join(sorted(config.tls_profiles)) or "none"
+            raise Invalid(f"Unknown tls-profile {r.tls_profile!r} (known: {known})",
+                          (*at, "tls-profile"))
+        if secure != {True}:
+            raise Invalid(f"tls-profile {r.tls_profile!r} needs rediss://", (*at, "tls-profile"))
+    for key, value, where in (("timeout", r.timeout, at), ("lease", cl.lease, here),
+                              ("refresh", cl.refresh, here)):
+        if value <= 0:
+            raise Invalid(f"{key} must be greater than 0", (*where, key))
+    if cl.refresh * 2 > cl.lease:
+        raise Invalid(f"refresh ({float(cl.refresh):g}s) must be at most half of lease"
+                      f" ({float(cl.lease):g}s): a share must survive a lost renewal",
+                      (*here, "refresh"))
+    if r.timeout >= cl.refresh:
+        raise Invalid(f"cluster.redis.timeout ({float(r.timeout):g}s) must be less than refresh"
+                      f" ({float(cl.refresh):g}s)", (*at, "timeout"))
 
 
 _WILDCARDS = {"0.0.0.0": 4, "::": 6}

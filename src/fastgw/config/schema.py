@@ -38,6 +38,8 @@ __all__ = [
     "Base",
     "BALANCE_MODES",
     "Client",
+    "Cluster",
+    "ClusterRedis",
     "ClientsFile",
     "Config",
     "CountLimit",
@@ -178,6 +180,8 @@ class CountLimit(Base, kw_only=True, tag_field="policy", tag="count-limit"):
 
     key: LimitKey
     max: PerPlan[PositiveInt]
+    cluster: bool = True
+    """With a ``cluster`` section: false keeps this limit per node."""
 
 
 class RateLimit(Base, kw_only=True, tag_field="policy", tag="rate-limit"):
@@ -187,6 +191,8 @@ class RateLimit(Base, kw_only=True, tag_field="policy", tag="rate-limit"):
     rate: PerPlan[Rate]
     burst: PerPlan[PositiveInt] | None = None
     """Bucket capacity; None: the count of ``rate`` (see burst_for)."""
+    cluster: bool = True
+    """With a ``cluster`` section: false keeps this limit per node."""
 
     def burst_for(self, plan: str) -> float:
         """The bucket capacity for ``plan``: ``burst``, else the count of the plan's rate
@@ -213,6 +219,8 @@ class MessageRateLimit(Base, kw_only=True, tag_field="policy", tag="message-rate
     """reject: close 1008; delay: stop reading until tokens return; drop: discard, count."""
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "message-rate-limit"
     """Label in close reasons and metrics."""
+    cluster: bool = True
+    """With a ``cluster`` section and ``scope: client`` or ``api``: false keeps it per node."""
 
     def burst_for(self, plan: str) -> float | None:
         """Message bucket capacity for ``plan`` (None when ``messages`` is not set)."""
@@ -405,6 +413,36 @@ class HistogramLog(Base, kw_only=True):
     interval: Duration = Duration(10.0)
 
 
+class ClusterRedis(Base, kw_only=True):
+    """The shared store of the gateway nodes: one Redis (``url``) or a Redis Cluster
+    (``cluster-nodes``); Valkey speaks the same protocol."""
+
+    url: NonEmptyStr | None = None
+    """redis://host[:port][/db] or rediss:// (TLS)."""
+    cluster_nodes: list[NonEmptyStr] | None = None
+    """redis:// or rediss:// URLs of some nodes of a Redis Cluster."""
+    timeout: Duration = Duration(0.05)
+    """The longest a call to the store may take (then it counts as failed)."""
+    tls_profile: NonEmptyStr | None = None
+    """An entry of ``tls-profiles`` for rediss:// (default: the system's trust)."""
+
+
+class Cluster(Base, kw_only=True):
+    """Gateway nodes sharing their client-, api- and global-keyed limits through Redis, by
+    leased shares (see README, "Cluster")."""
+
+    redis: ClusterRedis
+    node_id: NonEmptyStr | None = None
+    """Default: the host name and the process id."""
+    lease: Duration = Duration(5.0)
+    """How long a node's share is valid without renewal."""
+    refresh: Duration = Duration(0.5)
+    """How often a node renews its shares and reports its demand."""
+    on_unreachable: Literal["hold", "open", "closed"] = "hold"
+    """hold: keep spending the last shares (a new key gets limit / nodes); open: no limit;
+    closed: refuse (429, 503)."""
+
+
 class Config(Base, kw_only=True):
     """The whole gateway configuration."""
 
@@ -439,6 +477,8 @@ class Config(Base, kw_only=True):
     supervisor); "auto": one per CPU the process may run on. 1: one process, no supervisor."""
     worker_heartbeat_timeout: Duration = Duration(10.0)
     """A worker whose loop has not beaten for this long is killed and replaced."""
+    cluster: Cluster | None = None
+    """Several gateway nodes sharing their limits (absent: each node on its own)."""
 
 
 class ClientsFile(Base, kw_only=True):
