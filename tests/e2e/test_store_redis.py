@@ -13,7 +13,7 @@ import trustme
 from redis import exceptions as rx
 
 from fastgw.cluster.store import Store, StoreConnectionError, StoreTimeout, Unavailable
-from redislib import DelayProxy, RedisServer, command, delay_proxy, redis_cluster, redis_server  # noqa: F401
+from redislib import DelayProxy, RedisCluster, RedisServer, command, delay_proxy, redis_cluster, redis_server  # noqa: F401
 from wire import free_port
 
 INCR = "return redis.call('HINCRBY', KEYS[1], 'n', ARGV[1])"
@@ -238,3 +238,59 @@ async def test_rediss_with_the_given_ssl_context(tls_redis):
             await store.run(INCR, [(["f{1}"], [7])])
     finally:
         await store.close()
+
+
+async def test_connections_cut_fail_the_run_and_the_probe_reconnects(redis_server, delay_proxy):
+    store = Store.from_config(url=delay_proxy.url, timeout=0.2)
+    try:
+        assert await store.run(INCR, [(["g{1}"], [1])]) == [1]
+        delay_proxy.cut()
+        await asyncio.sleep(0.02)
+        with pytest.raises(StoreConnectionError):
+            await store.run(INCR, [(["g{1}"], [1])])
+        accepted = delay_proxy.accepted
+        await asyncio.sleep(0.1)
+        assert await store.run(INCR, [(["g{1}"], [1])]) == [2]
+        assert delay_proxy.accepted == accepted + 1
+    finally:
+        await store.close()
+
+
+async def test_a_cluster_node_stopped_then_restarted_empty():
+    """One master stopped: its calls fail in their places (the others' results stand) and the
+    breaker opens; restarted (same slots, empty, no scripts): the script is loaded again."""
+    with RedisCluster() as cluster:
+        store = Store.from_config(cluster_nodes=cluster.urls, timeout=0.5)
+        try:
+            ks = keys(30, "nf")
+            assert await store.run(INCR, calls(ks)) == [i + 1 for i in range(30)]
+            victim = cluster.nodes[1]
+            owner = [store.client.nodes_manager.get_node_from_slot(store.client.keyslot(k)).port
+                     for k in ks]
+            lost = {i for i, port in enumerate(owner) if port == victim.port}
+            assert 0 < len(lost) < 30
+            victim.stop()
+            results = await store.run(INCR, calls(ks))
+            for i, result in enumerate(results):
+                if i in lost:
+                    assert isinstance(result, StoreConnectionError)
+                else:
+                    assert result == 2 * (i + 1)
+            assert store.breaker.state == "open" and store.errors["connection"] == len(lost)
+            loads = store.script_loads
+            victim.start()
+            t = time.perf_counter()
+
+            async def converged():
+                try:
+                    results = await store.run(INCR, [([ks[i]], [0]) for i in sorted(lost)])
+                except Unavailable:
+                    return False
+                return all(isinstance(r, int) for r in results) and results
+            results = await until(converged, 8.0, step=0.05)
+            print(f"node restarted: served again after {time.perf_counter() - t:.2f} s, "
+                  f"errors {dict(store.errors)}")
+            assert results == [0] * len(lost), "the restarted node is empty"
+            assert store.script_loads > loads
+        finally:
+            await store.close()
