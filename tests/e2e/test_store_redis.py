@@ -92,6 +92,7 @@ async def test_noscript_after_script_flush_and_after_a_restart(redis_server):
         await store.close()
 
 
+@pytest.mark.both_loops
 async def test_the_timeout_holds_with_redis_made_slow(redis_server, delay_proxy):
     store = Store.from_config(url=delay_proxy.url, timeout=0.05)
     try:
