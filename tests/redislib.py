@@ -135,23 +135,38 @@ class RedisCluster:
     loopback port and folder, joined with `redis-cli --cluster create`; ready when every node
     says cluster_state:ok. `nodes` are the RedisServer objects, `urls` their redis:// URLs."""
 
-    def __init__(self, masters: int = 3):
-        self.nodes = [RedisServer(free_cluster_port(), "--cluster-enabled", "yes",
-                                  "--cluster-config-file", "nodes.conf",
-                                  "--cluster-node-timeout", "5000")
-                      for _ in range(masters)]
+    def __init__(self, masters: int = 3, tls: dict[str, str] | None = None):
+        """`tls`: {"cert": path, "key": path, "ca": path} adds a TLS port to every node (its
+        plain port stays, for the readiness checks), TLS on the cluster bus, and makes
+        `urls` rediss:// URLs of the TLS ports."""
+        self.tls = tls
+        self.tls_ports: list[int] = []
+        self.nodes = []
+        for _ in range(masters):
+            args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "5000"]
+            if tls is not None:
+                self.tls_ports.append(free_port())
+                args += ["--tls-port", str(self.tls_ports[-1]), "--tls-cluster", "yes",
+                         "--tls-cert-file", tls["cert"], "--tls-key-file", tls["key"],
+                         "--tls-ca-cert-file", tls["ca"], "--tls-auth-clients", "no"]
+            self.nodes.append(RedisServer(free_cluster_port(), *args))
 
     @property
     def urls(self) -> list[str]:
+        if self.tls is not None:
+            return [f"rediss://127.0.0.1:{port}" for port in self.tls_ports]
         return [f"redis://127.0.0.1:{node.port}" for node in self.nodes]
 
     def start(self) -> "RedisCluster":
         try:
             for node in self.nodes:
                 node.start()
+            tls = [] if self.tls is None else ["--tls", "--cacert", self.tls["ca"]]
+            ports = self.tls_ports if self.tls is not None else [node.port for node in self.nodes]
             subprocess.run(
-                [redis_binary("redis-cli"), "--cluster", "create",
-                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                [redis_binary("redis-cli"), *tls, "--cluster", "create",
+                 *(f"127.0.0.1:{port}" for port in ports),
                  "--cluster-replicas", "0", "--cluster-yes"],
                 check=True, timeout=CLUSTER_TIMEOUT,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

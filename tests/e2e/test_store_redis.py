@@ -295,3 +295,29 @@ async def test_a_cluster_node_stopped_then_restarted_empty():
             assert store.script_loads > loads
         finally:
             await store.close()
+
+
+async def test_a_tls_cluster_with_the_given_ssl_context(tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"ca": tmp_path / "ca.pem", "key": tmp_path / "key.pem", "cert": tmp_path / "cert.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    cert.private_key_pem.write_to_path(str(files["key"]))
+    cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    with RedisCluster(tls={k: str(v) for k, v in files.items()}) as cluster:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        store = Store.from_config(cluster_nodes=cluster.urls[:1], timeout=1.0, ssl_context=context)
+        try:
+            ks = keys(30, "tls")
+            assert await store.run(INCR, calls(ks)) == [i + 1 for i in range(30)]
+            assert {n.port for n in store.client.get_nodes()} == set(cluster.tls_ports)
+        finally:
+            await store.close()
+        store = Store.from_config(cluster_nodes=cluster.urls[:1], timeout=1.0,
+                                  ssl_context=ssl.create_default_context())
+        try:
+            with pytest.raises(StoreConnectionError):
+                await store.run(INCR, [(["h{1}"], [1])])
+        finally:
+            await store.close()

@@ -160,6 +160,8 @@ class _ContextSSLConnection(SSLConnection):
 
 def _kind(exc: BaseException) -> str:
     """The error kind of an exception redis-py raised or returned for a call."""
+    if isinstance(exc, rx.RedisClusterException) and isinstance(exc.__cause__, rx.ConnectionError):
+        return "connection"              # "cannot be connected": no startup node answered
     if isinstance(exc, (rx.TimeoutError, TimeoutError)):
         return "timeout"
     if isinstance(exc, (rx.ClusterDownError, rx.TryAgainError, rx.AskError,
