@@ -104,17 +104,22 @@ def redis_server():
 CLUSTER_TIMEOUT = 20.0
 
 
-def free_cluster_port() -> int:
+def free_cluster_port(taken: set[int] | None = None) -> int:
     """A loopback port P such that P and its cluster bus port P + 10000 are both free (the
-    kernel's ephemeral ports are too high for P + 10000 to exist)."""
+    kernel's ephemeral ports are too high for P + 10000 to exist) and not in `taken` (the
+    ports already given to the other nodes, not listening yet); both are added to it."""
+    taken = set() if taken is None else taken
     for _ in range(200):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = 20000 + probe.getsockname()[1] % 20000
+        if port in taken or port + 10000 in taken:
+            continue
         try:
             with socket.socket() as a, socket.socket() as b:
                 a.bind(("127.0.0.1", port))
                 b.bind(("127.0.0.1", port + 10000))
+            taken.update((port, port + 10000))
             return port
         except OSError:
             continue
@@ -142,15 +147,16 @@ class RedisCluster:
         self.tls = tls
         self.tls_ports: list[int] = []
         self.nodes = []
+        taken: set[int] = set()
         for _ in range(masters):
             args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                     "--cluster-node-timeout", "5000"]
             if tls is not None:
-                self.tls_ports.append(free_port())
+                self.tls_ports.append(free_cluster_port(taken))     # (its +10000 unused)
                 args += ["--tls-port", str(self.tls_ports[-1]), "--tls-cluster", "yes",
                          "--tls-cert-file", tls["cert"], "--tls-key-file", tls["key"],
                          "--tls-ca-cert-file", tls["ca"], "--tls-auth-clients", "no"]
-            self.nodes.append(RedisServer(free_cluster_port(), *args))
+            self.nodes.append(RedisServer(free_cluster_port(taken), *args))
 
     @property
     def urls(self) -> list[str]:
