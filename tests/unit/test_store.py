@@ -76,4 +76,8 @@ async def test_from_config_checks_its_arguments():
     store = Store.from_config(url="redis://127.0.0.1:1/0", timeout=0.02)
     assert store.timeout == 0.02 and not store.is_cluster
     assert store.script("return 1") is store.script("return 1")
+    assert (store.breaker.first, store.breaker.longest) == (0.1, 2.0)
+    await store.close()
+    store = Store.from_config(url="redis://127.0.0.1:1/0", max_backoff=0.5)
+    assert (store.breaker.first, store.breaker.longest) == (0.1, 0.5)
     await store.close()

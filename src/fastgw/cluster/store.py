@@ -196,10 +196,12 @@ class Store:
 
     @classmethod
     def from_config(cls, url: str | None = None, cluster_nodes: Sequence[str] | None = None,
-                    timeout: float = 0.05, ssl_context: ssl.SSLContext | None = None) -> "Store":
+                    timeout: float = 0.05, ssl_context: ssl.SSLContext | None = None,
+                    max_backoff: float = LONGEST_BACKOFF) -> "Store":
         """A store on one Redis (`url`: redis:// or rediss://) or a Redis Cluster
         (`cluster_nodes`: the URLs of some of its nodes). `ssl_context` (a tls-profile's)
-        is used for rediss:// as it is; without it, redis-py's default verification."""
+        is used for rediss:// as it is; without it, redis-py's default verification.
+        `max_backoff` bounds the breaker's back-off (about the refresh period)."""
         if (url is None) == (cluster_nodes is None):
             raise ValueError("give either url or cluster_nodes")
         common = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
@@ -210,7 +212,7 @@ class Store:
                 options["connection_class"] = _ContextSSLConnection
                 options["tls_context"] = ssl_context
             client = Redis(connection_pool=ConnectionPool(**options, **common))
-            return cls(client, timeout)
+            return cls(client, timeout, Breaker(min(FIRST_BACKOFF, max_backoff), max_backoff))
         nodes, tls = [], set()
         for node_url in cluster_nodes:
             parts = urlsplit(node_url)
@@ -231,7 +233,7 @@ class Store:
             for node in client.startup_nodes:
                 node.connection_class = _ContextSSLConnection
                 node.connection_kwargs["tls_context"] = ssl_context
-        return cls(client, timeout)
+        return cls(client, timeout, Breaker(min(FIRST_BACKOFF, max_backoff), max_backoff))
 
     def script(self, text: str) -> Script:
         script = self._scripts.get(text)
