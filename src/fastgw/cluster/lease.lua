@@ -1,0 +1,129 @@
+-- fastgw lease renewal: one call per (node, key) per refresh. The protocol and its safety
+-- argument are in lease.py's docstring; this file only does what it says.
+--
+-- KEYS[1]  the key's hash, fgw:{K}: fields `_run` (run_id of the server that last wrote it),
+--          `_learn` (server ms until which the key learns), and one field per member
+--          "res demand exp seq" (numbers separated by spaces).
+-- ARGV     member, seq, limit, integer (1: counts, 0: buckets), demand, applied, used, lease_ms
+-- Returns  {grant (string), expires_ms, learning (0/1), status (0: applied, 1: stale: ignore)}
+
+if redis.replicate_commands then redis.replicate_commands() end
+
+local key = KEYS[1]
+local member = ARGV[1]
+local seq = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local integer = ARGV[4] == '1'
+local demand = tonumber(ARGV[5])
+local applied = tonumber(ARGV[6])
+local used = tonumber(ARGV[7])
+local lease = tonumber(ARGV[8])
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local info = redis.call('INFO', 'server')
+local run = string.match(info, 'run_id:(%x+)')
+local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
+
+local flat = redis.call('HGETALL', key)
+local learn = 0
+local stored_run = nil
+local names, res, dem = {}, {}, {}
+local mine = nil
+local last = 0                              -- the latest expiry of the others' live entries
+local dead = {}
+for i = 1, #flat, 2 do
+    local f, v = flat[i], flat[i + 1]
+    if f == '_run' then
+        stored_run = v
+    elseif f == '_learn' then
+        learn = tonumber(v)
+    else
+        local r, d, e, s = string.match(v, '^(%S+) (%S+) (%S+) (%S+)$')
+        if f == member then
+            if tonumber(s) >= seq then
+                return {'0', 0, 0, 1}       -- stale: a newer call of this member ran first
+            end
+        end
+        if tonumber(e) <= now then
+            dead[#dead + 1] = f
+        elseif f == member then
+            mine = tonumber(r)
+        else
+            names[#names + 1] = f
+            last = math.max(last, tonumber(e))
+            res[#res + 1] = tonumber(r)
+            dem[#dem + 1] = tonumber(d)
+        end
+    end
+end
+if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
+
+-- Learning: the server started less than a lease ago, or the hash was written by another
+-- server process (a restart with persistence, a failover), or a member that applies a share
+-- has no entry (the hash was lost: flushed, evicted).
+if uptime * 1000 < lease then learn = math.max(learn, now - uptime * 1000 + lease) end
+if stored_run ~= nil and stored_run ~= run then learn = math.max(learn, now + lease) end
+if mine == nil and applied > 0 and now >= learn then learn = now + lease end
+local learning = now < learn
+
+-- Max-min fair share of `limit` among the live members' demands (the caller's is new).
+names[#names + 1] = member
+dem[#dem + 1] = demand
+local order = {}
+for i = 1, #dem do order[i] = i end
+table.sort(order, function(a, b)
+    if dem[a] ~= dem[b] then return dem[a] < dem[b] end
+    return names[a] < names[b]
+end)
+local me = #dem
+local target = 0
+local left = limit
+local n = #order
+for k = 1, n do
+    local i = order[k]
+    local share = left / (n - k + 1)
+    if dem[i] <= share then
+        if i == me then target = dem[i] end
+        left = left - dem[i]
+    else
+        -- everyone from here on is capped at the level
+        if integer then
+            local rest = n - k + 1
+            local level = math.floor(left / rest)
+            local extra = left - level * rest       -- one more each for the first `extra` by name
+            local unsat = {}
+            for j = k, n do unsat[#unsat + 1] = names[order[j]] end
+            table.sort(unsat)
+            target = level
+            for j = 1, extra do
+                if unsat[j] == member then target = level + 1 end
+            end
+        else
+            target = share
+        end
+        break
+    end
+end
+
+local other = 0
+for i = 1, #res do other = other + res[i] end
+local grant = math.min(target, limit - other)
+if learning then grant = math.min(grant, applied) end
+grant = math.max(grant, used, 0)
+local reserve = math.max(grant, applied)
+local expires = now + lease
+
+local function num(x)
+    if integer then return string.format('%d', x) end
+    return string.format('%.17g', x)
+end
+redis.call('HSET', key, member, num(reserve) .. ' ' .. num(demand) .. ' '
+           .. string.format('%d %d', expires, seq), '_run', run)
+local keep = math.max(lease, last - now)
+if learn > now then
+    redis.call('HSET', key, '_learn', string.format('%d', learn))
+    keep = math.max(keep, learn - now)
+end
+redis.call('PEXPIRE', key, keep)
+return {num(grant), expires, learning and 1 or 0, 0}
