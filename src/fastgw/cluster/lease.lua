@@ -77,17 +77,16 @@ table.sort(order, function(a, b)
     return names[a] < names[b]
 end)
 local me = #dem
-local target = 0
+local target = nil
 local left = limit
 local n = #order
 for k = 1, n do
     local i = order[k]
     local share = left / (n - k + 1)
-    if dem[i] <= share then
-        if i == me then target = dem[i] end
+    if dem[i] <= share then                         -- satisfied: gets its demand
+        if i == me then target = dem[i] break end
         left = left - dem[i]
-    else
-        -- everyone from here on is capped at the level
+    else                                            -- this one and all after: the level
         if integer then
             local rest = n - k + 1
             local level = math.floor(left / rest)

@@ -212,8 +212,10 @@ class LeaseBook:
         return 0 if held.kind == COUNT else 0.0
 
     def bucket_share(self, key: str, now: float) -> tuple[float, float]:
-        """A bucket's share in force: (rate, burst)."""
-        held = self.keys[key]
+        """A bucket's share in force: (rate, burst); (0, 0) for an unknown key."""
+        held = self.keys.get(key)
+        if held is None:
+            return 0.0, 0.0
         rate = self.share(key, now)
         return rate, (rate / held.limit * held.burst if held.limit > 0 else 0.0)
 

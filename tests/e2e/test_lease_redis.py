@@ -1,0 +1,273 @@
+"""The lease protocol (fastgw.cluster.lease: lease.lua + LeaseBook) against a real redis-server:
+simulated nodes (LeaseBooks) renewing in random interleavings — calls run late and out of order,
+replies lost or late, nodes dying, leases of 300 ms expiring, Redis restarted empty — and after
+every step the sum of what the live nodes apply is checked against the limit."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import redis
+
+from fastgw.cluster.lease import SCRIPT, LeaseBook
+from redislib import RedisServer, redis_server  # noqa: F401  (the fixture)
+
+LEASE = 0.3
+KEY = "client:7"
+
+
+class Node:
+    def __init__(self, name: str, lease: float = LEASE, hold: bool = False):
+        self.book = LeaseBook(name, lease, hold=hold)
+        self.alive = True
+        self.used = 0                                   # counts: connections in use
+
+
+class Sim:
+    """Nodes, one key, the calls in flight (sent, not run) and the replies not yet delivered."""
+
+    def __init__(self, server: RedisServer, kind: str, limit: float, burst: float = 0.0,
+                 hold: bool = False):
+        self.server, self.kind, self.limit, self.burst, self.hold = server, kind, limit, burst, hold
+        self.client = redis.Redis(port=server.port, socket_timeout=2)
+        self.script = self.client.register_script(SCRIPT)
+        self.nodes: list[Node] = []
+        self.inflight: list[tuple[Node, object]] = []
+        self.replies: list[tuple[Node, object, object]] = []
+        self.checks = 0
+        self.peak = 0.0
+
+    def add(self, name: str) -> Node:
+        node = Node(name, hold=self.hold)
+        self.want(node, 0)
+        self.nodes.append(node)
+        return node
+
+    def want(self, node: Node, demand: float, used: int | None = None) -> None:
+        """Declare the key (the book forgets an idle one) and the node's demand."""
+        if self.kind == "count":
+            node.book.count(KEY, int(self.limit))
+        else:
+            node.book.bucket(KEY, self.limit, self.burst)
+        if used is not None:
+            node.used = used
+        node.book.want(KEY, demand, used=node.used)
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes if n.alive]
+
+    def run(self, call):
+        for _ in range(3):                              # a restart drops the old connection
+            try:
+                return self.script(keys=call.keys, args=call.args)
+            except redis.ConnectionError:
+                continue
+        raise AssertionError("redis unreachable")
+
+    def send(self, node: Node, keys=None) -> None:
+        for call in node.book.requests(time.monotonic(), keys):
+            self.inflight.append((node, call))
+
+    def deliver(self, node: Node, call, result, at_once: bool = False) -> None:
+        if node.alive and node.book.apply([call], [result]):
+            if at_once:                                 # released: tell Redis at once
+                for again in node.book.requests(time.monotonic(), [KEY]):
+                    self.deliver(node, again, self.run(again))
+            else:
+                self.send(node, [KEY])
+
+    def refresh(self, nodes=None) -> None:
+        """One clean refresh: every node's call runs and its reply is applied, in turn."""
+        for node in nodes or self.live():
+            for call in node.book.requests(time.monotonic()):
+                self.deliver(node, call, self.run(call), at_once=True)
+            self.check()
+
+    def applied(self, node: Node, now: float) -> float:
+        book = node.book
+        if self.kind == "count":
+            if not book.valid(KEY, now) and not self.hold:
+                node.used = 0                           # lease over: the node sheds (exact mode)
+            return book.applied(KEY, now)
+        return book.share(KEY, now)
+
+    def check(self) -> float:
+        now = time.monotonic()
+        total = sum(self.applied(n, now) for n in self.live())
+        assert total <= self.limit * (1 + 1e-12), (total, self.limit, self.state())
+        if self.kind == "bucket":
+            bursts = sum(n.book.bucket_share(KEY, now)[1] for n in self.live())
+            assert bursts <= self.burst * (1 + 1e-9)
+        self.checks += 1
+        self.peak = max(self.peak, total)
+        return total
+
+    def state(self):
+        now = time.monotonic()
+        return ([(n.book.member, n.alive, n.book.share(KEY, now), n.used) for n in self.nodes],
+                self.client.hgetall(f"fgw:{{{KEY}}}"))
+
+    def wait_learning_over(self) -> None:
+        """A fresh server learns for one lease after it starts (uptime in whole seconds)."""
+        probe = LeaseBook("probe", LEASE)
+        probe.count("probe", 1)
+        probe.want("probe", 1)
+        deadline = time.monotonic() + 5
+        while True:
+            (call,) = probe.requests(time.monotonic())
+            if int(self.run(call)[2]) == 0:
+                return
+            assert time.monotonic() < deadline, "still learning"
+            time.sleep(0.05)
+
+    def step(self, rng: random.Random, restarts: list[int]) -> None:
+        live = self.live()
+        x = rng.random()
+        if x < 0.25:
+            self.send(rng.choice(live))
+        elif x < 0.50 and self.inflight:                # run a call, in any order (late ones too)
+            node, call = self.inflight.pop(rng.randrange(len(self.inflight)))
+            self.replies.append((node, call, self.run(call)))
+        elif x < 0.75 and self.replies:                 # deliver a reply, in any order
+            self.deliver(*self.replies.pop(rng.randrange(len(self.replies))))
+        elif x < 0.80:                                  # lose a call or a reply
+            pool = rng.choice([self.inflight, self.replies])
+            if pool:
+                pool.pop(rng.randrange(len(pool)))
+        elif x < 0.95:                                  # demand and use move
+            node = rng.choice(live)
+            share = node.book.share(KEY, time.monotonic())
+            if self.kind == "count":
+                if rng.random() < 0.5 and node.used < share:
+                    node.used += 1                      # admitted within its share
+                elif node.used and rng.random() < 0.5:
+                    node.used -= 1
+                self.want(node, rng.randint(0, int(self.limit)))
+            else:
+                self.want(node, rng.uniform(0, self.limit))
+        elif x < 0.965:
+            time.sleep(rng.uniform(0, 0.2))             # leases expire
+        elif x < 0.975 and len(live) > 1:
+            rng.choice(live).alive = False              # dies: stops renewing, applies nothing
+        elif x < 0.985 and len(self.nodes) < 8:
+            self.add(f"n{len(self.nodes)}")
+        elif x < 0.987 and restarts:
+            restarts.pop()
+            self.server.stop()
+            self.server.start()                         # empty: the nodes' shares are unknown
+        self.check()
+
+
+@pytest.mark.parametrize("kind,seed", [("count", 1), ("count", 2), ("bucket", 3), ("bucket", 4)])
+def test_random_interleavings_never_exceed_the_limit(redis_server, kind, seed):
+    rng = random.Random(seed)
+    sim = Sim(redis_server, kind, 10 if kind == "count" else 1000.0, burst=100.0)
+    sim.wait_learning_over()
+    for i in range(4):
+        sim.add(f"n{i}")
+    restarts = [1]
+    for _ in range(1500):
+        sim.step(rng, restarts)
+    assert sim.checks >= 1500 and sim.peak > 0
+    # Liveness: the in-flight calls gone and every live node wanting everything, the limit is
+    # handed out whole (what the dead held has come back), within a lease + learning.
+    sim.inflight.clear()
+    sim.replies.clear()
+    for node in sim.live():
+        sim.want(node, sim.limit)
+    deadline = time.monotonic() + 3
+    while True:
+        sim.refresh()
+        total = sim.check()
+        if total >= sim.limit * (1 - 1e-9) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert total == pytest.approx(sim.limit), sim.state()
+
+
+@pytest.mark.parametrize("kind", ["count", "bucket"])
+def test_steady_demand_converges_to_the_fair_share_in_two_refreshes(redis_server, kind):
+    limit = 10 if kind == "count" else 1000.0
+    sim = Sim(redis_server, kind, limit, burst=100.0)
+    sim.wait_learning_over()
+    nodes = [sim.add(f"n{i}") for i in range(3)]
+    sim.want(nodes[0], limit)                      # n0 first takes it all
+    sim.refresh()
+    assert nodes[0].book.share(KEY, time.monotonic()) == limit
+    demands = [2, 5, 9] if kind == "count" else [100.0, 300.0, 1000.0]
+    fair = [2, 4, 4] if kind == "count" else [100.0, 300.0, 600.0]
+    rng = random.Random(5)
+    for node, d in zip(nodes, demands):
+        sim.want(node, d)
+    order = nodes[:]
+    sim.refresh(order)                                  # the demands are reported
+    for _ in range(2):                                  # then two refreshes, in any node order
+        rng.shuffle(order)
+        sim.refresh(order)
+    now = time.monotonic()
+    assert [n.book.share(KEY, now) for n in nodes] == pytest.approx(fair)
+    if kind == "bucket":
+        assert nodes[2].book.bucket_share(KEY, now)[1] == pytest.approx(60.0)
+
+
+def test_dead_nodes_slots_return_after_the_lease(redis_server):
+    sim = Sim(redis_server, "count", 10)
+    sim.wait_learning_over()
+    a, b, c = (sim.add(n) for n in "abc")
+    sim.want(a, 5)
+    sim.refresh([a])
+    sim.want(a, 5, used=5)
+    for node in (b, c):
+        sim.want(node, 10)
+    sim.refresh()
+    sim.refresh()
+    now = time.monotonic()
+    assert a.book.share(KEY, now) == 5 and b.book.share(KEY, now) + c.book.share(KEY, now) == 5
+    a.alive = False                                     # SIGKILL: its connections are gone too
+    died = time.monotonic()
+    while time.monotonic() - died < LEASE * 0.9:        # its reservation holds for the lease
+        sim.refresh()
+        assert b.book.share(KEY, time.monotonic()) + c.book.share(KEY, time.monotonic()) <= 5
+        time.sleep(0.02)
+    deadline = died + LEASE + 1.0
+    while b.book.share(KEY, time.monotonic()) + c.book.share(KEY, time.monotonic()) < 10:
+        assert time.monotonic() < deadline, sim.state()
+        sim.refresh()
+        time.sleep(0.02)
+    assert b.book.share(KEY, time.monotonic()) == 5 == c.book.share(KEY, time.monotonic())
+
+
+def test_redis_down_then_restarted_empty_with_hold(redis_server):
+    """on-unreachable: hold. Redis is gone for everyone: the nodes keep their last shares past
+    the lease; it comes back empty: they re-assert them, a newcomer gets nothing while the key
+    learns, and the shares converge once it is over; the sum never exceeds the limit."""
+    sim = Sim(redis_server, "count", 10, hold=True)
+    sim.wait_learning_over()
+    a, b = sim.add("a"), sim.add("b")
+    for node in (a, b):
+        sim.want(node, 10)
+    sim.refresh()
+    sim.refresh()
+    assert [n.book.share(KEY, time.monotonic()) for n in (a, b)] == [5, 5]
+    redis_server.stop()
+    time.sleep(LEASE * 1.5)                             # the leases run out while Redis is down
+    assert sim.check() == 10                            # held
+    redis_server.start()
+    c = sim.add("c")
+    sim.want(c, 10)
+    sim.refresh([c, a, b])
+    now = time.monotonic()
+    shares = [n.book.share(KEY, now) for n in (a, b, c)]
+    assert shares[2] == 0 and 0 < shares[0] <= 5 and 0 < shares[1] <= 5   # re-asserted, no growth
+    assert all(n.book.keys[KEY].learning for n in (a, b, c))
+    deadline = time.monotonic() + 3
+    while c.book.share(KEY, time.monotonic()) == 0 or sim.check() < 10:
+        assert time.monotonic() < deadline, sim.state()
+        sim.refresh()
+        time.sleep(0.05)
+    sim.refresh()
+    sim.refresh()
+    now = time.monotonic()
+    assert sorted(n.book.share(KEY, now) for n in (a, b, c)) == [3, 3, 4]
