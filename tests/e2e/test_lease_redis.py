@@ -271,3 +271,40 @@ def test_redis_down_then_restarted_empty_with_hold(redis_server):
     sim.refresh()
     now = time.monotonic()
     assert sorted(n.book.share(KEY, now) for n in (a, b, c)) == [3, 3, 4]
+
+
+def test_a_call_run_after_a_newer_one_changes_nothing(redis_server):
+    """A stale call (its connection slow, a retry) must not lower the reservation that a newer
+    call made and the node applies."""
+    sim = Sim(redis_server, "count", 10)
+    sim.wait_learning_over()
+    a, b = sim.add("a"), sim.add("b")
+    sim.want(a, 1)
+    (old,) = a.book.requests(time.monotonic())
+    sim.want(a, 10)
+    (new,) = a.book.requests(time.monotonic())
+    sim.deliver(a, new, sim.run(new))
+    assert a.book.share(KEY, time.monotonic()) == 10
+    assert int(sim.run(old)[3]) == 1                    # stale at Redis
+    sim.want(b, 10)
+    sim.refresh([b])
+    assert b.book.share(KEY, time.monotonic()) == 0
+
+
+def test_a_late_reply_is_valid_from_its_call_not_from_its_arrival(redis_server):
+    sim = Sim(redis_server, "count", 10)
+    sim.wait_learning_over()
+    a, b = sim.add("a"), sim.add("b")
+    sim.want(a, 5)
+    (call,) = a.book.requests(time.monotonic())
+    result = sim.run(call)
+    time.sleep(LEASE * 0.6)                             # the reply is late
+    sim.deliver(a, call, result)
+    assert a.book.share(KEY, time.monotonic()) == 5
+    sim.want(b, 10)
+    deadline = time.monotonic() + 2
+    while b.book.share(KEY, time.monotonic()) < 10:     # a's entry expires: b gets it all
+        assert time.monotonic() < deadline
+        sim.refresh([b])
+        time.sleep(0.01)
+    assert a.book.share(KEY, time.monotonic()) == 0     # and a no longer applies its 5
