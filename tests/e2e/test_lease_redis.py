@@ -308,3 +308,22 @@ def test_a_late_reply_is_valid_from_its_call_not_from_its_arrival(redis_server):
         sim.refresh([b])
         time.sleep(0.01)
     assert a.book.share(KEY, time.monotonic()) == 0     # and a no longer applies its 5
+
+
+def test_a_count_grant_never_drops_below_the_connections_in_use(redis_server):
+    sim = Sim(redis_server, "count", 10)
+    sim.wait_learning_over()
+    a, b = sim.add("a"), sim.add("b")
+    sim.want(a, 10)
+    sim.refresh([a])
+    sim.want(a, 10, used=8)                             # a holds 8 open connections
+    sim.want(b, 10)
+    for _ in range(3):
+        sim.refresh([b, a])
+    now = time.monotonic()
+    assert a.book.share(KEY, now) == 8 and b.book.share(KEY, now) == 2
+    sim.want(a, 10, used=3)                             # five of them closed
+    sim.refresh([a, b])
+    sim.refresh([a, b])
+    now = time.monotonic()
+    assert a.book.share(KEY, now) == 5 == b.book.share(KEY, now)

@@ -61,7 +61,8 @@ so sum A_m <= L. Proof, by the events that change A or R:
   t_send, a = A_c <= R_c (I1); between t_send and the run, R_c is changed only by an older call
   of c running late (a newer one would make this one stale, S1), which sets R_c >= its own
   applied, and that is >= a, because from an older call's sending on, c applies no reply sent
-  before it (N1) and A_c only falls (N3); nor has c's entry expired if a > 0, by C. So
+  before it (N1) and A_c only falls (N3). (If the call ran so late that c's entry had expired,
+  c applies 0 by C; a > 0 with no entry then starts learning, S5: conservative.) So
   R_c' = max(grant, a) with grant <= L - others gives sum R' <= max(L, sum R) <= L (I2). And
   A_c <= a <= R_c' until c applies a reply, the one of its latest call; that reply's grant is
   <= R_c as set by that call, and R_c only changes by c's own later calls, each >= the then
@@ -71,10 +72,11 @@ so sum A_m <= L. Proof, by the events that change A or R:
 - Expiry of c's entry (S2): R_c = 0, but by C c's validity ended before, so A_c = 0 (I1); I2
   only gains. A dead node is the same: its slots come back one lease after its last renewal.
 - A stale call (S1), a stale reply (N1): nothing changes.
-Counts: grant >= used (S4) since the node never holds more connections than its share allowed
-when each was admitted, a grant under `used` is no less exact (A = max(share, used) is what is
-reported and reserved); a node that is alive, cut off from Redis past its lease and still holding
-connections is outside the guarantee unless it closes them (the wiring decides: hold or shed).
+Counts: A = max(share, used) is what is reported and reserved, and a node admits a connection
+only below its share, so its open connections never exceed A; a grant is never under `used`
+(S4: one under it would not be applied anyway). A node alive, cut off from Redis past its lease
+and keeping its connections is outside the guarantee unless it closes them (the wiring decides:
+hold or shed).
 
 Learning. When the state is lost at T0 (restart empty, failover to a stale replica, flush), I1
 and I2 held just before T0 with the lost R_m. From T0 on, no call grows anyone: S4 caps grant
@@ -101,7 +103,20 @@ Sized by demand, converging: targets sum to <= L; with steady demand a node over
 granted its target on its next call, and (A falls when applied) reports it on the call after;
 a node under its target gets the capacity the others released on its next call after theirs.
 ``apply()`` returns the keys whose share fell, for an at-once renewal (their release), so that
-with steady demand every share is its fair share after two refreshes.
+with steady demand every share is its fair share two refreshes after every node reported it.
+
+---- What the node must do (the wiring)
+
+Per refresh: for each key, want(key, demand, used) (demand: what its workers would use, with
+headroom; used: open connections of a count); calls = requests(now); run them in one pipeline
+(Store.run); apply(calls, results) at once; renew the returned keys at once; then push each
+share to the workers' zone — count: the cap for new acquisitions is share(), connections above
+it stay; bucket: bucket_share() as (rate, burst), a growth adding no tokens, a shrink clamping
+them. A key whose demand exceeds its share may be renewed at once (requests(now, [key])).
+Between refreshes, once valid(key) is false: exact mode spends 0 (and sheds a count's
+connections, or accepts being outside the guarantee); hold (LeaseBook(hold=True)) keeps the
+last grant. Never overlap two renewals of one key faster than a round trip: only the latest
+call's reply is applied (N1).
 """
 
 from __future__ import annotations
