@@ -23,6 +23,18 @@ class Node:
         self.book = LeaseBook(name, lease, hold=hold)
         self.alive = True
         self.used = 0                                   # counts: connections in use
+        self.tokens = 0.0                               # buckets: this node's bucket
+        self.rate = 0.0                                 # the rate it refilled at since `last`
+        self.last: float | None = None
+
+    def settle(self, now: float) -> None:
+        """Refill the node's bucket to `now` (at the lower of its rates since the last settle),
+        clamped to the burst in force."""
+        rate, burst = self.book.bucket_share(KEY, now)
+        if self.last is not None:
+            self.tokens += (now - self.last) * min(rate, self.rate)
+        self.tokens = min(self.tokens, burst)
+        self.last, self.rate = now, rate
 
 
 class Sim:
@@ -38,6 +50,7 @@ class Sim:
         self.replies: list[tuple[Node, object, object]] = []
         self.checks = 0
         self.peak = 0.0
+        self.admitted: list[tuple[float, float]] = []  # buckets: (when, tokens) over all nodes
 
     def add(self, name: str) -> Node:
         node = Node(name, hold=self.hold)
@@ -71,7 +84,13 @@ class Sim:
             self.inflight.append((node, call))
 
     def deliver(self, node: Node, call, result, at_once: bool = False) -> None:
-        if node.alive and node.book.apply([call], [result]):
+        if not node.alive:
+            return
+        node.settle(time.monotonic())
+        fell = node.book.apply([call], [result])
+        node.tokens += node.book.take_credit(KEY)      # a growth adds only its credit
+        node.settle(time.monotonic())
+        if fell:
             if at_once:                                 # released: tell Redis at once
                 for again in node.book.requests(time.monotonic(), [KEY]):
                     self.deliver(node, again, self.run(again))
@@ -84,6 +103,20 @@ class Sim:
             for call in node.book.requests(time.monotonic()):
                 self.deliver(node, call, self.run(call), at_once=True)
             self.check()
+
+    def spend(self, node: Node, cost: float) -> None:
+        """A node admits `cost` tokens if its bucket has them; then no window of any length W
+        has admitted more than burst + rate * W over all nodes."""
+        now = time.monotonic()
+        node.settle(now)
+        if cost <= 0 or node.tokens < cost:
+            return
+        node.tokens -= cost
+        self.admitted.append((now, cost))
+        total = 0.0
+        for when, n in reversed(self.admitted):
+            total += n
+            assert total <= self.burst + self.limit * (now - when) + 1e-6, (total, now - when)
 
     def applied(self, node: Node, now: float) -> float:
         book = node.book
@@ -98,6 +131,8 @@ class Sim:
         total = sum(self.applied(n, now) for n in self.live())
         assert total <= self.limit * (1 + 1e-12), (total, self.limit, self.state())
         if self.kind == "bucket":
+            for n in self.live():
+                n.settle(now)
             bursts = sum(n.book.bucket_share(KEY, now)[1] for n in self.live())
             assert bursts <= self.burst * (1 + 1e-9)
         self.checks += 1
@@ -157,6 +192,11 @@ class Sim:
             restarts.pop()
             self.server.stop()
             self.server.start()                         # empty: the nodes' shares are unknown
+        if self.kind == "bucket":                       # demand above the limit: spend it all
+            for node in live:
+                if node.alive and rng.random() < 0.5:
+                    node.settle(time.monotonic())
+                    self.spend(node, node.tokens)
         self.check()
 
 
@@ -171,6 +211,10 @@ def test_random_interleavings_never_exceed_the_limit(redis_server, kind, seed):
     for _ in range(1500):
         sim.step(rng, restarts)
     assert sim.checks >= 1500 and sim.peak > 0
+    if kind == "bucket":                                # it did admit, near the limit
+        spent = sum(n for _, n in sim.admitted)
+        span = sim.admitted[-1][0] - sim.admitted[0][0]
+        assert spent > 0.1 * (sim.burst + sim.limit * span), (spent, span)
     # Liveness: the in-flight calls gone and every live node wanting everything, the limit is
     # handed out whole (what the dead held has come back), within a lease + learning.
     sim.inflight.clear()
@@ -327,3 +371,49 @@ def test_a_count_grant_never_drops_below_the_connections_in_use(redis_server):
     sim.refresh([a, b])
     now = time.monotonic()
     assert a.book.share(KEY, now) == 5 == b.book.share(KEY, now)
+
+
+def test_bucket_growth_adds_only_the_unreserved_pools_tokens(redis_server):
+    """A fresh key's bucket is full: its first node gets the whole burst with its share. A share
+    moved to another node brings no tokens but what the pool refilled since (unreserved rate)."""
+    sim = Sim(redis_server, "bucket", 1000.0, burst=100.0)
+    sim.wait_learning_over()
+    a, b = sim.add("a"), sim.add("b")
+    sim.want(a, 1000.0)
+    sim.refresh([a])
+    assert a.book.bucket_share(KEY, time.monotonic()) == (1000.0, 100.0)
+    assert a.tokens == pytest.approx(100.0)
+    sim.want(b, 1000.0)
+    start = time.monotonic()
+    got = []
+    for _ in range(3):
+        for node in (a, b):
+            before = node.tokens
+            sim.refresh([node])
+            got.append(node.tokens - before)
+    elapsed = time.monotonic() - start
+    now = time.monotonic()
+    assert [n.book.share(KEY, now) for n in (a, b)] == [500.0, 500.0]
+    assert a.tokens <= 50.0 + 1e-9                      # clamped to its new burst
+    # b's tokens: credits from the pool, which refills at most at the unreserved rate
+    assert b.tokens <= 1000.0 * elapsed + 1e-6 < 50.0
+    assert a.tokens + b.tokens <= 100.0 + 1000.0 * elapsed
+
+
+def test_bucket_pool_is_empty_while_learning(redis_server):
+    sim = Sim(redis_server, "bucket", 1000.0, burst=100.0)
+    sim.wait_learning_over()
+    redis_server.stop()
+    redis_server.start()                                # empty, and learning
+    a = sim.add("a")
+    sim.want(a, 1000.0)
+    sim.refresh([a])
+    assert a.book.keys[KEY].learning and a.book.share(KEY, time.monotonic()) == 0.0
+    deadline = time.monotonic() + 3
+    while a.book.share(KEY, time.monotonic()) == 0.0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        sim.refresh([a])
+    pool, stamp = sim.client.hget(f"fgw:{{{KEY}}}", "_pool").split()
+    # the grant after learning came with no credit: the pool only starts refilling then
+    assert a.tokens < 1000.0 * 0.06 and float(pool) == 0.0

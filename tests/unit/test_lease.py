@@ -9,9 +9,9 @@ from fastgw.cluster import lease
 from fastgw.cluster.lease import LeaseBook, hash_key
 
 
-def reply(grant, learning=0, status=0, expires=0):
-    """A script reply as redis-py gives it (bytes for the string, ints)."""
-    return [str(grant).encode(), expires, learning, status]
+def reply(grant, learning=0, status=0, expires=0, credit=0):
+    """A script reply as redis-py gives it (bytes for the strings, ints)."""
+    return [str(grant).encode(), expires, learning, status, str(credit).encode()]
 
 
 def book(**kw) -> LeaseBook:
@@ -30,7 +30,7 @@ def test_requests_carry_the_report_and_a_rising_seq():
     (c1,) = b.requests(100.0)
     keys, args = c1                                     # as a Store unpacks it
     assert keys == [hash_key("client:1")] == ["fgw:{client:1}"]
-    assert args == ["edge-a#i1", 1, 10, 1, 4, 2, 2, 5000]   # demand 4, applied = used 2
+    assert args == ["edge-a#i1", 1, 10, 1, 4, 2, 2, 5000, 0]   # demand 4, applied = used 2
     (c2,) = b.requests(100.1)
     assert c2.seq == 2 and c2.args[1] == 2
 
@@ -43,7 +43,7 @@ def test_demand_never_below_used_and_bucket_args():
     b.want("r", 40.5)
     c, r = b.requests(1.0)                              # key order: "c", "r"
     assert c.args[4] == 3
-    assert r.args[2:8] == ["100.0", 0, "40.5", "0.0", 0, 300]
+    assert r.args[2:] == ["100.0", 0, "40.5", "0.0", 0, 300, "20.0"]
 
 
 def test_apply_latest_only_and_validity_from_the_send():
@@ -95,8 +95,9 @@ def test_bucket_share_scales_the_burst():
     b.bucket("k", 100.0, 20.0)
     b.want("k", 50)
     (c,) = b.requests(0.0)
-    b.apply([c], [reply("25.5")])
+    b.apply([c], [reply("25.5", credit="5.1")])
     assert b.bucket_share("k", 0.5) == (25.5, pytest.approx(5.1))
+    assert b.take_credit("k") == 5.1 and b.take_credit("k") == 0.0
     assert b.bucket_share("k", 2.0) == (0.0, 0.0)
 
 

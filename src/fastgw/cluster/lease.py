@@ -6,8 +6,8 @@ and a burst for a bucket (the same fraction of the limit's rate and of its burst
 share locally; once per refresh it renews every key it holds or wants, all in one pipeline, with
 one call of the script ``lease.lua`` (SCRIPT) each:
 
-    renew(member, seq, limit, integer, demand, applied, used, lease_ms)
-        -> (grant, expires_ms, learning, status)
+    renew(member, seq, limit, integer, demand, applied, used, lease_ms, burst)
+        -> (grant, expires_ms, learning, status, credit)
 
 The script is O(members of the key): it reads the hash, drops the entries whose lease is over,
 and answers from Redis server time (TIME). This module holds its text and ``LeaseBook``, the pure
@@ -45,7 +45,14 @@ The script, at server time t, for caller c:
       the hash was last written by another server process (its `_run` is not this run_id: a
       restart with persistence, a failover), and when a member reports applied > 0 and has no
       entry (the hash was lost).
-  S6  The hash expires once no entry and no learning can be live (PEXPIRE).
+  S6  The hash expires once no entry and no learning can be live, and (buckets) once a full
+      refill would have made the key's bucket full again: lease + burst / rate (PEXPIRE).
+  S7  Buckets: the hash keeps a pool P of the tokens no node holds: a fresh hash outside
+      learning starts full (P = burst, by S6); while learning P is 0 and does not refill (the
+      reservations are not all known); else it refills at the unreserved rate,
+      L * (1 - sum R / L) (the entries read, expired ones too), capped at the unreserved burst;
+      a grant above the applied rate comes with a credit of min(P, the burst it adds) tokens,
+      taken from P.
 
 ---- Why the applied shares never sum to more than L
 
@@ -93,11 +100,16 @@ of the key renews (within one refresh): a member with nothing may be granted wha
 apply. A Redis Cluster failover that loses the hash's *creation* (asynchronous replication) is
 the same window.
 
-Buckets, for the wiring: a share that grows must not add tokens (the new burst starts at the
-tokens the node had), one that shrinks clamps them to the new burst. Then the tokens in all
-nodes' buckets never sum over the burst and refill at most at the rate (sum of rate shares <= L),
-so admissions over any window W stay <= burst + rate * W. (A fresh key's first node therefore
-starts with no tokens; a per-key pool of unreserved tokens in the hash would fix that.)
+Buckets. The wiring adds to a node's bucket, as its share grows, only the credit that came
+with it (take_credit), and clamps the tokens to the new burst as it shrinks. Then at every
+instant P + the tokens of all nodes' buckets <= burst: a node's tokens <= its applied burst <= its
+reserved one (I1), P <= the unreserved burst (S7), a credit moves tokens from P to one node (or,
+lost with its reply, makes them vanish). And tokens appear only by refill, at the node's applied
+rate or P's unreserved rate, summing to <= L (I2). So admissions over any window of W seconds
+are <= burst + L * W: the cluster is one token bucket, or stricter. A fresh key's first node
+gets the whole burst at once (P full); after a loss the tokens come back by refill. (P does not
+refill while learning: nodes Redis does not know yet may be refilling their own buckets at the
+rate P would count as unreserved.)
 
 Sized by demand, converging: targets sum to <= L; with steady demand a node over its target is
 granted its target on its next call, and (A falls when applied) reports it on the call after;
@@ -111,8 +123,8 @@ Per refresh: for each key, want(key, demand, used) (demand: what its workers wou
 headroom; used: open connections of a count); calls = requests(now); run them in one pipeline
 (Store.run); apply(calls, results) at once; renew the returned keys at once; then push each
 share to the workers' zone — count: the cap for new acquisitions is share(), connections above
-it stay; bucket: bucket_share() as (rate, burst), a growth adding no tokens, a shrink clamping
-them. A key whose demand exceeds its share may be renewed at once (requests(now, [key])).
+it stay; bucket: bucket_share() as (rate, burst), a growth adding only take_credit() tokens, a
+shrink clamping them. A key whose demand exceeds its share may be renewed at once (requests(now, [key])).
 Between refreshes, once valid(key) is false: exact mode spends 0 (and sheds a count's
 connections, or accepts being outside the guarantee); hold (LeaseBook(hold=True)) keeps the
 last grant. Never overlap two renewals of one key faster than a round trip: only the latest
@@ -164,6 +176,7 @@ class Held:
     expires: float = -math.inf  # its validity, node monotonic seconds
     sent_seq: int = 0           # the latest call sent (N1); 0: none outstanding
     learning: bool = False      # the last reply said the key is learning
+    credit: float = 0.0         # buckets: tokens granted with a growth, not yet taken
     replies: int = 0            # replies applied
 
 
@@ -242,6 +255,15 @@ class LeaseBook:
         share = self.share(key, now)
         return max(share, held.used) if held.kind == COUNT else share
 
+    def take_credit(self, key: str) -> float:
+        """Buckets: the tokens the node may add to its bucket for the growths applied since the
+        last call (the unreserved pool's, S7); once."""
+        held = self.keys.get(key)
+        if held is None:
+            return 0.0
+        credit, held.credit = held.credit, 0.0
+        return credit
+
     def valid(self, key: str, now: float) -> bool:
         """True while the key's last grant is within its lease (else N3 applies)."""
         held = self.keys.get(key)
@@ -266,10 +288,10 @@ class LeaseBook:
             if held.kind == COUNT:
                 args = [self.member, self._seq, int(held.limit), 1,
                         max(math.ceil(held.demand), held.used), int(applied), held.used,
-                        self.lease_ms]
+                        self.lease_ms, 0]
             else:
                 args = [self.member, self._seq, repr(held.limit), 0, repr(held.demand),
-                        repr(float(applied)), 0, self.lease_ms]
+                        repr(float(applied)), 0, self.lease_ms, repr(held.burst)]
             calls.append(Call(key, [hash_key(key)], args, self._seq, now))
         return calls
 
@@ -290,6 +312,8 @@ class LeaseBook:
             held.grant = grant
             held.expires = call.sent + self.lease * (1.0 - self.drift)
             held.learning = bool(int(result[2]))
+            if held.kind == BUCKET and len(result) > 4:
+                held.credit += float(result[4])
             held.sent_seq = 0
             held.replies += 1
             if grant < before:
