@@ -12,10 +12,25 @@ import pytest
 import redis
 
 from fastgw.cluster.lease import SCRIPT, LeaseBook
-from redislib import RedisServer, redis_server  # noqa: F401  (the fixture)
+from redislib import RedisServer
 
 LEASE = 0.3
 KEY = "client:7"
+
+
+@pytest.fixture(scope="module")
+def shared_redis():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server(shared_redis):
+    """One server for the module (a fresh one learns for a second), emptied for each test."""
+    if shared_redis.proc is None:
+        shared_redis.start()
+    redis.Redis(port=shared_redis.port).flushall()
+    return shared_redis
 
 
 class Node:
