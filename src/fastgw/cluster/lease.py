@@ -41,7 +41,8 @@ The script, at server time t, for caller c:
       integer for counts (the remainder one slot each, by member name).
   S4  grant = max(used, min(target, L - sum of the others' R)), and while learning also
       <= applied; then R_c = max(grant, applied), expiry t + lease, seq stored.
-  S5  Learning (no growth, S4) for one lease: after the server started (uptime < lease), after
+  S5  Learning (no growth, S4) for one lease: after the server started (INFO's uptime is in
+      whole seconds, so up to a second longer), after
       the hash was last written by another server process (its `_run` is not this run_id: a
       restart with persistence, a failover), and when a member reports applied > 0 and has no
       entry (the hash was lost).
@@ -63,7 +64,8 @@ call wrote expires (S4) — and before any later entry of the member expires.
 
 Outside learning, two invariants hold at every instant, for every member m and key:
   (I1) A_m <= R_m                       (I2) sum over m of R_m <= L
-so sum A_m <= L. Proof, by the events that change A or R:
+so sum A_m <= L (buckets: up to float rounding, a few ulps of L). Proof, by the events that
+change A or R:
 - A call of c runs (S4). Let a be its reported applied. (L1) a <= R_c just before it runs: at
   t_send, a = A_c <= R_c (I1); between t_send and the run, R_c is changed only by an older call
   of c running late (a newer one would make this one stale, S1), which sets R_c >= its own
