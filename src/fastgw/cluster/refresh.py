@@ -1,0 +1,111 @@
+"""A node's refresh task: its LeaseBook's calls run through the Store every `refresh`.
+
+    refresher = Refresher(book, store, refresh=0.5)
+    refresher.start()                 # on the running loop
+    refresher.soon("client:42")       # a key that needs more than its share: renewed now
+    await refresher.stop()
+
+Each round is one pipelined run of the lease script for every key the book holds or wants
+(`LeaseBook.requests`); the replies are applied at once, and the keys whose share fell are
+renewed again at once (that renewal is what lets Redis hand the released share on). A key
+is never in two calls at a time (the book applies only the reply to a key's latest call).
+A failed round (the Store's time-out, its breaker open, Redis gone) changes nothing: the
+book keeps what it applied (fastgw.cluster.lease, N3); the first failure and the recovery
+are logged once each, never a key. Nothing here runs on the frame path or per upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from fastgw.cluster.lease import SCRIPT, LeaseBook
+from fastgw.cluster.store import Store, StoreError
+
+log = logging.getLogger("fastgw")
+
+
+class Refresher:
+    """Renews the shares of one node (`book`) through `store`."""
+
+    def __init__(self, book: LeaseBook, store: Store, refresh: float,
+                 now: Callable[[], float] = time.monotonic):
+        self.book = book
+        self.store = store
+        self.refresh = float(refresh)
+        self.now = now
+        self.on_applied: Callable[[], None] | None = None   # after each applied round
+        self.rounds = 0                 # runs that got an answer
+        self.failed = 0                 # runs that did not
+        self.renewals = 0               # calls answered
+        self.down = False               # the last run failed
+        self._inflight: set[str] = set()
+        self._task: asyncio.Task | None = None
+        self._extra: set[asyncio.Task] = set()
+
+    async def renew(self, keys: Iterable[str] | None = None) -> bool:
+        """One round for `keys` (default: every key not in a call already); the keys whose
+        share fell are renewed once more at once. False when the run failed."""
+        wanted = set(self.book.keys if keys is None else keys) - self._inflight
+        ok = await self._round(wanted)
+        return ok
+
+    async def _round(self, keys: set[str]) -> bool:
+        calls = self.book.requests(self.now(), keys)
+        if not calls:
+            return True
+        names = {c.key for c in calls}
+        self._inflight |= names
+        try:
+            results = await self.store.run(SCRIPT, calls)
+        except StoreError as exc:
+            self.failed += 1
+            if not self.down:
+                self.down = True
+                log.warning("cluster: the store did not answer a renewal (%s); the shares in"
+                            " force are kept", exc)
+            return False
+        finally:
+            self._inflight -= names
+        if self.down:
+            self.down = False
+            log.warning("cluster: the store answers again (%d renewals had failed)", self.failed)
+        self.rounds += 1
+        self.renewals += len(calls)
+        fell = self.book.apply(calls, results)
+        if self.on_applied is not None:
+            self.on_applied()
+        if fell:
+            return await self._round(set(fell) - self._inflight)
+        return True
+
+    def soon(self, key: str) -> None:
+        """Renew `key` now, not at the next round (a demand beyond its share)."""
+        if key in self._inflight or key not in self.book.keys:
+            return
+        task = asyncio.get_running_loop().create_task(self._round({key}))
+        self._extra.add(task)
+        task.add_done_callback(self._extra.discard)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            began = loop.time()
+            try:
+                await self.renew()
+            except Exception:            # a bug must not end the renewals
+                log.exception("cluster: a renewal round failed")
+            await asyncio.sleep(max(0.0, self.refresh - (loop.time() - began)))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._extra) if t is not None]
+        self._task = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
