@@ -92,10 +92,15 @@ async def test_hold_keeps_the_last_shares_while_redis_is_gone(server):
 
 
 async def test_soon_renews_a_key_before_the_next_round(server):
-    (r,) = await nodes(server, [4], refresh=30.0)    # one round, then none for 30 s
+    (r,) = await nodes(server, [4])
     try:
         r.start()
-        await until([r], lambda s: s == [4], 5.0)
+        await until([r], lambda s: s == [4], 5.0)    # past the fresh Redis's learning
+        r.refresh = 30.0                             # the next sleep is 30 s: no round
+        await asyncio.sleep(0.3)
+        rounds = r.rounds
+        await asyncio.sleep(0.3)
+        assert r.rounds == rounds
         r.book.want(KEY, 7)
         began = time.monotonic()
         r.soon(KEY)
