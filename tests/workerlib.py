@@ -305,3 +305,16 @@ def start_gateway(tmp_path, backend):
     if s["live"]:
         problems.append(f"{s['live']} connections left at the backend")
     assert not problems, "\n".join(problems)
+
+
+class Events:
+    """An event sink keeping the events emitted (gw.events)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def emit(self, event) -> None:
+        self.seen.append(event)
+
+    def of(self, kind) -> list:
+        return [e for e in self.seen if isinstance(e, kind)]

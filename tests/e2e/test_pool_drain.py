@@ -17,7 +17,7 @@ from conftest import gateway_yaml
 from fastgw.observe.events import TargetDrainEvent
 from wire import (CLOSE, TEXT, accept_upgrade, close_payload, frame, free_port, open_ws,
                   read_close, read_frame)
-from workerlib import CountingBackend
+from workerlib import CountingBackend, Events
 
 N = 300
 GRACE = 3.0
@@ -173,19 +173,6 @@ async def echo_pair():
     for s in servers:
         close_connections(s)
         s.close()
-
-
-class Events:
-    """An event sink keeping the events emitted (gw.events)."""
-
-    def __init__(self):
-        self.seen = []
-
-    def emit(self, event) -> None:
-        self.seen.append(event)
-
-    def of(self, kind) -> list:
-        return [e for e in self.seen if isinstance(e, kind)]
 
 
 async def on_a(rg, a: int, b: int, n: int) -> list:

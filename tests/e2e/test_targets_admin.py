@@ -17,21 +17,10 @@ import yaml
 from fastgw.observe.aggregate import merge_targets
 from fastgw.observe.events import TargetDrainEvent, TargetUpEvent
 from wire import CLOSE, close_payload, frame, free_port, open_ws, read_close
-from workerlib import CountingBackend, backend, gateway_config, start_gateway  # noqa: F401
+from workerlib import CountingBackend, Events, backend, gateway_config, start_gateway  # noqa: F401
 
 FIELDS = {"api", "target", "balance", "weight", "state", "up", "connections", "dial_failures",
           "ejected_for", "health_check"}
-
-
-class Events:
-    def __init__(self):
-        self.seen = []
-
-    def emit(self, event) -> None:
-        self.seen.append(event)
-
-    def of(self, kind) -> list:
-        return [e for e in self.seen if isinstance(e, kind)]
 
 
 def two_apis(x: int, y: int, z: int, *, top: str = "", upgrade: str = "") -> str:
