@@ -181,7 +181,7 @@ cdef class ClusterStore(LimitStore):
             idle = 4.0 * e.gap
             if idle < idle_after:
                 idle = idle_after
-            if e.kind == SHARE_BUCKET and now - e.last > idle:
+            if e.kind == SHARE_BUCKET and e.rate > 0.0 and now - e.last > idle:
                 e.flags &= ~SHARE_ACTIVE
                 out.append(e.key)
         return out
@@ -209,7 +209,7 @@ cdef class ClusterStore(LimitStore):
         if e == NULL or e.kind != SHARE_BUCKET:
             return self.local.take(key, rate, burst, now, cost)
         mode = e.mode if now < e.valid_until else e.expired_mode
-        if e.first == 0.0:
+        if e.takes == 0:
             e.first = now
         if e.last > 0.0 and now > e.last:
             e.gap += (now - e.last - e.gap) * 0.125

@@ -73,6 +73,7 @@ class Key:
     burst: float               # buckets
     refs: int = 0              # connections (and handshakes) that need it
     asked: float = -math.inf   # when it was last renewed at once for an upgrade
+    released: float = -math.inf  # ... to give slots back to a member that wants them
 
 
 class ClusterNode:
@@ -252,10 +253,11 @@ class ClusterNode:
             held = self.book.keys[name]
             if key.kind == COUNT:
                 # Held + refused + waiting, and a spare (a quarter, at least one) while
-                # connections need the key: the next upgrade finds a slot without waiting.
+                # connections need the key and no other member wants more: the next upgrade
+                # finds a slot without waiting.
                 used, refused = self.cstore.report(key.zkey)
                 waiting = len(self._waiters.get(name, ()))
-                spare = max(1, used // 4) if key.refs > 0 else 0
+                spare = max(1, used // 4) if key.refs > 0 and not held.wanting else 0
                 self.book.want(name, min(key.limit, used + refused + waiting + spare), used)
                 continue
             taken, wanted, first, last, takes, gap = self.cstore.report(key.zkey)
@@ -280,6 +282,10 @@ class ClusterNode:
                     self.book.assume(name, key.limit / nodes if key.kind == BUCKET
                                      else key.limit // nodes)
                 self._push(key, now)
+                if ok and key.kind == COUNT and held.wanting and now - key.released >= self.quick \
+                        and self.cstore.used(key.zkey) < self.book.share(key.name, now):
+                    key.released = now              # another member waits: give back the spare
+                    self._soon(name)
             for fut in self._waiters.pop(name, ()):
                 if not fut.done():
                     fut.set_result(None)
