@@ -9,6 +9,7 @@
 #   stats    a leg's counters and an API's flow statistics (FlowStats)
 #   hdr      HDR histogram arrays recorded from C
 #   limits   token buckets, the LimitStore interface and LimitZone
+#   cluster  ClusterStore: the leased shares of cluster-wide limits, spent locally
 #   policy   the message policies: Verdict, SizeLimit, RateLimit
 #   hold     the hold queue of a DELAY verdict
 #   leg      one side of a relayed connection (buffers, forward, flow control, close)
@@ -22,6 +23,7 @@ include "frame_decl.pxi"
 include "hdr_decl.pxi"
 include "stats_decl.pxi"
 include "limits_decl.pxi"
+include "cluster_decl.pxi"
 include "policy_decl.pxi"
 include "hold_decl.pxi"
 include "leg_decl.pxi"

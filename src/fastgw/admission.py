@@ -117,6 +117,7 @@ class CountLimitRule:
     index: int
     key: str                       # client-ip | client-id | api | global
     max: cfgmod.PerPlan
+    cluster: bool = True           # shared by the gateway nodes (with a `cluster` section)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +150,68 @@ def identify(api: CompiledApi, req: UpgradeRequest) -> identity.Identity | Refus
     return identity.Identity(None, cfgmod.DEFAULT_PLAN, None)
 
 
+def client_address(api: CompiledApi, req: UpgradeRequest) -> str:
+    """The client's address: the TCP peer's, or the one its trusted proxies forwarded."""
+    return identity.client_ip(req.peer_ip, [v for k, v in req.headers if k == "x-forwarded-for"],
+                              api.trusted) if api.trusted else req.peer_ip
+
+
+def _pre_keys(api: CompiledApi, client_ip: str, client_id: str | None):
+    """(rule, table key) of the API's count-limit and rate-limit policies, in assembly order."""
+    for rule in api.pre:
+        prefix = f"{'c' if isinstance(rule, CountLimitRule) else 'r'}{rule.index}"
+        yield rule, key_hash(_limit_key(prefix, rule.key, api.name, client_ip, client_id))
+
+
+@dataclass(frozen=True, slots=True)
+class SharedLimit:
+    """One limit of a connection that the gateway nodes share (a `cluster` section): its
+    table key, `count` (max slots) or `bucket` (rate per second and burst), and the name of
+    its policy for metrics (no client identity in it)."""
+
+    key: int
+    kind: str                      # "count" | "bucket"
+    policy: str
+    limit: float
+    burst: float = 0.0
+
+
+def shared_limits(api: CompiledApi, req: UpgradeRequest, who: identity.Identity) -> list[SharedLimit]:
+    """The cluster-wide limits an upgrade of `who` needs (count-limit, rate-limit, and the
+    client- or api-scoped message-rate-limits), exactly the table keys admit() and the
+    relay's message rules use; a policy with `cluster: false` is not one."""
+    out = []
+    for rule, k in _pre_keys(api, client_address(api, req), who.client_id):
+        if isinstance(rule, CountLimitRule):
+            if rule.cluster:
+                out.append(SharedLimit(k, "count", f"{api.name}/count-limit#{rule.index}",
+                                       int(rule.max.for_plan(who.plan))))
+        elif rule.policy.cluster:
+            p = rule.policy
+            out.append(SharedLimit(k, "bucket", f"{api.name}/rate-limit#{rule.index}",
+                                   p.rate.for_plan(who.plan).per_second, p.burst_for(who.plan)))
+    client_key = who.client_id if who.client_id is not None else client_address(api, req)
+    for flow in (api.request, api.response):
+        if flow is None:
+            continue
+        for (index, p), rule in zip(flow.rates, flow.for_connection(api.name, who.plan, client_key)):
+            if p.scope == "connection" or not p.cluster:
+                continue
+            name = f"{api.name}/{flow.flow}/{p.name}#{index}"
+            if rule.msg_rate > 0:
+                out.append(SharedLimit(rule.msg_key, "bucket", name + "/messages", rule.msg_rate,
+                                       rule.msg_burst))
+            if rule.byte_rate > 0:
+                out.append(SharedLimit(rule.byte_key, "bucket", name + "/bytes", rule.byte_rate,
+                                       rule.byte_burst))
+    return out
+
+
 def admit(api: CompiledApi, store: LimitStore, req: UpgradeRequest,
           who: identity.Identity) -> Admission | Refusal:
     """The admit phase: the client's address, its connection slots and upgrade attempts
     (in assembly order), the message rules of its plan. A refused client holds no slot."""
-    ip = identity.client_ip(req.peer_ip, [v for k, v in req.headers if k == "x-forwarded-for"],
-                            api.trusted) if api.trusted else req.peer_ip
+    ip = client_address(api, req)
     trusted_peer = bool(api.trusted) and identity.peer_is_trusted(req.peer_ip, api.trusted)
     adm = Admission(ip, who.client_id, who.plan, who.expires_at, peer_trusted=trusted_peer)
     if api.propagation is not None:
@@ -184,11 +241,8 @@ def admit(api: CompiledApi, store: LimitStore, req: UpgradeRequest,
 
 def _take_limits(api: CompiledApi, store: LimitStore, req: UpgradeRequest,
                  who: identity.Identity, adm: Admission) -> Refusal | None:
-    for rule in api.pre:
-        counting = isinstance(rule, CountLimitRule)
-        k = key_hash(_limit_key(f"{'c' if counting else 'r'}{rule.index}", rule.key, api.name,
-                                adm.client_ip, who.client_id))
-        if counting:
+    for rule, k in _pre_keys(api, adm.client_ip, who.client_id):
+        if isinstance(rule, CountLimitRule):
             limit = int(rule.max.for_plan(who.plan))
             got = store.try_acquire([(k, limit)])
             if isinstance(got, Lease):

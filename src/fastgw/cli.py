@@ -21,12 +21,6 @@ from fastgw.loops import LOOPS, loop_runner
 def _load(path: str):
     from fastgw import config as cfgmod
     config = cfgmod.load(path)
-    if config.cluster is not None:
-        # The section is checked (fastgw.config), its leased shares are not wired in yet:
-        # refused rather than run with limits that would silently stay per node.
-        raise cfgmod.ConfigError(path, "cluster: sharing limits between gateway nodes is not"
-                                 " available in this version yet; remove the section (each"
-                                 " node then limits on its own) - at `$.cluster`")
     return config
 
 

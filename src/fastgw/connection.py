@@ -16,7 +16,7 @@ class Connection:
 
     __slots__ = ("id", "api", "peer", "started", "started_mono", "head_at", "subprotocol", "relay",
                  "admission", "ended", "lifetime_timer", "idle_timer", "expiry_timer",
-                 "removal_timer", "dial_us", "ping_timers", "cap_slot", "target")
+                 "removal_timer", "dial_us", "ping_timers", "cap_slot", "target", "shared")
 
     def __init__(self, peer: str):
         self.id = 0                         # given when its relay is made
@@ -32,6 +32,7 @@ class Connection:
         self.ended = False                  # its end of life has run
         self.cap_slot = False               # holds a slot of the shared max-connections count
         self.target = None                  # pool.TargetState dialled (counted in its active)
+        self.shared = None                  # cluster.node.Key list: the shared limits it needs
         self.lifetime_timer = None
         self.idle_timer = None
         self.expiry_timer = None

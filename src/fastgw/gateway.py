@@ -22,7 +22,8 @@ import socket
 import msgspec
 
 from fastgw import config as cfgmod
-from fastgw._core import LimitZone, key_hash
+from fastgw._core import ClusterStore, LimitZone, key_hash
+from fastgw.cluster.node import start_cluster
 from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
                            derived_max_connections, raise_fd_limit)
 from fastgw.clock import Clock
@@ -123,6 +124,12 @@ class Gateway:
         self.zone = zone if zone is not None else LimitZone(2 * config.limits.max_keys)
         self._zone_shared = zone is not None
         self.metrics.message_table_full = lambda: self.zone.message_overflows
+        # With a `cluster` section the limits the nodes share are spent from this process's
+        # leased shares (fastgw.cluster.node); `store` is what admission and the relay use.
+        self.cluster = None
+        self.store = self.zone
+        if config.cluster is not None:
+            self.store = ClusterStore(self.zone, idle_wait=float(config.cluster.refresh) / 10)
         self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
         self._table_timer = None
         self.handshake_timeout = float(config.handshake_timeout)
@@ -215,6 +222,10 @@ class Gateway:
             self.spares.release()
             raise
         self.listeners = listeners
+        if self.config.cluster is not None and self.cluster is None:
+            self.cluster = start_cluster(self.config, self.store, self.clock)
+            self.metrics.cluster = self.cluster.sample
+            await self.cluster.start()
         self._apply_limits(self.config)
         self._open = True
         self._update_accepting()
@@ -700,6 +711,10 @@ class Gateway:
             self.zone.release_py(CAP_KEY)
         if conn.admission is not None:
             conn.admission.release()
+        if conn.shared is not None:
+            shared, conn.shared = conn.shared, None
+            if self.cluster is not None:
+                self.cluster.release(shared)
         target = conn.target
         if target is not None:
             conn.target = None
@@ -755,6 +770,10 @@ class Gateway:
         am = self.metrics.apis.get(api)
         arr = am.histograms().get(kind) if am is not None else None
         return arr.to_hdr() if arr is not None else None
+
+    def cluster_status(self) -> dict | None:
+        """GET /cluster: this process's membership, renewals and shares (None: no cluster)."""
+        return self.cluster.status() if self.cluster is not None else None
 
     def connections(self, api: str | None = None, client: str | None = None) -> list[dict]:
         return [c.describe() for c in self.live.values()
@@ -1013,3 +1032,6 @@ class Gateway:
         if not await self._wait_live_gone(1.0):
             self._cut()
         self.spares.release()
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            await cluster.stop()

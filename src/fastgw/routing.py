@@ -178,7 +178,7 @@ def compile_api(api, config) -> CompiledApi:
                                       policy.plan_header)
             close_on_expiry = isinstance(policy, cfgmod.Jwt) and policy.close_on_expiry
         elif isinstance(policy, cfgmod.CountLimit):
-            pre.append(CountLimitRule(index, policy.key, policy.max))
+            pre.append(CountLimitRule(index, policy.key, policy.max, policy.cluster))
         elif isinstance(policy, cfgmod.RateLimit):
             pre.append(RateLimitRule(index, policy.key, policy))
     return CompiledApi(

@@ -839,6 +839,7 @@ async def run_worker(config, config_path, zone, slot: int, index: int, incarnati
         "retire": retire,
         "status": gw.status,
         "targets": gw.targets,
+        "cluster": gw.cluster_status,
         "drain_target": lambda api, target, grace=None: _target_op(gw.drain_target, api,
                                                                    target, grace),
         "enable_target": lambda api, target: _target_op(gw.enable_target, api, target),

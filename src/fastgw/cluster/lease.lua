@@ -8,7 +8,9 @@
 -- ARGV     member, seq, limit, integer (1: counts, 0: buckets), demand, applied, used, lease_ms,
 --          burst (buckets; 0 for counts)
 -- Returns  {grant (string), expires_ms, learning (0/1), status (0: applied, 1: stale: ignore),
---           credit (string: tokens the node may add to its bucket as its share grows)}
+--           credit (string: tokens the node may add to its bucket as its share grows),
+--           members (the live members, the caller included),
+--           wanting (1: another live member wants more than it reserves)}
 
 if redis.replicate_commands then redis.replicate_commands() end
 
@@ -51,7 +53,7 @@ for i = 1, #flat, 2 do
         local r, d, e, s = string.match(v, '^(%S+) (%S+) (%S+) (%S+)$')
         if f == member then
             if tonumber(s) >= seq then
-                return {'0', 0, 0, 1, '0'}  -- stale: a newer call of this member ran first
+                return {'0', 0, 0, 1, '0', 0, 0}  -- stale: a newer call of this member ran first
             end
         end
         before = before + tonumber(r)
@@ -117,7 +119,11 @@ for k = 1, n do
 end
 
 local other = 0
-for i = 1, #res do other = other + res[i] end
+local wanting = 0
+for i = 1, #res do
+    other = other + res[i]
+    if dem[i] > res[i] then wanting = 1 end
+end
 local grant = math.min(target, limit - other)
 if learning then grant = math.min(grant, applied) end
 grant = math.max(grant, used, 0)
@@ -158,4 +164,5 @@ if learn > now then
     keep = math.max(keep, learn - now)
 end
 redis.call('PEXPIRE', key, keep)
-return {num(grant), expires, learning and 1 or 0, 0, string.format('%.17g', credit)}
+return {num(grant), expires, learning and 1 or 0, 0, string.format('%.17g', credit), #names,
+        wanting}

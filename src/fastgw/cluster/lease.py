@@ -7,7 +7,7 @@ share locally; once per refresh it renews every key it holds or wants, all in on
 one call of the script ``lease.lua`` (SCRIPT) each:
 
     renew(member, seq, limit, integer, demand, applied, used, lease_ms, burst)
-        -> (grant, expires_ms, learning, status, credit)
+        -> (grant, expires_ms, learning, status, credit, members, wanting)
 
 The script is O(members of the key): it reads the hash, drops the entries whose lease is over,
 and answers from Redis server time (TIME). This module holds its text and ``LeaseBook``, the pure
@@ -180,6 +180,9 @@ class Held:
     learning: bool = False      # the last reply said the key is learning
     credit: float = 0.0         # buckets: tokens granted with a growth, not yet taken
     replies: int = 0            # replies applied
+    members: int = 0            # live members of the key at the last reply (this one too)
+    wanting: bool = False       # another member wanted more than it reserved (last reply)
+    assumed: bool = False       # the grant is assumed (hold, the store unreachable), not granted
 
 
 class LeaseBook:
@@ -266,6 +269,16 @@ class LeaseBook:
         credit, held.credit = held.credit, 0.0
         return credit
 
+    def assume(self, key: str, grant: float) -> None:
+        """Hold, the store unreachable: spend `grant` of a key Redis never answered for (the
+        wiring's limit / nodes). Outside the guarantee, as hold is; reported as applied once
+        the store answers, which makes the key learn (S5)."""
+        held = self.keys[key]
+        held.grant = int(grant) if held.kind == COUNT else float(grant)
+        held.assumed = True
+        if held.kind == BUCKET and held.limit > 0:
+            held.credit = held.grant / held.limit * held.burst
+
     def valid(self, key: str, now: float) -> bool:
         """True while the key's last grant is within its lease (else N3 applies)."""
         held = self.keys.get(key)
@@ -316,6 +329,9 @@ class LeaseBook:
             held.learning = bool(int(result[2]))
             if held.kind == BUCKET and len(result) > 4:
                 held.credit += float(result[4])
+            if len(result) > 6:
+                held.members, held.wanting = int(result[5]), bool(int(result[6]))
+            held.assumed = False
             held.sent_seq = 0
             held.replies += 1
             if grant < before:

@@ -37,6 +37,10 @@ class Refresher:
         self.refresh = float(refresh)
         self.now = now
         self.on_applied: Callable[[], None] | None = None   # after each applied round
+        # Around every round: before(keys) before its calls are made (the demands), after(keys,
+        # ok) once it ended, answered or not (keys: the set asked for).
+        self.before: Callable[[set[str]], None] | None = None
+        self.after: Callable[[set[str], bool], None] | None = None
         self.rounds = 0                 # runs that got an answer
         self.failed = 0                 # runs that did not
         self.renewals = 0               # calls answered
@@ -53,6 +57,18 @@ class Refresher:
         return ok
 
     async def _round(self, keys: set[str]) -> bool:
+        told = [False]
+        ok = False
+        try:
+            ok = await self._run_round(keys, told)
+        finally:
+            if self.after is not None and not told[0]:
+                self.after(keys, ok)
+        return ok
+
+    async def _run_round(self, keys: set[str], told: list) -> bool:
+        if self.before is not None:
+            self.before(keys)
         calls = self.book.requests(self.now(), keys)
         if not calls:
             return True
@@ -77,6 +93,9 @@ class Refresher:
         fell = self.book.apply(calls, results)
         if self.on_applied is not None:
             self.on_applied()
+        if self.after is not None:          # the shares in force before the releases' renewal
+            told[0] = True
+            self.after(keys, True)
         if fell:
             return await self._round(set(fell) - self._inflight)
         return True

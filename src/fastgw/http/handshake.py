@@ -29,7 +29,7 @@ import asyncio
 import logging
 
 from fastgw._core import Relay
-from fastgw.admission import UpgradeRequest, admit, identify
+from fastgw.admission import UpgradeRequest, admit, identify, shared_limits
 from fastgw.connection import Connection
 from fastgw.http.extensions import client_answer, deflate_offers, format_deflate
 from fastgw.http.forwarding import backend_headers
@@ -138,7 +138,11 @@ class Handshake(asyncio.Protocol):
                 req = parse_head(bytes(self.buf[:end]))
                 refusal = req if isinstance(req, Refusal) else self._route(req)
                 if refusal is None:
-                    refusal = self._identify(req) or self._admit()
+                    refusal = self._identify(req)
+                if refusal is None and self.gw.cluster is not None:
+                    refusal = await self._shared()
+                if refusal is None:
+                    refusal = self._admit()
                 if refusal is None:
                     refusal = await self._dial(req)
                 if refusal is None:
@@ -189,10 +193,26 @@ class Handshake(asyncio.Protocol):
         self.who = who
         return None
 
+    async def _shared(self) -> Refusal | None:
+        """With a cluster: this process's shares of the limits the upgrade needs (a key new
+        here waits for its first grant, at most the store's timeout; fastgw.cluster.node)."""
+        limits = shared_limits(self.api, self.request, self.who)
+        if not limits:
+            return None
+        keys, refusal = await self.gw.cluster.prepare(limits)
+        if self.conn.ended or self.gw.cluster is None:    # ended meanwhile (time-out, shutdown)
+            if self.gw.cluster is not None:
+                self.gw.cluster.release(keys)
+            return refusal or Refusal(503, "gateway is shutting down")
+        self.conn.shared = keys
+        if refusal is not None:
+            refusal.client = self.who.client_id or self.peer_ip
+        return refusal
+
     def _admit(self) -> Refusal | None:
         """The admit phase: the limits, then the relay with the message rules of the plan."""
         gw, api, conn = self.gw, self.api, self.conn
-        admission = admit(api, gw.zone, self.request, self.who)
+        admission = admit(api, gw.store, self.request, self.who)
         if isinstance(admission, Refusal):
             return admission
         conn.admission = admission
@@ -203,9 +223,9 @@ class Handshake(asyncio.Protocol):
         relay = Relay(gw.relay_gone, conn, clock=clock, max_frame_size=up.max_frame_size)
         stats = gw.metrics.api(api.name)
         counting = gw.metrics.enabled
-        relay.client.set_policies(admission.request_rules, gw.zone, admission.request_max_size,
+        relay.client.set_policies(admission.request_rules, gw.store, admission.request_max_size,
                                   stats=stats.request if counting else None)
-        relay.backend.set_policies(admission.response_rules, gw.zone, admission.response_max_size,
+        relay.backend.set_policies(admission.response_rules, gw.store, admission.response_max_size,
                                    stats=stats.response if counting else None)
         conn.relay = self.relay = relay
         return None

@@ -151,6 +151,13 @@ class AdminBackend(Protocol):
         ...
 
 
+    def cluster_status(self) -> "dict | None | Awaitable[dict | None]":
+        """GET /cluster: {"member", "down", "rounds", "failed", "renewals", "keys", "nodes",
+        "errors", "shares"} (fastgw.cluster.node.ClusterNode.status); None without a cluster.
+        Over workers: {"workers": [one per worker process]}."""
+        ...
+
+
 class WorkersBackend(AdminBackend, Protocol):
     """A backend over worker processes (the supervisor's): two more routes."""
 
@@ -347,6 +354,13 @@ def _api_target(request: web.Request) -> tuple[str, str]:
     return api, target
 
 
+async def _cluster(request: web.Request) -> web.Response:
+    status = await _value(_backend(request).cluster_status())
+    if status is None:
+        return _error(404, "no cluster section in the configuration")
+    return web.json_response(status)
+
+
 async def _targets(request: web.Request) -> web.Response:
     return web.json_response({"targets": list(await _value(_backend(request).targets()))})
 
@@ -458,6 +472,7 @@ def create_app(backend: AdminBackend, token: str | None) -> web.Application:
     app.router.add_post("/reload", _reload)
     app.router.add_post("/drain", _drain)
     app.router.add_get("/targets", _targets)
+    app.router.add_get("/cluster", _cluster)
     app.router.add_post("/targets/drain", _drain_target)
     app.router.add_post("/targets/enable", _enable_target)
     if hasattr(backend, "workers") and hasattr(backend, "restart_workers"):

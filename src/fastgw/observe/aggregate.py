@@ -28,7 +28,8 @@ from typing import Any, Iterable
 
 from hdrh.histogram import HdrHistogram
 
-from fastgw.observe.metrics import Exposition, _label, _num, api_sample, process_sample
+from fastgw.observe.metrics import (Exposition, _label, _num, api_sample, cluster_families,
+                                    process_sample)
 from fastgw.observe.histograms import new_histogram
 
 __all__ = ["RESTART_REASONS", "SNAPSHOT_TIMEOUT", "SupervisorBackend", "Totals", "merge_targets",
@@ -184,6 +185,17 @@ def _add_process(into: dict, s: dict, gauges: bool) -> None:
     if gauges:
         # Each worker's own cap (its descriptors): the machine holds their sum.
         into["connections_max"] += s["connections_max"]
+    c = s.get("cluster")
+    if c is not None:                   # every worker process is a member on its own
+        mine = into.setdefault("cluster", {"errors": {}, "renewals": 0, "shares": {},
+                                           "redis": {"buckets": [], "sum": 0.0, "count": 0}})
+        _add_counts(mine["errors"], c["errors"])
+        mine["renewals"] += c["renewals"]
+        _add_list(mine["redis"]["buckets"], c["redis"]["buckets"])
+        mine["redis"]["sum"] += c["redis"]["sum"]
+        mine["redis"]["count"] += c["redis"]["count"]
+        if gauges:
+            _add_counts(mine["shares"], c["shares"])
 
 
 def _add_histogram(into: dict, name: str, encoded: bytes) -> None:
@@ -245,6 +257,7 @@ class Totals:
         ex.add_process(total["process"])
         reasons = [*RESTART_REASONS, *sorted(set(restarts) - set(RESTART_REASONS))]
         extra = (
+            *(cluster_families(total["process"]["cluster"]) if "cluster" in total["process"] else ()),
             (*_WORKER_FAMILIES[0], [f"fastgw_workers {_num(workers)}"]),
             (*_WORKER_FAMILIES[1],
              [f'fastgw_worker_restarts_total{{reason="{_label(r)}"}} {_num(restarts.get(r, 0))}'
@@ -465,6 +478,11 @@ class SupervisorBackend:
     async def targets(self) -> list[dict]:
         """GET /targets: every worker's targets merged by (api, target) (merge_targets)."""
         return merge_targets(await self._ask_serving("targets"))
+
+    async def cluster_status(self) -> dict | None:
+        """GET /cluster: each worker process's own (every one is a member on its own)."""
+        answers = [a for a in await self._ask_serving("cluster") if a is not None]
+        return {"workers": answers} if answers else None
 
     async def drain_target(self, api: str, target: str, grace: float | None) -> dict:
         return await self._target_op("drain_target", api=api, target=target, grace=grace)

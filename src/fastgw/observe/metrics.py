@@ -108,6 +108,7 @@ class Metrics:
         self.events_dropped = lambda: 0
         self.accept_errors: Counter[str] = Counter()       # errno name -> failed accept() calls
         self.max_connections = lambda: 0                   # the listeners' cap (0: none)
+        self.cluster = None                                # with a cluster: its sample()
 
     def api(self, name: str) -> ApiMetrics:
         m = self.apis.get(name)
@@ -243,14 +244,50 @@ def api_sample(a: ApiMetrics) -> dict:
 
 
 def process_sample(metrics: "Metrics") -> dict:
-    """The numbers not tied to one API, as plain data (`connections_max` is a gauge)."""
-    return {
+    """The numbers not tied to one API, as plain data (`connections_max` is a gauge; with a
+    cluster, `cluster` is fastgw.cluster.node.ClusterNode.sample(), its `shares` gauges)."""
+    out = {
         "rejected_unrouted": dict(metrics.rejected_unrouted),
         "events_dropped": int(metrics.events_dropped()),
         "table_full": metrics.table_full_counts(),
         "accept_errors": dict(metrics.accept_errors),
         "connections_max": int(metrics.max_connections()),
     }
+    cluster = metrics.cluster() if metrics.cluster is not None else None
+    if cluster is not None:
+        out["cluster"] = cluster
+    return out
+
+
+# Written only with a `cluster` section: (name, type, help).
+CLUSTER_FAMILIES = (
+    ("fastgw_cluster_errors_total", "counter",
+     "Failed calls to the cluster store, by kind (refused: by the open circuit breaker)."),
+    ("fastgw_cluster_share", "gauge",
+     "This node's shares of a cluster-wide policy's keys (slots, or per second), summed."),
+    ("fastgw_cluster_renewals_total", "counter", "Lease renewals answered by the cluster store."),
+    ("fastgw_cluster_redis_seconds", "histogram", "Round trips to the cluster store."),
+)
+CLUSTER_ERROR_KINDS = ("timeout", "connection", "script", "cluster", "refused")
+
+
+def cluster_families(c: dict) -> tuple:
+    """The cluster's families for Exposition.text(extra) from a process sample's `cluster`."""
+    errors = c["errors"]
+    kinds = [*CLUSTER_ERROR_KINDS, *sorted(set(errors) - set(CLUSTER_ERROR_KINDS))]
+    h = c["redis"]
+    redis = [f'fastgw_cluster_redis_seconds_bucket{{le="{_num(b)}"}} {_num(n)}'
+             for b, n in zip(LATENCY_BUCKETS, h["buckets"])]
+    redis += [f'fastgw_cluster_redis_seconds_bucket{{le="+Inf"}} {_num(h["count"])}',
+              f"fastgw_cluster_redis_seconds_sum {_num(h['sum'] / 1e6)}",
+              f"fastgw_cluster_redis_seconds_count {_num(h['count'])}"]
+    lines = (
+        [f'fastgw_cluster_errors_total{{kind="{_label(k)}"}} {_num(errors.get(k, 0))}' for k in kinds],
+        [f'fastgw_cluster_share{{policy="{_label(p)}"}} {_num(v)}' for p, v in sorted(c["shares"].items())],
+        [f"fastgw_cluster_renewals_total {_num(c['renewals'])}"],
+        redis,
+    )
+    return tuple((*f, ls) for f, ls in zip(CLUSTER_FAMILIES, lines))
 
 
 # The bounds of fastgw_message_size_bytes (those of FlowStats.size_buckets; None: +Inf).
@@ -355,5 +392,6 @@ async def render_async(metrics: "Metrics") -> str:
     for name in sorted(metrics.apis):
         ex.add_api(name, api_sample(metrics.apis[name]))
         await asyncio.sleep(0)
-    ex.add_process(process_sample(metrics))
-    return ex.text()
+    process = process_sample(metrics)
+    ex.add_process(process)
+    return ex.text(cluster_families(process["cluster"]) if "cluster" in process else ())
