@@ -297,13 +297,28 @@ def statuses(attempts: list[Upgrade]) -> dict:
     return out
 
 
-async def hold_open(port: int, key: str, n: int, node: int = 0) -> list[Upgrade]:
-    """n connections opened one after the other, each a 101 (asserted)."""
+REFUSED_WHILE_OPENING: list[tuple[int, int]] = []
+"""(connection number, 429s) of hold_open's connections that were refused before their 101."""
+
+
+async def hold_open(port: int, key: str, n: int, node: int = 0, timeout: float = 2.0) -> list[Upgrade]:
+    """n connections opened one after the other, each a 101 (asserted): one refused with 429
+    is tried again every 20 ms, for at most `timeout` s (a node beyond its share of a count
+    asks for more at most once per refresh / 10: a second upgrade sooner is refused; those
+    refusals are noted in REFUSED_WHILE_OPENING)."""
     out = []
-    for _ in range(n):
-        u = await upgrade(port, key, node)
-        assert u.status == 101, (u.status, u.head, u.body, u.error)
-        out.append(u)
+    try:
+        for i in range(n):
+            u = await upgrade(port, key, node)
+            if u.status == 429:
+                u, refused, _ = await retry_until_admitted(port, key, timeout, node=node)
+                REFUSED_WHILE_OPENING.append((i, refused + 1))
+                assert u is not None, f"connection {i + 1} of {n}: {refused + 1} refusals in {timeout} s"
+            assert u.status == 101, (u.status, u.head, u.body, u.error)
+            out.append(u)
+    except BaseException:
+        close_all(out)
+        raise
     return out
 
 
@@ -425,6 +440,26 @@ class UpgradeProbe:
         return out
 
 
+async def ws_connect(node, key: str, timeout: float = 2.0, **kw):
+    """A `websockets` client connection through `node` as the client of `key`; a 429 is tried
+    again every 20 ms for at most `timeout` s (as hold_open, noted in REFUSED_WHILE_OPENING)."""
+    import websockets
+    deadline = time.monotonic() + timeout
+    refused = 0
+    while True:
+        try:
+            ws = await websockets.connect(node.url(), additional_headers={"X-API-Key": key},
+                                          compression=None, **kw)
+            if refused:
+                REFUSED_WHILE_OPENING.append((-1, refused))
+            return ws
+        except websockets.InvalidStatus as exc:
+            if exc.response.status_code != 429 or time.monotonic() > deadline:
+                raise
+            refused += 1
+            await asyncio.sleep(0.02)
+
+
 class EchoProbe:
     """One `websockets` connection per node of an already-known client: a message, its echo,
     timed, round-robin over them (`every` s apart): the (phase, seconds) of each round trip."""
@@ -434,14 +469,13 @@ class EchoProbe:
         self.phase = "before"
         self.samples: list[tuple[str, float]] = []
         self.lost = 0
+        self.lost_at: list[tuple[str, int, float]] = []    # (phase, node, when) of each
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.conns: list = []
 
     async def start(self) -> "EchoProbe":
-        import websockets
-        self.conns = [await websockets.connect(n.url(), additional_headers={"X-API-Key": self.key},
-                                               compression=None) for n in self.nodes]
+        self.conns = [await ws_connect(n, self.key) for n in self.nodes]
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -457,6 +491,7 @@ class EchoProbe:
                 self.samples.append((self.phase, time.perf_counter() - t0))
             except TimeoutError:
                 self.lost += 1
+                self.lost_at.append((self.phase, i % len(self.conns), time.monotonic()))
             await asyncio.sleep(self.every)
 
     async def stop(self) -> None:
