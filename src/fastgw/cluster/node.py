@@ -92,6 +92,7 @@ class ClusterNode:
         self.refresher.before = self._report
         self.refresher.after = self._after
         self.keys: dict[str, Key] = {}
+        self._held: dict[int, Key] = {}             # hold(): for the process's life
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._batch: set[str] = set()
         self._flush_handle = None
@@ -180,6 +181,18 @@ class ClusterNode:
         if closed:
             return keys, Refusal(503, UNREACHABLE_REASON, [("Retry-After", "1")], kind="capacity")
         return keys, None
+
+    def hold(self, limit) -> Key:
+        """A key the process needs for as long as it runs (limits.max-connections): tracked
+        from now on, its first grant asked for at once (not awaited)."""
+        key = self._held.get(limit.key)
+        if key is None:
+            key = self._held[limit.key] = self._ref(limit, self.clock.now())
+        else:
+            key.limit = float(limit.limit)
+            self._track(key)
+        self._soon(key.name)
+        return key
 
     def release(self, keys: list[Key]) -> None:
         """A connection (or a refused upgrade) is gone: its keys need it no more."""
