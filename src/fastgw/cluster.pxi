@@ -200,7 +200,7 @@ cdef class ClusterStore(LimitStore):
         cdef Share* e = self._find(key)
         cdef uint32_t cap
         if e == NULL:
-            return max(0, limit - self.local.count(key))
+            return self.local.room(key, limit)
         if e.mode == SHARE_CLOSED:
             cap = 0
         elif e.mode == SHARE_LOCAL:

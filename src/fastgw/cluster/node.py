@@ -163,8 +163,11 @@ class ClusterNode:
                 need.append(key)                    # new here: its first grant
             elif key.kind == COUNT and \
                     self.cstore.used(key.zkey) >= self.book.share(key.name, now) < key.limit:
-                # At its share: wait for the renewal under way, or ask for more (once a quick).
-                if self._pending(key.name) or now - key.asked >= self.quick:
+                # At its share: wait for the renewal under way, or ask for more: at once if
+                # the last grant was all this process asked for (the cluster has room, most
+                # likely), else once a quick (other members hold the rest).
+                if self._pending(key.name) or held.grant >= held.demand or \
+                        now - key.asked >= self.quick:
                     key.asked = now
                     need.append(key)
         if need:
