@@ -98,6 +98,7 @@ class ClusterNode:
         self._flush_handle = None
         self._tasks: set[asyncio.Task] = set()
         self._tick = None
+        self._ticks = 0
 
     @property
     def member(self) -> str:
@@ -248,7 +249,9 @@ class ClusterNode:
             key = self.keys.get(f"{zkey:016x}")
             if key is not None:
                 self._soon(key.name)
-        self._forget()
+        self._ticks += 1
+        if self._ticks % 10 == 0:                   # once a refresh: O(keys)
+            self._forget()
 
     def _forget(self) -> None:
         """Keys no connection needs and the book no longer holds go back to the zone."""
