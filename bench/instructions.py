@@ -3,6 +3,8 @@ noise does not move, for comparing gateway configurations (bare, policies, obser
 
     python bench/instructions.py [--size 64] [--duration 4]
     python bench/instructions.py --mode connrate      # instructions per upgrade: one, pool2
+    python bench/instructions.py --variants shared,cluster                 # a cluster's cost
+    python bench/instructions.py --mode connrate --variants counted,cluster
 
 For each configuration it starts `fastgw run` under callgrind (in front of the bundled echo
 backend), warms up, zeroes the counters (`callgrind_control -z`), runs the load generator
@@ -14,7 +16,11 @@ With ``--mode connrate`` the load is whole connection cycles (connect, upgrade, 
 message, close) and the figure is instructions per upgrade, for the upgrade path: ``one``
 (a target-url) against ``pool2`` (a pool of two targets, the same echo backend at two URLs,
 least-connections) and ``hash2`` (the same pool, consistent-hash by client-id): the cost of
-picking a target.
+picking a target; ``counted`` (a count-limit) against ``cluster`` (the same, cluster-wide).
+
+``cluster`` (both modes) shares the limits through a redis-server the bench starts on a free
+loopback port (one node: what a node spends with its leased shares, against ``shared`` or
+``counted``, the same limits in the local zone).
 
 Callgrind counts user-space instructions only (system calls are not in the figure), and the
 pipelined load puts a varying number of frames in each socket read: per-read costs are shared
@@ -72,19 +78,30 @@ apis:
           - url: ws://127.0.0.1:{port}/b/
         balance: least-connections
 {flows}"""
+# The same limits shared by the gateway nodes through a redis-server the bench starts (one
+# node here: the figure is what a node spends per message or upgrade with its shares).
+CLUSTER = ("metrics: false\ncluster: {{redis: {{url: 'redis://127.0.0.1:{redis}/0'}}, "
+           "lease: 2s, refresh: 500ms}}\n")
+COUNTED = APIS.replace("      - policy: websocket-upgrade",
+                       "      - {{policy: count-limit, key: client-ip, max: 1000000}}\n"
+                       "      - policy: websocket-upgrade")
 # --mode connrate: name -> (top, the APIs)
 UPGRADE_VARIANTS = {
     "one": ("metrics: false\n", APIS),
     "pool2": ("metrics: false\n", POOL2),
     "hash2": ("metrics: false\n", POOL2.replace("least-connections", "consistent-hash")),
+    "counted": ("metrics: false\n", COUNTED),
+    "cluster": (CLUSTER, COUNTED),
 }
 VARIANTS = {
     "bare": ("metrics: false\n", ""),
     "policies": ("metrics: false\n", POLICIES),
     "shared": ("metrics: false\n", SHARED),
     "private": ("metrics: false\n", PRIVATE),
+    "cluster": (CLUSTER, SHARED),
     "observed": ("events: {{target: {events}}}\nadmin: {{port: 0}}\n", ""),
 }
+LEARNING = 3.0      # a fresh redis-server grants nothing new for one lease (2 s), rounded up
 
 
 def wait_line(path: Path, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
@@ -115,7 +132,7 @@ def measure(name: str, top: str, flows: str, backend_port: int, args, tmp: Path,
             apis: str = APIS) -> dict:
     mode = args.mode
     cfg = tmp / f"{name}.yaml"
-    cfg.write_text(top.format(events=tmp / f"{name}.events") +
+    cfg.write_text(top.format(events=tmp / f"{name}.events", redis=args.redis_port) +
                    "listeners: [{host: 127.0.0.1, port: 0}]\n" +
                    apis.format(port=backend_port, flows=flows))
     out = tmp / f"{name}.callgrind"
@@ -156,6 +173,29 @@ def measure(name: str, top: str, flows: str, backend_port: int, args, tmp: Path,
             proc.wait()
 
 
+def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
+    """A redis-server on a free loopback port, without persistence, past its learning."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+    time.sleep(LEARNING)
+    return proc, port
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=64)
@@ -172,6 +212,10 @@ def main(argv=None) -> int:
         if v not in table:
             p.error(f"unknown variant {v!r} for --mode {args.mode}")
     tmp = Path(tempfile.mkdtemp(prefix="fastgw-instr-"))
+    redis = None
+    args.redis_port = 0
+    if any("{redis}" in table[v][0] for v in variants):
+        redis, args.redis_port = start_redis(tmp)
     backend = subprocess.Popen([PY, "-m", "fastgw.echo", "--port", "0"], stdout=subprocess.PIPE,
                                text=True, env=ENV)
     try:
@@ -184,6 +228,9 @@ def main(argv=None) -> int:
     finally:
         backend.terminate()
         backend.wait(10)
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
     base = rows[0]["instructions_per_message"]
     what = ("upgrades | instructions per upgrade (connect, upgrade, one "
             f"{args.size} B echo, close)" if args.mode == "connrate" else

@@ -195,6 +195,26 @@ cdef class ClusterStore(LimitStore):
                 "burst": e.burst, "tokens": e.bucket.tokens, "valid_until": e.valid_until,
                 "expired_mode": ShareMode(e.expired_mode).name}
 
+    def room(self, uint64_t key, uint32_t limit):
+        """How many more acquire(key, limit) would count now."""
+        cdef Share* e = self._find(key)
+        cdef uint32_t cap
+        if e == NULL:
+            return self.local.room(key, limit)
+        if e.mode == SHARE_CLOSED:
+            cap = 0
+        elif e.mode == SHARE_LOCAL:
+            cap = limit
+        else:
+            cap = e.slots if e.slots < limit else limit
+        return cap - e.used if e.used < cap else 0
+
+    def note_refused(self, uint64_t key):
+        """An acquisition the caller did not try, for want of room (it wants more)."""
+        cdef Share* e = self._slot(key)
+        e.refused += 1
+        e.flags |= SHARE_WANTS
+
     def used(self, uint64_t key):
         cdef Share* e = self._find(key)
         return 0 if e == NULL else e.used

@@ -23,6 +23,7 @@ import msgspec
 
 from fastgw import config as cfgmod
 from fastgw._core import ClusterStore, LimitZone, key_hash
+from fastgw.admission import SharedLimit
 from fastgw.cluster.node import start_cluster
 from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
                            derived_max_connections, raise_fd_limit)
@@ -242,7 +243,12 @@ class Gateway:
         # Worker processes (given their supervisor's zone): a number is the cap of them all,
         # counted in the shared zone (each accept() takes a slot first); "auto" stays each
         # process's own descriptor bound.
-        self.shared_cap = self._zone_shared and value != "auto" and self.max_connections > 0
+        # With a cluster, a number is the cap of every node's processes: this process's
+        # share of it is counted in the ClusterStore (fastgw.cluster.node).
+        self.shared_cap = ((self._zone_shared or self.cluster is not None)
+                           and value != "auto" and self.max_connections > 0)
+        if self.shared_cap and self.cluster is not None:
+            self.cluster.hold(SharedLimit(CAP_KEY, "count", "max-connections", self.max_connections))
         self._native_ok = (not self._native_broken and not self.shared_cap
                            and 0 < self.max_connections <= self.derived_max_connections)
         if value != "auto" and self.derived_max_connections and \
@@ -286,7 +292,7 @@ class Gateway:
         if not cap:
             return "own"
         if self.shared_cap:
-            return "own" if self.zone.count(CAP_KEY) < cap else "off"
+            return "own" if self.store.room(CAP_KEY, cap) > 0 else "off"
         room = cap - len(self.handshakes._ip) - len(self.live)
         if room <= 0:
             return "off"
@@ -312,18 +318,21 @@ class Gateway:
 
     def _cap_poll(self) -> None:
         self._cap_timer = None
+        if self.cluster is not None and self.shared_cap and \
+                self.store.room(CAP_KEY, self.max_connections) == 0:
+            self.store.note_refused(CAP_KEY)       # at this process's share: ask for more
         self._update_accepting()
 
     def _take_cap_slot(self) -> bool:
         """One slot of the shared max-connections count, before an accept()."""
-        return self.zone.acquire_py(CAP_KEY, self.max_connections) == 1
+        return self.store.acquire_py(CAP_KEY, self.max_connections) == 1
 
     def _handshake_gone(self, hs) -> None:
         """A client connection stops counting as a handshake (ended, or handed over to the
         relay: then its connection record holds the slot)."""
         if hs.cap_slot:
             hs.cap_slot = False
-            self.zone.release_py(CAP_KEY)
+            self.store.release_py(CAP_KEY)
 
     def _apply_mode(self, mode: str) -> None:
         self._mode = mode
@@ -431,13 +440,13 @@ class Gateway:
                 fd, addr = sock._accept()        # an int, no socket.socket (accept.AcceptedSocket)
             except (BlockingIOError, InterruptedError):
                 if shared:
-                    self.zone.release_py(CAP_KEY)
+                    self.store.release_py(CAP_KEY)
                 self._burst = max(1, burst >> 1)
                 self._full = 0
                 break
             except OSError as exc:
                 if shared:
-                    self.zone.release_py(CAP_KEY)
+                    self.store.release_py(CAP_KEY)
                 if self.accept_error(exc):
                     return
                 continue
@@ -458,7 +467,7 @@ class Gateway:
         if per_ip and self.handshakes.by_ip.get(ip, 0) >= per_ip:
             os.close(fd)
             if cap_slot:
-                self.zone.release_py(CAP_KEY)
+                self.store.release_py(CAP_KEY)
             self._refused_at_accept(ip)
             return
         ctx = listener.ctx
@@ -708,7 +717,7 @@ class Gateway:
         conn.cancel_timers()
         if conn.cap_slot:
             conn.cap_slot = False
-            self.zone.release_py(CAP_KEY)
+            self.store.release_py(CAP_KEY)
         if conn.admission is not None:
             conn.admission.release()
         if conn.shared is not None:

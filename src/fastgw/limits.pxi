@@ -876,6 +876,10 @@ cdef class LimitZone(LimitStore):
         cdef CountSlot* s = self._count_find(k, _count_tag(k), &index)
         return <uint32_t>fgw_ld_acq(&s.word) if s != NULL else 0
 
+    def room(self, uint64_t key, uint32_t limit):
+        """How many more acquire(key, limit) would count now (ClusterStore.room's twin)."""
+        return max(0, <Py_ssize_t>limit - <Py_ssize_t>self.count(key))
+
     def share(self, uint64_t key, Py_ssize_t slot):
         """The share of key's count held by a process slot (0 if unknown)."""
         cdef uint32_t w = self._slot(slot)

@@ -119,7 +119,7 @@ a node under its target gets the capacity the others released on its next call a
 ``apply()`` returns the keys whose share fell, for an at-once renewal (their release), so that
 with steady demand every share is its fair share two refreshes after every node reported it.
 
----- What the node must do (the wiring)
+---- What the node must do (the wiring: fastgw.cluster.node)
 
 Per refresh: for each key, want(key, demand, used) (demand: what its workers would use, with
 headroom; used: open connections of a count); calls = requests(now); run them in one pipeline

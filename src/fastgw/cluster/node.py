@@ -92,11 +92,13 @@ class ClusterNode:
         self.refresher.before = self._report
         self.refresher.after = self._after
         self.keys: dict[str, Key] = {}
+        self._held: dict[int, Key] = {}             # hold(): for the process's life
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._batch: set[str] = set()
         self._flush_handle = None
         self._tasks: set[asyncio.Task] = set()
         self._tick = None
+        self._ticks = 0
 
     @property
     def member(self) -> str:
@@ -162,8 +164,11 @@ class ClusterNode:
                 need.append(key)                    # new here: its first grant
             elif key.kind == COUNT and \
                     self.cstore.used(key.zkey) >= self.book.share(key.name, now) < key.limit:
-                # At its share: wait for the renewal under way, or ask for more (once a quick).
-                if self._pending(key.name) or now - key.asked >= self.quick:
+                # At its share: wait for the renewal under way, or ask for more: at once if
+                # the last grant was all this process asked for (the cluster has room, most
+                # likely), else once a quick (other members hold the rest).
+                if self._pending(key.name) or held.grant >= held.demand or \
+                        now - key.asked >= self.quick:
                     key.asked = now
                     need.append(key)
         if need:
@@ -180,6 +185,18 @@ class ClusterNode:
         if closed:
             return keys, Refusal(503, UNREACHABLE_REASON, [("Retry-After", "1")], kind="capacity")
         return keys, None
+
+    def hold(self, limit) -> Key:
+        """A key the process needs for as long as it runs (limits.max-connections): tracked
+        from now on, its first grant asked for at once (not awaited)."""
+        key = self._held.get(limit.key)
+        if key is None:
+            key = self._held[limit.key] = self._ref(limit, self.clock.now())
+        else:
+            key.limit = float(limit.limit)
+            self._track(key)
+        self._soon(key.name)
+        return key
 
     def release(self, keys: list[Key]) -> None:
         """A connection (or a refused upgrade) is gone: its keys need it no more."""
@@ -232,7 +249,9 @@ class ClusterNode:
             key = self.keys.get(f"{zkey:016x}")
             if key is not None:
                 self._soon(key.name)
-        self._forget()
+        self._ticks += 1
+        if self._ticks % 10 == 0:                   # once a refresh: O(keys)
+            self._forget()
 
     def _forget(self) -> None:
         """Keys no connection needs and the book no longer holds go back to the zone."""

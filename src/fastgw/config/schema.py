@@ -439,8 +439,9 @@ class Cluster(Base, kw_only=True):
     refresh: Duration = Duration(0.5)
     """How often a node renews its shares and reports its demand."""
     on_unreachable: Literal["hold", "open", "closed"] = "hold"
-    """hold: keep spending the last shares (a new key gets limit / nodes); open: no limit;
-    closed: refuse (429, 503)."""
+    """Once a share's lease ran out without a renewal (or a new key got no first grant): hold
+    keeps the last share (a new key gets limit / nodes); open applies the whole limit on this
+    node alone; closed admits nothing (503 for an upgrade, a message is over its limit)."""
 
 
 class Config(Base, kw_only=True):
