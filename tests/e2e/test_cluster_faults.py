@@ -104,14 +104,21 @@ async def test_hold_redis_stopped_then_restarted_empty(start_nodes, backend, red
         redis_server.start()
         t_up = time.monotonic()
         deadline = t_up + 2 * REFRESH + 2.0
+        up_at: list[float | None] = [None] * 3
         while True:
             states = [n.cluster() for n in nodes]
+            for i, st in enumerate(states):
+                if up_at[i] is None and not st["down"]:
+                    up_at[i] = round(time.monotonic() - t_up, 3)
+            # Back: no node down, and every share in use (alice's, dave's) valid again.
             if not any(st["down"] for st in states) and all(
-                    sh["valid"] for st in states for sh in st["shares"]):
+                    sh["valid"] for st in states for sh in st["shares"] if sh["used"]):
                 back = time.monotonic() - t_up
                 break
             assert time.monotonic() < deadline, states
             await asyncio.sleep(0.02)
+        print(f"not down again at {up_at} s after the start; shares then: "
+              f"{[[(sh['share'], sh['used'], sh['valid']) for sh in st['shares']] for st in states]}")
         await probe.pause()
         backend.reset_peak()
         # The limit in force at once: alice, at her 10, is refused on every node.
