@@ -234,3 +234,28 @@ async def test_a_store_never_reached(backend, nodes, mode):
     assert "password" not in node.gp.stderr()
     for c in live:
         await c.close()
+
+
+async def test_a_stopped_node_gives_its_slots_back_at_once(backend, redis, nodes):
+    pre = [{"policy": "count-limit", "key": "client-id", "max": 4}]
+    a = nodes(node_config(backend.port, redis.url, pre=pre))
+    b = nodes(node_config(backend.port, redis.url, pre=pre))
+    held = [await connect(a.url) for _ in range(4)]
+    assert await attempt(b.url) == 429
+    a.gp.proc.send_signal(15)                           # SIGTERM: drain (1 s), then stop
+    a.gp.proc.wait(10)
+    exited = time.monotonic()
+    opened = []
+    while len(opened) < 4:
+        r = await attempt(b.url)
+        if isinstance(r, int):
+            assert r == 429
+            assert time.monotonic() - exited < 1.0, "not given back (a lease is 2 s)"
+            await asyncio.sleep(0.02)
+        else:
+            opened.append(r)
+    took = time.monotonic() - exited
+    print(f"4 slots usable on the other node {took * 1000:.0f} ms after the stop")
+    assert "stopped" in a.gp.stderr()
+    for c in [*held, *opened]:
+        await c.close()

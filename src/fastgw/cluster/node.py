@@ -25,6 +25,8 @@ What the node does, per key (fastgw.cluster.lease, "What the node must do"):
   a count released while another member wants more is renewed at once too.
 - After every round, the shares are pushed into the ClusterStore: counts as slots, buckets as a
   rate and burst whose growth adds only the credit that came with it.
+- A node that stops (SIGTERM, once its connections are gone; a worker retired by a rolling
+  restart) gives its shares back in a last renewal; one killed loses them after `lease`.
 - The store unreachable (on-unreachable), once a share's lease ran out without a renewal or a
   new key got no first grant: hold keeps the last share (a new key gets limit / nodes, nodes as
   the last renewals counted them); open applies the whole limit on this node alone; closed
@@ -111,22 +113,35 @@ class ClusterNode:
         self._tick = self.clock.call_later(self.quick, self._on_tick)
 
     async def stop(self) -> None:
+        """Stop renewing; first give every share back (a stopped node's slots are usable on
+        the others at once, not one lease later), if the store answers within its timeout."""
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        await self.refresher.stop()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.refresher.stop()                 # no round under way from here on
         for futures in self._waiters.values():
             for fut in futures:
                 if not fut.done():
                     fut.set_result(None)
         self._waiters.clear()
+        if not self.refresher.down and self.book.keys:
+            self.refresher.before = None            # no demand any more
+            for key in self.keys.values():
+                if key.name in self.book.keys:
+                    used = self.cstore.used(key.zkey) if key.kind == COUNT else 0
+                    self.book.want(key.name, used, used)
+            try:
+                await asyncio.wait_for(self.refresher.renew(),
+                                       4 * float(self.cfg.redis.timeout) + 0.1)
+            except Exception:                       # the store is gone: the leases expire
+                pass
         await self.store.close()
 
     # ---- an upgrade's keys
