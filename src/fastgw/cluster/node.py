@@ -225,12 +225,12 @@ class ClusterNode:
                 closed = True
             held = self.book.keys.get(key.name)
             if held is not None and held.replies == 0 and not held.assumed \
-                    and self.mode == "hold":
+                    and not self.unreachable(now):
                 slow = True                         # no first grant, and not unreachable yet
-        if closed:
-            return keys, Refusal(503, UNREACHABLE_REASON, [("Retry-After", "1")], kind="capacity")
         if slow:
             return keys, Refusal(503, SLOW_REASON, [("Retry-After", "1")], kind="capacity")
+        if closed:
+            return keys, Refusal(503, UNREACHABLE_REASON, [("Retry-After", "1")], kind="capacity")
         return keys, None
 
     def hold(self, limit) -> Key:
