@@ -110,7 +110,13 @@ def test_idle_keys_are_forgotten():
     (c,) = b.requests(1.0)
     b.apply([c], [reply(1)])
     b.want("k", 0)
-    assert len(b.requests(2.0)) == 1                      # still holds 1: renews to give it back
+    (c,) = b.requests(2.0)                                # still holds 1: renews to give it back
+    assert c.args[5] == 1                                 # applied 1: Redis keeps 1 reserved
+    b.apply([c], [reply(0)])
+    (c,) = b.requests(3.0)                                # applied 0: Redis frees it
+    assert c.args[5] == 0
+    b.apply([c], [reply(0)])
+    assert b.requests(4.0) == [] and "k" not in b.keys    # nothing reserved: forgotten
 
 
 def test_members_are_incarnations():

@@ -160,6 +160,7 @@ class Call:
     args: list[str | int]
     seq: int
     sent: float
+    applied: float = 0.0        # what the call reports applied (N4)
 
     def __iter__(self):
         return iter((self.keys, self.args))
@@ -183,6 +184,8 @@ class Held:
     members: int = 0            # live members of the key at the last reply (this one too)
     wanting: bool = False       # another member wanted more than it reserved (last reply)
     assumed: bool = False       # the grant is assumed (hold, the store unreachable), not granted
+    reserved: float = 0.0       # what Redis reserves for this member, as the last reply left it
+                                # (max(grant, applied reported), S4); > 0: not forgotten yet
 
 
 class LeaseBook:
@@ -288,14 +291,17 @@ class LeaseBook:
 
     def requests(self, now: float, keys=None) -> list[Call]:
         """The calls of one refresh (all keys, or the given ones), in key order. A key with no
-        demand, no use and no share is forgotten instead (its entry expires in Redis)."""
+        demand, no use, no share and nothing reserved in Redis is forgotten instead (a key
+        whose share fell to nothing is renewed once more first, reporting nothing applied,
+        so that Redis frees its reservation at once rather than when the entry expires)."""
         calls = []
         for key in sorted(self.keys if keys is None else keys):
             held = self.keys.get(key)
             if held is None:
                 continue
             applied = self.applied(key, now)
-            if held.demand <= 0 and held.used == 0 and applied == 0 and held.sent_seq == 0:
+            if held.demand <= 0 and held.used == 0 and applied == 0 and held.sent_seq == 0 \
+                    and held.reserved <= 0:
                 del self.keys[key]
                 continue
             self._seq += 1
@@ -307,7 +313,7 @@ class LeaseBook:
             else:
                 args = [self.member, self._seq, repr(held.limit), 0, repr(held.demand),
                         repr(float(applied)), 0, self.lease_ms, repr(held.burst)]
-            calls.append(Call(key, [hash_key(key)], args, self._seq, now))
+            calls.append(Call(key, [hash_key(key)], args, self._seq, now, float(applied)))
         return calls
 
     def apply(self, calls: list[Call], results: list) -> list[str]:
@@ -325,6 +331,7 @@ class LeaseBook:
                 grant = int(grant)
             before = held.grant
             held.grant = grant
+            held.reserved = max(grant, call.applied)
             held.expires = call.sent + self.lease * (1.0 - self.drift)
             held.learning = bool(int(result[2]))
             if held.kind == BUCKET and len(result) > 4:

@@ -25,10 +25,14 @@ What the node does, per key (fastgw.cluster.lease, "What the node must do"):
   a count released while another member wants more is renewed at once too.
 - After every round, the shares are pushed into the ClusterStore: counts as slots, buckets as a
   rate and burst whose growth adds only the credit that came with it.
+- A node that stops (SIGTERM, once its connections are gone; a worker retired by a rolling
+  restart) gives its shares back in a last renewal; one killed loses them after `lease`.
 - The store unreachable (on-unreachable), once a share's lease ran out without a renewal or a
-  new key got no first grant: hold keeps the last share (a new key gets limit / nodes, nodes as
-  the last renewals counted them); open applies the whole limit on this node alone; closed
-  admits nothing (the upgrade gets 503, a message is over its limit).
+  new key got no first grant: hold keeps the last share (a new key gets limit / nodes once no
+  renewal has been answered for a whole refresh, 503 until then: one time-out is only
+  slowness; nodes: the members alive in the registry, nodes.lua, at the last answer); open
+  applies the whole limit on this node alone; closed admits nothing (the upgrade gets 503, a
+  message is over its limit).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ import socket
 from dataclasses import dataclass
 
 from fastgw._core import ClusterStore, ShareKind, ShareMode
+from importlib.resources import files
+
 from fastgw.cluster.lease import BUCKET, COUNT, LeaseBook
 from fastgw.cluster.refresh import Refresher
-from fastgw.cluster.store import Store
+from fastgw.cluster.store import Store, StoreError
 from fastgw.observe.metrics import LATENCY_BUCKETS
 from fastgw.verdicts import Refusal
 
@@ -52,6 +58,9 @@ log = logging.getLogger("fastgw")
 HEADROOM = 1.25            # a bucket's demand: the rate it saw, times this
 IDLE_FLOOR = 0.01          # the demand of an idle bucket that connections use, of the limit
 UNREACHABLE_REASON = "the cluster store is unreachable"
+SLOW_REASON = "the cluster store did not answer in time"
+NODES_KEY = "fgw:{nodes}"
+NODES_SCRIPT: str = files(__package__).joinpath("nodes.lua").read_text(encoding="utf-8")
 
 _EXPIRED = {"hold": ShareMode.SHARE_LEASED, "open": ShareMode.SHARE_LOCAL,
             "closed": ShareMode.SHARE_CLOSED}
@@ -99,6 +108,7 @@ class ClusterNode:
         self._tasks: set[asyncio.Task] = set()
         self._tick = None
         self._ticks = 0
+        self.members = 1                            # live members, as the registry counted them
 
     @property
     def member(self) -> str:
@@ -107,26 +117,57 @@ class ClusterNode:
     # ---- running
 
     async def start(self) -> None:
+        await self._register()                      # the members alive, before any upgrade
         self.refresher.start()
         self._tick = self.clock.call_later(self.quick, self._on_tick)
 
+    async def _register(self, leave: bool = False) -> None:
+        """This member in the registry of members (nodes.lua); their number for hold."""
+        args = [self.member, self.book.lease_ms] + (["leave"] if leave else [])
+        try:
+            (n,) = await self.store.run(NODES_SCRIPT, [([NODES_KEY], args)])
+        except StoreError:
+            return                                  # counted by the store; the renewals log
+        if isinstance(n, int) and not leave:
+            self.members = max(1, n)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def stop(self) -> None:
+        """Stop renewing; first give every share back (a stopped node's slots are usable on
+        the others at once, not one lease later), if the store answers within its timeout."""
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        await self.refresher.stop()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.refresher.stop()                 # no round under way from here on
         for futures in self._waiters.values():
             for fut in futures:
                 if not fut.done():
                     fut.set_result(None)
         self._waiters.clear()
+        if not self.refresher.down and self.book.keys:
+            self.refresher.before = None            # no demand any more
+            for key in self.keys.values():
+                if key.name in self.book.keys:
+                    used = self.cstore.used(key.zkey) if key.kind == COUNT else 0
+                    self.book.want(key.name, used, used)
+            try:
+                await asyncio.wait_for(self.refresher.renew(),
+                                       4 * float(self.cfg.redis.timeout) + 0.1)
+            except Exception:                       # the store is gone: the leases expire
+                pass
+        if not self.refresher.down:
+            await self._register(leave=True)
         await self.store.close()
 
     # ---- an upgrade's keys
@@ -178,10 +219,16 @@ class ClusterNode:
                 self.release(keys)
                 raise
             now = self.clock.now()
-        closed = False
+        closed = slow = False
         for key in keys:
             if self._push(key, now) == ShareMode.SHARE_CLOSED:
                 closed = True
+            held = self.book.keys.get(key.name)
+            if held is not None and held.replies == 0 and not held.assumed \
+                    and not self.unreachable(now):
+                slow = True                         # no first grant, and not unreachable yet
+        if slow:
+            return keys, Refusal(503, SLOW_REASON, [("Retry-After", "1")], kind="capacity")
         if closed:
             return keys, Refusal(503, UNREACHABLE_REASON, [("Retry-After", "1")], kind="capacity")
         return keys, None
@@ -238,9 +285,7 @@ class ClusterNode:
             key = self.keys.get(name)
             if key is not None:
                 self._track(key)
-        task = asyncio.get_running_loop().create_task(self.refresher.renew(names))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.refresher.renew(names))
 
     def _on_tick(self) -> None:
         self._tick = self.clock.call_later(self.quick, self._on_tick)
@@ -252,6 +297,7 @@ class ClusterNode:
         self._ticks += 1
         if self._ticks % 10 == 0:                   # once a refresh: O(keys)
             self._forget()
+            self._spawn(self._register())
 
     def _forget(self) -> None:
         """Keys no connection needs and the book no longer holds go back to the zone."""
@@ -296,7 +342,8 @@ class ClusterNode:
             key = self.keys.get(name)
             held = self.book.keys.get(name)
             if key is not None and held is not None:
-                if not ok and held.replies == 0 and not held.assumed and self.mode == "hold":
+                if not ok and held.replies == 0 and not held.assumed and self.mode == "hold" \
+                        and self.unreachable(now):
                     nodes = self.nodes_seen()
                     self.book.assume(name, key.limit / nodes if key.kind == BUCKET
                                      else key.limit // nodes)
@@ -327,9 +374,16 @@ class ClusterNode:
 
     # ---- observing
 
+    def unreachable(self, now: float) -> bool:
+        """No renewal answered for a whole refresh: the store is unreachable (a single
+        time-out is only slow)."""
+        r = self.refresher
+        return r.down and now - r.down_since >= self.refresh
+
     def nodes_seen(self) -> int:
-        """The most members any key had at its last reply (at least 1)."""
-        return max((h.members for h in self.book.keys.values()), default=0) or 1
+        """The live members as the registry last counted them, or as the most members any
+        key had at its last reply (at least 1)."""
+        return max(self.members, *(h.members for h in self.book.keys.values()), 1)
 
     def shares(self) -> list[dict]:
         now = self.clock.now()

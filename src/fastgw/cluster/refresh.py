@@ -45,6 +45,7 @@ class Refresher:
         self.failed = 0                 # runs that did not
         self.renewals = 0               # calls answered
         self.down = False               # the last run failed
+        self.down_since = 0.0           # when the failures in a row began (self.now())
         self._inflight: set[str] = set()
         self._task: asyncio.Task | None = None
         self._extra: set[asyncio.Task] = set()
@@ -80,6 +81,7 @@ class Refresher:
             self.failed += 1
             if not self.down:
                 self.down = True
+                self.down_since = self.now()
                 log.warning("cluster: the store did not answer a renewal (%s); the shares in"
                             " force are kept", exc)
             return False
