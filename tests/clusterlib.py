@@ -303,14 +303,14 @@ REFUSED_WHILE_OPENING: list[tuple[int, int]] = []
 
 async def hold_open(port: int, key: str, n: int, node: int = 0, timeout: float = 2.0) -> list[Upgrade]:
     """n connections opened one after the other, each a 101 (asserted): one refused with 429
-    is tried again every 20 ms, for at most `timeout` s (a node beyond its share of a count
-    asks for more at most once per refresh / 10: a second upgrade sooner is refused; those
-    refusals are noted in REFUSED_WHILE_OPENING)."""
+    (a node beyond its share of a count asks for more at most once per refresh / 10: a second
+    upgrade sooner is refused) or 503 (the store did not answer in time) is tried again every
+    20 ms, for at most `timeout` s; those refusals are noted in REFUSED_WHILE_OPENING."""
     out = []
     try:
         for i in range(n):
             u = await upgrade(port, key, node)
-            if u.status == 429:
+            if u.status in (429, 503):
                 u, refused, _ = await retry_until_admitted(port, key, timeout, node=node)
                 REFUSED_WHILE_OPENING.append((i, refused + 1))
                 assert u is not None, f"connection {i + 1} of {n}: {refused + 1} refusals in {timeout} s"
