@@ -7,7 +7,8 @@ slow by a delaying TCP proxy (tests/redislib.py DelayProxy, +200 ms each way).
   grows; after the restart the nodes are back within two refreshes and the limit holds (never
   more than 10 at the backend), the whole limit usable again once Redis has learnt.
 - open: each node applies the whole limit on its own.
-- closed: 503 "the cluster store is unreachable"; messages under a cluster-wide
+- closed: 503 "the cluster store is unreachable" (just after the stop, a new key's failed first
+  renewal may be 503 "did not answer in time": slowness); messages under a cluster-wide
   message-rate-limit are over it (its action, drop, applies).
 - Redis behind +200 ms: upgrade and message latency unchanged.
 
@@ -32,6 +33,7 @@ LEASE, REFRESH = 2.0, 0.5
 CLUSTER = dict(lease="2s", refresh="500ms", timeout="50ms")
 MAX = 10
 UPGRADE_FLOOR, MESSAGE_FLOOR = 0.010, 0.005
+UNREACHABLE, SLOW = b"the cluster store is unreachable", b"the cluster store did not answer in time"
 ROOMY = {"policy": "message-rate-limit", "name": "roomy", "messages": "100000/1s", "burst": 10000,
          "scope": "client", "action": "drop"}
 
@@ -170,22 +172,28 @@ async def test_open_each_node_applies_the_whole_limit_on_its_own(start_nodes, ba
                         pre=[count_limit(MAX)])
     await wait_learned([redis_server.port], LEASE)
     alice = KEYS["alice"]
-    kept = await hold_open(nodes[0].port, alice, 3)
+    backend.reset_peak()
+    kept = []
     try:
+        # alice known on every node (3, 1, 1), then the rest of her 10 in one go: cluster-wide.
+        for i, n in enumerate((3, 1, 1)):
+            kept += await hold_open(nodes[i].port, alice, n, node=i)
         got, attempts = await admitted_per_node(nodes, alice, 10)
         kept += [a for a in attempts if a.status == 101]
-        assert sum(got) == MAX - 3, got               # cluster-wide while Redis is there
+        s = await backend.wait_live(5 + sum(got))
+        print(f"open, Redis up: 10 more tried on each node (5 open): {got} admitted; backend {s}")
+        assert 5 + sum(got) <= MAX and s["peak"] <= MAX, (got, s)
         close_all(a for a in attempts if a.status == 101)
-        kept = kept[:3]
-        assert (await backend.wait_live(3))["live"] == 3
+        kept = kept[:5]
+        assert (await backend.wait_live(5))["live"] == 5
         redis_server.stop()
         await asyncio.sleep(LEASE + 0.5)              # the shares' leases are over
         got, attempts = await admitted_per_node(nodes, alice, 12)
         kept += [a for a in attempts if a.status == 101]
-        s = await backend.wait_live(3 + sum(got))
-        print(f"open, Redis down: 12 tried on each node (3 already on a): {got} admitted, {statuses(attempts)}; "
-              f"backend {s}")
-        assert got == [MAX - 3, MAX, MAX], got
+        s = await backend.wait_live(5 + sum(got))
+        print(f"open, Redis down: 12 tried on each node (3, 1, 1 already open): {got} admitted, "
+              f"{statuses(attempts)}; backend {s}")
+        assert got == [MAX - 3, MAX - 1, MAX - 1], got
         assert s["live"] == 3 * MAX
     finally:
         close_all(kept)
@@ -201,26 +209,30 @@ async def test_closed_refuses_with_503_and_drops_messages(start_nodes, backend, 
     probe = await EchoProbe(nodes, alice, every=0.01).start()   # alice known on every node
     kept = await hold_open(nodes[0].port, alice, 2)
     try:
-        await asyncio.sleep(0.5)
-        assert probe.latencies("before") and not probe.lost
+        await asyncio.sleep(1.0)
+        assert probe.latencies("before")
         redis_server.stop()
         t_down = time.monotonic()
-        bob = await upgrade(nodes[1].port, KEYS["bob"])        # a new key: no first grant
+        bob = await upgrade(nodes[1].port, KEYS["bob"])        # a new key, at once
         t_bob = time.monotonic() - t_down
         await asyncio.sleep(LEASE + 0.5)
         probe.phase = "down"
         lost_before = probe.lost
         answers = [await upgrade(n.port, alice) for n in nodes]
+        carol = [await upgrade(n.port, KEYS["carol"]) for n in nodes]   # new, the store gone for long
         await asyncio.sleep(1.5)
         lost = probe.lost - lost_before
         echoed = len(probe.latencies("down"))
         await probe.stop()
         print(f"closed: a new key {t_bob * 1e3:.0f} ms after the stop: {bob.status} {bob.body!r}; "
               f"after the lease: alice on each node {[a.status for a in answers]} "
-              f"{answers[0].body!r}; messages on alice's open connections: {echoed} echoed, "
-              f"{lost} not within 1 s; errors {[errors_total(n) for n in nodes]}")
-        for u in [bob, *answers]:
-            assert u.status == 503 and b"the cluster store is unreachable" in u.body, (u.status, u.head, u.body)
+              f"{answers[0].body!r}, a new key {[a.status for a in carol]} {carol[0].body!r}; "
+              f"messages on alice's open connections: {echoed} echoed, {lost} not within 1 s; "
+              f"errors {[errors_total(n) for n in nodes]}")
+        # At once a new key's failed first renewal is slowness (503, "did not answer in time").
+        assert bob.status == 503 and (SLOW in bob.body or UNREACHABLE in bob.body), (bob.status, bob.body)
+        for u in [*answers, *carol]:
+            assert u.status == 503 and UNREACHABLE in u.body, (u.status, u.head, u.body)
         assert echoed == 0 and lost >= 1
         assert all(errors_total(n) > 0 for n in nodes)
     finally:
