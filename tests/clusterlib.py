@@ -382,7 +382,7 @@ class UpgradeProbe:
     answered, closed at once, then `every` s): each answer's (phase, node, status, seconds).
     `phase` is set by the test; `paused` stops it between attempts (nothing of it open)."""
 
-    def __init__(self, nodes, key: str, every: float = 0.01):
+    def __init__(self, nodes, key: str, every: float = 0.005):
         self.nodes, self.key, self.every = nodes, key, every
         self.phase = "before"
         self.samples: list[tuple[str, int, int | None, float]] = []
@@ -441,8 +441,9 @@ class UpgradeProbe:
 
 
 async def ws_connect(node, key: str, timeout: float = 2.0, **kw):
-    """A `websockets` client connection through `node` as the client of `key`; a 429 is tried
-    again every 20 ms for at most `timeout` s (as hold_open, noted in REFUSED_WHILE_OPENING)."""
+    """A `websockets` client connection through `node` as the client of `key`; a 429 or 503 is
+    tried again every 20 ms for at most `timeout` s (as hold_open, noted in
+    REFUSED_WHILE_OPENING)."""
     import websockets
     deadline = time.monotonic() + timeout
     refused = 0
@@ -454,7 +455,7 @@ async def ws_connect(node, key: str, timeout: float = 2.0, **kw):
                 REFUSED_WHILE_OPENING.append((-1, refused))
             return ws
         except websockets.InvalidStatus as exc:
-            if exc.response.status_code != 429 or time.monotonic() > deadline:
+            if exc.response.status_code not in (429, 503) or time.monotonic() > deadline:
                 raise
             refused += 1
             await asyncio.sleep(0.02)
