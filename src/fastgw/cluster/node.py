@@ -13,16 +13,20 @@ dies loses its shares one lease after its last renewal, as a node does.
 
 What the node does, per key (fastgw.cluster.lease, "What the node must do"):
 - Demand. Counts: connections held + attempts refused for the share since the last report +
-  upgrades waiting for a renewal. Buckets: the rate taken and refused since the last report
+  upgrades waiting for the renewal + a spare (a quarter, at least one) while no other member
+  wants more. Buckets: the rate taken and refused since the last report
   (x HEADROOM, at most the limit); a key idle for longer than two `quick` periods (or four
   mean gaps between its takes) wants only IDLE_FLOOR of the limit while connections use it, so
   that its share goes to the members that want it and the next message still finds a token.
 - A key new to the process: the first upgrade that needs it waits for one renewal (all the
-  upgrades that need it then share it), at most the store's timeout. An upgrade beyond the
-  share of a count waits the same way, at most once per key per `quick` (refresh / 10).
+  upgrades that need it then share it), at most the store's timeout; a bucket's first demand
+  is the whole limit, its measured one is reported a `quick` (refresh / 10) later. An upgrade
+  beyond the share of a count waits for the key's next round: at once when the last grant
+  was all this process asked for, else a quick after the last one (then it gets its 429).
 - Every `quick`, the core's ClusterStore.due() names the keys refused for their share (renewed
   at once: they want more) and the buckets gone idle (renewed at once: their share goes back);
-  a count released while another member wants more is renewed at once too.
+  a count released while another member wants more (or on a key at the cluster's limit) is
+  renewed at once too.
 - After every round, the shares are pushed into the ClusterStore: counts as slots, buckets as a
   rate and burst whose growth adds only the credit that came with it.
 - A node that stops (SIGTERM, once its connections are gone; a worker retired by a rolling
@@ -43,10 +47,9 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-
-from fastgw._core import ClusterStore, ShareKind, ShareMode
 from importlib.resources import files
 
+from fastgw._core import ClusterStore, ShareKind, ShareMode
 from fastgw.cluster.lease import BUCKET, COUNT, LeaseBook
 from fastgw.cluster.refresh import Refresher
 from fastgw.cluster.store import Store, StoreError
