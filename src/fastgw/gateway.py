@@ -22,6 +22,7 @@ import socket
 import msgspec
 
 from fastgw import config as cfgmod
+from fastgw.config.web import redact_url
 from fastgw._core import ClusterStore, LimitZone, key_hash
 from fastgw.admission import SharedLimit
 from fastgw.cluster.node import start_cluster
@@ -82,9 +83,8 @@ def _redacted(value):
         return {k: _redacted(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redacted(v) for v in value]
-    if isinstance(value, str) and "://" in value and "@" in value:
-        scheme, _, rest = value.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    if isinstance(value, str):
+        return redact_url(value)
     return value
 
 
