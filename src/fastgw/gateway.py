@@ -22,6 +22,7 @@ import socket
 import msgspec
 
 from fastgw import config as cfgmod
+from fastgw.config.web import redact_url
 from fastgw._core import ClusterStore, LimitZone, key_hash
 from fastgw.admission import SharedLimit
 from fastgw.cluster.node import start_cluster
@@ -62,7 +63,29 @@ class UnknownTarget(KeyError):
 
 
 def _show(value) -> str:
-    return json.dumps(msgspec.to_builtins(value), separators=(", ", ": "))
+    return json.dumps(_redacted(msgspec.to_builtins(value, enc_hook=_plain)),
+                      separators=(", ", ": "))
+
+
+def _plain(value):
+    """msgspec's hook for the configuration's own number types (Duration, Size, ...)."""
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    raise NotImplementedError(type(value).__name__)
+
+
+def _redacted(value):
+    """A configuration value as plain data, with the user and password of every URL in it
+    (a Redis URL's) replaced by "***": a reload's refusal is logged and answered."""
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, str):
+        return redact_url(value)
+    return value
 
 
 def _unreloadable(old, new) -> str | None:

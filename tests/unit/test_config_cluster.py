@@ -102,3 +102,24 @@ def test_fastgw_check_accepts_the_section(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fastgw", "check", "-c", str(path)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "$.cluster.redis.url" in out.stderr, out
+
+
+def test_a_refused_reload_of_the_cluster_section_shows_no_password():
+    from fastgw import config as cfgmod
+    from fastgw.gateway import _unreloadable
+    text = ("listeners: [{port: 0}]\ncluster: {redis: {url: 'redis://user:s3cret@127.0.0.1:6379/0'}}\n"
+            + API)
+    old = cfgmod.loads(text, "yaml")
+    new = cfgmod.loads(text.replace("6379", "6380").replace("s3cret", "other"), "yaml")
+    why = _unreloadable(old, new)
+    assert why is not None and "cluster" in why and "127.0.0.1:6380" in why
+    assert "s3cret" not in why and "other" not in why and "user" not in why
+
+
+def test_a_bad_redis_url_is_shown_without_its_password():
+    from fastgw.config.web import redact_url
+    assert redact_url("http://u:pw@h:1/0") == "http://***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert redact_url("redis://h/a@b") == "redis://h/a@b"          # an @ after the host is kept
+    why = error_of("cluster: {redis: {url: 'http://admin:hunter2@127.0.0.1:6379/0'}}\n")
+    assert "hunter2" not in why and "admin" not in why and "***@127.0.0.1:6379" in why

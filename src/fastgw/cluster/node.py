@@ -13,16 +13,20 @@ dies loses its shares one lease after its last renewal, as a node does.
 
 What the node does, per key (fastgw.cluster.lease, "What the node must do"):
 - Demand. Counts: connections held + attempts refused for the share since the last report +
-  upgrades waiting for a renewal. Buckets: the rate taken and refused since the last report
+  upgrades waiting for the renewal + a spare (a quarter, at least one) while no other member
+  wants more. Buckets: the rate taken and refused since the last report
   (x HEADROOM, at most the limit); a key idle for longer than two `quick` periods (or four
   mean gaps between its takes) wants only IDLE_FLOOR of the limit while connections use it, so
   that its share goes to the members that want it and the next message still finds a token.
 - A key new to the process: the first upgrade that needs it waits for one renewal (all the
-  upgrades that need it then share it), at most the store's timeout. An upgrade beyond the
-  share of a count waits the same way, at most once per key per `quick` (refresh / 10).
+  upgrades that need it then share it), at most the store's timeout; a bucket's first demand
+  is the whole limit, its measured one is reported a `quick` (refresh / 10) later. An upgrade
+  beyond the share of a count waits for the key's next round: at once when the last grant
+  was all this process asked for, else a quick after the last one (then it gets its 429).
 - Every `quick`, the core's ClusterStore.due() names the keys refused for their share (renewed
   at once: they want more) and the buckets gone idle (renewed at once: their share goes back);
-  a count released while another member wants more is renewed at once too.
+  a count released while another member wants more (or on a key at the cluster's limit) is
+  renewed at once too.
 - After every round, the shares are pushed into the ClusterStore: counts as slots, buckets as a
   rate and burst whose growth adds only the credit that came with it.
 - A node that stops (SIGTERM, once its connections are gone; a worker retired by a rolling
@@ -43,10 +47,9 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-
-from fastgw._core import ClusterStore, ShareKind, ShareMode
 from importlib.resources import files
 
+from fastgw._core import ClusterStore, ShareKind, ShareMode
 from fastgw.cluster.lease import BUCKET, COUNT, LeaseBook
 from fastgw.cluster.refresh import Refresher
 from fastgw.cluster.store import Store, StoreError
@@ -102,7 +105,9 @@ class ClusterNode:
         self.refresher.after = self._after
         self.keys: dict[str, Key] = {}
         self._held: dict[int, Key] = {}             # hold(): for the process's life
-        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = {}   # for the key's next round
+        self._riding: dict[str, list[asyncio.Future]] = {}    # ... for the round under way
+        self._delayed: dict[str, object] = {}                 # _later's timers
         self._batch: set[str] = set()
         self._flush_handle = None
         self._tasks: set[asyncio.Task] = set()
@@ -150,11 +155,15 @@ class ClusterNode:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.refresher.stop()                 # no round under way from here on
-        for futures in self._waiters.values():
+        for handle in self._delayed.values():
+            handle.cancel()
+        self._delayed.clear()
+        for futures in (*self._waiters.values(), *self._riding.values()):
             for fut in futures:
                 if not fut.done():
                     fut.set_result(None)
         self._waiters.clear()
+        self._riding.clear()
         if not self.refresher.down and self.book.keys:
             self.refresher.before = None            # no demand any more
             for key in self.keys.values():
@@ -198,23 +207,28 @@ class ClusterNode:
         release(), and a Refusal (503) when on-unreachable is closed and a share is out."""
         now = self.clock.now()
         keys = [self._ref(limit, now) for limit in limits]
-        need = []
+        need, later, delay = [], [], 0.0
         for key in keys:
             held = self.book.keys[key.name]
             if held.replies == 0 and not held.assumed:
                 need.append(key)                    # new here: its first grant
             elif key.kind == COUNT and \
                     self.cstore.used(key.zkey) >= self.book.share(key.name, now) < key.limit:
-                # At its share: wait for the renewal under way, or ask for more: at once if
-                # the last grant was all this process asked for (the cluster has room, most
-                # likely), else once a quick (other members hold the rest).
-                if self._pending(key.name) or held.grant >= held.demand or \
-                        now - key.asked >= self.quick:
+                # At its share: wait for the next renewal of the key, which asks for more: at
+                # once if the last grant was all this process asked for (the cluster has room,
+                # most likely), else a quick after the last one (other members hold the rest:
+                # an upgrade over the limit waits that long for its 429).
+                if held.grant >= held.demand or now - key.asked >= self.quick:
                     key.asked = now
                     need.append(key)
-        if need:
+                else:
+                    delay = max(delay, key.asked + self.quick - now)
+                    self._later(key.name, key.asked + self.quick - now)
+                    later.append(key)
+        if need or later:
             try:
-                await self._renew_now([k.name for k in need], wait=True)
+                await self._renew_now([k.name for k in need], wait=True,
+                                      also=[k.name for k in later], delay=delay)
             except BaseException:                   # the client went away meanwhile
                 self.release(keys)
                 raise
@@ -251,10 +265,12 @@ class ClusterNode:
         for key in keys:
             key.refs -= 1
             if key.kind == COUNT:
+                # Another member wants slots, or may (this one's last grant was less than it
+                # asked: the key is at the cluster's limit): give the slot back at once.
                 held = self.book.keys.get(key.name)
-                if held is not None and held.wanting and \
+                if held is not None and (held.wanting or held.grant < held.demand) and \
                         self.cstore.used(key.zkey) < self.book.share(key.name, now):
-                    self._soon(key.name)            # another member waits for a slot
+                    self._soon(key.name)
 
     # ---- renewals at once
 
@@ -266,17 +282,31 @@ class ClusterNode:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _renew_now(self, names: list[str], wait: bool) -> None:
+    def _later(self, name: str, delay: float) -> None:
+        """Renew `name` in `delay` s (one timer per key)."""
+        if name not in self._delayed:
+            self._delayed[name] = self.clock.call_later(max(0.0, delay), self._due_later, name)
+
+    def _due_later(self, name: str) -> None:
+        del self._delayed[name]
+        self._soon(name)
+
+    async def _renew_now(self, names: list[str], wait: bool, also: list[str] = (),
+                         delay: float = 0.0) -> None:
+        """Renew `names` now (and wait for it), and wait for the renewal of `also` due in
+        `delay` s. A waiter rides the next round that starts after it came (its demand is
+        counted in it), never one already under way."""
         loop = asyncio.get_running_loop()
         futures = []
         for name in names:
             self._soon(name)
-            if wait:
+        if wait:
+            for name in (*names, *also):
                 fut = loop.create_future()
                 self._waiters.setdefault(name, []).append(fut)
                 futures.append(fut)
         if futures:
-            await asyncio.wait(futures, timeout=float(self.cfg.redis.timeout) + 0.05)
+            await asyncio.wait(futures, timeout=delay + float(self.cfg.redis.timeout) + 0.05)
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -316,12 +346,15 @@ class ClusterNode:
             if key is None or name not in self.book.keys:
                 continue
             held = self.book.keys[name]
+            riders = self._waiters.pop(name, None)
+            if riders:
+                self._riding.setdefault(name, []).extend(riders)
             if key.kind == COUNT:
                 # Held + refused + waiting, and a spare (a quarter, at least one) while
                 # connections need the key and no other member wants more: the next upgrade
                 # finds a slot without waiting.
                 used, refused = self.cstore.report(key.zkey)
-                waiting = len(self._waiters.get(name, ()))
+                waiting = len(riders or ())
                 spare = max(1, used // 4) if key.refs > 0 and not held.wanting else 0
                 self.book.want(name, min(key.limit, used + refused + waiting + spare), used)
                 continue
@@ -348,13 +381,17 @@ class ClusterNode:
                     self.book.assume(name, key.limit / nodes if key.kind == BUCKET
                                      else key.limit // nodes)
                 self._push(key, now)
+                if ok and key.kind == BUCKET and held.replies == 1:
+                    self._later(name, self.quick)   # its first demand was the whole limit
                 if ok and key.kind == COUNT and held.wanting and now - key.released >= self.quick \
                         and self.cstore.used(key.zkey) < self.book.share(key.name, now):
                     key.released = now              # another member waits: give back the spare
                     self._soon(name)
-            for fut in self._waiters.pop(name, ()):
+            for fut in self._riding.pop(name, ()):
                 if not fut.done():
                     fut.set_result(None)
+            if self._waiters.get(name):             # came during the round: the next one
+                self._soon(name)
 
     def _push(self, key: Key, now: float) -> ShareMode:
         """This process's share of `key` into the ClusterStore; the mode in force."""

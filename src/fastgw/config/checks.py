@@ -38,6 +38,7 @@ from fastgw.config.web import (
     normalize_origin,
     normalize_path,
     parse_target,
+    redact_url,
 )
 
 __all__ = ["ClientChecker", "check", "check_api_key_clients", "encoded_fields"]
@@ -185,11 +186,12 @@ def _check_redis_url(url: str, here: Segments) -> bool:
         parts = urlsplit(url)
         parts.port
     except ValueError as exc:
-        raise Invalid(f"Invalid Redis URL {url!r} ({exc})", here) from None
+        raise Invalid(f"Invalid Redis URL {redact_url(url)!r} ({exc})", here) from None
     if parts.scheme not in REDIS_SCHEMES:
-        raise Invalid(f"Invalid Redis URL {url!r} (the scheme must be redis or rediss)", here)
+        raise Invalid(f"Invalid Redis URL {redact_url(url)!r} (the scheme must be redis or rediss)",
+                      here)
     if not parts.hostname:
-        raise Invalid(f"Invalid Redis URL {url!r} (missing host)", here)
+        raise Invalid(f"Invalid Redis URL {redact_url(url)!r} (missing host)", here)
     return parts.scheme == "rediss"
 
 
