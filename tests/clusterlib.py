@@ -520,3 +520,9 @@ def unchanged(before: list[float], after: list[float], absolute: float) -> tuple
 def errors_total(node) -> float:
     """fastgw_cluster_errors_total summed over its kinds."""
     return sum(v for (name, _), v in node.metrics().items() if name == "fastgw_cluster_errors_total")
+
+
+def errors_by_kind(node) -> dict[str, float]:
+    """fastgw_cluster_errors_total by its `kind` label."""
+    return {dict(labels).get("kind", ""): v for (name, labels), v in node.metrics().items()
+            if name == "fastgw_cluster_errors_total"}

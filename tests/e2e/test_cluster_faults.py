@@ -25,7 +25,7 @@ import asyncio
 import time
 
 from clusterlib import (KEYS, EchoProbe, UpgradeProbe, attempts_spread, backend, close_all,  # noqa: F401
-                        cluster_section, count_limit, errors_total, hold_open, start_nodes, statuses,
+                        cluster_section, count_limit, errors_by_kind, errors_total, hold_open, start_nodes, statuses,
                         unchanged, upgrade, wait_learned)
 from redislib import delay_proxy, redis_server  # noqa: F401
 
@@ -78,6 +78,7 @@ async def test_hold_redis_stopped_then_restarted_empty(start_nodes, backend, red
         await asyncio.sleep(LEASE + 0.5)          # the shares' leases are over: hold keeps them
         down = [n.cluster() for n in nodes]
         errors_down = [errors_total(n) for n in nodes]
+        kinds_down = [errors_by_kind(n) for n in nodes]
         await probe.pause()
         backend.reset_peak()
         got, attempts = await admitted_per_node(nodes, alice, 5)
@@ -92,6 +93,9 @@ async def test_hold_redis_stopped_then_restarted_empty(start_nodes, backend, red
               f"/cluster down {[d['down'] for d in down]}, errors {[d['errors'] for d in down]}")
         assert all(d["down"] for d in down), down
         assert all(b < a for b, a in zip(errors_before, errors_down)), (errors_before, errors_down)
+        # Redis stopped: its port refuses (kind connection), then the breaker answers (refused).
+        assert all(k.get("connection", 0) > 0 for k in kinds_down), kinds_down
+        assert all(set(k) == {"timeout", "connection", "script", "cluster", "refused"} for k in kinds_down), kinds_down
         assert all(g <= sh - 3 for g, sh in zip(got, last)), (got, last)
         assert 9 + sum(got) <= MAX and s["peak"] <= base + 9 + sum(got), (got, s)
         assert sum(new) <= MAX and all(n <= MAX // 3 for n in new), new     # limit / nodes
