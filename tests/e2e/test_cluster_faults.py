@@ -24,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from clusterlib import (KEYS, EchoProbe, UpgradeProbe, attempts_spread, backend, close_all,  # noqa: F401
                         cluster_section, count_limit, errors_by_kind, errors_total, hold_open, start_nodes, statuses,
-                        unchanged, upgrade, wait_learned)
+                        retry_until_admitted, unchanged, upgrade, wait_learned)
 from redislib import delay_proxy, redis_server  # noqa: F401
 
 LEASE, REFRESH = 2.0, 0.5
@@ -289,4 +291,36 @@ async def test_redis_200ms_slower_leaves_upgrade_and_message_latency_unchanged(
         await echo.stop()
         close_all(held)
     delay_proxy.delay = 0.0
+    assert (await backend.wait_live(0))["live"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a node with no cluster key does not notice the store is gone: its refresh rounds make no "
+    "call (Refresher._run_round returns at once without calls), so `down` stays false; 2.5 s "
+    "into the outage a key new to it fails its first renewal and gets 503 'the cluster store "
+    "did not answer in time' (one time-out is slowness) instead of open's whole limit, for "
+    "about a refresh (unreachable() counts from that first failure): in the open test with "
+    "alice known only on node a, nodes b and c answered 503 to all 24 attempts"))
+async def test_open_a_node_that_had_no_key_applies_the_whole_limit_in_an_outage(
+        start_nodes, backend, redis_server):
+    nodes = start_nodes(2, cluster=cluster_section(redis_server.url, **CLUSTER, on_unreachable="open"),
+                        pre=[count_limit(MAX)])
+    await wait_learned([redis_server.port], LEASE)
+    kept = await hold_open(nodes[0].port, KEYS["alice"], 1)      # node a has a key, b none
+    try:
+        redis_server.stop()
+        await asyncio.sleep(LEASE + 0.5)
+        first = await upgrade(nodes[1].port, KEYS["alice"])
+        kept.append(first)
+        later, refused, took = None, 0, 0.0
+        if first.status != 101:
+            later, refused, took = await retry_until_admitted(nodes[1].port, KEYS["alice"], 2.0)
+            kept.append(later)
+        print(f"open, Redis down {LEASE + 0.5:.1f} s: a key new to a node with no key: "
+              f"{first.status} {first.body!r}; then {refused} more refusals, a 101 after "
+              f"{took:.2f} s" + ("" if later else " (none)") + f"; node b /cluster down "
+              f"{nodes[1].cluster()['down']}")
+        assert first.status == 101, (first.status, first.body)
+    finally:
+        close_all(u for u in kept if u is not None)
     assert (await backend.wait_live(0))["live"] == 0
