@@ -3,13 +3,14 @@ count-limit (max 10) through a real redis-server (and a real 3-master Redis Clus
 from outside at the backend (tests/countecho.py).
 
 - 300 simultaneous upgrade attempts spread over 3 nodes: exactly 10 live, storm after storm
-  (strict xfail: some storms admit fewer, or more; see its reason).
+  (strict xfail: about one storm in 18 admits 9; see its reason).
 - 10 live over 3 nodes; once one closes, a client retrying every 20 ms on another node is
   admitted within one refresh.
 - A node holding 5 of the 10 slots SIGKILLed: those slots are usable on the other nodes within
   lease + 1 s, and the backend never holds more than 10 at once.
 - A 3-master Redis Cluster (`cluster-nodes`): 10 across the nodes, the 11th refused on each;
-  the 300-attempt storm as the nodes' first use of it: exactly 10.
+  the 300-attempt storm as the nodes' first use of it: never more than 10 (exactly 10 unless
+  a first renewal timed out: then 503 "the cluster store did not answer in time").
 
 Each test prints its figures (run with -s to see them).
 """
@@ -50,32 +51,6 @@ def fresh(redis):
 
 def count_shares(node) -> list[dict]:
     return [s for s in node.cluster()["shares"] if s["kind"] == "count"]
-
-
-async def storm(nodes, backend, key: str) -> list:
-    """300 attempts spread over the nodes at once; exactly MAX admitted, live at the backend."""
-    backend.reset_peak()
-    t0 = time.monotonic()
-    attempts = await attempts_spread([n.port for n in nodes], 300, key)
-    took = time.monotonic() - t0
-    st = statuses(attempts)
-    per_node = [sum(1 for a in attempts if a.node == i and a.status == 101) for i in range(len(nodes))]
-    s = await backend.wait_live(MAX)
-    lat = sorted(a.latency for a in attempts if a.status is not None)
-    print(f"300 attempts over {len(nodes)} nodes in {took * 1e3:.0f} ms: {st}, admitted per node "
-          f"{per_node}; backend {s}; answer time median {lat[len(lat) // 2] * 1e3:.1f} ms, "
-          f"max {lat[-1] * 1e3:.1f} ms")
-    try:
-        assert st == {101: MAX, 429: 300 - MAX}, st
-        assert all(REFUSAL in a.body for a in attempts if a.status == 429), \
-            next(a.body for a in attempts if a.status == 429)
-        assert s["live"] == MAX and s["peak"] == MAX, s
-    except BaseException:
-        close_all(attempts)
-        for n in nodes:
-            print(f"{n.name} /cluster: {n.cluster()}")
-        raise
-    return attempts
 
 
 STORMS = 80
