@@ -240,7 +240,8 @@ async def traffic(gw: WorkersGateway) -> None:
             assert [await asyncio.wait_for(ws.recv(), 5) for _ in range(2)] == ["hello 0", "hello 1"]
 
 
-def value(text: str, name: str, **labels) -> float:
+def total(text: str, name: str, **labels) -> float:
+    """The sum of the samples of `name` with these labels (and any others)."""
     from prometheus_client.parser import text_string_to_metric_families
     total = 0.0
     for fam in text_string_to_metric_families(text):
@@ -263,8 +264,8 @@ def counted(text: str) -> list[str]:
             ("fastgw_upstream_connect_seconds_count", {"api": "chat"}, 2),
             ("fastgw_workers", {}, 2),
             ("fastgw_cluster_renewals_total", {}, 1)]
-    missing = [f"{name}{labels} {value(text, name, **labels)} < {n}" for name, labels, n in want
-               if value(text, name, **labels) < n]
+    missing = [f"{name}{labels} {total(text, name, **labels)} < {n}" for name, labels, n in want
+               if total(text, name, **labels) < n]
     if "fastgw_cluster_share{" not in text:
         missing.append("no fastgw_cluster_share series")
     return missing
@@ -297,7 +298,7 @@ async def test_every_metric_the_dashboard_queries_is_in_a_real_scrape(tmp_path, 
     assert not left, left
     found = problems(dashboard, scrape)
     assert not found, "\n".join(found)
-    # Every family of the scrape that the README documents has a panel, but for these.
+    # And the other way round: every family of the scrape has a panel.
     queried = set()
     for _, expr in dashboard_queries(dashboard):
         queried |= set(promql_names(expr)[0])
