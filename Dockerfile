@@ -33,7 +33,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels fastgw \
  && fastgw --version
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/fastgw --create-home \
+RUN groupadd --gid 10001 fastgw \
+ && useradd --uid 10001 --gid 10001 --home-dir /var/lib/fastgw --create-home \
         --shell /usr/sbin/nologin fastgw \
  && mkdir -p /etc/fastgw
 # The working directory is where relative event and histogram-log files go.

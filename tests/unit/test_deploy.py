@@ -182,6 +182,8 @@ def test_dockerfile_runs_fastgw_as_a_non_root_user(stages, manifest):
     assert uid.isdigit() and int(uid) != 0, "a numeric non-root user (runAsNonRoot can check it)"
     created = " ".join(i.args for i in runtime.all("RUN"))
     assert re.search(rf"useradd .*--uid {uid}\b", created), "the user exists in the image"
+    assert not gid or re.search(rf"groupadd .*--gid {gid}\b.*useradd .*--gid {gid}\b", created), \
+        "and its group"
     for name in ("fastgw", "fastgw-echo"):
         pod = manifest["Deployment", name]["spec"]["template"]["spec"]["securityContext"]
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] == int(uid)
