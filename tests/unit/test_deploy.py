@@ -161,6 +161,9 @@ def test_dockerfile_builds_the_wheel_then_installs_only_it(stages):
     build, runtime = stages[0], stages[-1]
     assert build.name and re.fullmatch(r"python:3\.1[1-9]-slim", build.base), build
     assert runtime.base == build.base, "the wheel is built for the runtime's Python"
+    from packaging.specifiers import SpecifierSet
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert re.search(r"python:(\d+\.\d+)", runtime.base)[1] in SpecifierSet(requires)
     build_runs = " ".join(i.args for i in build.all("RUN"))
     assert "build-essential" in build_runs
     m = re.search(r"pip wheel .*--wheel-dir (\S+) \.(?:\s|$)", build_runs)
