@@ -33,7 +33,8 @@ def node_config(backend_port: int, redis_url: str, *, pre=(), request=(), limits
            "drain-time": "1s",
            "clients": [{"id": "alice", "key": "k-alice"}],
            "limits": {"max-handshakes-per-ip": 0, **(limits or {})},
-           "cluster": {"redis": {"url": redis_url}, "lease": f"{LEASE:g}s", "refresh": "200ms",
+           "cluster": {"redis": {"url": redis_url, "timeout": "150ms"}, "lease": f"{LEASE:g}s",
+                       "refresh": f"{REFRESH * 1000:g}ms",
                        **(cluster or {})},
            "apis": [{"name": "chat", "path": "/",
                      "assembly": [{"policy": "api-key", "header": "X-API-Key"}, *pre, upgrade]}]}
@@ -71,6 +72,7 @@ def backend():
 
 
 LEASE = 2.0
+REFRESH = 0.4           # with a time-out of 150 ms: a busy machine's round trips fit in it
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +149,12 @@ async def test_messages_and_upgrades_make_no_store_call_each(backend, redis, nod
     conns = [await connect(node.url) for _ in range(40)]     # 40 upgrades of a known client
     elapsed = time.monotonic() - began
     calls = evalsha_calls(redis.port) - before
-    # Two keys (the count and the bucket), renewed every 200 ms, plus at-once renewals (a
+    # Two keys (the count and the bucket), renewed every refresh, plus at-once renewals (a
     # spare taken, a bucket's demand changing): bounded by time, not by 4,000 messages and
     # 40 upgrades.
-    rounds = elapsed / 0.2
+    rounds = elapsed / REFRESH
     print(f"evalsha calls: {calls} in {elapsed:.2f} s (4,000 messages, 40 upgrades)")
-    assert calls <= 2 * (rounds + 1) * 3, (calls, elapsed)
+    assert calls <= 2 * (rounds + 1) * 5, (calls, elapsed)
     assert calls < 4000 / 20
     status = node.cluster()
     assert status["rounds"] >= 1 and not status["down"]
@@ -226,7 +228,7 @@ async def test_a_store_never_reached(backend, nodes, mode):
             break
         await asyncio.sleep(0.02)
     waited = time.monotonic() - began
-    # A new key waits until the store is unreachable for a refresh (200 ms): 503 until then.
+    # A new key waits until the store is unreachable for a refresh: 503 until then.
     assert set(results) <= {503}
     if mode == "closed":
         assert results == [503] * 5 and not live

@@ -86,6 +86,7 @@ class Key:
     refs: int = 0              # connections (and handshakes) that need it
     asked: float = -math.inf   # when it was last renewed at once for an upgrade
     released: float = -math.inf  # ... to give slots back to a member that wants them
+    measured: float = 0.0      # buckets: the demand measured at the last report
 
 
 class ClusterNode:
@@ -207,25 +208,31 @@ class ClusterNode:
         release(), and a Refusal (503) when on-unreachable is closed and a share is out."""
         now = self.clock.now()
         keys = [self._ref(limit, now) for limit in limits]
-        need, later, delay = [], [], 0.0
-        for key in keys:
-            held = self.book.keys[key.name]
-            if held.replies == 0 and not held.assumed:
-                need.append(key)                    # new here: its first grant
-            elif key.kind == COUNT and \
-                    self.cstore.used(key.zkey) >= self.book.share(key.name, now) < key.limit:
-                # At its share: wait for the next renewal of the key, which asks for more: at
-                # once if the last grant was all this process asked for (the cluster has room,
-                # most likely), else a quick after the last one (other members hold the rest:
-                # an upgrade over the limit waits that long for its 429).
-                if held.grant >= held.demand or now - key.asked >= self.quick:
-                    key.asked = now
-                    need.append(key)
-                else:
-                    delay = max(delay, key.asked + self.quick - now)
-                    self._later(key.name, key.asked + self.quick - now)
-                    later.append(key)
-        if need or later:
+        # Two rounds at most: a slot another member gives back (its spare, a refused upgrade's)
+        # reaches Redis one round after this process first asked.
+        for attempt in range(2):
+            need, later, delay = [], [], 0.0
+            for key in keys:
+                held = self.book.keys[key.name]
+                if held.replies == 0 and not held.assumed:
+                    if attempt == 0:
+                        need.append(key)            # new here: its first grant
+                elif key.kind == COUNT and \
+                        self.cstore.used(key.zkey) >= self.book.share(key.name, now) < key.limit:
+                    # At its share: wait for the next renewal of the key, which asks for
+                    # more: at once if the last grant was all this process asked for (the
+                    # cluster has room, most likely), else a quick after the last one (other
+                    # members hold the rest: an upgrade over the limit waits that long for
+                    # its 429).
+                    if held.grant >= held.demand or now - key.asked >= self.quick:
+                        key.asked = now
+                        need.append(key)
+                    else:
+                        delay = max(delay, key.asked + self.quick - now)
+                        self._later(key.name, key.asked + self.quick - now)
+                        later.append(key)
+            if not need and not later:
+                break
             try:
                 await self._renew_now([k.name for k in need], wait=True,
                                       also=[k.name for k in later], delay=delay)
@@ -366,7 +373,12 @@ class ClusterNode:
             demand = 0.0
             if takes and now - last <= max(2 * self.quick, 4 * gap):
                 demand = HEADROOM * (taken + wanted) / max(now - first, self.quick)
-            self.book.want(name, min(key.limit, max(demand, floor)))
+            key.measured = min(key.limit, max(demand, floor))
+            # While no other member wants more, the share is kept (a short window's rate is
+            # noisy: a client between two bursts would lose its share); once one does, the
+            # measured demand goes (and _after renews at once to say it).
+            self.book.want(name, key.measured if held.wanting or key.refs <= 0
+                           else max(key.measured, min(held.grant, key.limit)))
 
     def _after(self, names: set[str], ok: bool) -> None:
         """After a round: the shares in force, the upgrades waiting for them."""
@@ -383,6 +395,10 @@ class ClusterNode:
                 self._push(key, now)
                 if ok and key.kind == BUCKET and held.replies == 1:
                     self._later(name, self.quick)   # its first demand was the whole limit
+                if ok and key.kind == BUCKET and held.wanting and key.measured < held.grant \
+                        and now - key.released >= self.quick:
+                    key.released = now              # another member wants: give back at once
+                    self._soon(name)
                 if ok and key.kind == COUNT and held.wanting and now - key.released >= self.quick \
                         and self.cstore.used(key.zkey) < self.book.share(key.name, now):
                     key.released = now              # another member waits: give back the spare
