@@ -328,7 +328,7 @@ async def test_status_page_shows_what_metrics_say(status_gateway, browser, echo_
         # While the chat flows (2 x ~25 messages/s each way), the page shows a rate.
         await page.wait_for("""(() => { const r = Number(document.getElementById('rate-messages-request')
                                 .dataset.value); return r >= 10 && r <= 150; })()""")
-        await asyncio.sleep(1.2)                   # the bucket has 5 tokens again
+        await asyncio.sleep(0.3)                   # a token again (5/1s: one per 0.2 s)
         await ws.send("after")
         assert await asyncio.wait_for(ws.recv(), 5) == "after"
         stop.set()
