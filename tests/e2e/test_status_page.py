@@ -66,10 +66,14 @@ class Page:
         return answer["result"].get("value")
 
     async def wait_for(self, expression: str, timeout: float = 10.0):
-        """The expression's value once truthy (polled every 50 ms until the deadline)."""
+        """The expression's value once truthy (polled every 50 ms until the deadline; an
+        error, as while the page reloads, counts as false)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = await self.eval(expression)
+            try:
+                value = await self.eval(expression)
+            except RuntimeError:
+                value = None
             if value:
                 return value
             await asyncio.sleep(0.05)
@@ -442,9 +446,11 @@ async def test_status_page_with_a_token(status_gateway, browser, echo_backend):
         await page.wait_for("Number(document.getElementById('total-active').dataset.value) === 2")
         shown = await page.eval(SNAPSHOT)
         metrics = await scrape(gw, token=True)
-        # Kept for the tab: a reload asks for nothing.
+        # Kept for the tab: a reload asks for nothing; until forgotten.
         await page.open(gw.admin_url + "/")
         await page.wait_for(f"{state} === 'ok'")
+        await page.eval("document.getElementById('forget').click()")
+        await page.wait_for(f"{state} === 'unauthorized' && sessionStorage.length === 0")
     finally:
         closing.set()
         await asyncio.gather(*holders, return_exceptions=True)
