@@ -399,6 +399,12 @@ async def test_status_page_shows_what_metrics_say(status_gateway, browser, echo_
     await page.screenshot(ARTIFACTS / ("status.png" if workers == 1 else f"status-{workers}w.png"))
     assert page.problems() == []
     assert all(url.startswith(gw.admin_url) for url in page.requested()), page.requested()
+    # The gateway gone: the page says so (and keeps the last numbers, dimmed).
+    stop_process(gw.proc)
+    await page.wait_for("document.getElementById('status').dataset.state === 'error'")
+    assert (await page.eval("document.getElementById('status').textContent")).startswith(
+        "cannot read the admin API")
+    assert await page.eval("document.getElementById('main').classList.contains('stale')")
 
 
 async def test_status_page_with_a_token(status_gateway, browser, echo_backend):
@@ -428,6 +434,7 @@ async def test_status_page_with_a_token(status_gateway, browser, echo_backend):
         assert await page.eval("document.getElementById('status').textContent") == \
             "401: the admin API needs its token"
         assert "admin.token-env" in await page.eval("document.getElementById('login-why').textContent")
+        await page.screenshot(ARTIFACTS / "status-token.png")
 
         submit = ("(() => { document.getElementById('token').value = %s;"
                   " document.getElementById('login').requestSubmit(); return true; })()")
