@@ -9,6 +9,8 @@ it can be tested with a fake.
 Routes (every answer is JSON unless noted; errors are ``{"error": "..."}``):
 
 ======  ===============================  =============================================
+GET     /                                the status page (HTML, never needs a token; it holds
+                                         no data: its script reads the routes below)
 GET     /healthz                         200 ``{"status": "alive"}`` (never needs a token)
 GET     /readyz                          200 ``{"ready": true}`` / 503 ``{"ready": false}``
 GET     /metrics                         Prometheus text exposition
@@ -34,7 +36,7 @@ A backend's methods may return their value or an awaitable of it (the supervisor
 processes asks its workers). The /workers routes exist when the backend has ``workers``
 and ``restart_workers`` (:class:`fastgw.observe.aggregate.SupervisorBackend`).
 
-When a token is configured, every route but ``/healthz`` needs
+When a token is configured, every route but ``/healthz`` and ``GET /`` needs
 ``Authorization: Bearer <token>``.
 
 By default the admin API listens on loopback only; :func:`check_admin_exposure`
@@ -44,7 +46,10 @@ is the rule the configuration checker applies to anything else.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
+import importlib.resources
 import inspect
 import io
 import logging
@@ -236,6 +241,8 @@ def _histogram_json(name: str, histogram: HdrHistogram) -> dict[str, Any]:
 _BACKEND = web.AppKey("backend", object)
 # Lines a request can cause: one per key and interval (see logs.Throttle).
 _THROTTLE = web.AppKey("log_throttle", Throttle)
+# The status page and its Content-Security-Policy (see status_page).
+_PAGE = web.AppKey("status_page", tuple)
 
 
 def _backend(request: web.Request) -> AdminBackend:
@@ -247,6 +254,26 @@ async def _value(result):
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+def status_page() -> tuple[bytes, str]:
+    """The status page (status.html, package data) and the Content-Security-Policy it is
+    served with: nothing may load from elsewhere (the gateway may have no internet), only
+    its own inline script (by its hash) may run, and it may fetch only from this origin."""
+    page = importlib.resources.files("fastgw.observe").joinpath("status.html").read_bytes()
+    script = page.split(b"<script>", 1)[1].split(b"</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script).digest()).decode("ascii")
+    policy = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+              "connect-src 'self'; img-src data:; form-action 'none'; frame-ancestors 'none'; "
+              "base-uri 'none'")
+    return page, policy
+
+
+async def _status_page(request: web.Request) -> web.Response:
+    page, policy = request.app[_PAGE]
+    return web.Response(body=page, content_type="text/html", charset="utf-8", headers={
+        "Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -427,12 +454,14 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
 
 
 def _token_middleware(token: str) -> Any:
-    """A middleware that requires ``Authorization: Bearer <token>`` except on /healthz."""
+    """A middleware that requires ``Authorization: Bearer <token>`` except on /healthz and
+    on GET / (the status page: static, it asks the user for the token its requests carry)."""
     expected = token.encode("utf-8")
 
     @web.middleware
     async def require_token(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        if request.path == "/healthz":
+        if request.path == "/healthz" or (request.path == "/"
+                                          and request.method in ("GET", "HEAD")):
             return await handler(request)
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         given = credentials.strip().encode("utf-8", "surrogateescape")
@@ -460,6 +489,8 @@ def create_app(backend: AdminBackend, token: str | None) -> web.Application:
     app = web.Application(middlewares=middlewares)
     app[_BACKEND] = backend
     app[_THROTTLE] = Throttle(log)
+    app[_PAGE] = status_page()
+    app.router.add_get("/", _status_page)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
