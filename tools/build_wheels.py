@@ -112,13 +112,21 @@ def zig_env(zig: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("CFLAGS", "CPPFLAGS", "LDFLAGS", "CXX", "CXXFLAGS", "LDCXXSHARED")}
     env.update(CC=cc, LDSHARED=f"{cc} -shared -s")
+    if not any(env.get(k) for k in ("ZIG_GLOBAL_CACHE_DIR", "XDG_CACHE_HOME", "HOME")):
+        env["ZIG_GLOBAL_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "fastgw-zig-cache")
     return env
 
 
 def find_python(name: str) -> str:
+    """The path of a Python that runs and has pip (checked before anything is built)."""
     path = shutil.which(name)
     if path is None:
         raise BuildError(f"no Python {name!r} on PATH")
+    path = os.path.abspath(path)        # not resolved: a venv's python is a link out of it
+    proc = subprocess.run([path, "-m", "pip", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    if proc.returncode != 0:
+        raise BuildError(f"{path} -m pip --version failed: {(proc.stdout + proc.stderr).strip()}")
     return path
 
 

