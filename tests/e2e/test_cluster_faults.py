@@ -294,13 +294,6 @@ async def test_redis_200ms_slower_leaves_upgrade_and_message_latency_unchanged(
     assert (await backend.wait_live(0))["live"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a node with no cluster key does not notice the store is gone: its refresh rounds make no "
-    "call (Refresher._run_round returns at once without calls), so `down` stays false; 2.5 s "
-    "into the outage a key new to it fails its first renewal and gets 503 'the cluster store "
-    "did not answer in time' (one time-out is slowness) instead of open's whole limit, for "
-    "about a refresh (unreachable() counts from that first failure): in the open test with "
-    "alice known only on node a, nodes b and c answered 503 to all 24 attempts"))
 async def test_open_a_node_that_had_no_key_applies_the_whole_limit_in_an_outage(
         start_nodes, backend, redis_server):
     nodes = start_nodes(2, cluster=cluster_section(redis_server.url, **CLUSTER, on_unreachable="open"),

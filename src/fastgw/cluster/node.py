@@ -58,6 +58,7 @@ from fastgw.verdicts import Refusal
 
 log = logging.getLogger("fastgw")
 
+WAIT_ROUNDS = 4            # an upgrade at its share waits this many of the key's rounds at most
 HEADROOM = 1.25            # a bucket's demand: the rate it saw, times this
 IDLE_FLOOR = 0.01          # the demand of an idle bucket that connections use, of the limit
 UNREACHABLE_REASON = "the cluster store is unreachable"
@@ -130,10 +131,18 @@ class ClusterNode:
     async def _register(self, leave: bool = False) -> None:
         """This member in the registry of members (nodes.lua); their number for hold."""
         args = [self.member, self.book.lease_ms] + (["leave"] if leave else [])
+        r = self.refresher
         try:
             (n,) = await self.store.run(NODES_SCRIPT, [([NODES_KEY], args)])
-        except StoreError:
-            return                                  # counted by the store; the renewals log
+        except StoreError as exc:                   # counted by the store
+            if not r.down:                          # a node with no key learns of an outage
+                r.down, r.down_since = True, self.clock.now()       # from this call alone
+                log.warning("cluster: the store did not answer (%s); the shares in force are"
+                            " kept", exc)
+            return
+        if r.down:
+            r.down = False
+            log.warning("cluster: the store answers again")
         if isinstance(n, int) and not leave:
             self.members = max(1, n)
 
@@ -208,9 +217,10 @@ class ClusterNode:
         release(), and a Refusal (503) when on-unreachable is closed and a share is out."""
         now = self.clock.now()
         keys = [self._ref(limit, now) for limit in limits]
-        # Two rounds at most: a slot another member gives back (its spare, a refused upgrade's)
-        # reaches Redis one round after this process first asked.
-        for attempt in range(2):
+        # Up to WAIT_ROUNDS rounds (the third and later only while other members hold more
+        # than this one's fair share): a slot another member gives back (its spare, a refused
+        # upgrade's) reaches Redis a round or two after this process first asked.
+        for attempt in range(WAIT_ROUNDS):
             need, later, delay = [], [], 0.0
             for key in keys:
                 held = self.book.keys[key.name]
@@ -232,6 +242,9 @@ class ClusterNode:
                         self._later(key.name, key.asked + self.quick - now)
                         later.append(key)
             if not need and not later:
+                break
+            if attempt >= 2 and not any(self.book.keys[k.name].grant < self.book.keys[k.name].demand
+                                        for k in later + need):
                 break
             try:
                 await self._renew_now([k.name for k in need], wait=True,
