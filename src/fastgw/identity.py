@@ -193,7 +193,29 @@ def _challenge(scheme: str, **params: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------
 
 
+# Addresses parsed lately (the peers of the last upgrades, the X-Forwarded-For entries
+# they carry): ipaddress costs microseconds per parse. Bounded in count, and only for
+# texts as short as an address can be, so hostile headers cannot fill it.
+_ADDRESS_CACHE_MAX = 4096
+_ADDRESS_TEXT_MAX = 64
+_address_cache: dict[str, IPAddress | None] = {}
+
+
 def _parse_address(text: str) -> IPAddress | None:
+    """`_parse_one`, remembered for the last addresses seen."""
+    if len(text) > _ADDRESS_TEXT_MAX:
+        return _parse_one(text)
+    try:
+        return _address_cache[text]
+    except KeyError:
+        pass
+    if len(_address_cache) >= _ADDRESS_CACHE_MAX:
+        _address_cache.clear()
+    parsed = _address_cache[text] = _parse_one(text)
+    return parsed
+
+
+def _parse_one(text: str) -> IPAddress | None:
     """Parse one address as it may appear in X-Forwarded-For, or None if malformed.
 
     Accepts ``1.2.3.4``, ``1.2.3.4:5``, ``::1``, ``[::1]`` and ``[::1]:80``. An
@@ -247,12 +269,23 @@ def forwarded_node(address: str) -> str:
     """An address as a ``Forwarded`` ``for=`` value (RFC 7239 section 6): an IPv6
     address in brackets and quotes; anything not an address as an obfuscated
     identifier would be, ``unknown``."""
-    parsed = _parse_address(address)
-    if parsed is None:
-        return "unknown"
-    if parsed.version == 6:
-        return f'"[{parsed}]"'
-    return str(parsed)
+    node = _node_cache.get(address)
+    if node is None:
+        parsed = _parse_address(address)
+        if parsed is None:
+            node = "unknown"
+        elif parsed.version == 6:
+            node = f'"[{parsed}]"'
+        else:
+            node = str(parsed)
+        if len(address) <= _ADDRESS_TEXT_MAX:
+            if len(_node_cache) >= _ADDRESS_CACHE_MAX:
+                _node_cache.clear()
+            _node_cache[address] = node
+    return node
+
+
+_node_cache: dict[str, str] = {}
 
 
 def trusted_networks(networks: Iterable[str]) -> tuple[IPNetwork, ...]:

@@ -29,25 +29,39 @@ _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 class Request:
     """A parsed HTTP request head."""
 
-    __slots__ = ("method", "target", "version", "headers")
+    __slots__ = ("method", "target", "version", "headers", "_by_name")
 
     def __init__(self, method: str, target: str, version: str, headers: list[tuple[str, str]]):
         self.method = method
         self.target = target
         self.version = version
         self.headers = headers          # (lower-case name, value), in order
+        by_name: dict[str, list[str]] = {}
+        for name, value in headers:
+            values = by_name.get(name)
+            if values is None:
+                by_name[name] = [value]
+            else:
+                values.append(value)
+        self._by_name = by_name         # name -> its values, in order (one pass, not one per look-up)
 
     def get_all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name]
+        """The values of every header of that (lower-case) name, in order (a new list)."""
+        values = self._by_name.get(name)
+        return values[:] if values is not None else []
 
     def get(self, name: str) -> str | None:
-        values = self.get_all(name)
+        values = self._by_name.get(name)
         return values[0] if values else None
+
+    def count(self, name: str) -> int:
+        values = self._by_name.get(name)
+        return len(values) if values is not None else 0
 
     def tokens(self, name: str) -> list[str]:
         """The comma-separated tokens of every header of that name, lower-cased."""
         out = []
-        for value in self.get_all(name):
+        for value in self._by_name.get(name, ()):
             out.extend(t.strip().lower() for t in value.split(",") if t.strip())
         return out
 
@@ -89,17 +103,17 @@ def check_upgrade(req: Request, router) -> tuple | Refusal:
         return Refusal(405, "only GET can be upgraded to a WebSocket", [("Allow", "GET")])
     if req.version != "HTTP/1.1":
         return Refusal(400, "HTTP/1.1 is required for a WebSocket upgrade")
-    hosts = req.get_all("host")
-    if len(hosts) != 1 or not hosts[0]:
+    host = req.get("host")
+    if req.count("host") != 1 or not host:
         return Refusal(400, "exactly one Host header is required")
     for name in _SINGLE:
-        if len(req.get_all(name)) > 1:
+        if req.count(name) > 1:
             return Refusal(400, f"duplicate {_SINGLE[name]} header")
     if req.get("transfer-encoding") is not None or req.get("content-length") not in (None, "0"):
         return Refusal(400, "an upgrade request has no body")
     try:
         target = normalize_target(req.target)
-        hostname = normalize_host(hosts[0])
+        hostname = normalize_host(host)
     except BadTarget as exc:
         return Refusal(400, str(exc))
     found = router.route(target, hostname)
