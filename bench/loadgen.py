@@ -71,6 +71,7 @@ import ctypes
 import gc
 import json
 import os
+import ssl
 import struct
 import sys
 import time
@@ -79,6 +80,29 @@ from typing import Any
 from picows import WSListener, WSMsgType, WSTransport, ws_connect
 
 from fastgw.loops import loop_runner
+
+# --ca FILE: wss:// with this CA (TLS 1.3 only); None: plain ws (unchanged).
+TLS_CONTEXT: "ResumingContext | None" = None
+TLS_RESUME = False  # --tls-resume: connrate offers the last connection's TLS 1.3 ticket
+
+
+class ResumingContext(ssl.SSLContext):
+    """A client context that passes ``self.session`` to every new SSL object: uvloop's SSL
+    transport calls wrap_bio() without a session, so this is how create_connection resumes."""
+
+    session: Any = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None,
+                 session=None):
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                session if session is not None else self.session)
+
+
+def make_tls_context(ca: str) -> ResumingContext:
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
 
 _CONT = int(WSMsgType.CONTINUATION)
 _TEXT = int(WSMsgType.TEXT)
@@ -274,6 +298,7 @@ async def _connect(url: str, listener: WSListener, max_frame: int) -> WSTranspor
             lambda: listener,
             url,
             use_aiofastnet=False,
+            ssl_context=TLS_CONTEXT,
             max_frame_size=max_frame,
             websocket_handshake_timeout=5,
             logger_name="fastgw.loadgen",
@@ -833,6 +858,7 @@ async def _open(url: str, conn: EchoConn, size: int) -> WSTransport:
             lambda: conn,
             url,
             use_aiofastnet=False,
+            ssl_context=TLS_CONTEXT,
             max_frame_size=max(1024 * 1024, 2 * size),
             websocket_handshake_timeout=CONNECT_TIMEOUT,
             read_buffer_init_size=READ_BUFFER,
@@ -861,6 +887,8 @@ class ConnRateGen:
         self.failures = 0
         self.lost = 0
         self.errors: list[str] = []
+        self.tls_cycles = self.tls_resumed = 0
+        self.tls_info: dict[str, Any] = {}
 
     async def worker(self) -> None:
         maker = FrameMaker(self.size)
@@ -879,6 +907,21 @@ class ConnRateGen:
             elif counted:
                 self.upgrades += 1
                 self.hist.record_value(min(HIST_ARGS[1], max(1, (handshake_ns + 500) // 1000)))
+
+    def note_tls(self, transport: WSTransport) -> None:
+        """After the echo (the server's TLS 1.3 tickets have arrived): count a resumed
+        handshake, keep this connection's session for the next one (--tls-resume)."""
+        sslobj = transport.underlying_transport.get_extra_info("ssl_object")
+        if sslobj is None:
+            return
+        self.tls_cycles += 1
+        if sslobj.session_reused:
+            self.tls_resumed += 1
+        self.tls_info = {"version": sslobj.version(), "cipher": sslobj.cipher()[0]}
+        if TLS_RESUME:
+            sess = sslobj.session
+            if sess is not None and sess.has_ticket:
+                TLS_CONTEXT.session = sess
 
     def fail(self, text: str) -> None:
         self.failures += 1
@@ -910,6 +953,8 @@ class ConnRateGen:
             if conn.stray:
                 self.fail("unexpected message")
                 return None
+            if TLS_CONTEXT is not None:
+                self.note_tls(transport)
             transport.send_close(1000)
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT):
@@ -958,8 +1003,15 @@ async def run_connrate(
         if t.done() and not t.cancelled() and t.exception() is not None:
             gen.fail(f"worker: {t.exception()!r}")
     wall = w1 - w0
-    return _connrate_result(connections, size, wall, gen.upgrades, gen.failures, gen.lost,
-                            gen.errors, gen.hist, (cpu1 - cpu0) / wall * 100 if wall > 0 else 0.0)
+    res = _connrate_result(connections, size, wall, gen.upgrades, gen.failures, gen.lost,
+                           gen.errors, gen.hist, (cpu1 - cpu0) / wall * 100 if wall > 0 else 0.0)
+    if TLS_CONTEXT is not None:
+        res["tls"] = dict(gen.tls_info, cycles=gen.tls_cycles, resumed=gen.tls_resumed,
+                          resume=TLS_RESUME)
+        if TLS_RESUME and gen.tls_cycles and gen.tls_resumed == 0:
+            res["failures"] += 1
+            res["errors"].append("tls: --tls-resume but no handshake was resumed")
+    return res
 
 
 def _connrate_result(connections: int, size: int, wall: float, upgrades: int, failures: int,
@@ -1226,6 +1278,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="throughput, connrate: worker processes (summed)")
     p.add_argument("--verify", choices=("seq", "full"), default="seq",
                    help="seq: length + sequence number; full: also every payload byte")
+    p.add_argument("--ca", default=None,
+                   help="wss: CA file to verify the server with (TLS 1.3 only); plain ws without")
+    p.add_argument("--tls-resume", action="store_true",
+                   help="connrate over wss: resume each handshake with the last session's ticket")
     a = p.parse_args(argv)
     if a.size < 8:
         p.error("--size must be >= 8")
@@ -1243,7 +1299,11 @@ def _loop_runner() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TLS_CONTEXT, TLS_RESUME
     a = parse_args(argv)
+    if a.ca:
+        TLS_CONTEXT = make_tls_context(a.ca)
+        TLS_RESUME = a.tls_resume
     if a.mode == "throughput":
         kw = dict(url=a.url, connections=a.connections, inflight=a.inflight, size=a.size,
                   duration=a.duration, warmup=a.warmup, verify=a.verify)

@@ -94,6 +94,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "PEERS",
@@ -331,8 +332,29 @@ def _caddy_env(workdir: Path) -> dict[str, str]:
     }
 
 
+def tls_block(name: str, tls: dict[str, Any] | None) -> str:
+    """The lines that add a TLS 1.3 listener on 127.0.0.1:tls["port"] (same proxying) to a
+    peer's configuration; tls has "port", "cert", "key" (PEM files) and "pem" (both in one
+    file, for HAProxy). Empty without tls. Session tickets: each peer's default (on)."""
+    if not tls:
+        return ""
+    port, cert, key = int(tls["port"]), tls["cert"], tls["key"]
+    if name in ("nginx", "nginx-64k"):
+        return (f"        listen 127.0.0.1:{port} ssl backlog=1024;\n"
+                f"        ssl_certificate {cert};\n        ssl_certificate_key {key};\n"
+                f"        ssl_protocols TLSv1.3;")
+    if name == "haproxy":
+        return f"    bind 127.0.0.1:{port} ssl crt {tls['pem']} ssl-min-ver TLSv1.3"
+    if name == "caddy":
+        return ("https://127.0.0.1:" + str(port) + " {\n\tbind 127.0.0.1\n"
+                f"\ttls {cert} {key} {{\n\t\tprotocols tls1.3\n\t}}\n"
+                f"\treverse_proxy 127.0.0.1:@{{backend_port}}\n}}")
+    return ""
+
+
 def peer_command(name: str, listen_port: int, backend_port: int, workdir: Path,
-                 python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+                 python: str = sys.executable,
+                 tls: dict[str, Any] | None = None) -> tuple[list[str], dict[str, str]]:
     """Writes the peer's configuration into ``workdir`` and returns ``(argv, extra_env)``.
 
     ``argv`` starts the peer in the foreground, listening on 127.0.0.1:listen_port and proxying
@@ -345,25 +367,26 @@ def peer_command(name: str, listen_port: int, backend_port: int, workdir: Path,
         raise ValueError(f"work directory must not contain whitespace or '@': {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     ports = {"listen_port": int(listen_port), "backend_port": int(backend_port)}
+    block = tls_block(name, tls).replace("@{backend_port}", str(int(backend_port)))
 
     if name in ("nginx", "nginx-64k"):
         nginx = _binary_or_raise(name)
         (workdir / "tmp").mkdir(exist_ok=True)
         _render("nginx.conf", _config_path(name, workdir), workdir=workdir, fd_limit=FD_LIMIT,
                 worker_connections=NGINX_WORKER_CONNECTIONS, buffers=_NGINX_BUFFERS[name],
-                **ports)
+                tls=block, **ports)
         return _nginx_argv(nginx, workdir), {}
 
     if name == "haproxy":
         haproxy = _binary_or_raise(name)
-        cfg = _render("haproxy.cfg", _config_path(name, workdir), fd_limit=FD_LIMIT, **ports)
+        cfg = _render("haproxy.cfg", _config_path(name, workdir), fd_limit=FD_LIMIT, tls=block, **ports)
         return [haproxy, "-db", "-f", str(cfg)], {}
 
     if name == "caddy":
         caddy = _binary_or_raise(name)
         for sub in ("data", "config", "cache"):
             (workdir / sub).mkdir(exist_ok=True)
-        cfg = _render("Caddyfile", _config_path(name, workdir), workdir=workdir, **ports)
+        cfg = _render("Caddyfile", _config_path(name, workdir), workdir=workdir, tls=block, **ports)
         return [caddy, "run", "--config", str(cfg), "--adapter", "caddyfile"], _caddy_env(workdir)
 
     # pyproxy

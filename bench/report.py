@@ -188,6 +188,7 @@ def markdown(result: dict[str, Any]) -> str:
                  "held - PSS before) / connections, both legs, all the proxy's processes")
     lines.append("")
     lines += overview(summary, targets)
+    lines += tls_table(result)
     for scenario, per_target in summary.items():
         mode = (meta.get("scenarios", {}).get(scenario) or {}).get("mode")
         if mode not in COLUMNS:
@@ -234,6 +235,42 @@ OVERVIEW = (("tp-64B", "msg/s", "64 B msg/s"), ("tp-64B", "proxy CPU µs/msg", "
             ("lat-5k/s", "p50 µs", "5k/s p50 µs"), ("lat-5k/s", "p99 µs", "5k/s p99 µs"),
             ("connrate", "upgrades/s", "upgrades/s"), ("connrate", "proxy CPU µs/upgrade", "CPU µs/upgrade"),
             ("idle", "KiB/connection", "idle KiB/conn"))
+
+
+TLS_COLUMNS = (("tls-hs", "proxy_us_per_unit", "µs/handshake (full)"),
+               ("tls-hs-resume", "proxy_us_per_unit", "µs/handshake (resumed)"),
+               ("tls-64B", "proxy_us_per_unit", "µs/msg 64 B"),
+               ("tls-64KiB", "proxy_us_per_mb", "µs/MB 64 KiB"))
+
+
+def tls_table(result: dict[str, Any]) -> list[str]:
+    """Proxy CPU over wss (TLS 1.3): per full and resumed handshake (+ upgrade, one echo,
+    close), per 64 B message, per MB at 64 KiB; medians over the rounds, ratio to nginx."""
+    vals: dict[tuple[str, str], list[float]] = {}
+    resumed: dict[tuple[str, str], list[float]] = {}
+    for r in result.get("runs", []):
+        for sc, key, _ in TLS_COLUMNS:
+            v = (r.get("cpu") or {}).get(key)
+            if r.get("scenario") == sc and v is not None and (r.get("loadgen") or {}).get("ok"):
+                vals.setdefault((sc, r["target"]), []).append(v)
+                tls = r["loadgen"].get("tls") or {}
+                if tls.get("cycles"):
+                    resumed.setdefault((sc, r["target"]), []).append(
+                        tls["resumed"] / tls["cycles"] * 100)
+    if not vals:
+        return []
+    targets = [t for t in (result["meta"].get("targets") or []) if any(k[1] == t for k in vals)]
+    lines = ["### TLS (wss, TLS 1.3, ECDSA P-256): proxy CPU, median (ratio to nginx)", "",
+             "| target | " + " | ".join(c[2] for c in TLS_COLUMNS) + " | resumed % |",
+             "|---" * (len(TLS_COLUMNS) + 2) + "|"]
+    for t in targets:
+        row = [t]
+        for sc, _, _ in TLS_COLUMNS:
+            v, n = _med(vals.get((sc, t), [])), _med(vals.get((sc, "nginx"), []))
+            row.append("" if v is None else f"{fmt(v)}" + (f" ({v / n:.2f}×)" if n else ""))
+        row.append(fmt(_med(resumed.get(("tls-hs-resume", t), []))))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def overview(summary: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> list[str]:

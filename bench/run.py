@@ -80,6 +80,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # cost of picking a target per upgrade (issue 12: at most 3 % more CPU per upgrade).
     "connrate-pool2": {"mode": "connrate", "size": 64, "path": "/pool2/"},
     "idle": {"mode": "idle"},
+    # over wss (TLS 1.3, ECDSA P-256 from trustme; the backend stays plain ws), on the
+    # targets that terminate TLS (TLS_TARGETS): full handshakes, resumed ones (the client
+    # offers the last connection's ticket), and throughput.
+    "tls-hs": {"mode": "connrate", "size": 64, "tls": True},
+    "tls-hs-resume": {"mode": "connrate", "size": 64, "tls": True, "tls_resume": True},
+    "tls-64B": {"mode": "throughput", "size": 64, "tls": True},
+    "tls-64KiB": {"mode": "throughput", "size": 65536, "tls": True},
 }
 
 GATEWAY_YAML = """\
@@ -155,6 +162,11 @@ WORKERS: dict[str, int] = {"fastgw-2w": 2}
 # the targets the scenarios with a "path" (the scoped limits, the pool) run on
 SCOPED: tuple[str, ...] = ("fastgw", "fastgw-2w")
 TARGETS: tuple[str, ...] = ("direct", *GATEWAYS, *peers.PEERS)
+# the targets that get a TLS listener (when a tls-* scenario runs), and their wss:// URLs
+TLS_TARGETS: tuple[str, ...] = ("fastgw", "fastgw-2w", "fastgw-governed", "nginx", "nginx-64k",
+                                "haproxy", "caddy")
+TLS_URLS: dict[str, str] = {}
+TLS_FILES: dict[str, str] = {}
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -560,6 +572,8 @@ def loadgen_argv(url: str, scenario: dict[str, Any], args: argparse.Namespace) -
     if mode == "idle":
         return argv + ["--connections", str(args.idle_connections), "--duration", "300"]
     argv += ["--size", str(scenario["size"]), "--duration", str(args.duration)]
+    if scenario.get("tls"):
+        argv += ["--ca", TLS_FILES["ca"]] + (["--tls-resume"] if scenario.get("tls_resume") else [])
     if mode == "throughput":
         argv += ["--warmup", str(args.warmup), "--connections", str(args.connections),
                  "--inflight", str(args.inflight), "--processes", str(args.processes)]
@@ -842,6 +856,27 @@ def versions(available: dict[str, str | None]) -> dict[str, str]:
     return out
 
 
+def tls_setup(logdir: Path) -> dict[str, str]:
+    """An ECDSA P-256 CA and server certificate (127.0.0.1, localhost) from trustme, written
+    into logdir: ca, cert, key, pem (cert + key, for HAProxy)."""
+    import trustme
+
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    cert = ca.issue_cert("127.0.0.1", "localhost", key_type=trustme.KeyType.ECDSA)
+    files = {k: str(logdir / f"tls-{k}.pem") for k in ("ca", "cert", "key", "pem")}
+    ca.cert_pem.write_to_path(files["ca"])
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    cert.private_key_pem.write_to_path(files["key"])
+    Path(files["pem"]).write_bytes(cert.cert_chain_pems[0].bytes() + cert.private_key_pem.bytes())
+    return files
+
+
+def tls_listener_yaml(port: int) -> str:
+    f = TLS_FILES
+    return (f"listeners: [{{host: 127.0.0.1, port: 0}}, {{host: 127.0.0.1, port: {port}, "
+            f"tls: {{cert: {f['cert']}, key: {f['key']}}}}}]\n")
+
+
 def start_targets(args: argparse.Namespace, backend_port: int, cpu: int | None, logdir: Path,
                   started: list[Started], meta: dict[str, Any], bases: dict[str, str]
                   ) -> tuple[dict[str, str], dict[str, Started]]:
@@ -858,8 +893,13 @@ def start_targets(args: argparse.Namespace, backend_port: int, cpu: int | None, 
             if target in GATEWAYS:
                 top, path = GATEWAYS[target]
                 cfg = logdir / f"{target}.yaml"
-                cfg.write_text(top.format(events=logdir / f"{target}.events.jsonl") +
-                               GATEWAY_YAML.format(backend_port=backend_port))
+                body = GATEWAY_YAML.format(backend_port=backend_port)
+                tls_port = None
+                if TLS_FILES and target in TLS_TARGETS:
+                    tls_port = peers.free_port()
+                    body = body.replace("listeners: [{host: 127.0.0.1, port: 0}]\n",
+                                        tls_listener_yaml(tls_port), 1)
+                cfg.write_text(top.format(events=logdir / f"{target}.events.jsonl") + body)
                 cmd = args.gateway_cmd.format(config=cfg).split()
                 proc = Started(target, cmd, cpu, logdir, "stderr")
                 started.append(proc)
@@ -872,13 +912,23 @@ def start_targets(args: argparse.Namespace, backend_port: int, cpu: int | None, 
                     meta.setdefault("workers", {})[target] = proc.worker_pids
                 urls[target] = f"ws://127.0.0.1:{port}{path}"
                 bases[target] = f"ws://127.0.0.1:{port}"
+                if tls_port is not None:
+                    peers.wait_listening(tls_port, 15, proc.proc)
+                    TLS_URLS[target] = f"wss://127.0.0.1:{tls_port}{path}"
             else:
                 port = peers.free_port()
-                cmd, env = peers.peer_command(target, port, backend_port, logdir / target, PY)
+                tls = None
+                if TLS_FILES and target in TLS_TARGETS:
+                    tls = dict(TLS_FILES, port=peers.free_port())
+                cmd, env = peers.peer_command(target, port, backend_port, logdir / target, PY,
+                                              tls=tls)
                 proc = Started(target, cmd, cpu, logdir, None, env)
                 started.append(proc)
                 peers.wait_listening(port, 15, proc.proc)
                 urls[target] = f"ws://127.0.0.1:{port}/"
+                if tls is not None:
+                    peers.wait_listening(tls["port"], 15, proc.proc)
+                    TLS_URLS[target] = f"wss://127.0.0.1:{tls['port']}/"
             pin_all_threads(proc.pid, cpu)
             procs[target] = proc
             meta.setdefault("commands", {})[target] = f"pid {proc.pid}: {' '.join(cmd)}"
@@ -939,6 +989,8 @@ def main(argv: list[str] | None = None) -> int:
         pin_all_threads(backend.pid, load_cpu)
         print(f"bench: echo backend pid {backend.pid} on port {backend_port}", file=sys.stderr)
         bases: dict[str, str] = {}
+        if any(SCENARIOS[s].get("tls") for s in args.scenarios):
+            TLS_FILES.update(tls_setup(logdir))
         urls, procs = start_targets(args, backend_port, proxy_cpu, logdir, started, meta, bases)
         targets = [t for t in args.targets if t in urls]
         meta["targets"] = targets
@@ -951,6 +1003,10 @@ def main(argv: list[str] | None = None) -> int:
                     if path is not None and target not in SCOPED:
                         continue
                     url = urls[target] if path is None else bases[target] + path
+                    if SCENARIOS[sname].get("tls"):
+                        if target not in TLS_URLS:
+                            continue
+                        url = TLS_URLS[target]
                     r = measure(target, sname, url, procs.get(target), backend,
                                 (proxy_cpu, load_cpu), args, running)
                     r["round"] = rnd
