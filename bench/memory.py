@@ -1,0 +1,224 @@
+"""Idle memory per proxied connection (issue 15): the gateway's PSS before and while it holds
+N idle WebSocket connections (both legs up) to the echo backend.
+
+    python bench/memory.py --conns 2000 5000            # bytes of PSS per connection
+    python bench/memory.py --conns 2000 --trace         # + tracemalloc top sites per connection
+
+PSS comes from /proc/PID/smaps_rollup (Pss, and Pss_Anon). What it holds per connection:
+the Python objects (Connection, Relay, two Legs, transports, timers, dicts), the legs' malloc'd
+buffers (none while idle: they are allocated on first use), uvloop's C side (uv_tcp_t, handles)
+and glibc's arena slack. Kernel socket memory (skbuffs, socket structs) is not in PSS; it is
+printed apart from /proc/net/sockstat ("mem" pages, whole machine).
+
+With --trace the gateway runs with tracemalloc on (a sitecustomize of this bench, in a temp
+directory on PYTHONPATH): a thread dumps a snapshot when a trigger file appears; the bench
+takes one before and one while holding the connections and prints the top allocation sites
+by bytes per connection. tracemalloc's own overhead inflates PSS: read PSS from a run
+without --trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+PY = sys.executable
+LISTEN_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^:\s]+):(\d+)")
+
+CONFIG = """\
+metrics: false
+listeners:
+  - host: 127.0.0.1
+    port: 0
+apis:
+  - name: echo
+    path: /
+    assembly:
+      - policy: websocket-upgrade
+        target-url: ws://127.0.0.1:{backend_port}/
+"""
+
+SITECUSTOMIZE = '''\
+import os, threading, time, tracemalloc
+_trig = os.environ.get("FASTGW_MEMTRACE")
+if _trig:
+    tracemalloc.start(int(os.environ.get("FASTGW_MEMTRACE_FRAMES", "1")))
+    def _watch():
+        n = 0
+        while True:
+            time.sleep(0.2)
+            if os.path.exists(_trig):
+                snap = tracemalloc.take_snapshot()
+                snap.dump(f"{_trig}.{n}.snap")
+                n += 1
+                os.unlink(_trig)
+    threading.Thread(target=_watch, daemon=True, name="memtrace").start()
+'''
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pss(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith(":") and parts[-1] == "kB":
+            out[parts[0][:-1]] = int(parts[1]) * 1024
+    return out
+
+
+def sockstat_pages() -> int:
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            f = line.split()
+            return int(f[f.index("mem") + 1])
+    return 0
+
+
+class Child:
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, text=True,
+                                     cwd=str(ROOT), preexec_fn=raise_nofile)
+
+    def wait_port(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            m = LISTEN_RE.search(line) or re.search(r"port[ =:](\d+)", line)
+            if m:
+                return int(m.groups()[-1])
+        raise RuntimeError(f"{self.proc.args} printed no port")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def open_ws(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise RuntimeError("gateway closed during the handshake")
+        data += chunk
+    if not data.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(data.split(b"\r\n", 1)[0].decode())
+    return s
+
+
+def settle(pid: int) -> dict[str, int]:
+    time.sleep(1.0)
+    return pss(pid)
+
+
+def snapshot(trigger: Path, n: int):
+    import tracemalloc
+    trigger.touch()
+    path = Path(f"{trigger}.{n}.snap")
+    deadline = time.monotonic() + 60
+    while not path.exists() or trigger.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("no tracemalloc snapshot from the gateway")
+        time.sleep(0.1)
+    time.sleep(0.3)
+    return tracemalloc.Snapshot.load(str(path))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--conns", type=int, nargs="+", default=[2000, 5000])
+    p.add_argument("--trace", action="store_true", help="tracemalloc top sites per connection")
+    p.add_argument("--frames", type=int, default=1, help="traceback depth with --trace")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    raise_nofile()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fastgw-mem-"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp), str(SRC)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    echo = Child([PY, "-m", "fastgw.echo", "--host", "127.0.0.1", "--port", "0"], env)
+    gw = None
+    try:
+        backend_port = echo.wait_port(15)
+        cfg = tmp / "gw.yaml"
+        cfg.write_text(CONFIG.format(backend_port=backend_port))
+        gw_env = dict(env)
+        trigger = tmp / "trigger"
+        if args.trace:
+            (tmp / "sitecustomize.py").write_text(SITECUSTOMIZE)
+            gw_env["FASTGW_MEMTRACE"] = str(trigger)
+            gw_env["FASTGW_MEMTRACE_FRAMES"] = str(args.frames)
+        gw = Child([PY, "-m", "fastgw", "run", "-c", str(cfg)], gw_env)
+        port = gw.wait_port(20)
+        pid = gw.proc.pid
+        # Warm up: the first connections allocate what every later one reuses
+        # (the scratch buffer, code paths, interned strings, free lists).
+        warm = [open_ws(port) for _ in range(50)]
+        for s in warm:
+            s.close()
+        time.sleep(0.5)
+        snaps = 0
+        for n in args.conns:
+            base = settle(pid)
+            k0 = sockstat_pages()
+            if args.trace:
+                before = snapshot(trigger, snaps)
+                snaps += 1
+            t0 = time.monotonic()
+            socks = [open_ws(port) for _ in range(n)]
+            t1 = time.monotonic()
+            held = settle(pid)
+            k1 = sockstat_pages()
+            d = held["Pss"] - base["Pss"]
+            da = held.get("Pss_Anon", 0) - base.get("Pss_Anon", 0)
+            print(f"memory: {n} idle connections (opened in {t1 - t0:.1f}s): gateway PSS "
+                  f"{base['Pss'] / 2**20:.1f} -> {held['Pss'] / 2**20:.1f} MiB, "
+                  f"{d / n:.0f} B/conn ({d / n / 1024:.2f} KiB; anon {da / n:.0f} B); "
+                  f"kernel TCP mem (whole machine, not in PSS) {(k1 - k0) * 4096 / n:.0f} B/conn",
+                  flush=True)
+            if args.trace:
+                after = snapshot(trigger, snaps)
+                snaps += 1
+                key = "traceback" if args.frames > 1 else "lineno"
+                stats = after.compare_to(before, key)
+                total = sum(st.size_diff for st in stats)
+                print(f"memory: tracemalloc (Python allocator): {total / n:.0f} B/conn; top sites:")
+                for st in stats[:args.top]:
+                    where = st.traceback.format()[-2 if args.frames == 1 else 0:]
+                    print(f"  {st.size_diff / n:8.1f} B/conn {st.count_diff / n:6.2f} blocks/conn  "
+                          + " | ".join(x.strip() for x in where))
+            for s in socks:
+                s.close()
+            time.sleep(1.0)
+    finally:
+        if gw is not None:
+            gw.stop()
+        echo.stop()
+
+
+if __name__ == "__main__":
+    main()
