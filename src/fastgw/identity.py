@@ -26,6 +26,7 @@ A refusal is always an :class:`AuthError` carrying the HTTP status (401 or
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -194,25 +195,14 @@ def _challenge(scheme: str, **params: str) -> tuple[str, str]:
 
 
 # Addresses parsed lately (the peers of the last upgrades, the X-Forwarded-For entries
-# they carry): ipaddress costs microseconds per parse. Bounded in count, and only for
-# texts as short as an address can be, so hostile headers cannot fill it.
-_ADDRESS_CACHE_MAX = 4096
+# they carry) are remembered: ipaddress costs microseconds per parse. Only texts as short
+# as an address can be are kept, so hostile headers cannot fill the caches.
 _ADDRESS_TEXT_MAX = 64
-_address_cache: dict[str, IPAddress | None] = {}
 
 
 def _parse_address(text: str) -> IPAddress | None:
     """`_parse_one`, remembered for the last addresses seen."""
-    if len(text) > _ADDRESS_TEXT_MAX:
-        return _parse_one(text)
-    try:
-        return _address_cache[text]
-    except KeyError:
-        pass
-    if len(_address_cache) >= _ADDRESS_CACHE_MAX:
-        _address_cache.clear()
-    parsed = _address_cache[text] = _parse_one(text)
-    return parsed
+    return _parse_one(text) if len(text) > _ADDRESS_TEXT_MAX else _parse_remembered(text)
 
 
 def _parse_one(text: str) -> IPAddress | None:
@@ -269,23 +259,20 @@ def forwarded_node(address: str) -> str:
     """An address as a ``Forwarded`` ``for=`` value (RFC 7239 section 6): an IPv6
     address in brackets and quotes; anything not an address as an obfuscated
     identifier would be, ``unknown``."""
-    node = _node_cache.get(address)
-    if node is None:
-        parsed = _parse_address(address)
-        if parsed is None:
-            node = "unknown"
-        elif parsed.version == 6:
-            node = f'"[{parsed}]"'
-        else:
-            node = str(parsed)
-        if len(address) <= _ADDRESS_TEXT_MAX:
-            if len(_node_cache) >= _ADDRESS_CACHE_MAX:
-                _node_cache.clear()
-            _node_cache[address] = node
-    return node
+    return _node(address) if len(address) > _ADDRESS_TEXT_MAX else _node_remembered(address)
 
 
-_node_cache: dict[str, str] = {}
+def _node(address: str) -> str:
+    parsed = _parse_address(address)
+    if parsed is None:
+        return "unknown"
+    if parsed.version == 6:
+        return f'"[{parsed}]"'
+    return str(parsed)
+
+
+_parse_remembered = functools.lru_cache(maxsize=4096)(_parse_one)
+_node_remembered = functools.lru_cache(maxsize=4096)(_node)
 
 
 def trusted_networks(networks: Iterable[str]) -> tuple[IPNetwork, ...]:
