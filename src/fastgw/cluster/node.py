@@ -223,7 +223,10 @@ class ClusterNode:
         for attempt in range(WAIT_ROUNDS):
             need, later, delay = [], [], 0.0
             for key in keys:
-                held = self.book.keys[key.name]
+                held = self.book.keys.get(key.name)
+                if held is None:                    # forgotten by a renewal while we waited
+                    self._track(key)
+                    held = self.book.keys[key.name]
                 if held.replies == 0 and not held.assumed:
                     if attempt == 0:
                         need.append(key)            # new here: its first grant
