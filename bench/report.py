@@ -13,7 +13,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 PEERS = ("nginx", "nginx-64k", "haproxy", "caddy")      # the C and Go proxies
 SUBJECT = "fastgw-governed"                             # the target the goals are judged on
@@ -112,6 +112,79 @@ def _workers(brks: list[dict[str, Any]], cpu: list[dict[str, Any]]) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------------
+# The proxy's own CPU per unit: what the proxy costs, whichever core ran out
+
+# (scenario, key of run.py's "cpu" figures, unit, panel title) of the proxy-CPU figure and of
+# its table, in their order; a scenario missing from the result is left out of both
+CPU_UNITS = (("tp-64B", "proxy_us_per_unit", "µs/msg", "per 64 B message"),
+             ("tp-1KiB", "proxy_us_per_unit", "µs/msg", "per 1 KiB message"),
+             ("tp-64KiB", "proxy_us_per_mb", "µs/MB", "per MB, 64 KiB messages"),
+             ("connrate", "proxy_us_per_unit", "µs/upgrade", "per upgrade"),
+             ("tls-hs", "proxy_us_per_unit", "µs/handshake", "per TLS handshake (full)"),
+             ("tls-hs-resume", "proxy_us_per_unit", "µs/handshake",
+              "per TLS handshake (resumed)"),
+             ("tls-64B", "proxy_us_per_unit", "µs/msg", "per 64 B message over TLS"),
+             ("tls-64KiB", "proxy_us_per_mb", "µs/MB", "per MB, 64 KiB over TLS"))
+REFERENCES = ("nginx", "nginx-64k")     # the ratio is to the lower of the two (as the goals)
+
+
+def proxy_cpu(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One panel per scenario of CPU_UNITS that has figures: the proxy's CPU per unit of each
+    target (median, min and max over the rounds whose load generator reported ok), the
+    reference (the lower of nginx and nginx-64k) and each target's ratio to it."""
+    vals: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    keys = {sc: key for sc, key, _, _ in CPU_UNITS}
+    for r in result.get("runs", ()):
+        key = keys.get(r.get("scenario"))
+        v = (r.get("cpu") or {}).get(key) if key else None
+        if v is not None and (r.get("loadgen") or {}).get("ok"):
+            vals[(r["scenario"], r["target"])].append(v)
+    targets = result["meta"].get("targets") or sorted({t for _, t in vals})
+    panels = []
+    for sc, _, unit, title in CPU_UNITS:
+        rows = {t: {"median": statistics.median(v), "min": min(v), "max": max(v),
+                    "rounds": len(v)} for t in targets if (v := vals.get((sc, t)))}
+        if not rows:
+            continue
+        refs = [(rows[t]["median"], t) for t in REFERENCES if t in rows]
+        ref = min(refs)[1] if refs else None
+        for f in rows.values():
+            f["ratio"] = f["median"] / rows[ref]["median"] if ref and rows[ref]["median"] else None
+        panels.append({"scenario": sc, "unit": unit, "title": title, "reference": ref,
+                       "targets": rows})
+    return panels
+
+
+def proxy_cpu_table(panels: list[dict[str, Any]], targets: list[str]) -> list[str]:
+    """The figures of the proxy-CPU plot as a table: one column per unit, median µs (ratio to
+    the column's reference)."""
+    if not panels:
+        return []
+    names = [t for t in targets if any(t in p["targets"] for p in panels)]
+    names += sorted({t for p in panels for t in p["targets"]} - set(names))
+    rounds = sorted({f["rounds"] for p in panels for f in p["targets"].values()})
+    span = f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}"
+    head = [f"{p['unit']} {p['title'].removeprefix('per ')} ({p['scenario']}"
+            + (f"; × {p['reference']})" if p["reference"] else ")") for p in panels]
+    out = ["### Proxy CPU per unit (lower is better)", "",
+           "The proxy's own CPU (utime + stime of all its processes) per echoed message, per MB "
+           "echoed, per upgrade or per TLS handshake (+ upgrade, one echo, close): what the "
+           "proxy costs, whichever core ran out first (on this machine mostly the client's). "
+           f"Median over {span} round(s) with an ok load generator; in brackets the ratio to "
+           "the lower of nginx and "
+           "nginx-64k in that column.", "",
+           "| target | " + " | ".join(head) + " |", "|---|" + "---:|" * len(panels)]
+    for t in names:
+        cells = []
+        for p in panels:
+            f = p["targets"].get(t)
+            cells.append("–" if f is None else fmt(f["median"]) + (
+                "" if f["ratio"] is None or t == p["reference"] else f" ({f['ratio']:.2f}×)"))
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+# ---------------------------------------------------------------------------------------------
 # Markdown
 
 # scenario mode -> (figures shown, figure -> the targets it is also given as a ratio to)
@@ -161,7 +234,8 @@ def _with_added(scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     return out
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], lead_images: Sequence[Path] = ()) -> str:
+    """The report; `lead_images` (the proxy-CPU figure) go right below its table, first."""
     meta = result["meta"]
     summary = result.get("summary") or summarize(result)
     targets = meta.get("targets") or []
@@ -187,6 +261,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("- idle: connections held open through the proxy; KiB/connection = (PSS while "
                  "held - PSS before) / connections, both legs, all the proxy's processes")
     lines.append("")
+    lines += proxy_cpu_table(proxy_cpu(result), targets)
+    lines += [f"![{p.stem}]({p.name})\n" for p in lead_images]
     lines += overview(summary, targets)
     lines += tls_table(result)
     for scenario, per_target in summary.items():
@@ -460,8 +536,57 @@ def _merged_histograms(result: dict[str, Any], scenario: str) -> dict[str, Any]:
     return merged
 
 
+def proxy_cpu_plot(plt: Any, panels: list[dict[str, Any]], path: Path) -> None:
+    """One panel per unit: a bar per target, its median over the rounds, min-max whiskers,
+    labelled with its value and its ratio to the reference (the lower of nginx and nginx-64k).
+
+    A bar more than 5x the median of its panel (the plain Python proxy) is cut at the top of
+    the panel, its value still written on it, so that it does not flatten the others."""
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    for ax, p in zip(axes.flat, panels):
+        names = list(p["targets"])
+        fs = [p["targets"][t] for t in names]
+        meds = [f["median"] for f in fs]
+        typical = statistics.median(meds)
+        top = max([f["max"] for f, m in zip(fs, meds) if m <= 5 * typical] or [0.0]) * 1.3
+        top = top or max(f["max"] for f in fs) * 1.3 or 1.0
+        colors = ["#d62728" if t.startswith("fastgw") else "#1f77b4" for t in names]
+        xs = range(len(names))
+        ax.bar(xs, [min(m, top) for m in meds], color=colors)
+        if any(f["rounds"] > 1 for f in fs):
+            lo = [m - f["min"] if m <= top else 0 for f, m in zip(fs, meds)]
+            hi = [f["max"] - m if m <= top else 0 for f, m in zip(fs, meds)]
+            ax.errorbar(xs, meds, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1)
+        for x, t, f, m in zip(xs, names, fs, meds):
+            label = fmt(m) + ("" if f["ratio"] is None or t == p["reference"]
+                              else f"\n{f['ratio']:.2f}×")
+            y = min(f["max"], top * 0.88) if m <= top else top * 0.88
+            ax.text(x, y, label + (" ↑" if m > top else ""), ha="center", va="bottom",
+                    fontsize=8)
+        ax.set_ylim(0, top)
+        ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(p["unit"])
+        mine = p["targets"].get("fastgw")
+        vs = (f"\nfastgw {mine['ratio']:.2f}× {p['reference']}"
+              if mine and mine["ratio"] is not None and p["reference"] else "")
+        ax.set_title(f"{p['title']} ({p['scenario']}){vs}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    n = max(f["rounds"] for p in panels for f in p["targets"].values())
+    fig.suptitle("The proxy's own CPU per unit, lower is better (median of "
+                 f"{n} round(s){', min-max whiskers' if n > 1 else ''}; × = ratio to "
+                 "the lower of nginx and nginx-64k)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plots(result: dict[str, Any], prefix: Path) -> list[Path]:
-    """Throughput bars per message size and latency percentile curves, as PNG files."""
+    """The proxy's CPU per unit (first), throughput bars per message size and latency
+    percentile curves, as PNG files."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -473,6 +598,12 @@ def plots(result: dict[str, Any], prefix: Path) -> list[Path]:
     summary = result.get("summary") or summarize(result)
     targets = result["meta"].get("targets") or []
     written: list[Path] = []
+
+    panels = proxy_cpu(result)
+    if panels:
+        path = Path(f"{prefix}-proxy-cpu.png")
+        proxy_cpu_plot(plt, panels, path)
+        written.append(path)
 
     tps = [s for s in ("tp-64B", "tp-1KiB", "tp-64KiB") if s in summary]
     if tps:
@@ -526,13 +657,23 @@ def plots(result: dict[str, Any], prefix: Path) -> list[Path]:
     return written
 
 
+def render(result: dict[str, Any], prefix: Path) -> tuple[str, list[Path]]:
+    """The plots and the Markdown that shows them: the proxy-CPU figure below its table at the
+    top, the others at the end."""
+    ps = plots(result, prefix)
+    lead = [p for p in ps if p.name.endswith("-proxy-cpu.png")]
+    text = markdown(result, lead)
+    rest = [p for p in ps if p not in lead]
+    if rest:
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in rest) + "\n"
+    return text, ps
+
+
 def main(argv: list[str]) -> int:
     path = Path(argv[0] if argv else Path(__file__).parent / "results" / "latest.json")
     result = json.loads(path.read_text())
     result["summary"] = summarize(result)
-    text = markdown(result)
-    ps = plots(result, path.with_suffix(""))
-    text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in ps) + "\n"
+    text, _ = render(result, path.with_suffix(""))
     path.with_suffix(".md").write_text(text)
     print(text)
     return 0
