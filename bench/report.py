@@ -116,15 +116,16 @@ def _workers(brks: list[dict[str, Any]], cpu: list[dict[str, Any]]) -> dict[str,
 
 # (scenario, key of run.py's "cpu" figures, unit, panel title) of the proxy-CPU figure and of
 # its table, in their order; a scenario missing from the result is left out of both
-CPU_UNITS = (("tp-64B", "proxy_us_per_unit", "µs/msg", "per 64 B message"),
-             ("tp-1KiB", "proxy_us_per_unit", "µs/msg", "per 1 KiB message"),
-             ("tp-64KiB", "proxy_us_per_mb", "µs/MB", "per MB, 64 KiB messages"),
-             ("connrate", "proxy_us_per_unit", "µs/upgrade", "per upgrade"),
-             ("tls-hs", "proxy_us_per_unit", "µs/handshake", "per TLS handshake (full)"),
-             ("tls-hs-resume", "proxy_us_per_unit", "µs/handshake",
+CPU_UNITS = (("tp-64B", "proxy_us_per_unit", "µs/msg", "64 B", "per 64 B message"),
+             ("tp-1KiB", "proxy_us_per_unit", "µs/msg", "1 KiB", "per 1 KiB message"),
+             ("tp-64KiB", "proxy_us_per_mb", "µs/MB", "64 KiB", "per MB, 64 KiB messages"),
+             ("connrate", "proxy_us_per_unit", "µs/upgrade", "", "per upgrade"),
+             ("tls-hs", "proxy_us_per_unit", "µs/handshake", "TLS full",
+              "per TLS handshake (full)"),
+             ("tls-hs-resume", "proxy_us_per_unit", "µs/handshake", "TLS resumed",
               "per TLS handshake (resumed)"),
-             ("tls-64B", "proxy_us_per_unit", "µs/msg", "per 64 B message over TLS"),
-             ("tls-64KiB", "proxy_us_per_mb", "µs/MB", "per MB, 64 KiB over TLS"))
+             ("tls-64B", "proxy_us_per_unit", "µs/msg", "TLS 64 B", "per 64 B message, TLS"),
+             ("tls-64KiB", "proxy_us_per_mb", "µs/MB", "TLS 64 KiB", "per MB, 64 KiB, TLS"))
 REFERENCES = ("nginx", "nginx-64k")     # the ratio is to the lower of the two (as the goals)
 
 
@@ -133,7 +134,7 @@ def proxy_cpu(result: dict[str, Any]) -> list[dict[str, Any]]:
     target (median, min and max over the rounds whose load generator reported ok), the
     reference (the lower of nginx and nginx-64k) and each target's ratio to it."""
     vals: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    keys = {sc: key for sc, key, _, _ in CPU_UNITS}
+    keys = {sc: key for sc, key, *_ in CPU_UNITS}
     for r in result.get("runs", ()):
         key = keys.get(r.get("scenario"))
         v = (r.get("cpu") or {}).get(key) if key else None
@@ -141,7 +142,7 @@ def proxy_cpu(result: dict[str, Any]) -> list[dict[str, Any]]:
             vals[(r["scenario"], r["target"])].append(v)
     targets = result["meta"].get("targets") or sorted({t for _, t in vals})
     panels = []
-    for sc, _, unit, title in CPU_UNITS:
+    for sc, _, unit, short, title in CPU_UNITS:
         rows = {t: {"median": statistics.median(v), "min": min(v), "max": max(v),
                     "rounds": len(v)} for t in targets if (v := vals.get((sc, t)))}
         if not rows:
@@ -150,7 +151,8 @@ def proxy_cpu(result: dict[str, Any]) -> list[dict[str, Any]]:
         ref = min(refs)[1] if refs else None
         for f in rows.values():
             f["ratio"] = f["median"] / rows[ref]["median"] if ref and rows[ref]["median"] else None
-        panels.append({"scenario": sc, "unit": unit, "title": title, "reference": ref,
+        panels.append({"scenario": sc, "unit": unit, "short": short, "title": title,
+                       "reference": ref,
                        "targets": rows})
     return panels
 
@@ -164,15 +166,16 @@ def proxy_cpu_table(panels: list[dict[str, Any]], targets: list[str]) -> list[st
     names += sorted({t for p in panels for t in p["targets"]} - set(names))
     rounds = sorted({f["rounds"] for p in panels for f in p["targets"].values()})
     span = f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}"
-    head = [f"{p['unit']} {p['title'].removeprefix('per ')} ({p['scenario']}"
-            + (f"; × {p['reference']})" if p["reference"] else ")") for p in panels]
+    head = [f"{p['short']} {p['unit']}".strip() + (f" (× {p['reference']})" if p["reference"]
+                                                  else "") for p in panels]
     out = ["### Proxy CPU per unit (lower is better)", "",
            "The proxy's own CPU (utime + stime of all its processes) per echoed message, per MB "
            "echoed, per upgrade or per TLS handshake (+ upgrade, one echo, close): what the "
            "proxy costs, whichever core ran out first (on this machine mostly the client's). "
            f"Median over {span} round(s) with an ok load generator; in brackets the ratio to "
            "the lower of nginx and "
-           "nginx-64k in that column.", "",
+           "nginx-64k named in that column (the reference: no ratio). Scenarios: "
+           + ", ".join(f"{p['short'] or p['unit']} = {p['scenario']}" for p in panels) + ".", "",
            "| target | " + " | ".join(head) + " |", "|---|" + "---:|" * len(panels)]
     for t in names:
         cells = []
@@ -556,17 +559,22 @@ def proxy_cpu_plot(plt: Any, panels: list[dict[str, Any]], path: Path) -> None:
         top = top or max(f["max"] for f in fs) * 1.3 or 1.0
         colors = ["#d62728" if t.startswith("fastgw") else "#1f77b4" for t in names]
         xs = range(len(names))
-        ax.bar(xs, [min(m, top) for m in meds], color=colors)
+        bars = ax.bar(xs, [min(m, top) for m in meds], color=colors)
+        if p["reference"]:
+            bars[names.index(p["reference"])].set_hatch("//")
         if any(f["rounds"] > 1 for f in fs):
             lo = [m - f["min"] if m <= top else 0 for f, m in zip(fs, meds)]
             hi = [f["max"] - m if m <= top else 0 for f, m in zip(fs, meds)]
             ax.errorbar(xs, meds, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1)
         for x, t, f, m in zip(xs, names, fs, meds):
-            label = fmt(m) + ("" if f["ratio"] is None or t == p["reference"]
+            label = fmt(m) + ("\n(ref)" if t == p["reference"] else "" if f["ratio"] is None
                               else f"\n{f['ratio']:.2f}×")
-            y = min(f["max"], top * 0.88) if m <= top else top * 0.88
-            ax.text(x, y, label + (" ↑" if m > top else ""), ha="center", va="bottom",
-                    fontsize=8)
+            if m > top:                 # cut: the value written inside, below the cut
+                ax.text(x, top * 0.97, "↑\n" + label, ha="center", va="top", fontsize=8,
+                        color="white", fontweight="bold")
+            else:
+                ax.text(x, min(f["max"], top * 0.88) + top * 0.01, label, ha="center",
+                        va="bottom", fontsize=8)
         ax.set_ylim(0, top)
         ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(p["unit"])
@@ -578,7 +586,7 @@ def proxy_cpu_plot(plt: Any, panels: list[dict[str, Any]], path: Path) -> None:
     n = max(f["rounds"] for p in panels for f in p["targets"].values())
     fig.suptitle("The proxy's own CPU per unit, lower is better (median of "
                  f"{n} round(s){', min-max whiskers' if n > 1 else ''}; × = ratio to "
-                 "the lower of nginx and nginx-64k)", fontsize=11)
+                 "the hatched bar, the lower of nginx and nginx-64k)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
