@@ -114,8 +114,8 @@ def _workers(brks: list[dict[str, Any]], cpu: list[dict[str, Any]]) -> dict[str,
 # ---------------------------------------------------------------------------------------------
 # The proxy's own CPU per unit: what the proxy costs, whichever core ran out
 
-# (scenario, key of run.py's "cpu" figures, unit, panel title) of the proxy-CPU figure and of
-# its table, in their order; a scenario missing from the result is left out of both
+# (scenario, key of run.py's "cpu" figures, unit, column name, panel title) of the proxy-CPU
+# figure and of its table, in their order; a scenario missing from the result is left out
 CPU_UNITS = (("tp-64B", "proxy_us_per_unit", "µs/msg", "64 B", "per 64 B message"),
              ("tp-1KiB", "proxy_us_per_unit", "µs/msg", "1 KiB", "per 1 KiB message"),
              ("tp-64KiB", "proxy_us_per_mb", "µs/MB", "64 KiB", "per MB, 64 KiB messages"),
@@ -152,8 +152,7 @@ def proxy_cpu(result: dict[str, Any]) -> list[dict[str, Any]]:
         for f in rows.values():
             f["ratio"] = f["median"] / rows[ref]["median"] if ref and rows[ref]["median"] else None
         panels.append({"scenario": sc, "unit": unit, "short": short, "title": title,
-                       "reference": ref,
-                       "targets": rows})
+                       "reference": ref, "targets": rows})
     return panels
 
 
@@ -173,8 +172,8 @@ def proxy_cpu_table(panels: list[dict[str, Any]], targets: list[str]) -> list[st
            "echoed, per upgrade or per TLS handshake (+ upgrade, one echo, close): what the "
            "proxy costs, whichever core ran out first (on this machine mostly the client's). "
            f"Median over {span} round(s) with an ok load generator; in brackets the ratio to "
-           "the lower of nginx and "
-           "nginx-64k named in that column (the reference: no ratio). Scenarios: "
+           "the lower of nginx and nginx-64k, named in the column's head (the reference itself "
+           "has none). Scenarios: "
            + ", ".join(f"{p['short'] or p['unit']} = {p['scenario']}" for p in panels) + ".", "",
            "| target | " + " | ".join(head) + " |", "|---|" + "---:|" * len(panels)]
     for t in names:
