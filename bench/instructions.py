@@ -213,6 +213,7 @@ def main(argv=None) -> int:
         if v not in table:
             p.error(f"unknown variant {v!r} for --mode {args.mode}")
     tmp = Path(tempfile.mkdtemp(prefix="fastgw-instr-"))
+    print(f"callgrind files (callgrind_annotate): {tmp}", file=sys.stderr)
     redis = None
     args.redis_port = 0
     if any("{redis}" in table[v][0] for v in variants):

@@ -1062,11 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
-    text = report.markdown(result)
+    text, plots = report.render(result, out_path.with_suffix(""))
     md_path = out_path.with_suffix(".md")
-    plots = report.plots(result, out_path.with_suffix(""))
-    if plots:
-        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     md_path.write_text(text)
     print(text)
     print(f"(written: {out_path}, {md_path}" + "".join(f", {p}" for p in plots) +
