@@ -14,6 +14,7 @@
 #   hold     the hold queue of a DELAY verdict
 #   leg      one side of a relayed connection (buffers, forward, flow control, close)
 #   relay    a proxied connection: two legs, end of life, fatal path
+#   head     the HTTP/1.1 request head of an upgrade, parsed in one pass
 #
 # One proxied WebSocket connection is a Relay with two Legs: the client leg
 # (fastgw is the server of the client's connection) and the backend leg
@@ -28,3 +29,4 @@ include "policy_decl.pxi"
 include "hold_decl.pxi"
 include "leg_decl.pxi"
 include "relay_decl.pxi"
+include "head_decl.pxi"

@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""The fastgw core: the per-frame relay between a client and its backend.
+"""The fastgw core: the per-frame relay between a client and its backend, and the
+parser of the request head that opens it.
 
 Everything here runs per frame or per connection. It knows the WebSocket
 framing (RFC 6455), the asyncio protocol interface and the limits, and
@@ -16,3 +17,4 @@ include "policy.pxi"
 include "hold.pxi"
 include "leg.pxi"
 include "relay.pxi"
+include "head.pxi"

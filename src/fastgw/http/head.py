@@ -1,19 +1,19 @@
 """The request head and the upgrade checks, sans-I/O: bytes in, a verdict out.
 
-`parse_head` turns the bytes before CRLF CRLF into a `Request` or a Refusal (400);
-`check_upgrade` routes it and checks that it is a WebSocket upgrade the API accepts
+`parse_head` turns the bytes before CRLF CRLF into a `Request` or a Refusal (400)
+(the parsing itself is in the core, head.pxi); `check_upgrade` routes it and checks that it is a WebSocket upgrade the API accepts
 (400, 404, 405, 426). Nothing here opens sockets, reads a clock or raises on hostile
-input (tests/fuzz/fuzz_head.py): a later step can move both into Cython as they are.
+input (tests/fuzz/fuzz_head.py).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
 from http import HTTPStatus
 
-from fastgw.config.web import HTTP_TOKEN, BadTarget, normalize_host, normalize_target
+from fastgw import _core
+from fastgw.config.web import BadTarget, normalize_host, normalize_target
 from fastgw.http.subprotocols import offered_subprotocols
 from fastgw.verdicts import Refusal
 
@@ -21,79 +21,17 @@ from fastgw.verdicts import Refusal
 _SINGLE = {"host": "Host", "content-length": "Content-Length",
            "sec-websocket-key": "Sec-WebSocket-Key", "sec-websocket-version": "Sec-WebSocket-Version"}
 
-# Control characters in a target or a field value.
-_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class Request:
-    """A parsed HTTP request head."""
-
-    __slots__ = ("method", "target", "version", "headers", "_by_name")
-
-    def __init__(self, method: str, target: str, version: str, headers: list[tuple[str, str]]):
-        self.method = method
-        self.target = target
-        self.version = version
-        self.headers = headers          # (lower-case name, value), in order
-        by_name: dict[str, list[str]] = {}
-        for name, value in headers:
-            values = by_name.get(name)
-            if values is None:
-                by_name[name] = [value]
-            else:
-                values.append(value)
-        self._by_name = by_name         # name -> its values, in order (one pass, not one per look-up)
-
-    def get_all(self, name: str) -> list[str]:
-        """The values of every header of that (lower-case) name, in order (a new list)."""
-        values = self._by_name.get(name)
-        return values[:] if values is not None else []
-
-    def get(self, name: str) -> str | None:
-        values = self._by_name.get(name)
-        return values[0] if values else None
-
-    def count(self, name: str) -> int:
-        values = self._by_name.get(name)
-        return len(values) if values is not None else 0
-
-    def tokens(self, name: str) -> list[str]:
-        """The comma-separated tokens of every header of that name, lower-cased."""
-        out = []
-        for value in self._by_name.get(name, ()):
-            out.extend(t.strip().lower() for t in value.split(",") if t.strip())
-        return out
+# The request head is parsed in the core (head.pxi) in one pass over its bytes;
+# tests/property/test_head_props.py holds it to a plain-Python parser, input for input.
+Request = _core.Request
 
 
 def parse_head(head: bytes) -> Request | Refusal:
     """Parse a request head (without the final CRLF CRLF): the Request, or a Refusal (400)."""
-    text = head.decode("latin-1")       # decodes any byte
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        return Refusal(400, "malformed request line")
-    method, target, version = parts
-    if not version.startswith("HTTP/1."):
-        return Refusal(400, "unsupported HTTP version")
-    if not HTTP_TOKEN.fullmatch(method):
-        return Refusal(400, "malformed method")
-    if not target.startswith("/"):
-        return Refusal(400, "request target must be an absolute path")
-    if _BAD_TARGET.search(target):
-        return Refusal(400, "malformed request target")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name:
-            return Refusal(400, "malformed header line")
-        if not HTTP_TOKEN.fullmatch(name):
-            return Refusal(400, "malformed header name")
-        value = value.strip(" \t")
-        if _BAD_VALUE.search(value):
-            return Refusal(400, "malformed header value")
-        headers.append((name.lower(), value))
-    return Request(method, target, version, headers)
+    req = _core.parse_request_head(head)
+    if type(req) is str:
+        return Refusal(400, req)
+    return req
 
 
 def check_upgrade(req: Request, router) -> tuple | Refusal:

@@ -1,0 +1,188 @@
+# The request head of an upgrade, parsed in one pass over its bytes (sans-I/O): the
+# Request that the phases read, or the reason of a 400. fastgw.http.head wraps it
+# (the Refusal, the upgrade checks); tests/property/test_head_props.py holds it to the
+# plain-Python parser it replaced, input for input.
+
+from cpython.unicode cimport PyUnicode_DecodeLatin1
+from libc.string cimport memchr, memcmp
+
+
+# Which bytes may be in an HTTP token (RFC 9110 5.6.2: a method, a header name).
+cdef bint _TOKEN[256]
+# Which bytes may not be in a request target ([\x00-\x20\x7f]) or a field value
+# ([\x00-\x08\x0a-\x1f\x7f]: controls but HTAB).
+cdef bint _BAD_IN_TARGET[256]
+cdef bint _BAD_IN_VALUE[256]
+
+
+cdef void _tables():
+    cdef int c
+    for c in range(256):
+        _TOKEN[c] = (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122
+                     or c in b"!#$%&'*+-.^_`|~")
+        _BAD_IN_TARGET[c] = c <= 0x20 or c == 0x7f
+        _BAD_IN_VALUE[c] = (c <= 0x1f and c != 0x09) or c == 0x7f
+
+
+_tables()
+
+
+cdef class Request:
+    """A parsed HTTP request head: its request line and its headers, indexed by name."""
+
+    def __init__(self, str method, str target, str version, list headers):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self._by_name = {}
+        for name, value in headers:
+            self._add(name, value)
+
+    cdef void _add(self, str name, str value):
+        cdef list values = self._by_name.get(name)
+        if values is None:
+            self._by_name[name] = [value]
+        else:
+            values.append(value)
+
+    def get_all(self, str name) -> list:
+        """The values of every header of that (lower-case) name, in order (a new list)."""
+        cdef list values = self._by_name.get(name)
+        return values[:] if values is not None else []
+
+    def get(self, str name):
+        """The first value of the header of that (lower-case) name, or None."""
+        cdef list values = self._by_name.get(name)
+        return values[0] if values else None
+
+    def count(self, str name) -> int:
+        cdef list values = self._by_name.get(name)
+        return len(values) if values is not None else 0
+
+    def tokens(self, str name) -> list:
+        """The comma-separated tokens of every header of that name, lower-cased."""
+        cdef list out = []
+        cdef list values = self._by_name.get(name)
+        cdef str value, t
+        if values is None:
+            return out
+        for value in values:
+            for t in value.split(","):
+                t = t.strip()
+                if t:
+                    out.append(t.lower())
+        return out
+
+
+cdef inline bint _all_token(const unsigned char* p, Py_ssize_t n):
+    cdef Py_ssize_t i
+    for i in range(n):
+        if not _TOKEN[p[i]]:
+            return False
+    return n > 0
+
+
+cdef inline bint _any_bad(const unsigned char* p, Py_ssize_t n, bint* table):
+    cdef Py_ssize_t i
+    for i in range(n):
+        if table[p[i]]:
+            return True
+    return False
+
+
+cdef str _latin1(const unsigned char* p, Py_ssize_t n):
+    return PyUnicode_DecodeLatin1(<const char*>p, n, NULL)
+
+
+cdef str _lower_latin1(const unsigned char* p, Py_ssize_t n):
+    """A header name (token bytes: ASCII) lower-cased."""
+    cdef unsigned char small[128]
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n > 128:
+        return _latin1(p, n).lower()
+    for i in range(n):
+        c = p[i]
+        small[i] = c + 32 if 65 <= c <= 90 else c
+    return _latin1(small, n)
+
+
+def parse_request_head(bytes head):
+    """Parse a request head (without its final CRLF CRLF): a Request, or the reason
+    (a str) of the 400 it gets."""
+    cdef const unsigned char* p = head
+    cdef Py_ssize_t n = len(head)
+    cdef Py_ssize_t end, sp1, sp2, i, colon, vstart, vend, line
+    cdef const unsigned char* found
+    cdef Request req
+    cdef str name, value
+    # The request line: three parts split by single spaces.
+    found = <const unsigned char*>_find_crlf(p, n)
+    end = found - p if found != NULL else n
+    sp1 = sp2 = -1
+    for i in range(end):
+        if p[i] == 32:
+            if sp1 < 0:
+                sp1 = i
+            elif sp2 < 0:
+                sp2 = i
+            else:
+                return "malformed request line"
+    if sp2 < 0 or sp1 == 0 or sp2 == sp1 + 1:
+        return "malformed request line"
+    if end - (sp2 + 1) < 7 or memcmp(p + sp2 + 1, b"HTTP/1.", 7) != 0:
+        return "unsupported HTTP version"
+    if not _all_token(p, sp1):
+        return "malformed method"
+    if p[sp1 + 1] != 47:            # "/"
+        return "request target must be an absolute path"
+    if _any_bad(p + sp1 + 1, sp2 - sp1 - 1, _BAD_IN_TARGET):
+        return "malformed request target"
+    req = Request.__new__(Request)
+    req.method = _latin1(p, sp1)
+    req.target = _latin1(p + sp1 + 1, sp2 - sp1 - 1)
+    req.version = _latin1(p + sp2 + 1, end - sp2 - 1)
+    req.headers = []
+    req._by_name = {}
+    # The header lines.
+    line = end + 2
+    while found != NULL:
+        found = <const unsigned char*>_find_crlf(p + line, n - line)
+        end = found - p if found != NULL else n
+        colon = -1
+        for i in range(line, end):
+            if p[i] == 58:          # ":"
+                colon = i
+                break
+        if colon <= line:
+            return "malformed header line"
+        if not _all_token(p + line, colon - line):
+            return "malformed header name"
+        vstart, vend = colon + 1, end
+        while vstart < vend and (p[vstart] == 32 or p[vstart] == 9):
+            vstart += 1
+        while vend > vstart and (p[vend - 1] == 32 or p[vend - 1] == 9):
+            vend -= 1
+        if _any_bad(p + vstart, vend - vstart, _BAD_IN_VALUE):
+            return "malformed header value"
+        name = _lower_latin1(p + line, colon - line)
+        value = _latin1(p + vstart, vend - vstart)
+        req.headers.append((name, value))
+        req._add(name, value)
+        line = end + 2
+    return req
+
+
+cdef inline const void* _find_crlf(const unsigned char* p, Py_ssize_t n):
+    """The first CR LF in p[:n], or NULL."""
+    cdef const unsigned char* q
+    while n >= 2:
+        q = <const unsigned char*>memchr(p, 13, n - 1)
+        if q == NULL:
+            return NULL
+        if q[1] == 10:
+            return q
+        n -= q + 1 - p
+        p = q + 1
+    return NULL
