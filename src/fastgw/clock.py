@@ -33,12 +33,10 @@ class Clock:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def now(self) -> float:
-        return time.monotonic()
-
-    def wall(self) -> float:
-        """Seconds since the epoch (for JWT ``exp``/``nbf``, which are wall-clock times)."""
-        return time.time()
+    # The functions themselves, not methods that call them: read several times per upgrade.
+    now = staticmethod(time.monotonic)
+    # Seconds since the epoch (for JWT ``exp``/``nbf``, which are wall-clock times).
+    wall = staticmethod(time.time)
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any):
         """Run ``callback(*args)`` after ``delay`` seconds; returns a handle with ``cancel()``."""

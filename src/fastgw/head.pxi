@@ -186,3 +186,63 @@ cdef inline const void* _find_crlf(const unsigned char* p, Py_ssize_t n):
         n -= q + 1 - p
         p = q + 1
     return NULL
+
+
+cdef inline bint _is_space(unsigned char c):
+    return c == 32 or 9 <= c <= 13          # " \t\n\v\f\r"
+
+
+def parse_response_head(bytes head):
+    """Parse the head of a backend's answer to an upgrade (without its final CRLF CRLF):
+    (status, {lower-case name: value, repeated names joined by ", "}), or the reason it is
+    malformed: "status line" or "header line"."""
+    cdef const unsigned char* p = head
+    cdef Py_ssize_t n = len(head)
+    cdef Py_ssize_t end, line, i, colon, a, b, c, d, digits
+    cdef const unsigned char* found
+    cdef const unsigned char* sep
+    cdef int status = 0
+    cdef dict headers = {}
+    cdef str name, value, seen
+    found = <const unsigned char*>_find_crlf(p, n)
+    end = found - p if found != NULL else n
+    # "HTTP/1.x SP status [SP reason]": the status ASCII digits.
+    if end < 7 or memcmp(p, b"HTTP/1.", 7) != 0:
+        return "status line"
+    i = 7
+    while i < end and p[i] != 32:
+        i += 1
+    i += 1
+    digits = 0
+    while i < end and p[i] != 32:
+        if not 48 <= p[i] <= 57 or digits == 9:
+            return "status line"
+        status = status * 10 + (p[i] - 48)
+        digits += 1
+        i += 1
+    if digits == 0:
+        return "status line"
+    line = end + 2
+    while found != NULL:
+        found = <const unsigned char*>_find_crlf(p + line, n - line)
+        end = found - p if found != NULL else n
+        sep = <const unsigned char*>memchr(p + line, 58, end - line)     # ":"
+        if sep == NULL:
+            return "header line"
+        colon = sep - p
+        a, b = line, colon
+        while a < b and _is_space(p[a]):
+            a += 1
+        while b > a and _is_space(p[b - 1]):
+            b -= 1
+        c, d = colon + 1, end
+        while c < d and _is_space(p[c]):
+            c += 1
+        while d > c and _is_space(p[d - 1]):
+            d -= 1
+        name = _lower_latin1(p + a, b - a)
+        value = _latin1(p + c, d - c)
+        seen = headers.get(name)
+        headers[name] = value if seen is None else seen + ", " + value
+        line = end + 2
+    return status, headers

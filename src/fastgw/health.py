@@ -24,14 +24,12 @@ keeps its loop. Every timer is on the gateway's clock (fastgw.clock).
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import os
 import random
 
 from fastgw.observe import events as ev
 from fastgw.observe.logs import clean
-from fastgw.upstream import _close_frame, _endpoint, _failure, _parse_response, _Upgrade, accept_key
+from fastgw.upstream import _close_frame, _endpoint, _failure, _parse_response, _Upgrade, accept_key, new_key
 
 log = logging.getLogger("fastgw")
 
@@ -51,7 +49,7 @@ async def _probe(endpoint, hc, ssl_context, server_name) -> str | None:
         transport, _ = await loop.create_connection(asyncio.Protocol, host, port)
         transport.close()
         return None
-    key = base64.b64encode(os.urandom(16)).decode("ascii")
+    key = new_key()
     request = f"GET {hc.path} HTTP/1.1\r\n{fixed}\r\nSec-WebSocket-Key: {key}\r\n\r\n"
     kwargs = {}
     if secure:

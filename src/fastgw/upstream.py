@@ -7,15 +7,16 @@ WebSocket upgrade first, and its chosen subprotocol is what the client gets.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
-import hashlib
 import os
 import socket
 import ssl
+from binascii import b2a_base64
+from hashlib import sha1
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from fastgw import _core
 from fastgw.http.extensions import check_answer
 from fastgw.verdicts import Refusal
 
@@ -115,19 +116,14 @@ class _Upgrade(asyncio.Protocol):
 
 
 def _parse_response(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise HandshakeError(f"backend answered with a malformed status line: {lines[0][:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise HandshakeError("backend answered with a malformed header line")
-        name = name.strip().lower()
-        value = value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return int(parts[1]), headers
+    """The backend's status and headers (lower-case names, repeated ones joined by ", ")."""
+    parsed = _core.parse_response_head(head)
+    if parsed == "status line":
+        first = head.split(b"\r\n", 1)[0].decode("latin-1")
+        raise HandshakeError(f"backend answered with a malformed status line: {first[:80]!r}")
+    if parsed == "header line":
+        raise HandshakeError("backend answered with a malformed header line")
+    return parsed
 
 
 def _close_frame(code: int, reason: bytes) -> bytes:
@@ -138,10 +134,17 @@ def _close_frame(code: int, reason: bytes) -> bytes:
     return bytes([0x88, 0x80 | len(payload)]) + mask + masked
 
 
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
 def accept_key(key: str) -> str:
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
-    digest = hashlib.sha1(key.encode("latin-1") + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    return base64.b64encode(digest).decode("ascii")
+    return b2a_base64(sha1(key.encode("latin-1") + _GUID).digest(), newline=False).decode("ascii")
+
+
+def new_key() -> str:
+    """A Sec-WebSocket-Key: 16 random bytes, base64 (RFC 6455 4.1)."""
+    return b2a_base64(os.urandom(16), newline=False).decode("ascii")
 
 
 @functools.lru_cache(maxsize=256)
@@ -190,7 +193,7 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
     if timeout is None:
         timeout = upgrade.timeout
     host, port, secure, fixed = _target(url)
-    key = base64.b64encode(os.urandom(16)).decode("ascii")
+    key = new_key()
     lines = [fixed, f"Sec-WebSocket-Key: {key}"]
     lines += [f"{name}: {value}" for name, value in headers]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
