@@ -34,6 +34,7 @@ A Host is lower-cased and loses a trailing dot and its port.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from urllib.parse import urlsplit
@@ -95,6 +96,8 @@ def normalize_path(path: str) -> str:
         raise BadTarget("a fragment in the request target")
     if "%" in path:
         path = _PERCENT.sub(_decode_percent, path)
+    if "//" not in path and "/." not in path:
+        return path                     # no empty, "." or ".." segment: canonical already
     segments = path.split("/")
     out: list[str] = []
     # segments[0] is the empty string before the leading slash.
@@ -134,11 +137,13 @@ def normalize_target(target: str) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_host(host: str) -> str:
     """The host name of a Host header value, for routing: lower-case, without
     its port and without a trailing dot; an IP literal keeps its brackets off.
 
-    Raises BadTarget for a value that is no host.
+    Raises BadTarget for a value that is no host. The answers are cached (a bounded LRU:
+    a few Host values recur on every upgrade; a client sending new ones only evicts).
     """
     m = _HOST.fullmatch(host)
     if m is None or not m.group(1):
