@@ -92,13 +92,18 @@ def http_response(status: int, reason: str, headers: list[tuple[str, str]] = ())
     return "\r\n".join(lines).encode("latin-1") + body
 
 
+_101 = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: ")
+
+
 def switching_protocols(accept: str, subprotocol: str | None, extensions: str | None = None) -> bytes:
     """The client's 101, with its Sec-WebSocket-Accept, the backend's subprotocol and
     the extension it accepted (permessage-deflate, http.extensions)."""
-    head = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
-            "Sec-WebSocket-Accept: " + accept]
+    if not subprotocol and not extensions:
+        return _101 + accept.encode("latin-1") + b"\r\n\r\n"
+    head = [accept]
     if subprotocol:
         head.append("Sec-WebSocket-Protocol: " + subprotocol)
     if extensions:
         head.append("Sec-WebSocket-Extensions: " + extensions)
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+    return _101 + ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
