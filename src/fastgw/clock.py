@@ -15,10 +15,14 @@ which runs the timers that fall due, in time order, each at its own time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
+import logging
 import time
 from typing import Any, Callable
+
+_log = logging.getLogger("fastgw")
 
 
 class Clock:
@@ -101,3 +105,62 @@ class SimClock(Clock):
             ran += 1
         self.t = end
         return ran
+
+
+class Deadline:
+    """One entry of a Deadlines list: ``cancel()`` as a timer handle has it."""
+
+    __slots__ = ("when", "callback")
+
+    def __init__(self, when: float, callback: Callable[[], Any]):
+        self.when, self.callback = when, callback
+
+    def cancel(self) -> None:
+        self.callback = None            # what it would call is released now, not at `when`
+
+
+class Deadlines:
+    """Deadlines a fixed ``delay`` after they are set (the handshake timeout of every
+    connection), on a Clock: set in time order, they come due in that order, so they are a
+    FIFO with one clock timer for the earliest instead of an event-loop timer each (a timer
+    handle and a libuv timer to make and cancel per connection). A cancelled entry stays,
+    small and empty, until its time comes. Another delay (a reload) is another Deadlines."""
+
+    def __init__(self, clock: Clock, delay: float):
+        self.clock = clock
+        self.delay = float(delay)
+        self._queue: collections.deque[Deadline] = collections.deque()
+        self._timer = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def call_later(self, callback: Callable[[], Any]) -> Deadline:
+        """Run ``callback()`` ``delay`` seconds from now, unless cancelled first."""
+        entry = Deadline(self.clock.now() + self.delay, callback)
+        self._queue.append(entry)
+        if self._timer is None:
+            self._timer = self.clock.call_later(self.delay, self._due)
+        return entry
+
+    def _due(self) -> None:
+        self._timer = None
+        queue, now = self._queue, self.clock.now()
+        while queue and queue[0].when <= now:
+            callback = queue.popleft().callback
+            if callback is not None:
+                try:
+                    callback()
+                except Exception:   # as the loop does for a timer: logged, the others run
+                    _log.exception("deadline callback %r failed", callback)
+        while queue and queue[0].callback is None:      # nothing to wake up for
+            queue.popleft()
+        if queue and self._timer is None:               # (a callback may have armed it)
+            self._timer = self.clock.call_later(queue[0].when - now, self._due)
+
+    def cancel(self) -> None:
+        """Drop every entry (the gateway's shutdown)."""
+        self._queue.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

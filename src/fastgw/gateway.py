@@ -28,7 +28,7 @@ from fastgw.admission import SharedLimit
 from fastgw.cluster.node import start_cluster
 from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
                            derived_max_connections, raise_fd_limit)
-from fastgw.clock import Clock
+from fastgw.clock import Clock, Deadlines
 from fastgw.connection import Connection
 from fastgw.health import HealthChecks
 from fastgw.http.handshake import Handshake
@@ -157,6 +157,8 @@ class Gateway:
         self.table_warnings = TableFullWarnings(self.metrics, self.TABLE_FULL_LOG_INTERVAL)
         self._table_timer = None
         self.handshake_timeout = float(config.handshake_timeout)
+        # Every handshake's time-out, in one FIFO with one timer (fastgw.clock.Deadlines).
+        self.handshake_deadlines = Deadlines(self.clock, self.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self.loop = None
         self.listeners: list[Listener] = []
@@ -874,6 +876,9 @@ class Gateway:
         self.config, self.router = config, router
         self.pools = build_pools(router, self.pools)
         self.handshake_timeout = float(config.handshake_timeout)
+        if self.handshake_timeout != self.handshake_deadlines.delay:
+            # New handshakes go to a new FIFO; the old one runs out on its own.
+            self.handshake_deadlines = Deadlines(self.clock, self.handshake_timeout)
         self.max_header_size = int(config.max_header_size)
         self._apply_limits(config)
         for name in names:
@@ -1061,6 +1066,7 @@ class Gateway:
             self.handshakes.forget(hs)
         for hs in list(self.handshakes):
             hs.refuse(Refusal(503, "gateway is shutting down"))
+        self.handshake_deadlines.cancel()
         if not await self._wait_live_gone(1.0):
             self._cut()
         self.spares.release()

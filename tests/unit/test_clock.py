@@ -1,6 +1,6 @@
 """The simulated clock that the gateway's time-driven tests run on."""
 
-from fastgw.clock import Clock, SimClock
+from fastgw.clock import Clock, Deadlines, SimClock
 
 
 def test_sim_clock_runs_timers_in_time_order_each_at_its_own_time():
@@ -46,3 +46,38 @@ async def test_the_real_clock_is_monotonic_time_and_the_loops_timers():
     done = asyncio.get_running_loop().create_future()
     clock.call_later(0.01, done.set_result, "ran")
     assert await asyncio.wait_for(done, 2) == "ran"
+
+
+def test_deadlines_fire_in_order_once_each_and_not_when_cancelled():
+    clock = SimClock()
+    deadlines = Deadlines(clock, 10.0)
+    fired = []
+    deadlines.call_later(lambda: fired.append("a"))
+    clock.advance(3)
+    b = deadlines.call_later(lambda: fired.append("b"))
+    clock.advance(3)
+    deadlines.call_later(lambda: fired.append("c"))
+    b.cancel()
+    assert clock.pending() == 1                   # one clock timer for the three
+    clock.advance(3.9)
+    assert fired == []
+    clock.advance(0.1)                            # t+10: a
+    assert fired == ["a"]
+    clock.advance(3)                              # t+13: b, cancelled
+    assert fired == ["a"]
+    clock.advance(2.9)
+    assert fired == ["a"]
+    clock.advance(0.1)                            # t+16: c
+    assert fired == ["a", "c"] and len(deadlines) == 0 and clock.pending() == 0
+    # a callback that sets another deadline; one that raises does not stop the others
+    deadlines.call_later(lambda: deadlines.call_later(lambda: fired.append("e")))
+    deadlines.call_later(lambda: 1 / 0)
+    deadlines.call_later(lambda: fired.append("d"))
+    clock.advance(10)
+    assert fired == ["a", "c", "d"] and len(deadlines) == 1
+    clock.advance(10)
+    assert fired == ["a", "c", "d", "e"] and clock.pending() == 0
+    deadlines.call_later(lambda: fired.append("never"))
+    deadlines.cancel()
+    clock.advance(20)
+    assert fired[-1] == "e" and clock.pending() == 0

@@ -74,7 +74,7 @@ class Handshake(asyncio.Protocol):
         self.peer_ip = peer[0] if peer else ""
         self.conn = Connection(self.peer_ip)
         self.gw.handshakes.add(self)
-        self.timer = self.gw.clock.call_later(self.gw.handshake_timeout, self._timed_out)
+        self.timer = self.gw.handshake_deadlines.call_later(self._timed_out)
 
     def data_received(self, data):
         self.buf += data
