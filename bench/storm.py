@@ -11,9 +11,9 @@ Two halves:
   backend leg died) reconnects after a random ``--backoff-min``..``--backoff-max`` ms pause,
   again and again (at most ``--max-attempts`` times, until ``--max-seconds`` after the drop),
   until one attempt upgrades (101) and echoes. Every successful reconnect's handshake
-  (TCP connect to the 101) goes into an HDR histogram. On a line ``report`` on stdin (or once
-  every dropped connection is back or gave up, after ``--settle`` s with no drop) it prints
-  the result JSON and exits.
+  (TCP connect to the 101) goes into an HDR histogram. Once every connection it opened was
+  dropped and is back or gave up (or on a line ``report`` on stdin, or after ``--duration``
+  s) it prints the result JSON and exits.
 - ``run_storm`` (called by run.py once per proxy) starts that process, kills the backend
   (SIGKILL, by pid), waits ``down_s``, starts a new one on the same port, samples the proxy's
   RSS (VmRSS of /proc/PID/status summed over its processes) every 50 ms, and
@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 MAGIC = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B42"
 
@@ -196,12 +196,17 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
         if not line or line.strip() == "report":
             stop.set()
 
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
+    try:
+        loop.add_reader(sys.stdin.fileno(), on_stdin)
+        reading = True
+    except (OSError, ValueError):   # stdin not a pipe or a terminal (/dev/null): no "report"
+        reading = False
     waiters = [loop.create_task(stop.wait()), loop.create_task(c.done.wait())]
     await asyncio.wait(waiters, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:
         w.cancel()
-    loop.remove_reader(sys.stdin.fileno())
+    if reading:
+        loop.remove_reader(sys.stdin.fileno())
     res = c.result()
     res["ok"] = bool(c.open == c.n and c.back == c.open and not c.gave_up)
     for w in list(c.writers):
@@ -298,20 +303,52 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pids_of, self.interval = pids_of, interval
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         pids, refreshed = self.pids_of(), time.monotonic()
-        while not self._stop.is_set():
+        while not self._done.is_set():
             now = time.monotonic()
             if now - refreshed >= 1.0:
                 pids, refreshed = self.pids_of(), now
             self.samples.append((now, sum(_status_rss(p) or 0 for p in pids)))
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join(2)
+
+
+def json_lines(stream: IO[str] | None) -> Callable[[float], dict[str, Any] | None]:
+    """Drain a child's text stdout in a daemon thread; return `next_json(timeout)`: the next
+    line that parses as JSON (lines that do not are skipped), or None once the stream ended
+    or after `timeout` s. Used for the storm clients and run.py's idle load generator."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert stream is not None
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    def next_json(timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                continue
+            if line is None:
+                lines.put(None)         # stays ended for the next call
+                return None
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        return None
+
+    threading.Thread(target=read, daemon=True).start()
+    return next_json
 
 
 def client_argv(py: str, url: str, n: int) -> list[str]:
@@ -329,31 +366,8 @@ def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[
     proc = popen(client_argv(py, url, n), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                  stdin=subprocess.PIPE, text=True)
     running.append(proc)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def next_json(timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                return None
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-        return None
-
+    next_json = json_lines(proc.stdout)
     errbuf: list[str] = []
-    threading.Thread(target=read, daemon=True).start()
     threading.Thread(target=lambda: errbuf.extend(proc.stderr or ()), daemon=True).start()
     sampler = RssSampler(pids_of)
     try:
@@ -373,8 +387,18 @@ def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[
         time.sleep(down_s)
         start_backend()
         t_restart = time.monotonic()
-        final = next_json(300) or {"ok": False, "errors": ["storm: no final result"],
-                                   "stderr": "".join(errbuf)[-2000:]}
+        final = next_json(300)
+        if final is None and proc.poll() is None:
+            # still waiting for some client after 5 minutes: ask for what it has
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write("report\n")
+                proc.stdin.flush()
+            except OSError:
+                pass
+            final = next_json(30)
+        final = final or {"ok": False, "errors": ["storm: no final result"],
+                          "stderr": "".join(errbuf)[-2000:]}
         time.sleep(0.2)
         sampler.stop()
         try:
