@@ -792,14 +792,23 @@ def backend_argv(port: int) -> list[str]:
 
 
 def measure_storm(target: str, url: str, proxy: Started, backends: list[Started],
-                  backend_port: int, started: list[Started], logdir: Path, cpu: int | None,
-                  args: argparse.Namespace, running: list[subprocess.Popen[str]]
-                  ) -> dict[str, Any]:
+                  backend_port: int, started: list[Started], logdir: Path,
+                  cpus: tuple[int | None, int | None], args: argparse.Namespace,
+                  running: list[subprocess.Popen[str]]) -> dict[str, Any]:
     """The reconnect storm through one proxy (bench/storm.py). backends[0] is the echo
     backend now running: it is killed by pid (SIGKILL) and a new one started on the same port
-    replaces it there and in `started`, so that the live one is stopped at the end."""
+    replaces it there and in `started`, so that the live one is stopped at the end.
+
+    From the kill until the client's result: the proxy's CPU time and each pinned core's busy
+    time (which core ran out during the storm)."""
+    proxy_cpu, cpu = cpus
+    window: dict[str, Any] = {}
+
+    def snapshot(key: str) -> None:
+        window[key] = (time.monotonic(), cpu_idle_irq_seconds(), tree_cpu_seconds(proxy.pid))
 
     def kill_backend() -> None:
+        snapshot("kill")
         old = backends[0]
         try:
             os.kill(old.pid, signal.SIGKILL)
@@ -819,9 +828,21 @@ def measure_storm(target: str, url: str, proxy: Started, backends: list[Started]
         return popen_pinned(argv, cpu, cwd=str(ROOT), **kw)
 
     time.sleep(0.5)
-    return storm.run_storm(target, url, proxy.pid, lambda: tree_pids(proxy.pid), kill_backend,
-                           start_backend, popen, PY, args.storm_connections, running,
-                           down_s=args.storm_down)
+    r = storm.run_storm(target, url, proxy.pid, lambda: tree_pids(proxy.pid), kill_backend,
+                        start_backend, popen, PY, args.storm_connections, running,
+                        down_s=args.storm_down, on_final=lambda: snapshot("final"))
+    if "kill" in window and "final" in window:
+        (w0, s0, p0), (w1, s1, p1) = window["kill"], window["final"]
+        wall = w1 - w0
+        c: dict[str, Any] = {"wall_s": wall, "proxy_s": p1 - p0}
+        for core in (proxy_cpu, cpu):
+            if core is not None and core in s0 and core in s1 and wall > 0:
+                c[f"busy_cpu{core}_pct"] = (wall - (s1[core][0] - s0[core][0])) / wall * 100
+        if proxy_cpu is not None and cpu is not None:
+            c["bottleneck"] = bottleneck(c.get(f"busy_cpu{proxy_cpu}_pct"),
+                                         c.get(f"busy_cpu{cpu}_pct"), True)
+        r["cpu"] = c
+    return r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1095,7 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1.0)
             if "storm" in args.scenarios:
                 r = measure_storm(target, urls[target], procs[target], backends, backend_port,
-                                  started, logdir, load_cpu, args, running)
+                                  started, logdir, (proxy_cpu, load_cpu), args, running)
                 r["round"] = 1
                 raw.append(r)
                 res = r["loadgen"]

@@ -209,6 +209,8 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
         loop.remove_reader(sys.stdin.fileno())
     res = c.result()
     res["ok"] = bool(c.open == c.n and c.back == c.open and not c.gave_up)
+    # printed before the connections close, so that run.py's CPU window ends with the storm
+    print(json.dumps(res), flush=True)
     for w in list(c.writers):
         w.close()
     return res
@@ -239,7 +241,6 @@ def client_entry(argv: list[str] | None = None) -> int:
         res = uvloop.run(client_main(args))
     except ImportError:
         res = asyncio.run(client_main(args))
-    print(json.dumps(res), flush=True)
     return 0 if res["ok"] else 1
 
 
@@ -358,10 +359,13 @@ def client_argv(py: str, url: str, n: int) -> list[str]:
 def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[int]],
               kill_backend: Callable[[], None], start_backend: Callable[[], None],
               popen: Callable[..., subprocess.Popen[str]], py: str, n: int,
-              running: list[subprocess.Popen[str]], down_s: float = 1.0) -> dict[str, Any]:
+              running: list[subprocess.Popen[str]], down_s: float = 1.0,
+              on_final: Callable[[], None] | None = None) -> dict[str, Any]:
     """One storm through one proxy. `kill_backend` kills the echo backend by pid and waits for
     it; `start_backend` starts a new one on the same port and returns once it listens;
-    `popen(argv, **kw)` starts the client process pinned to the load core."""
+    `popen(argv, **kw)` starts the client process pinned to the load core; `on_final` is
+    called as soon as the client's result arrived (or did not), before its connections close:
+    kill_backend .. on_final is the storm's window."""
     out: dict[str, Any] = {"scenario": "storm", "target": target}
     proc = popen(client_argv(py, url, n), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                  stdin=subprocess.PIPE, text=True)
@@ -397,6 +401,8 @@ def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[
             except OSError:
                 pass
             final = next_json(30)
+        if on_final is not None:
+            on_final()
         final = final or {"ok": False, "errors": ["storm: no final result"],
                           "stderr": "".join(errbuf)[-2000:]}
         time.sleep(0.2)

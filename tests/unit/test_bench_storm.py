@@ -65,7 +65,9 @@ def _storm_run(target: str, back_after: float | None, peak_mib: float, p99_us: i
                      handshake_us={"p50": p99_us // 4, "p99": p99_us, "max": 2 * p99_us,
                                    "count": back})
     rss = [(10.5, int(peak_mib * 2**20)), (12.0, int(peak_mib * 2**20) // 2)]
-    r = {"scenario": "storm", "target": target, "round": 1, "loadgen": dict(client)}
+    r = {"scenario": "storm", "target": target, "round": 1, "loadgen": dict(client),
+         "cpu": {"wall_s": 2.0, "proxy_s": peak_mib / 100, "busy_cpu0_pct": 60.0,
+                 "busy_cpu1_pct": 99.0, "bottleneck": "client"}}
     r.update(storm.aggregate(client, 10.0, 11.0, rss, 30 * 2**20))
     r["loadgen"]["ok"] = r["ok"]
     return r
@@ -103,6 +105,7 @@ def test_storm_table_times_and_ratio_to_nginx(fastgw_s, ratio):
                                   "0"]
     assert rows["nginx"][:7] == ["9,900", "1.80", "–", "40.0", "30.0", "6.00", "0"]
     assert rows["haproxy"][2] == "1.50" and rows["haproxy"][5] == "12.5"
+    assert rows["fastgw"][8:] == ["1.20", "client"] and rows["haproxy"][8] == "0.51"
     assert "the fd limit 20000 allows (20000 - 200) // 2 = 9900" in text
 
 
@@ -178,8 +181,8 @@ def test_a_real_storm_through_fastgw_replaces_the_backend(tmp_path):
         url = f"ws://127.0.0.1:{gw.wait_port(15)}/"
         backends = [backend]
         args = Namespace(storm_connections=50, storm_down=0.3)
-        r = run.measure_storm("fastgw", url, gw, backends, port, started, tmp_path, None, args,
-                              running)
+        r = run.measure_storm("fastgw", url, gw, backends, port, started, tmp_path,
+                              (None, None), args, running)
         assert r["loadgen"].get("ok"), json.dumps(r)[:3000]
         assert r["ok"] and r["connections"] == 50 and r["back"] == 50 and r["dropped"] == 50
         assert r["failures"] == 0
@@ -187,6 +190,7 @@ def test_a_real_storm_through_fastgw_replaces_the_backend(tmp_path):
         assert r["peak_rss_mib"] > 1 and r["rss_samples"] > 0
         assert r["handshake_p99_us"] > 0
         assert r["attempts"] >= 50
+        assert r["cpu"]["proxy_s"] > 0 and 0 < r["cpu"]["wall_s"] < 30
         # the backend was replaced: the old one is gone, the new one listens on its port and
         # is the one in the list of processes to stop
         new = backends[0]
