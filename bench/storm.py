@@ -70,14 +70,15 @@ async def _attempt(host: str, port: int, path: str, timeout: float,
             if not head.startswith(b"HTTP/1.1 101"):
                 writer.close()
                 return "status " + head[9:12].decode("ascii", "replace")
-            if hist is not None:
-                hist.record_value(max(1, int((time.monotonic() - t0) * 1e6)))
+            upgraded = time.monotonic()
             payload = os.urandom(64)
             writer.write(_frame(payload))
             echo = await reader.readexactly(2 + len(payload))
             if echo[0] & 0x0F != 2 or echo[1] != len(payload) or echo[2:] != payload:
                 writer.close()
                 return "bad echo"
+            if hist is not None:     # a successful attempt only: connect .. 101
+                hist.record_value(max(1, int((upgraded - t0) * 1e6)))
             return reader, writer
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         if writer is not None:
@@ -225,7 +226,8 @@ def parse_client_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backoff-max", type=float, default=100.0, help="ms")
     p.add_argument("--max-attempts", type=int, default=400)
     p.add_argument("--max-seconds", type=float, default=60.0, help="per connection, from its drop")
-    p.add_argument("--attempt-timeout", type=float, default=5.0)
+    p.add_argument("--attempt-timeout", type=float, default=10.0,
+                   help="s per attempt, connect to echo (10: websockets' open_timeout)")
     p.add_argument("--duration", type=float, default=300.0, help="at most, then report")
     return p.parse_args(argv)
 
