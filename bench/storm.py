@@ -73,8 +73,14 @@ async def _attempt(host: str, port: int, path: str, timeout: float,
             upgraded = time.monotonic()
             payload = os.urandom(64)
             writer.write(_frame(payload))
-            echo = await reader.readexactly(2 + len(payload))
-            if echo[0] & 0x0F != 2 or echo[1] != len(payload) or echo[2:] != payload:
+            head = await reader.readexactly(2)
+            if head[0] & 0x0F == 8:
+                # a proxy that upgrades before it reaches the backend (pyproxy) closes then
+                body = await reader.readexactly(head[1] & 0x7F)
+                writer.close()
+                return f"close {int.from_bytes(body[:2], 'big')}" if len(body) >= 2 else "close"
+            echo = await reader.readexactly(len(payload))
+            if head[0] & 0x0F != 2 or head[1] != len(payload) or echo != payload:
                 writer.close()
                 return "bad echo"
             if hist is not None:     # a successful attempt only: connect .. 101

@@ -205,3 +205,29 @@ def test_a_real_storm_through_fastgw_replaces_the_backend(tmp_path):
     finally:
         for s in reversed(started):
             s.stop()
+
+
+async def test_an_attempt_closed_after_the_upgrade_fails_at_once():
+    """A proxy that upgrades before it reaches the backend (pyproxy) answers the echo with a
+    CLOSE 1011: the attempt fails then, not at its timeout."""
+    import asyncio
+
+    async def upgrade_then_close(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n")
+        reason = b"backend unavailable"
+        writer.write(bytes([0x88, 2 + len(reason)]) + (1011).to_bytes(2, "big") + reason)
+        await reader.read(1000)           # the CLOSE is never answered: wait for the client
+        writer.close()
+
+    server = await asyncio.start_server(upgrade_then_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        r = await storm._attempt("127.0.0.1", port, "/", 5.0, None)
+        assert r == "close 1011"
+        assert time.monotonic() - t0 < 2
+    finally:
+        server.close()
+        await server.wait_closed()
