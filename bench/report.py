@@ -82,6 +82,8 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             f["failures"] = sum(int(r.get("failures") or 0) for r in runs)
             f["attempts"] = _med([r.get("attempts") for r in runs])
             f["proxy CPU s"] = _med([c.get("proxy_s") for c in cpu])
+            f["client CPU s"] = _med([r.get("client_cpu_s") for r in runs])
+            f["backend CPU s"] = _med([c.get("backend_s") for c in cpu])
         if mode != "idle":
             f["proxy core busy %"] = _med([c.get(f"busy_cpu{pc}_pct") for c in cpu])
             f["client core busy %"] = _med([c.get(f"busy_cpu{lc}_pct") for c in cpu])
@@ -446,12 +448,15 @@ def storm_table(summary: dict[str, dict[str, dict[str, Any]]], targets: list[str
            "restart until the last client echoed again (– if some never did). Peak RSS: VmRSS "
            "of the proxy's processes, sampled every 50 ms from the kill on (before: just before "
            "it). Handshake p99: TCP connect to 101 of the successful reconnects. Failures: "
-           "connections that could not open, gave up or never reported back. Proxy CPU s "
-           "and bottleneck (the core >= 90 % busy): from the kill until the client's result."
+           "connections that could not open, gave up or never reported back. CPU s of the "
+           "proxy, the client and the backend (these two share a core; the new backend's "
+           "since its start) and bottleneck (the core >= 90 % busy): from the kill until the "
+           "client's result."
            + (f" {meta['storm_cap'][0].upper()}{meta['storm_cap'][1:]}."
               if meta.get("storm_cap") else ""), "",
            "| target | N | all back s | × nginx | peak RSS MiB | RSS before MiB | "
-           "handshake p99 ms | failures | attempts | proxy CPU s | bottleneck |",
+           "handshake p99 ms | failures | attempts | CPU s proxy / client / backend | "
+           "bottleneck |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for t in names:
         f = per[t]
@@ -461,7 +466,8 @@ def storm_table(summary: dict[str, dict[str, dict[str, Any]]], targets: list[str
                    f"{fmt(f.get('connections'))} | {fmt(back)} | {ratio} | "
                    f"{fmt(f.get('peak RSS MiB'))} | {fmt(f.get('RSS before MiB'))} | "
                    f"{fmt(f.get('handshake p99 ms'))} | {f.get('failures', 0)} | "
-                   f"{fmt(f.get('attempts'))} | {fmt(f.get('proxy CPU s'))} | "
+                   f"{fmt(f.get('attempts'))} | {fmt(f.get('proxy CPU s'))} / "
+                   f"{fmt(f.get('client CPU s'))} / {fmt(f.get('backend CPU s'))} | "
                    f"{f.get('bottleneck') or '–'} |")
     return out + [""]
 

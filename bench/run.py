@@ -806,6 +806,8 @@ def measure_storm(target: str, url: str, proxy: Started, backends: list[Started]
 
     def snapshot(key: str) -> None:
         window[key] = (time.monotonic(), cpu_idle_irq_seconds(), tree_cpu_seconds(proxy.pid))
+        if key == "final":
+            window["backend_s"] = tree_cpu_seconds(backends[0].pid)
 
     def kill_backend() -> None:
         snapshot("kill")
@@ -831,7 +833,9 @@ def measure_storm(target: str, url: str, proxy: Started, backends: list[Started]
     if "kill" in window and "final" in window:
         (w0, s0, p0), (w1, s1, p1) = window["kill"], window["final"]
         wall = w1 - w0
-        c: dict[str, Any] = {"wall_s": wall, "proxy_s": p1 - p0}
+        c: dict[str, Any] = {"wall_s": wall, "proxy_s": p1 - p0,
+                             # the new backend's CPU since its start (after the kill)
+                             "backend_s": window.get("backend_s")}
         for core in (proxy_cpu, cpu):
             if core is not None and core in s0 and core in s1 and wall > 0:
                 c[f"busy_cpu{core}_pct"] = (wall - (s1[core][0] - s0[core][0])) / wall * 100

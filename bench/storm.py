@@ -304,6 +304,16 @@ def _status_rss(pid: int) -> int | None:
     return None
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of one process (/proc/PID/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler(threading.Thread):
     """VmRSS summed over the proxy's processes every `interval` s (the process list refreshed
     every second: a worker started meanwhile is seen)."""
@@ -395,6 +405,7 @@ def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[
         sampler.start()
         time.sleep(0.2)
         t_kill = time.monotonic()
+        client_cpu0 = _cpu_seconds(proc.pid)
         kill_backend()
         time.sleep(down_s)
         start_backend()
@@ -411,6 +422,7 @@ def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[
             final = next_json(30)
         if on_final is not None:
             on_final()
+        client_cpu1 = _cpu_seconds(proc.pid)
         final = final or {"ok": False, "errors": ["storm: no final result"],
                           "stderr": "".join(errbuf)[-2000:]}
         time.sleep(0.2)
@@ -420,6 +432,9 @@ def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[
         except subprocess.TimeoutExpired:
             pass
         out["loadgen"] = final
+        # the client's CPU from the kill until its result (it shares its core with the backend)
+        out["client_cpu_s"] = (client_cpu1 - client_cpu0 if client_cpu0 is not None
+                               and client_cpu1 is not None else None)
         out.update(aggregate(final, t_kill, t_restart, sampler.samples, rss_before))
         out["loadgen"]["ok"] = out["ok"]
         out["loadgen"]["summary"] = summary_line(out)

@@ -67,7 +67,8 @@ def _storm_run(target: str, back_after: float | None, peak_mib: float, p99_us: i
     rss = [(10.5, int(peak_mib * 2**20)), (12.0, int(peak_mib * 2**20) // 2)]
     r = {"scenario": "storm", "target": target, "round": 1, "loadgen": dict(client),
          "cpu": {"wall_s": 2.0, "proxy_s": peak_mib / 100, "busy_cpu0_pct": 60.0,
-                 "busy_cpu1_pct": 99.0, "bottleneck": "client"}}
+                 "busy_cpu1_pct": 99.0, "bottleneck": "client", "backend_s": 0.75},
+         "client_cpu_s": 1.25}
     r.update(storm.aggregate(client, 10.0, 11.0, rss, 30 * 2**20))
     r["loadgen"]["ok"] = r["ok"]
     return r
@@ -105,7 +106,8 @@ def test_storm_table_times_and_ratio_to_nginx(fastgw_s, ratio):
                                   "0"]
     assert rows["nginx"][:7] == ["9,900", "1.80", "–", "40.0", "30.0", "6.00", "0"]
     assert rows["haproxy"][2] == "1.50" and rows["haproxy"][5] == "12.5"
-    assert rows["fastgw"][8:] == ["1.20", "client"] and rows["haproxy"][8] == "0.51"
+    assert rows["fastgw"][8:] == ["1.20 / 1.25 / 0.75", "client"]
+    assert rows["haproxy"][8].startswith("0.51 / ")
     assert "the fd limit 20000 allows (20000 - 200) // 2 = 9900" in text
 
 
@@ -192,6 +194,7 @@ def test_a_real_storm_through_fastgw_replaces_the_backend(tmp_path):
         assert r["loadgen"]["handshake_us"]["count"] == 50     # the successful reconnects only
         assert r["attempts"] >= 50
         assert r["cpu"]["proxy_s"] > 0 and 0 < r["cpu"]["wall_s"] < 30
+        assert r["client_cpu_s"] > 0 and r["cpu"]["backend_s"] > 0
         # the backend was replaced: the old one is gone, the new one listens on its port and
         # is the one in the list of processes to stop
         new = backends[0]
