@@ -71,6 +71,19 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             f["PSS held MiB"] = _med([r["pss_held"] / 2**20 if r.get("pss_held") else None
                                       for r in runs])
             f["KiB/connection"] = _med([r.get("kib_per_connection") for r in runs])
+        elif mode == "storm":
+            f["connections"] = _med([r.get("connections") for r in runs])
+            f["all back s"] = _med([r.get("all_back_after_restart_s") for r in runs])
+            f["peak RSS MiB"] = _med([r.get("peak_rss_mib") for r in runs])
+            f["RSS before MiB"] = _med([r.get("rss_before_mib") for r in runs])
+            f["handshake p99 ms"] = _med([r["handshake_p99_us"] / 1000
+                                          if r.get("handshake_p99_us") is not None else None
+                                          for r in runs])
+            f["failures"] = sum(int(r.get("failures") or 0) for r in runs)
+            f["attempts"] = _med([r.get("attempts") for r in runs])
+            f["proxy CPU s"] = _med([c.get("proxy_s") for c in cpu])
+            f["client CPU s"] = _med([r.get("client_cpu_s") for r in runs])
+            f["backend CPU s"] = _med([c.get("backend_s") for c in cpu])
         if mode != "idle":
             f["proxy core busy %"] = _med([c.get(f"busy_cpu{pc}_pct") for c in cpu])
             f["client core busy %"] = _med([c.get(f"busy_cpu{lc}_pct") for c in cpu])
@@ -291,6 +304,7 @@ def markdown(result: dict[str, Any], lead_images: Sequence[Path] = ()) -> str:
                         for b in ratioed.get(c, ())]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += storm_table(summary, targets, meta)
     lines += workers_table(summary, targets)
     lines += goals_workers(result, summary)
     goals_ = goals(summary)
@@ -414,6 +428,48 @@ def goals(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]
     add("tp-64B: msg/s vs the plain Python proxy", fig("tp-64B", SUBJECT, "msg/s"), "pyproxy",
         fig("tp-64B", "pyproxy", "msg/s"), 20.0, lower_is_better=False)
     return out
+
+
+def storm_table(summary: dict[str, dict[str, dict[str, Any]]], targets: list[str],
+                meta: dict[str, Any]) -> list[str]:
+    """The reconnect storm (bench/storm.py), one row per proxy: the connections held, the time
+    from the backend's restart until the last client echoed again (and its ratio to nginx's),
+    the proxy's peak RSS during the storm, the reconnect handshakes' p99, failures."""
+    per = summary.get("storm") or {}
+    names = [t for t in targets if t in per] + sorted(set(per) - set(targets))
+    if not names:
+        return []
+    ref = (per.get("nginx") or {}).get("all back s")
+    out = ["### Reconnect storm", "",
+           "The connections held through the proxy (one 64 B echo each), then the echo backend "
+           f"killed (SIGKILL) and a new one started on its port {meta.get('storm_down_s') or 1:g} "
+           "s later; every client the proxy dropped reconnects after a random 50-100 ms pause, "
+           "again until one upgrade and echo succeed (at most 60 s). All back: s from the "
+           "restart until the last client echoed again (– if some never did). Peak RSS: VmRSS "
+           "of the proxy's processes, sampled every 50 ms from the kill on (before: just before "
+           "it). Handshake p99: TCP connect to 101 of the successful reconnects. Failures: "
+           "connections that could not open, gave up or never reported back. CPU s of the "
+           "proxy, the client and the backend (these two share a core; the new backend's "
+           "since its start) and bottleneck (the core >= 90 % busy): from the kill until the "
+           "client's result."
+           + (f" {meta['storm_cap'][0].upper()}{meta['storm_cap'][1:]}."
+              if meta.get("storm_cap") else ""), "",
+           "| target | N | all back s | × nginx | peak RSS MiB | RSS before MiB | "
+           "handshake p99 ms | failures | attempts | CPU s proxy / client / backend | "
+           "bottleneck |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for t in names:
+        f = per[t]
+        back = f.get("all back s")
+        ratio = "–" if t == "nginx" else _ratio(back, ref)
+        out.append(f"| {t}{'' if f.get('ok', True) else ' (NOT OK)'} | "
+                   f"{fmt(f.get('connections'))} | {fmt(back)} | {ratio} | "
+                   f"{fmt(f.get('peak RSS MiB'))} | {fmt(f.get('RSS before MiB'))} | "
+                   f"{fmt(f.get('handshake p99 ms'))} | {f.get('failures', 0)} | "
+                   f"{fmt(f.get('attempts'))} | {fmt(f.get('proxy CPU s'))} / "
+                   f"{fmt(f.get('client CPU s'))} / {fmt(f.get('backend CPU s'))} | "
+                   f"{f.get('bottleneck') or '–'} |")
+    return out + [""]
 
 
 def workers_table(summary: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> list[str]:

@@ -3,7 +3,7 @@
 Python proxy, on the same echo backend, interleaved, with each proxy's own CPU time.
 
     python bench/run.py            # the whole suite: 3 rounds, about 15 minutes
-    python bench/run.py --quick    # 1 round, short runs, 1,000 idle connections: under 2 minutes
+    python bench/run.py --quick    # 1 round, short runs, 1,000 idle and storm connections
 
 What it does, in one run:
 
@@ -25,6 +25,9 @@ What it does, in one run:
    a pool of 2 targets) run on ``fastgw`` and ``fastgw-2w`` only;
 5. then, once per proxy, holds ``--idle-connections`` idle connections through it and reads
    its proportional set size (``/proc/PID/smaps_rollup``) before and while they are held;
+   and runs the reconnect storm (``bench/storm.py``): ``--storm-connections`` held through
+   it, the echo backend killed by pid and a new one started on the same port, the time until
+   every client is back, the proxy's peak RSS and the handshake p99 meanwhile;
 6. writes the report (``bench/report.py``): Markdown, the raw figures as JSON, PNG plots.
 
 It stops only the processes it started (by pid), also on error, Ctrl-C and SIGTERM.
@@ -58,6 +61,7 @@ sys.path.insert(0, str(BENCH))
 
 import peers  # noqa: E402  (bench/peers.py)
 import report  # noqa: E402  (bench/report.py)
+import storm  # noqa: E402  (bench/storm.py)
 
 LISTEN_RE = re.compile(r"listening on ws://(\[[^\]]+\]|[^:\s]+):(\d+)")
 # a supervisor's line once every worker is ready: "fastgw: 2 workers (pids 123, 124)..."
@@ -80,6 +84,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # cost of picking a target per upgrade (issue 12: at most 3 % more CPU per upgrade).
     "connrate-pool2": {"mode": "connrate", "size": 64, "path": "/pool2/"},
     "idle": {"mode": "idle"},
+    # --storm-connections held through the proxy, the echo backend killed (SIGKILL) and a new
+    # one started on the same port 1 s later, every client reconnecting with a jittered
+    # 50-100 ms back-off (bench/storm.py): the time until all are back, the proxy's peak RSS,
+    # the handshake p99 during the storm. Once per proxy, after its idle scenario.
+    "storm": {"mode": "storm"},
     # over wss (TLS 1.3, ECDSA P-256 from trustme; the backend stays plain ws), on the
     # targets that terminate TLS (TLS_TARGETS): full handshakes, resumed ones (the client
     # offers the last connection's ticket), and throughput.
@@ -313,6 +322,11 @@ class Started:
             left = {p: st for p, st in left.items() if start_time(p) == st}
             if left:
                 time.sleep(0.02)
+        self.close_log()
+
+    def close_log(self) -> None:
+        """Join the drain threads and close the log (the process has ended and was waited
+        for: stop() does it, or the storm once it killed the backend)."""
         for t in self._threads:
             t.join(1)
         self._log.close()
@@ -728,31 +742,7 @@ def measure_idle(target: str, url: str, proxy: Started, cpu: int | None, args: a
                         stdin=subprocess.PIPE, text=True, cwd=str(ROOT))
     running.append(proc)
     out: dict[str, Any] = {"scenario": "idle", "target": target, "pss_before": pss0}
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def next_json(timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                return None
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-        return None
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    next_json = storm.json_lines(proc.stdout)
     errbuf: list[str] = []
     errt = threading.Thread(target=lambda: errbuf.extend(proc.stderr or ()), daemon=True)
     errt.start()
@@ -783,6 +773,79 @@ def measure_idle(target: str, url: str, proxy: Started, cpu: int | None, args: a
         running.remove(proc)
 
 
+STORM_HEADROOM = 200     # descriptors each process keeps beside the storm's connections
+
+
+def storm_cap(nofile: int, wanted: int) -> tuple[int, str]:
+    """The storm's connections the descriptor limit allows, and the line that says so. The
+    proxy holds 2 descriptors per connection (client side, backend side), the client process
+    and the backend 1; each keeps STORM_HEADROOM for its listeners, logs and loop."""
+    cap = max(10, (nofile - STORM_HEADROOM) // 2)
+    n = min(wanted, cap)
+    return n, (f"storm: {n} connections ({wanted} asked; the fd limit {nofile} allows "
+               f"({nofile} - {STORM_HEADROOM}) // 2 = {cap}: 2 descriptors per connection in "
+               "the proxy, 1 in the client)")
+
+
+def backend_argv(port: int) -> list[str]:
+    return [PY, "-m", "fastgw.echo", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def measure_storm(target: str, url: str, proxy: Started, backends: list[Started],
+                  backend_port: int, started: list[Started], logdir: Path,
+                  cpus: tuple[int | None, int | None], args: argparse.Namespace,
+                  running: list[subprocess.Popen[str]]) -> dict[str, Any]:
+    """The reconnect storm through one proxy (bench/storm.py). backends[0] is the echo
+    backend now running: it is killed by pid (SIGKILL) and a new one started on the same port
+    replaces it there and in `started`, so that the live one is stopped at the end.
+
+    From the kill until the client's result: the proxy's CPU time and each pinned core's busy
+    time (which core ran out during the storm)."""
+    proxy_cpu, cpu = cpus
+    window: dict[str, Any] = {}
+
+    def snapshot(key: str) -> None:
+        window[key] = (time.monotonic(), cpu_idle_irq_seconds(), tree_cpu_seconds(proxy.pid))
+        if key == "final":
+            window["backend_s"] = tree_cpu_seconds(backends[0].pid)
+
+    def kill_backend() -> None:
+        snapshot("kill")
+        old = backends[0]
+        old.proc.kill()         # SIGKILL to its pid (Popen: never to a pid already reaped)
+        old.proc.wait(10)
+        old.close_log()
+
+    def start_backend() -> None:
+        new = Started(f"echo-after-{target}", backend_argv(backend_port), cpu, logdir, "stdout")
+        started[started.index(backends[0])] = new
+        backends[0] = new
+        new.wait_port(15)
+        pin_all_threads(new.pid, cpu)
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[str]:
+        return popen_pinned(argv, cpu, cwd=str(ROOT), **kw)
+
+    time.sleep(0.5)
+    r = storm.run_storm(target, url, proxy.pid, lambda: tree_pids(proxy.pid), kill_backend,
+                        start_backend, popen, PY, args.storm_connections, running,
+                        down_s=args.storm_down, on_final=lambda: snapshot("final"))
+    if "kill" in window and "final" in window:
+        (w0, s0, p0), (w1, s1, p1) = window["kill"], window["final"]
+        wall = w1 - w0
+        c: dict[str, Any] = {"wall_s": wall, "proxy_s": p1 - p0,
+                             # the new backend's CPU since its start (after the kill)
+                             "backend_s": window.get("backend_s")}
+        for core in (proxy_cpu, cpu):
+            if core is not None and core in s0 and core in s1 and wall > 0:
+                c[f"busy_cpu{core}_pct"] = (wall - (s1[core][0] - s0[core][0])) / wall * 100
+        if proxy_cpu is not None and cpu is not None:
+            c["bottleneck"] = bottleneck(c.get(f"busy_cpu{proxy_cpu}_pct"),
+                                         c.get(f"busy_cpu{cpu}_pct"), True)
+        r["cpu"] = c
+    return r
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -790,7 +853,8 @@ def measure_idle(target: str, url: str, proxy: Started, cpu: int | None, args: a
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="1 round, 1 s runs after 0.3 s warm-up, 1,000 idle connections")
+                   help="1 round, 1 s runs after 0.3 s warm-up, 1,000 idle connections, "
+                        "1,000 in the storm")
     p.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
     p.add_argument("--duration", type=float, default=None, help="measured s per run (4; 1 quick)")
     p.add_argument("--warmup", type=float, default=None, help="s per run (1; 0.3 quick)")
@@ -799,6 +863,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=1, help="load generator processes")
     p.add_argument("--idle-connections", type=int, default=None,
                    help="connections held in the idle scenario (9900; 1000 quick)")
+    p.add_argument("--storm-connections", type=int, default=None,
+                   help="connections held through the reconnect storm (9900; 1000 quick; "
+                        "capped by the fd limit)")
+    p.add_argument("--storm-down", type=float, default=1.0,
+                   help="s between killing the backend and starting the new one (storm)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument("--targets", default=",".join(TARGETS),
@@ -815,6 +884,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.duration = a.duration or (1.0 if a.quick else 4.0)
     a.warmup = a.warmup if a.warmup is not None else (0.3 if a.quick else 1.0)
     a.idle_connections = a.idle_connections or (1000 if a.quick else 9900)
+    a.storm_connections = a.storm_connections or (1000 if a.quick else 9900)
     a.scenarios = [s for s in a.scenarios.split(",") if s]
     a.targets = [t for t in a.targets.split(",") if t]
     for s in a.scenarios:
@@ -951,6 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
         args.idle_connections = max(100, (nofile - 100) // 2)
         print(f"bench: fd limit {nofile}: idle connections {old} -> {args.idle_connections}",
               file=sys.stderr)
+    storm_note = None
+    if "storm" in args.scenarios:
+        args.storm_connections, storm_note = storm_cap(nofile, args.storm_connections)
+        print(f"bench: {storm_note}", file=sys.stderr)
     logdir = Path(tempfile.mkdtemp(prefix="fastgw-bench-"))
     started: list[Started] = []
     running: list[subprocess.Popen[str]] = []
@@ -970,6 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
         "duration": args.duration, "warmup": args.warmup, "connections": args.connections,
         "inflight": args.inflight, "processes": args.processes,
         "idle_connections": args.idle_connections, "fd_limit": nofile,
+        "storm_connections": args.storm_connections if storm_note else None,
+        "storm_cap": storm_note, "storm_down_s": args.storm_down if storm_note else None,
         "scenarios": {s: SCENARIOS[s] for s in args.scenarios}, "logs": str(logdir),
         "skipped": {t: why for t, why in available.items() if why},
     }
@@ -982,12 +1058,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     print(f"bench: {pin_note}", file=sys.stderr)
     try:
-        backend = Started("echo", [PY, "-m", "fastgw.echo", "--host", "127.0.0.1", "--port", "0"],
-                          load_cpu, logdir, "stdout")
+        backend = Started("echo", backend_argv(0), load_cpu, logdir, "stdout")
         started.append(backend)
         backend_port = backend.wait_port(15)
         pin_all_threads(backend.pid, load_cpu)
         print(f"bench: echo backend pid {backend.pid} on port {backend_port}", file=sys.stderr)
+        backends = [backend]    # the live one: the storm replaces it
         bases: dict[str, str] = {}
         if any(SCENARIOS[s].get("tls") for s in args.scenarios):
             TLS_FILES.update(tls_setup(logdir))
@@ -995,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = [t for t in args.targets if t in urls]
         meta["targets"] = targets
 
-        timed = [s for s in args.scenarios if s != "idle"]
+        timed = [s for s in args.scenarios if s not in ("idle", "storm")]
         for rnd in range(1, args.rounds + 1):
             for sname in timed:
                 for target in targets:
@@ -1007,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
                         if target not in TLS_URLS:
                             continue
                         url = TLS_URLS[target]
-                    r = measure(target, sname, url, procs.get(target), backend,
+                    r = measure(target, sname, url, procs.get(target), backends[0],
                                 (proxy_cpu, load_cpu), args, running)
                     r["round"] = rnd
                     raw.append(r)
@@ -1024,14 +1100,14 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"bench: {target}: process(es) {gone} ended during the run (a "
                               "worker restarted?): their last CPU time is not counted",
                               file=sys.stderr)
-                    for p in (backend, *procs.values()):
+                    for p in (backends[0], *procs.values()):
                         if p.proc.poll() is not None:
                             raise RuntimeError(f"{p.name} died: {p.tail()}")
                     time.sleep(0.2)
-        if "idle" in args.scenarios:
-            for target in targets:
-                if target == "direct":
-                    continue
+        for target in targets:
+            if target == "direct":
+                continue
+            if "idle" in args.scenarios:
                 r = measure_idle(target, urls[target], procs[target], load_cpu, args, running)
                 r["round"] = 1
                 raw.append(r)
@@ -1039,6 +1115,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: idle {target:15s} "
                       f"{'%.1f KiB/connection' % kib if kib is not None else r['loadgen']}",
                       file=sys.stderr)
+                time.sleep(1.0)
+            if "storm" in args.scenarios:
+                r = measure_storm(target, urls[target], procs[target], backends, backend_port,
+                                  started, logdir, (proxy_cpu, load_cpu), args, running)
+                r["round"] = 1
+                raw.append(r)
+                res = r["loadgen"]
+                print(f"bench: storm {target:15s} {res.get('summary') or res.get('errors')}"
+                      f"{'' if res.get('ok') else '  [NOT OK]'}", file=sys.stderr)
+                for p in (backends[0], procs[target]):
+                    if p.proc.poll() is not None:
+                        raise RuntimeError(f"{p.name} died: {p.tail()}")
                 time.sleep(1.0)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)

@@ -11,9 +11,9 @@ Two halves:
   backend leg died) reconnects after a random ``--backoff-min``..``--backoff-max`` ms pause,
   again and again (at most ``--max-attempts`` times, until ``--max-seconds`` after the drop),
   until one attempt upgrades (101) and echoes. Every successful reconnect's handshake
-  (TCP connect to the 101) goes into an HDR histogram. On a line ``report`` on stdin (or once
-  every dropped connection is back or gave up, after ``--settle`` s with no drop) it prints
-  the result JSON and exits.
+  (TCP connect to the 101) goes into an HDR histogram. Once every connection it opened was
+  dropped and is back or gave up (or on a line ``report`` on stdin, or after ``--duration``
+  s) it prints the result JSON and exits.
 - ``run_storm`` (called by run.py once per proxy) starts that process, kills the backend
   (SIGKILL, by pid), waits ``down_s``, starts a new one on the same port, samples the proxy's
   RSS (VmRSS of /proc/PID/status summed over its processes) every 50 ms, and
@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 MAGIC = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B42"
 
@@ -70,14 +70,21 @@ async def _attempt(host: str, port: int, path: str, timeout: float,
             if not head.startswith(b"HTTP/1.1 101"):
                 writer.close()
                 return "status " + head[9:12].decode("ascii", "replace")
-            if hist is not None:
-                hist.record_value(max(1, int((time.monotonic() - t0) * 1e6)))
+            upgraded = time.monotonic()
             payload = os.urandom(64)
             writer.write(_frame(payload))
-            echo = await reader.readexactly(2 + len(payload))
-            if echo[0] & 0x0F != 2 or echo[1] != len(payload) or echo[2:] != payload:
+            head = await reader.readexactly(2)
+            if head[0] & 0x0F == 8:
+                # a proxy that upgrades before it reaches the backend (pyproxy) closes then
+                body = await reader.readexactly(head[1] & 0x7F)
+                writer.close()
+                return f"close {int.from_bytes(body[:2], 'big')}" if len(body) >= 2 else "close"
+            echo = await reader.readexactly(len(payload))
+            if head[0] & 0x0F != 2 or head[1] != len(payload) or echo != payload:
                 writer.close()
                 return "bad echo"
+            if hist is not None:     # a successful attempt only: connect .. 101
+                hist.record_value(max(1, int((upgraded - t0) * 1e6)))
             return reader, writer
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         if writer is not None:
@@ -196,14 +203,21 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
         if not line or line.strip() == "report":
             stop.set()
 
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
+    try:
+        loop.add_reader(sys.stdin.fileno(), on_stdin)
+        reading = True
+    except (OSError, ValueError):   # stdin not a pipe or a terminal (/dev/null): no "report"
+        reading = False
     waiters = [loop.create_task(stop.wait()), loop.create_task(c.done.wait())]
     await asyncio.wait(waiters, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:
         w.cancel()
-    loop.remove_reader(sys.stdin.fileno())
+    if reading:
+        loop.remove_reader(sys.stdin.fileno())
     res = c.result()
     res["ok"] = bool(c.open == c.n and c.back == c.open and not c.gave_up)
+    # printed before the connections close, so that run.py's CPU window ends with the storm
+    print(json.dumps(res), flush=True)
     for w in list(c.writers):
         w.close()
     return res
@@ -218,7 +232,8 @@ def parse_client_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backoff-max", type=float, default=100.0, help="ms")
     p.add_argument("--max-attempts", type=int, default=400)
     p.add_argument("--max-seconds", type=float, default=60.0, help="per connection, from its drop")
-    p.add_argument("--attempt-timeout", type=float, default=5.0)
+    p.add_argument("--attempt-timeout", type=float, default=10.0,
+                   help="s per attempt, connect to echo (10: websockets' open_timeout)")
     p.add_argument("--duration", type=float, default=300.0, help="at most, then report")
     return p.parse_args(argv)
 
@@ -234,7 +249,6 @@ def client_entry(argv: list[str] | None = None) -> int:
         res = uvloop.run(client_main(args))
     except ImportError:
         res = asyncio.run(client_main(args))
-    print(json.dumps(res), flush=True)
     return 0 if res["ok"] else 1
 
 
@@ -290,6 +304,16 @@ def _status_rss(pid: int) -> int | None:
     return None
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of one process (/proc/PID/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler(threading.Thread):
     """VmRSS summed over the proxy's processes every `interval` s (the process list refreshed
     every second: a worker started meanwhile is seen)."""
@@ -298,20 +322,52 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pids_of, self.interval = pids_of, interval
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         pids, refreshed = self.pids_of(), time.monotonic()
-        while not self._stop.is_set():
+        while not self._done.is_set():
             now = time.monotonic()
             if now - refreshed >= 1.0:
                 pids, refreshed = self.pids_of(), now
             self.samples.append((now, sum(_status_rss(p) or 0 for p in pids)))
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join(2)
+
+
+def json_lines(stream: IO[str] | None) -> Callable[[float], dict[str, Any] | None]:
+    """Drain a child's text stdout in a daemon thread; return `next_json(timeout)`: the next
+    line that parses as JSON (lines that do not are skipped), or None once the stream ended
+    or after `timeout` s. Used for the storm clients and run.py's idle load generator."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert stream is not None
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    def next_json(timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                continue
+            if line is None:
+                lines.put(None)         # stays ended for the next call
+                return None
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        return None
+
+    threading.Thread(target=read, daemon=True).start()
+    return next_json
 
 
 def client_argv(py: str, url: str, n: int) -> list[str]:
@@ -321,39 +377,19 @@ def client_argv(py: str, url: str, n: int) -> list[str]:
 def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[int]],
               kill_backend: Callable[[], None], start_backend: Callable[[], None],
               popen: Callable[..., subprocess.Popen[str]], py: str, n: int,
-              running: list[subprocess.Popen[str]], down_s: float = 1.0) -> dict[str, Any]:
+              running: list[subprocess.Popen[str]], down_s: float = 1.0,
+              on_final: Callable[[], None] | None = None) -> dict[str, Any]:
     """One storm through one proxy. `kill_backend` kills the echo backend by pid and waits for
     it; `start_backend` starts a new one on the same port and returns once it listens;
-    `popen(argv, **kw)` starts the client process pinned to the load core."""
+    `popen(argv, **kw)` starts the client process pinned to the load core; `on_final` is
+    called as soon as the client's result arrived (or did not), before its connections close:
+    kill_backend .. on_final is the storm's window."""
     out: dict[str, Any] = {"scenario": "storm", "target": target}
     proc = popen(client_argv(py, url, n), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                  stdin=subprocess.PIPE, text=True)
     running.append(proc)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def next_json(timeout: float) -> dict[str, Any] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                return None
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-        return None
-
+    next_json = json_lines(proc.stdout)
     errbuf: list[str] = []
-    threading.Thread(target=read, daemon=True).start()
     threading.Thread(target=lambda: errbuf.extend(proc.stderr or ()), daemon=True).start()
     sampler = RssSampler(pids_of)
     try:
@@ -369,12 +405,26 @@ def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[
         sampler.start()
         time.sleep(0.2)
         t_kill = time.monotonic()
+        client_cpu0 = _cpu_seconds(proc.pid)
         kill_backend()
         time.sleep(down_s)
         start_backend()
         t_restart = time.monotonic()
-        final = next_json(300) or {"ok": False, "errors": ["storm: no final result"],
-                                   "stderr": "".join(errbuf)[-2000:]}
+        final = next_json(300)
+        if final is None and proc.poll() is None:
+            # still waiting for some client after 5 minutes: ask for what it has
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write("report\n")
+                proc.stdin.flush()
+            except OSError:
+                pass
+            final = next_json(30)
+        if on_final is not None:
+            on_final()
+        client_cpu1 = _cpu_seconds(proc.pid)
+        final = final or {"ok": False, "errors": ["storm: no final result"],
+                          "stderr": "".join(errbuf)[-2000:]}
         time.sleep(0.2)
         sampler.stop()
         try:
@@ -382,6 +432,9 @@ def run_storm(target: str, url: str, proxy_pid: int, pids_of: Callable[[], list[
         except subprocess.TimeoutExpired:
             pass
         out["loadgen"] = final
+        # the client's CPU from the kill until its result (it shares its core with the backend)
+        out["client_cpu_s"] = (client_cpu1 - client_cpu0 if client_cpu0 is not None
+                               and client_cpu1 is not None else None)
         out.update(aggregate(final, t_kill, t_restart, sampler.samples, rss_before))
         out["loadgen"]["ok"] = out["ok"]
         out["loadgen"]["summary"] = summary_line(out)
