@@ -4,6 +4,7 @@ N idle WebSocket connections (both legs up) to the echo backend.
     python bench/memory.py --conns 2000 5000            # bytes of PSS per connection
     python bench/memory.py --conns 2000 --trace         # + tracemalloc top sites per connection
     python bench/memory.py --conns 5000 --governed      # bench/run.py's fastgw-governed config
+    python bench/memory.py --conns 9000 --governed --concurrency 200   # as bench/run.py's idle
 
 Each count runs in a gateway of its own (started fresh, warmed up with 50 connections): a
 second count in the same process would reuse what the first one freed and read low.
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,11 +79,14 @@ if _trig:
         while True:
             time.sleep(0.2)
             if os.path.exists(_trig):
-                snap = tracemalloc.take_snapshot()
-                types = collections.Counter(
-                    type(o).__module__ + "." + type(o).__qualname__ for o in gc.get_objects())
+                try:
+                    types = collections.Counter(
+                        f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
+                except Exception as exc:
+                    types = {f"(no gc counts: {exc!r})": 0}
                 with open(f"{_trig}.{n}.types", "w") as f:
                     json.dump(types, f)
+                snap = tracemalloc.take_snapshot()     # after the counts: it holds many tuples
                 snap.dump(f"{_trig}.{n}.snap")
                 n += 1
                 os.unlink(_trig)
@@ -164,7 +169,7 @@ def snapshot(trigger: Path, n: int):
     import tracemalloc
     trigger.touch()
     path = Path(f"{trigger}.{n}.snap")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while not path.exists() or trigger.exists():
         if time.monotonic() > deadline:
             raise RuntimeError("no tracemalloc snapshot from the gateway")
@@ -181,7 +186,13 @@ def measure(n: int, port: int, pid: int, args: argparse.Namespace, trigger: Path
     if args.trace:
         before, types0 = snapshot(trigger, 0)
     t0 = time.monotonic()
-    socks = [open_ws(port) for _ in range(n)]
+    if args.concurrency > 1:
+        # Upgrades in flight at once (bench/run.py's loadgen keeps 200): the handshakes' peak
+        # is what the allocator may keep afterwards.
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            socks = list(pool.map(lambda _: open_ws(port), range(n)))
+    else:
+        socks = [open_ws(port) for _ in range(n)]
     t1 = time.monotonic()
     held = settle(pid)
     k1 = sockstat_pages()
@@ -218,6 +229,8 @@ def main() -> None:
     p.add_argument("--trace", action="store_true", help="tracemalloc top sites per connection")
     p.add_argument("--frames", type=int, default=1, help="traceback depth with --trace")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="upgrades in flight at once (threads; bench/run.py's loadgen: 200)")
     p.add_argument("--governed", action="store_true",
                    help="bench/run.py's fastgw-governed configuration (rate limits, events, admin)")
     args = p.parse_args()
