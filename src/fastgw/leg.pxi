@@ -735,7 +735,7 @@ cdef class Leg:
         cdef Py_ssize_t need
         cdef char* data
         if self.inbuf.size == 0 or self.broken or self.gone:
-            self.inbuf.reading_own = False
+            self.reading_own = False
             return self
         # Grow with what arrives (at most doubling), never past the frame: a
         # header alone does not reserve its announced length.
@@ -756,15 +756,15 @@ cdef class Leg:
                         self.transport.close()
                 except Exception as exc:
                     self._fatal(exc)
-                self.inbuf.reading_own = False
+                self.reading_own = False
                 return self
             self.inbuf.data = data
             self.inbuf.cap = need
-        self.inbuf.reading_own = True
+        self.reading_own = True
         return self
 
     def __getbuffer__(self, Py_buffer* view, int flags):
-        if self.inbuf.reading_own:
+        if self.reading_own:
             PyBuffer_FillInfo(view, self, self.inbuf.data + self.inbuf.size,
                               self.inbuf.cap - self.inbuf.size, 0, flags)
         else:
@@ -775,14 +775,14 @@ cdef class Leg:
 
     def __len__(self):
         # uvloop's TLS transport asks the size of the buffer get_buffer() gave.
-        return self.inbuf.cap - self.inbuf.size if self.inbuf.reading_own else SCRATCH_SIZE
+        return self.inbuf.cap - self.inbuf.size if self.reading_own else SCRATCH_SIZE
 
     def __bool__(self):
         return True
 
     def buffer_updated(self, Py_ssize_t nbytes):
         try:
-            if self.inbuf.reading_own:
+            if self.reading_own:
                 self.inbuf.size += nbytes
                 self._received(self.inbuf.data, self.inbuf.size, True)
             else:
