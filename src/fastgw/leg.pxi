@@ -58,6 +58,11 @@ cdef int buffer_grow(char** data, Py_ssize_t* cap, Py_ssize_t need) except -1:
     return 0
 
 
+def _data_received_unattached(data):
+    """Leg.data_received before connection_made(): never called (see there)."""
+    raise RuntimeError("data_received on a leg not attached to its transport")
+
+
 @cython.final
 cdef class Leg:
     """One side of a relayed connection: the asyncio protocol of its transport
@@ -806,10 +811,17 @@ cdef class Leg:
     def eof_received(self):
         return None     # the transport closes; connection_lost follows
 
-    def data_received(self, bytes data):
-        # The standard library's transports (`fastgw run --loop asyncio`) call this: to them a
-        # Leg is no asyncio.BufferedProtocol. uvloop's call get_buffer()/buffer_updated().
-        self.feed(data)
+    @property
+    def data_received(self):
+        """The standard library's transports (`fastgw run --loop asyncio`) call this: to them a
+        Leg is no asyncio.BufferedProtocol; it is feed(). uvloop's call get_buffer() and
+        buffer_updated(), but their set_protocol() keeps a bound data_received too (64 B per
+        transport, for nothing): until connection_made() it is one shared function. (Not a
+        missing attribute: uvloop would then keep the previous protocol's, the Handshake and
+        all it holds.) The standard library looks it up at each read, once the leg is attached."""
+        if self.transport is None:
+            return _data_received_unattached
+        return self.feed
 
     def connection_lost(self, exc):
         try:
