@@ -37,7 +37,8 @@ class Connection:
         self.idle_timer = None
         self.expiry_timer = None
         self.removal_timer = None
-        self.ping_timers = [None, None]     # liveness of the client side, the backend side
+        self.ping_timers = None             # liveness of [the client side, the backend side]:
+                                            # a list once an API's liveness pings are armed
 
     def describe(self) -> dict:
         """The admin API's view of the connection."""
@@ -71,6 +72,8 @@ class Connection:
             self._watch_idle(clock, up.idle_timeout, -1, clock.now())
         for side, (interval, timeout) in enumerate(up.liveness):
             if interval:
+                if self.ping_timers is None:
+                    self.ping_timers = [None, None]
                 self.ping_timers[side] = clock.call_later(
                     interval, self._watch_liveness, clock, side, interval, timeout, -1, False)
 
@@ -78,8 +81,10 @@ class Connection:
                         seen: int, pinged: bool) -> None:
         """Ping a side (0: client, 1: backend) that has sent nothing for `interval`; if it
         still sends nothing within `timeout`, it is gone (a dead peer sends no FIN)."""
-        relay = self.relay
-        self.ping_timers[side] = None
+        relay, timers = self.relay, self.ping_timers
+        if timers is None:                  # cancel_timers() ran
+            return
+        timers[side] = None
         if relay is None or relay.ended:
             return
         leg = relay.client if side == 0 else relay.backend
@@ -116,7 +121,8 @@ class Connection:
             if t is not None:
                 t.cancel()
         self.lifetime_timer = self.idle_timer = self.expiry_timer = self.removal_timer = None
-        for t in self.ping_timers:
-            if t is not None:
-                t.cancel()
-        self.ping_timers = [None, None]
+        if self.ping_timers is not None:
+            for t in self.ping_timers:
+                if t is not None:
+                    t.cancel()
+            self.ping_timers = None

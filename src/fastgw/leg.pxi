@@ -58,6 +58,11 @@ cdef int buffer_grow(char** data, Py_ssize_t* cap, Py_ssize_t need) except -1:
     return 0
 
 
+def _data_received_unattached(data):
+    """Leg.data_received before connection_made(): never called (see there)."""
+    raise RuntimeError("data_received on a leg not attached to its transport")
+
+
 @cython.final
 cdef class Leg:
     """One side of a relayed connection: the asyncio protocol of its transport
@@ -735,7 +740,7 @@ cdef class Leg:
         cdef Py_ssize_t need
         cdef char* data
         if self.inbuf.size == 0 or self.broken or self.gone:
-            self.inbuf.reading_own = False
+            self.reading_own = False
             return self
         # Grow with what arrives (at most doubling), never past the frame: a
         # header alone does not reserve its announced length.
@@ -756,15 +761,15 @@ cdef class Leg:
                         self.transport.close()
                 except Exception as exc:
                     self._fatal(exc)
-                self.inbuf.reading_own = False
+                self.reading_own = False
                 return self
             self.inbuf.data = data
             self.inbuf.cap = need
-        self.inbuf.reading_own = True
+        self.reading_own = True
         return self
 
     def __getbuffer__(self, Py_buffer* view, int flags):
-        if self.inbuf.reading_own:
+        if self.reading_own:
             PyBuffer_FillInfo(view, self, self.inbuf.data + self.inbuf.size,
                               self.inbuf.cap - self.inbuf.size, 0, flags)
         else:
@@ -775,14 +780,14 @@ cdef class Leg:
 
     def __len__(self):
         # uvloop's TLS transport asks the size of the buffer get_buffer() gave.
-        return self.inbuf.cap - self.inbuf.size if self.inbuf.reading_own else SCRATCH_SIZE
+        return self.inbuf.cap - self.inbuf.size if self.reading_own else SCRATCH_SIZE
 
     def __bool__(self):
         return True
 
     def buffer_updated(self, Py_ssize_t nbytes):
         try:
-            if self.inbuf.reading_own:
+            if self.reading_own:
                 self.inbuf.size += nbytes
                 self._received(self.inbuf.data, self.inbuf.size, True)
             else:
@@ -806,10 +811,17 @@ cdef class Leg:
     def eof_received(self):
         return None     # the transport closes; connection_lost follows
 
-    def data_received(self, bytes data):
-        # The standard library's transports (`fastgw run --loop asyncio`) call this: to them a
-        # Leg is no asyncio.BufferedProtocol. uvloop's call get_buffer()/buffer_updated().
-        self.feed(data)
+    @property
+    def data_received(self):
+        """The standard library's transports (`fastgw run --loop asyncio`) call this: to them a
+        Leg is no asyncio.BufferedProtocol; it is feed(). uvloop's call get_buffer() and
+        buffer_updated(), but their set_protocol() keeps a bound data_received too (64 B per
+        transport, for nothing): until connection_made() it is one shared function. (Not a
+        missing attribute: uvloop would then keep the previous protocol's, the Handshake and
+        all it holds.) The standard library looks it up at each read, once the leg is attached."""
+        if self.transport is None:
+            return _data_received_unattached
+        return self.feed
 
     def connection_lost(self, exc):
         try:

@@ -22,6 +22,12 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
+cdef extern from "<stdbool.h>":
+    # A one-byte bint (C's bool): the flags of a leg (a bint is an int, 4 bytes). With them
+    # packed, a Leg is 352 bytes in pymalloc's size classes, not 416 (bench/memory.py).
+    ctypedef bint cbool "bool"
+
+
 cdef enum PauseReason:
     PAUSE_PEER_WRITE = 1      # the peer's write buffer is over its high-water mark
     PAUSE_PEER_NOT_READY = 2  # the peer leg is not attached yet (client before its 101)
@@ -48,7 +54,6 @@ cdef struct InBuf:
     Py_ssize_t size
     Py_ssize_t cap
     Py_ssize_t want             # bytes the partial frame needs in all (0: header incomplete)
-    bint reading_own            # the current read goes into data, not the scratch buffer
 
 
 cdef struct OutBuf:
@@ -68,7 +73,7 @@ cdef struct PongState:
     # reading pauses meanwhile, so replies never pile up in memory.
     char* data                  # 125 bytes, allocated on first use
     uint8_t size
-    bint pending
+    cbool pending
     uint32_t coalesced          # PINGs folded into the pending PONG (a cap ends the connection)
 
 
@@ -79,29 +84,36 @@ cdef class Relay
 
 
 cdef class Leg:
+    # The fields are ordered so that the one-byte flags share eight bytes (an idle
+    # connection holds two legs: their size is most of what it costs in the core).
     cdef:
         Relay relay
         Leg peer
         object transport             # the asyncio transport; None until the leg is connected
         int sock_fd                  # its socket (-1: none)
         int send_fd                  # the socket written directly when nothing is buffered (-1: TLS)
-        bint write_paused            # the transport holds unsent bytes (plain TCP: any at all)
-        bint is_client               # the client's side (fastgw is its server)
-        bint masked                  # frames written to this leg are masked (backend leg)
+        uint32_t pause_flags         # why this leg's reading is paused (PauseReason bits)
+        cbool write_paused           # the transport holds unsent bytes (plain TCP: any at all)
+        cbool is_client              # the client's side (fastgw is its server)
+        cbool masked                 # frames written to this leg are masked (backend leg)
+        cbool deflate                # permessage-deflate negotiated: RSV1 on a message's first frame
+        cbool reading_own            # the current read goes into inbuf.data, not the scratch buffer
+
+        # Close handshake state of this leg.
+        cbool broken                 # a protocol error or a fatal one: what this leg sends is ignored
+        cbool close_sent             # a CLOSE frame has been written to this leg
+        cbool close_recv             # a CLOSE frame has been received from this leg
+        cbool gone                   # the transport is disconnected
+
+        # Time: read once per read batch (`now`, below).
+        cbool now_valid
+        cbool sim_clock              # the clock is not the real Clock: now() is a Python call
+
         uint64_t max_frame_size      # larger data frames end the connection with 1009
-        bint deflate                 # permessage-deflate negotiated: RSV1 on a message's first frame
 
         InBuf inbuf
         OutBuf out
         PongState pong
-
-        # Close handshake state of this leg.
-        bint broken                  # a protocol error or a fatal one: what this leg sends is ignored
-        bint close_sent              # a CLOSE frame has been written to this leg
-        bint close_recv              # a CLOSE frame has been received from this leg
-        bint gone                    # the transport is disconnected
-
-        uint32_t pause_flags         # why this leg's reading is paused (PauseReason bits)
 
         # The message policies of the flow this leg reads (request flow on the
         # client leg, response flow on the backend leg), and the message it is in.
@@ -111,10 +123,8 @@ cdef class Leg:
         HoldQueue held               # frames a DELAY holds (PAUSE_DELAY while in use)
         object hold_timer            # the release timer (the relay's clock)
 
-        # Time: the relay's clock, read once per read batch.
+        # Time: the relay's clock, read once per read batch (now_valid, sim_clock: above).
         double now
-        bint now_valid
-        bint sim_clock               # the clock is not the real Clock: now() is a Python call
 
         FlowCounters counts
         FlowStats stats              # the API's counters of this leg's flow, or None
