@@ -61,9 +61,9 @@ class Admission:
     client_id: str | None
     plan: str
     expires_at: float | None
-    leases: list = field(default_factory=list)
-    request_rules: list = field(default_factory=list)
-    response_rules: list = field(default_factory=list)
+    leases: list | None = None        # the connection slots held, once one is (a list)
+    request_rules: list | None = None     # RateRules of each flow, if it has rate limits
+    response_rules: list | None = None    # (shared between connections: never changed)
     request_max_size: int = 0
     response_max_size: int = 0
     peer_trusted: bool = False
@@ -78,7 +78,7 @@ class Admission:
 
     def release(self) -> None:
         """Give back every connection slot held (safe to call again)."""
-        for lease in self.leases:
+        for lease in self.leases or ():
             lease.release()
 
 
@@ -246,6 +246,8 @@ def _take_limits(api: CompiledApi, store: LimitStore, req: UpgradeRequest,
             limit = int(rule.max.for_plan(who.plan))
             got = store.try_acquire([(k, limit)])
             if isinstance(got, Lease):
+                if adm.leases is None:
+                    adm.leases = []
                 adm.leases.append(got)
                 continue
             if got == -1:

@@ -159,6 +159,8 @@ class Gateway:
         self.handshake_timeout = float(config.handshake_timeout)
         # Every handshake's time-out, in one FIFO with one timer (fastgw.clock.Deadlines).
         self.handshake_deadlines = Deadlines(self.clock, self.handshake_timeout)
+        # Each Relay keeps its on_end: one bound method for all, not a new one each.
+        self.relay_gone = self.relay_gone
         self.max_header_size = int(config.max_header_size)
         self.loop = None
         self.listeners: list[Listener] = []
@@ -563,6 +565,7 @@ class Gateway:
         handshake_us = (self.clock.now() - conn.head_at) * 1e6
         am.record("handshake_us", handshake_us)
         am.record("upstream_connect_us", conn.dial_us)
+        conn.head_at = conn.dial_us = 0.0    # recorded: the shared 0.0, not a float each held
         if self.events is not None:
             self.events.emit(ev.UpgradeEvent(
                 id=conn.id, api=conn.api, client=conn.client_key, remote=conn.peer,

@@ -194,7 +194,7 @@ cdef class Leg:
                      FlowStats stats=None):
         """Install the message policies of the flow this leg reads.
 
-        `rules`: RateRule, in order (the flow's message-rate-limits with the
+        `rules`: RateRule, in order, or None (the flow's message-rate-limits with the
         values of the connection's plan); `store`: where scope client / api
         buckets are; `max_message_size`: the SizeLimit (default: unchanged);
         `now` (monotonic seconds, default: the relay's clock): when the

@@ -87,7 +87,7 @@ cdef class RateLimit(MessagePolicy):
         self.rules = <MsgRule*>malloc(sizeof(MsgRule) * max(1, len(rules)))
         if self.rules == NULL:
             raise MemoryError()
-        self.names = []
+        self.specs = rules
         self.all_local = True
         for i, spec in enumerate(rules):
             if spec.scope != SCOPE_CONNECTION:
@@ -106,7 +106,6 @@ cdef class RateLimit(MessagePolicy):
             r.limited = 0
             bucket_init(&r.msg_bucket, spec.msg_burst, now)
             bucket_init(&r.byte_bucket, spec.byte_burst, now)
-            self.names.append(spec.name.encode())
         self.n_rules = len(rules)
         self.store = store
 
@@ -120,7 +119,7 @@ cdef class RateLimit(MessagePolicy):
         return [self.rules[i].limited for i in range(self.n_rules)]
 
     cdef bytes close_reason(self):
-        return b"message rate limit exceeded: " + <bytes>self.names[self.rejected_rule]
+        return b"message rate limit exceeded: " + (<RateRule>self.specs[self.rejected_rule]).name.encode()
 
     cdef inline double _take(self, MsgRule* rule, bint of_bytes, double now, double cost) noexcept:
         if of_bytes:

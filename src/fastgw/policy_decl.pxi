@@ -104,7 +104,7 @@ cdef class RateLimit(MessagePolicy):
         int rejected_rule       # the rule of the last REJECT
         readonly bint all_local # every rule is scope connection (fast_pass applies)
         LimitStore store        # for scope client / api, or None
-        list names              # rule names (bytes), for close reasons
+        list specs              # the RateRules (their names for close reasons; often shared)
     cdef inline bint fast_pass(self, bint first, double size, double now) noexcept
     cdef void _give_back(self, int upto, bint first, double size, bint with_msg) noexcept
     cdef inline double _take(self, MsgRule* rule, bint of_bytes, double now, double cost) noexcept
