@@ -202,11 +202,11 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
         kwargs["ssl"] = upgrade.ssl_context      # compiled for every wss:// target
         if upgrade.server_name:
             kwargs["server_hostname"] = upgrade.server_name
-    loop = clock.loop       # known: asyncio.get_running_loop() costs a getpid() system call
+    loop = asyncio.get_running_loop()
     done = loop.create_future()
     transport = None
     handed_over = False
-    task = asyncio.current_task(loop)
+    task = asyncio.current_task()
     cancelling = task.cancelling()
     expired = []
 
