@@ -62,6 +62,9 @@ cdef class Request:
 
     def tokens(self, str name) -> list:
         """The comma-separated tokens of every header of that name, lower-cased."""
+        return self._tokens(name)
+
+    cdef list _tokens(self, str name):
         cdef list out = []
         cdef list values = self._by_name.get(name)
         cdef str value, t
@@ -246,3 +249,174 @@ def parse_response_head(bytes head):
         headers[name] = value if seen is None else seen + ", " + value
         line = end + 2
     return status, headers
+
+
+# -- the upgrade checks and the backend's request (fastgw.http.head, .forwarding) --------
+# Plain-Python versions of these are the oracles of tests/property/test_upgrade_props.py.
+
+# Headers that a request may carry once at most (400 otherwise): lower-case, as shown.
+cdef tuple _SINGLE = (("host", "Host"), ("content-length", "Content-Length"),
+                      ("sec-websocket-key", "Sec-WebSocket-Key"),
+                      ("sec-websocket-version", "Sec-WebSocket-Version"))
+
+# Headers never copied to the backend: hop-by-hop (RFC 9110 7.6.1), the WebSocket
+# handshake's own (the gateway makes its own handshake), and those the gateway sets itself.
+NOT_FORWARDED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-accept", "sec-websocket-protocol",
+    "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
+})
+cdef frozenset _NOT_FORWARDED = NOT_FORWARDED
+
+cdef list _NO_HEADERS = []
+cdef list _ALLOW_GET = [("Allow", "GET")]
+cdef list _UPGRADE_WEBSOCKET = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+cdef list _VERSION_13 = [("Sec-WebSocket-Version", "13")]
+
+
+cdef bint _is_token(str s):
+    """An HTTP token (RFC 9110 5.6.2): one or more token characters."""
+    cdef Py_UCS4 c
+    if not s:
+        return False
+    for c in s:
+        if c > 255 or not _TOKEN[c]:
+            return False
+    return True
+
+
+cdef inline bint _base64_char(Py_UCS4 c):
+    return (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122 or c == 43 or c == 47)
+
+
+cdef bint _valid_key(str key):
+    """A Sec-WebSocket-Key: base64 of 16 bytes (RFC 6455 4.1), as the strict decoder of
+    `base64.b64decode(key, validate=True)` takes it: 22 base64 characters and "==" (the
+    unused low bits of the last one are not checked, as that decoder does not)."""
+    cdef Py_ssize_t i
+    if len(key) != 24 or key[22] != "=" or key[23] != "=":
+        return False
+    for i in range(22):
+        if not _base64_char(key[i]):
+            return False
+    return True
+
+
+def check_request(Request req):
+    """The checks of an upgrade request before it is routed: None, or the (status,
+    reason, headers) of its refusal (405, 400)."""
+    cdef list values
+    cdef str name, shown
+    if req.method != "GET":
+        return 405, "only GET can be upgraded to a WebSocket", _ALLOW_GET[:]
+    if req.version != "HTTP/1.1":
+        return 400, "HTTP/1.1 is required for a WebSocket upgrade", []
+    values = req._by_name.get("host")
+    if values is None or len(values) != 1 or not values[0]:
+        return 400, "exactly one Host header is required", []
+    for name, shown in _SINGLE:
+        values = req._by_name.get(name)
+        if values is not None and len(values) > 1:
+            return 400, f"duplicate {shown} header", []
+    values = req._by_name.get("content-length")
+    if "transfer-encoding" in req._by_name or (values is not None and values[0] != "0"):
+        return 400, "an upgrade request has no body", []
+    return None
+
+
+def check_websocket(Request req, allowed):
+    """The WebSocket headers of a routed request: the offered subprotocols that `allowed`
+    (a frozenset, None: any) lets through, in the client's order (a list), or the
+    (status, reason, headers) of its refusal (426, 400)."""
+    cdef list values
+    cdef list offered = []
+    cdef str value, p
+    if "websocket" not in req._tokens("upgrade") or "upgrade" not in req._tokens("connection"):
+        return 426, "this endpoint speaks WebSocket only", _UPGRADE_WEBSOCKET[:]
+    values = req._by_name.get("sec-websocket-version")
+    if values is None or len(values) != 1 or values[0] != "13":
+        return 426, "unsupported Sec-WebSocket-Version", _VERSION_13[:]
+    values = req._by_name.get("sec-websocket-key")
+    if values is None or len(values) != 1 or not _valid_key(values[0]):
+        return 400, "missing or malformed Sec-WebSocket-Key", []
+    values = req._by_name.get("sec-websocket-protocol")
+    if values is None:
+        return offered
+    for value in values:
+        for p in value.split(","):
+            p = p.strip(" \t")
+            if not p:
+                continue            # empty list elements are ignored (RFC 9110 5.6.1)
+            if not _is_token(p):
+                return 400, "malformed Sec-WebSocket-Protocol", []
+            if allowed is None or p in allowed:
+                offered.append(p)
+    return offered
+
+
+cdef str _forwarded_value(str value):
+    """A Forwarded parameter value: a token as it is, else a quoted-string."""
+    if _is_token(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def backend_headers(Request req, str peer_ip, str node, bint secure, list offered,
+                    admission=None, str extensions=None):
+    """The client's end-to-end headers plus the forwarding headers, for the backend's
+    upgrade request: (name, value) in order. `node` is the peer's address as a Forwarded
+    for= value (identity.forwarded_node); the rest as fastgw.http.forwarding.backend_headers."""
+    cdef list connection = req._tokens("connection")
+    cdef list out = []
+    cdef list xff = []
+    cdef list forwarded = []
+    cdef str name, value, client_ip = peer_ip
+    cdef str proto = "https" if secure else "http"
+    cdef str host, element
+    cdef bint trusted = False
+    strip = None
+    if admission is not None:
+        strip = admission.strip_headers
+        client_ip, trusted = admission.client_ip, admission.peer_trusted
+    for name, value in req.headers:
+        if name == "x-forwarded-for":
+            xff.append(value)
+        elif name == "forwarded":
+            forwarded.append(value)
+        elif not (name in _NOT_FORWARDED or name in connection
+                  or (strip is not None and name in strip)):
+            out.append((name, value))
+    values = req._by_name.get("host")
+    host = (values[0] or "") if values else ""
+    xff.append(peer_ip)
+    out.append(("X-Forwarded-For", ", ".join(xff)))
+    out.append(("X-Forwarded-Proto", proto))
+    out.append(("X-Forwarded-Host", host))
+    out.append(("X-Real-IP", client_ip))
+    element = "for=" + node + ";host=" + _forwarded_value(host) + ";proto=" + proto
+    if trusted:
+        forwarded.append(element)
+        out.append(("Forwarded", ", ".join(forwarded)))
+    else:
+        out.append(("Forwarded", element))
+    if admission is not None:
+        out.extend(admission.add_headers)
+    if offered:
+        out.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
+    if extensions:
+        out.append(("Sec-WebSocket-Extensions", extensions))
+    return out
+
+
+def upgrade_request(str start, str key, list headers):
+    """The bytes of the backend's upgrade request: `start` (the request line and the fixed
+    header lines, CRLF between them), the Sec-WebSocket-Key, then `headers` ((name, value)),
+    latin-1 (a character beyond it raises UnicodeEncodeError)."""
+    cdef list lines = [start, "Sec-WebSocket-Key: " + key]
+    cdef str name, value
+    for name, value in headers:
+        lines.append(name + ": " + value)
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")

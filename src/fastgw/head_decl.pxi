@@ -10,3 +10,4 @@ cdef class Request:
     cdef dict _by_name              # name -> its values, in order
 
     cdef void _add(self, str name, str value)
+    cdef list _tokens(self, str name)

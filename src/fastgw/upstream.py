@@ -194,9 +194,7 @@ async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[
         timeout = upgrade.timeout
     host, port, secure, fixed = _target(url)
     key = new_key()
-    lines = [fixed, f"Sec-WebSocket-Key: {key}"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    request = _core.upgrade_request(fixed, key, headers)
     kwargs = {}
     if secure:
         kwargs["ssl"] = upgrade.ssl_context      # compiled for every wss:// target

@@ -27,6 +27,8 @@ def stub_names() -> dict[str, set[str]]:
             out[node.name] = members
         elif isinstance(node, ast.FunctionDef):
             out[node.name] = set()
+        elif isinstance(node, ast.AnnAssign):       # a module-level constant
+            out[node.target.id] = set()
     return out
 
 

@@ -1,7 +1,6 @@
 """The HTTP side of the upgrade.
 
 head.py          the request head: parse it and check the upgrade (sans-I/O, no sockets)
-subprotocols.py  the subprotocols offered and the API's allowlist (sans-I/O)
 extensions.py    permessage-deflate passed through: the offers, the answer's checks (sans-I/O)
 forwarding.py    the headers sent to the backend (end-to-end headers, X-Forwarded-*, identity)
 handshake.py     the handshake protocol and the phase driver: read head -> route ->

@@ -8,18 +8,11 @@ input (tests/fuzz/fuzz_head.py).
 
 from __future__ import annotations
 
-import base64
-import binascii
 from http import HTTPStatus
 
 from fastgw import _core
 from fastgw.config.web import BadTarget, normalize_host, normalize_target
-from fastgw.http.subprotocols import offered_subprotocols
 from fastgw.verdicts import Refusal
-
-# Headers that a request may carry once at most (400 otherwise), by lower-case name.
-_SINGLE = {"host": "Host", "content-length": "Content-Length",
-           "sec-websocket-key": "Sec-WebSocket-Key", "sec-websocket-version": "Sec-WebSocket-Version"}
 
 # The request head is parsed in the core (head.pxi) in one pass over its bytes;
 # tests/property/test_head_props.py holds it to a plain-Python parser, input for input.
@@ -36,49 +29,26 @@ def parse_head(head: bytes) -> Request | Refusal:
 
 def check_upgrade(req: Request, router) -> tuple | Refusal:
     """Validate and route an upgrade request: (api, rest, offered subprotocols), or a
-    Refusal (its `api` set once the request is routed). `router` is a routing.Router."""
-    if req.method != "GET":
-        return Refusal(405, "only GET can be upgraded to a WebSocket", [("Allow", "GET")])
-    if req.version != "HTTP/1.1":
-        return Refusal(400, "HTTP/1.1 is required for a WebSocket upgrade")
-    host = req.get("host")
-    if req.count("host") != 1 or not host:
-        return Refusal(400, "exactly one Host header is required")
-    for name in _SINGLE:
-        if req.count(name) > 1:
-            return Refusal(400, f"duplicate {_SINGLE[name]} header")
-    if req.get("transfer-encoding") is not None or req.get("content-length") not in (None, "0"):
-        return Refusal(400, "an upgrade request has no body")
+    Refusal (its `api` set once the request is routed). `router` is a routing.Router.
+    The checks of the headers are in the core (head.pxi: check_request, check_websocket)."""
+    verdict = _core.check_request(req)
+    if verdict is not None:
+        return Refusal(*verdict)
     try:
         target = normalize_target(req.target)
-        hostname = normalize_host(host)
+        hostname = normalize_host(req.get("host"))
     except BadTarget as exc:
         return Refusal(400, str(exc))
     found = router.route(target, hostname)
     if found is None:
         return Refusal(404, "no API at this path")
     api, rest = found
-    verdict = _check_websocket(req, api.upgrade.subprotocols)
-    if isinstance(verdict, Refusal):
-        verdict.api = api.name
-        return verdict
+    verdict = _core.check_websocket(req, api.upgrade.subprotocols)
+    if type(verdict) is tuple:
+        refusal = Refusal(*verdict)
+        refusal.api = api.name
+        return refusal
     return api, rest, verdict
-
-
-def _check_websocket(req: Request, allowed: frozenset[str] | None) -> list[str] | Refusal:
-    """The WebSocket headers of a routed request: the offered subprotocols it may use."""
-    if "websocket" not in req.tokens("upgrade") or "upgrade" not in req.tokens("connection"):
-        return Refusal(426, "this endpoint speaks WebSocket only",
-                       [("Upgrade", "websocket"), ("Connection", "Upgrade")])
-    if req.get_all("sec-websocket-version") != ["13"]:
-        return Refusal(426, "unsupported Sec-WebSocket-Version", [("Sec-WebSocket-Version", "13")])
-    keys = req.get_all("sec-websocket-key")
-    try:
-        if len(keys) != 1 or len(base64.b64decode(keys[0], validate=True)) != 16:
-            raise ValueError
-    except (ValueError, binascii.Error):
-        return Refusal(400, "missing or malformed Sec-WebSocket-Key")
-    return offered_subprotocols(req.get_all("sec-websocket-protocol"), allowed)
 
 
 def http_response(status: int, reason: str, headers: list[tuple[str, str]] = ()) -> bytes:

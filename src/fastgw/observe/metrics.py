@@ -46,6 +46,9 @@ class ApiMetrics:
         self.interval = {"handshake_us": new_histogram() if iv else None,
                          "upstream_connect_us": new_histogram() if iv else None,
                          "duration_ms": new_histogram() if iv else None}
+        # What `record` records into, by kind (these histograms are never replaced).
+        self._recorded = {"handshake_us": self.handshake, "upstream_connect_us": self.upstream_connect,
+                          "duration_ms": self.duration}
         self._encoded: dict[str, tuple[int, bytes]] = {}    # kind -> (total_count, encoding)
         self.pool = None                                    # pool.Pool (the gateway sets it)
         self.now = time.monotonic                           # the clock of the pool's times (idem)
@@ -58,7 +61,7 @@ class ApiMetrics:
 
     def record(self, kind: str, value: int) -> None:
         """Record a per-connection value (handshake_us, upstream_connect_us, duration_ms)."""
-        arr = self.histograms()[kind]
+        arr = self._recorded[kind]
         if arr is not None:
             arr.record_py(max(1, int(value)))
             twin = self.interval[kind]
