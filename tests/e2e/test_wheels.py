@@ -2,8 +2,12 @@
 manylinux wheel once per test session (Zig as the compiler, about 30 s); the wheel is installed
 in a fresh venv whose PATH has no compiler at all, and runs `fastgw --version`, `fastgw check` on
 the bundled example and an echo through `fastgw demo`; the sdist is installed in another fresh
-venv with the machine's compiler. Also: one version everywhere, and the cibuildwheel
-configuration that public CI runs (checked by cibuildwheel itself and by its schema)."""
+venv with the machine's compiler, and also runs the gateway with `fastgw run` in front of
+`python -m fastgw.echo`. Both venvs hold only what pip installed (no `websockets`: checked), so
+the demo's echo is the README's two commands as a newcomer runs them. (`pip install .` of the
+checkout itself is what `.ci/run` does before the suite, which then runs against that install.)
+Also: one version everywhere, and the cibuildwheel configuration that public CI runs (checked by
+cibuildwheel itself and by its schema)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import websockets.sync.client
+
+from conftest import gateway_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = re.search(r'^__version__ = "([^"]+)"$', (ROOT / "src/fastgw/__init__.py").read_text(),
@@ -215,6 +222,9 @@ def installed_checks(bin_dir: Path, env: dict[str, str], tmp_path: Path) -> str:
                          cwd=tmp_path, timeout=60)
     assert out.returncode == 0, out_of(out)
     version, example, core = out.stdout.split("\n")[:3]
+    out = subprocess.run([python, "-c", "import websockets"], capture_output=True, env=env,
+                         cwd=tmp_path, timeout=60)
+    assert out.returncode != 0, "websockets is installed: the demo's echo would not be a newcomer's"
     assert version == VERSION
     assert Path(core).is_relative_to(bin_dir.parent), core     # not this checkout's core
     out = subprocess.run([fastgw, "check", "-c", example], capture_output=True, text=True, env=env,
@@ -262,3 +272,31 @@ def test_sdist_installs_with_a_compiler(dist, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PATH"] = os.pathsep.join([str(dist.sdist_bin), env.get("PATH", "")])
     installed_checks(dist.sdist_bin, env, tmp_path)
+    relay_through(dist.sdist_bin, env, tmp_path)
+
+
+def relay_through(bin_dir: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """The venv's echo backend and `fastgw run` in front of it; a message through them from a
+    third-party client (this test's `websockets`)."""
+    backend = subprocess.Popen([str(bin_dir / "python"), "-m", "fastgw.echo", "--port", "0"],
+                               stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    gateway = None
+    try:
+        port = int(re.search(r":(\d+)", backend.stdout.readline()).group(1))
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(gateway_yaml(f"ws://127.0.0.1:{port}/"))
+        err = tmp_path / "gw.err"
+        gateway = subprocess.Popen([str(bin_dir / "fastgw"), "run", "-c", str(cfg)],
+                                   stderr=err.open("w"), env=env, cwd=tmp_path)
+        deadline = time.monotonic() + 20
+        while not (m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)", err.read_text())):
+            assert time.monotonic() < deadline and gateway.poll() is None, err.read_text()
+            time.sleep(0.05)
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{m.group(1)}/", open_timeout=10) as ws:
+            ws.send("installed")
+            assert ws.recv(timeout=10) == "installed"
+    finally:
+        for p in (gateway, backend):
+            if p is not None:
+                p.terminate()
+                p.wait(10)
