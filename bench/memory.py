@@ -39,6 +39,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (bench/run.py: the governed target's configuration)
+
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 PY = sys.executable
@@ -56,18 +59,7 @@ apis:
         target-url: ws://127.0.0.1:{backend_port}/
 {policies}"""
 PLAIN_TOP = "metrics: false\n"
-GOVERNED_TOP = "events: {{target: {events}}}\nadmin: {{port: 0}}\n"
-GOVERNED_POLICIES = """\
-        request:
-          - policy: message-rate-limit
-            messages: 100000000/1s
-            bytes: 100GiB/1s
-            action: reject
-        response:
-          - policy: message-rate-limit
-            messages: 100000000/1s
-            action: delay
-"""
+GOVERNED_TOP = run.GATEWAYS["fastgw-governed"][0]
 
 SITECUSTOMIZE = '''\
 import collections, gc, json, os, threading, time, tracemalloc
@@ -245,7 +237,7 @@ def main() -> None:
         cfg = tmp / "gw.yaml"
         top = GOVERNED_TOP.format(events=tmp / "events.jsonl") if args.governed else PLAIN_TOP
         cfg.write_text(CONFIG.format(top=top, backend_port=backend_port,
-                                     policies=GOVERNED_POLICIES if args.governed else ""))
+                                     policies=run.POLICED_FLOWS if args.governed else ""))
         gw_env = dict(env)
         trigger = tmp / "trigger"
         if args.trace:

@@ -98,6 +98,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "tls-64KiB": {"mode": "throughput", "size": 65536, "tls": True},
 }
 
+# The message policies of the policed API (and of bench/memory.py's --governed): a request and a
+# response message-rate-limit that never trigger.
+POLICED_FLOWS = """\
+        request:
+          - policy: message-rate-limit
+            messages: 100000000/1s
+            bytes: 100GiB/1s
+            action: reject
+        response:
+          - policy: message-rate-limit
+            messages: 100000000/1s
+            action: delay
+"""
 GATEWAY_YAML = """\
 listeners: [{{host: 127.0.0.1, port: 0}}]
 limits: {{max-handshakes-per-ip: 0}}    # the whole load comes from one address
@@ -112,16 +125,7 @@ apis:
     assembly:
       - policy: websocket-upgrade
         target-url: ws://127.0.0.1:{backend_port}/
-        request:
-          - policy: message-rate-limit
-            messages: 100000000/1s
-            bytes: 100GiB/1s
-            action: reject
-        response:
-          - policy: message-rate-limit
-            messages: 100000000/1s
-            action: delay
-  - name: scope-connection
+""" + POLICED_FLOWS + """  - name: scope-connection
     path: /scope-connection
     assembly:
       - policy: websocket-upgrade
