@@ -216,11 +216,12 @@ def redis_uptime(port: int) -> int:
 
 async def wait_learned(ports: list[int], lease: float, timeout: float = 15.0) -> float:
     """Wait until every Redis (by port) has run longer than its learning period after a start
-    (one lease; INFO's uptime is in whole seconds, so up to a second longer: wait for
-    uptime > lease + 1). Returns the time waited."""
+    (one lease; INFO's uptime is the difference of truncated whole seconds, so up to two
+    seconds longer, fastgw.cluster.lease S5: wait for uptime > lease + 2). Returns the time
+    waited."""
     t0 = time.monotonic()
     deadline = t0 + timeout
-    while not all(redis_uptime(p) > lease + 1 for p in ports):
+    while not all(redis_uptime(p) > lease + 2 for p in ports):
         assert time.monotonic() < deadline, "redis did not get past its learning period"
         await asyncio.sleep(0.05)
     return time.monotonic() - t0

@@ -130,9 +130,11 @@ cdef class ClusterStore(LimitStore):
                    ShareMode expired_mode=SHARE_LEASED):
         """The bucket's share from now on: its tokens are brought to `now` at the old share,
         then a larger burst adds only `credit` tokens (the unreserved pool's), a smaller one
-        clamps them (fastgw.cluster.lease, "Buckets")."""
+        clamps them (fastgw.cluster.lease, "Buckets"). Returns the tokens the clamp took away
+        (0.0 if none): the node gives them back to the pool with its next renewal."""
         cdef Share* e = self._slot(key)
         cdef BucketState* b = &e.bucket
+        cdef double dropped = 0.0
         if not (rate >= 0.0) or not (burst >= 0.0) or not (credit >= 0.0):
             raise ValueError("need rate, burst, credit >= 0")
         if now > b.stamp:
@@ -142,12 +144,14 @@ cdef class ClusterStore(LimitStore):
         if burst > e.burst:
             b.tokens = min(burst, b.tokens + credit)
         elif b.tokens > burst:
+            dropped = b.tokens - burst
             b.tokens = burst
         e.rate = rate
         e.burst = burst
         e.mode = mode
         e.valid_until = valid_until
         e.expired_mode = expired_mode
+        return dropped
 
     def report(self, uint64_t key):
         """What happened since the last report (and reset it): counts (used, refused);

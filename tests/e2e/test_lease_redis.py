@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from fastgw.cluster.lease import SCRIPT, LeaseBook
+from fastgw.cluster.lease import SCRIPT, LeaseBook, hash_key
 from redislib import RedisServer
 
 LEASE = 0.3
@@ -104,7 +104,10 @@ class Sim:
         node.settle(time.monotonic())
         fell = node.book.apply([call], [result])
         node.tokens += node.book.take_credit(KEY)      # a growth adds only its credit
-        node.settle(time.monotonic())
+        before = node.tokens
+        now = time.monotonic()
+        node.settle(now)                                # a shrink clamps: give it back (N5)
+        node.book.give_back(KEY, before - node.tokens, now)
         if fell:
             if at_once:                                 # released: tell Redis at once
                 for again in node.book.requests(time.monotonic(), [KEY]):
@@ -390,7 +393,8 @@ def test_a_count_grant_never_drops_below_the_connections_in_use(redis_server):
 
 def test_bucket_growth_adds_only_the_unreserved_pools_tokens(redis_server):
     """A fresh key's bucket is full: its first node gets the whole burst with its share. A share
-    moved to another node brings no tokens but what the pool refilled since (unreserved rate)."""
+    moved to another node brings the tokens the first one's clamp gave back, and what the pool
+    refilled since (unreserved rate), no more."""
     sim = Sim(redis_server, "bucket", 1000.0, burst=100.0)
     sim.wait_learning_over()
     a, b = sim.add("a"), sim.add("b")
@@ -410,9 +414,35 @@ def test_bucket_growth_adds_only_the_unreserved_pools_tokens(redis_server):
     now = time.monotonic()
     assert [n.book.share(KEY, now) for n in (a, b)] == [500.0, 500.0]
     assert a.tokens <= 50.0 + 1e-9                      # clamped to its new burst
-    # b's tokens: credits from the pool, which refills at most at the unreserved rate
-    assert b.tokens <= 1000.0 * elapsed + 1e-6 < 50.0
+    # b's tokens: credits from the pool, which holds what a's clamp gave back (its 50 spare
+    # tokens, N5) and refills at most at the unreserved rate: as one bucket, nothing is lost.
+    assert 50.0 - 1e-6 <= b.tokens <= 50.0 + 1000.0 * elapsed + 1e-6
     assert a.tokens + b.tokens <= 100.0 + 1000.0 * elapsed
+
+
+def test_a_fresh_server_learns_for_a_whole_lease_though_its_uptime_says_1_early():
+    """INFO's uptime is whole seconds of wall clock: a server 50 ms old may say 1. A key's first
+    call coming only then must still make it learn until a whole lease after the start (no
+    growth for what holders may still use), whenever the next call comes."""
+    lease = 1.5
+    probe = LeaseBook("probe", lease)
+    probe.count("fresh", 1)
+    probe.want("fresh", 1)
+    with RedisServer() as server:
+        client = redis.Redis(port=server.port, socket_timeout=2)
+        sec, usec = client.time()
+        ready = sec * 1000 + usec // 1000               # server ms, after its start
+        while client.info("server")["uptime_in_seconds"] < 1:
+            time.sleep(0.005)
+        (call,) = probe.requests(time.monotonic())
+        reply = client.register_script(SCRIPT)(keys=call.keys, args=call.args)
+        learn = int(client.hget(hash_key("fresh"), "_learn") or 0)
+        sec, usec = client.time()
+        now = sec * 1000 + usec // 1000
+    print(f"uptime said 1 {now - ready} ms after the server was up; learning until "
+          f"{learn - ready} ms after (lease {lease * 1000:.0f} ms)")
+    assert int(reply[2]) == 1
+    assert learn >= ready + lease * 1000
 
 
 def test_bucket_pool_is_empty_while_learning(redis_server):

@@ -63,7 +63,7 @@ async def test_three_nodes_share_a_count_by_demand_and_ride_through_a_restart(se
     try:
         for r in rs:
             r.start()
-        # A fresh Redis learns for about a lease (and its uptime's second) before any growth.
+        # A fresh Redis learns for a lease (and up to two seconds of its uptime) before any growth.
         assert await until(rs, lambda s: s == [2, 4, 4], 5.0) == [2, 4, 4]
         assert all(r.rounds > 0 and not r.down for r in rs)
         server.stop()

@@ -68,9 +68,10 @@ def test_a_bucket_grows_only_by_its_credit_and_shrinks_at_once(store):
     assert store.info(k)["rate"] == 50.0
     assert store.take_py(k, 100.0, 10.0, 1.0, 5.0) == 0.0
     assert store.take_py(k, 100.0, 10.0, 1.0) > 0
-    store.set_bucket(k, 100.0, 10.0, 0.0, 2.0)          # grown without credit: refill only
+    assert store.set_bucket(k, 100.0, 10.0, 0.0, 2.0) == 0.0   # grown without credit: refill only
     assert store.info(k)["tokens"] == pytest.approx(5.0)   # 1 s at 50/s, capped at 5
-    store.set_bucket(k, 10.0, 1.0, 0.0, 2.0)            # shrunk: clamped to the new burst
+    # Shrunk: clamped to the new burst; what the clamp took is returned (for the pool).
+    assert store.set_bucket(k, 10.0, 1.0, 0.0, 2.0) == pytest.approx(4.0)
     assert store.info(k)["tokens"] == 1.0
     taken, wanted, first, last, takes, gap = store.report(k)
     assert (taken, wanted, first, last, takes) == (7.0, 3.0, 0.0, 1.0, 6)

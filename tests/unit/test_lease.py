@@ -43,7 +43,26 @@ def test_demand_never_below_used_and_bucket_args():
     b.want("r", 40.5)
     c, r = b.requests(1.0)                              # key order: "c", "r"
     assert c.args[4] == 3
-    assert r.args[2:] == ["100.0", 0, "40.5", "0.0", 0, 300, "20.0"]
+    assert r.args[2:] == ["100.0", 0, "40.5", "0.0", 0, 300, "20.0", "0.0"]
+
+
+def test_tokens_given_back_ride_the_next_bucket_call_only():
+    b = LeaseBook("n", 0.3, incarnation="x")
+    b.count("c", 10)
+    b.want("c", 1)
+    b.bucket("r", 100.0, 20.0)
+    b.want("r", 10.0)
+    calls = b.requests(1.0)
+    b.apply(calls, [reply(1), reply("50.0")])           # valid until 1.0 + 0.3 * 0.99
+    b.give_back("c", 5.0, 1.1)                          # a count has no tokens: ignored
+    b.give_back("r", 2.5, 1.1)
+    b.give_back("r", 1.0, 1.2)
+    b.give_back("r", -3.0, 1.2)                         # nothing to give: ignored
+    b.give_back("r", 4.0, 1.3)                          # past the lease: void already
+    c, r = b.requests(1.25)
+    assert len(c.args) == 9 and r.args[-1] == "3.5"
+    (again,) = b.requests(1.26, ["r"])                  # once: a lost call loses them
+    assert again.args[-1] == "0.0"
 
 
 def test_apply_latest_only_and_validity_from_the_send():

@@ -6,7 +6,8 @@
 --          unreserved tokens and when they were counted), and one field per member
 --          "res demand exp seq" (numbers separated by spaces).
 -- ARGV     member, seq, limit, integer (1: counts, 0: buckets), demand, applied, used, lease_ms,
---          burst (buckets; 0 for counts)
+--          burst (buckets; 0 for counts), returned (buckets: tokens the node gives back to
+--          the pool; optional, 0)
 -- Returns  {grant (string), expires_ms, learning (0/1), status (0: applied, 1: stale: ignore),
 --           credit (string: tokens the node may add to its bucket as its share grows),
 --           members (the live members, the caller included),
@@ -24,6 +25,7 @@ local applied = tonumber(ARGV[6])
 local used = tonumber(ARGV[7])
 local lease = tonumber(ARGV[8])
 local burst = tonumber(ARGV[9] or '0')
+local returned = math.max(0, tonumber(ARGV[10] or '0') or 0)
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -74,8 +76,12 @@ if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
 -- Learning: the server started less than a lease ago, or the hash was written by another
 -- server process (a restart with persistence, a failover), or a member that applies a share
 -- has no entry (the hash was lost: flushed, evicted).
+-- INFO's uptime is the difference of two whole-second clock readings (now's and the start's,
+-- both truncated), so the server may have run for as little as uptime - 1 seconds (a server
+-- 50 ms old can say 1): the start is taken to be that late.
 local fresh = #flat == 0
-if uptime * 1000 < lease then learn = math.max(learn, now - uptime * 1000 + lease) end
+local since = math.max(0, uptime - 1) * 1000
+if uptime == 0 or since < lease then learn = math.max(learn, now - since + lease) end
 if stored_run ~= nil and stored_run ~= run then learn = math.max(learn, now + lease) end
 if mine == nil and applied > 0 and now >= learn then learn = now + lease end
 local learning = now < learn
@@ -132,7 +138,8 @@ local reserve = math.max(grant, applied)
 -- Buckets: the pool of tokens no node holds. A fresh hash outside learning is a full bucket (the
 -- hash outlives every lease and a full refill, below); while learning it is empty and does not
 -- refill (the reservations are not all known). It refills at the unreserved rate, up to the
--- unreserved burst; a grant above what the node applied takes its credit from it.
+-- unreserved burst; a node's returned tokens go back into it; a grant above what the node
+-- applied takes its credit from it.
 local credit = 0
 if not integer and limit > 0 then
     if learning then
@@ -143,6 +150,9 @@ if not integer and limit > 0 then
     end
     local free_before = math.max(0, 1 - before / limit)
     pool = pool + math.max(0, now - stamp) / 1000 * limit * free_before
+    if not learning and mine ~= nil then     -- returned from within the caller's reservation
+        pool = pool + math.min(returned, math.max(0, mine - applied) / limit * burst)
+    end
     local grow = math.max(0, grant - applied) / limit * burst
     credit = math.min(grow, pool)
     pool = pool - credit

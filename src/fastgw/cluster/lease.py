@@ -6,7 +6,7 @@ and a burst for a bucket (the same fraction of the limit's rate and of its burst
 share locally; once per refresh it renews every key it holds or wants, all in one pipeline, with
 one call of the script ``lease.lua`` (SCRIPT) each:
 
-    renew(member, seq, limit, integer, demand, applied, used, lease_ms, burst)
+    renew(member, seq, limit, integer, demand, applied, used, lease_ms, burst, returned)
         -> (grant, expires_ms, learning, status, credit, members, wanting)
 
 The script is O(members of the key): it reads the hash, drops the entries whose lease is over,
@@ -33,6 +33,9 @@ The node (LeaseBook):
       ``hold=True`` (on-unreachable: hold) A stays the last grant past the validity: outside the
       guarantee when only this node is cut off, inside it when Redis is down for everyone.
   N4  The report of a call is (demand, applied = A when sent, used: connections in use).
+  N5  Buckets: the tokens a reply applied within its validity took from the node's bucket (its
+      burst shrank) are returned with the node's next call, and in no other: a call lost takes
+      them with it.
 
 The script, at server time t, for caller c:
   S1  A call whose seq <= the seq stored for c changes nothing (status 1, the node ignores it).
@@ -41,8 +44,9 @@ The script, at server time t, for caller c:
       integer for counts (the remainder one slot each, by member name).
   S4  grant = max(used, min(target, L - sum of the others' R)), and while learning also
       <= applied; then R_c = max(grant, applied), expiry t + lease, seq stored.
-  S5  Learning (no growth, S4) for one lease: after the server started (INFO's uptime is in
-      whole seconds, so up to a second longer), after
+  S5  Learning (no growth, S4) for one lease: after the server started (INFO's uptime is the
+      difference of two truncated whole-second readings, so a server 50 ms old may say 1:
+      the start is taken as uptime - 1 s ago, which makes learning up to two seconds longer), after
       the hash was last written by another server process (its `_run` is not this run_id: a
       restart with persistence, a failover), and when a member reports applied > 0 and has no
       entry (the hash was lost).
@@ -53,7 +57,9 @@ The script, at server time t, for caller c:
       reservations are not all known); else it refills at the unreserved rate,
       L * (1 - sum R / L) (the entries read, expired ones too), capped at the unreserved burst;
       a grant above the applied rate comes with a credit of min(P, the burst it adds) tokens,
-      taken from P.
+      taken from P; the tokens a call returns (N5) are added to P first, at most the burst of
+      R_c (as read) minus the caller's applied one, and only if c's entry is live (then capped
+      as P is; lost while learning).
 
 ---- Why the applied shares never sum to more than L
 
@@ -106,7 +112,13 @@ Buckets. The wiring adds to a node's bucket, as its share grows, only the credit
 with it (take_credit), and clamps the tokens to the new burst as it shrinks. Then at every
 instant P + the tokens of all nodes' buckets <= burst: a node's tokens <= its applied burst <= its
 reserved one (I1), P <= the unreserved burst (S7), a credit moves tokens from P to one node (or,
-lost with its reply, makes them vanish). And tokens appear only by refill, at the node's applied
+lost with its reply, makes them vanish), and a return (N5) moves tokens a node no longer holds
+back to P, once (or, lost with its call, makes them vanish). While returned tokens wait for the
+call that carries them, they stay inside the node's reservation: the shrunk grant was applied
+within its validity, so the entry its call wrote (R_c >= the burst before the clamp, I1) is
+live until the next call of c runs, which is the one that carries them (N1: no older call of c
+runs after it unless stale), and nothing else is granted from that room meanwhile; the script
+checks the entry is live and caps the return at R_c's burst minus what c now applies. And tokens appear only by refill, at the node's applied
 rate or P's unreserved rate, summing to <= L (I2). So admissions over any window of W seconds
 are <= burst + L * W: the cluster is one token bucket, or stricter. A fresh key's first node
 gets the whole burst at once (P full); after a loss the tokens come back by refill. (P does not
@@ -126,7 +138,9 @@ headroom; used: open connections of a count); calls = requests(now); run them in
 (Store.run); apply(calls, results) at once; renew the returned keys at once; then push each
 share to the workers' zone — count: the cap for new acquisitions is share(), connections above
 it stay; bucket: bucket_share() as (rate, burst), a growth adding only take_credit() tokens, a
-shrink clamping them. A key whose demand exceeds its share may be renewed at once (requests(now, [key])).
+shrink clamping them, and the tokens clamped away passed to give_back() (they reach the pool
+with the next call: the tokens an idle node's bucket refilled while its client moved to another
+node are not lost to the cluster, as they would not be in one bucket). A key whose demand exceeds its share may be renewed at once (requests(now, [key])).
 Between refreshes, once valid(key) is false: exact mode spends 0 (and sheds a count's
 connections, or accepts being outside the guarantee); hold (LeaseBook(hold=True)) keeps the
 last grant. Never overlap two renewals of one key faster than a round trip: only the latest
@@ -180,6 +194,8 @@ class Held:
     sent_seq: int = 0           # the latest call sent (N1); 0: none outstanding
     learning: bool = False      # the last reply said the key is learning
     credit: float = 0.0         # buckets: tokens granted with a growth, not yet taken
+    returned: float = 0.0       # buckets: tokens a shrink took from the node's bucket within
+                                # its lease, given back to the pool with the next call (once)
     replies: int = 0            # replies applied
     members: int = 0            # live members of the key at the last reply (this one too)
     wanting: bool = False       # another member wanted more than it reserved (last reply)
@@ -272,6 +288,14 @@ class LeaseBook:
         credit, held.credit = held.credit, 0.0
         return credit
 
+    def give_back(self, key: str, tokens: float, now: float) -> None:
+        """Buckets: `tokens` left the node's bucket as a grant applied at `now` shrank its burst;
+        the next call gives them to the unreserved pool (N5, S7), once: lost with that call,
+        they are gone. Outside the lease nothing is given back (the tokens were void already)."""
+        held = self.keys.get(key)
+        if held is not None and held.kind == BUCKET and tokens > 0 and now < held.expires:
+            held.returned += float(tokens)
+
     def assume(self, key: str, grant: float) -> None:
         """Hold, the store unreachable: spend `grant` of a key Redis never answered for (the
         wiring's limit / nodes). Outside the guarantee, as hold is; reported as applied once
@@ -312,7 +336,9 @@ class LeaseBook:
                         self.lease_ms, 0]
             else:
                 args = [self.member, self._seq, repr(held.limit), 0, repr(held.demand),
-                        repr(float(applied)), 0, self.lease_ms, repr(held.burst)]
+                        repr(float(applied)), 0, self.lease_ms, repr(held.burst),
+                        repr(held.returned)]
+                held.returned = 0.0
             calls.append(Call(key, [hash_key(key)], args, self._seq, now, float(applied)))
         return calls
 

@@ -28,7 +28,9 @@ What the node does, per key (fastgw.cluster.lease, "What the node must do"):
   a count released while another member wants more (or on a key at the cluster's limit) is
   renewed at once too.
 - After every round, the shares are pushed into the ClusterStore: counts as slots, buckets as a
-  rate and burst whose growth adds only the credit that came with it.
+  rate and burst whose growth adds only the credit that came with it; the tokens a shrink
+  clamps away go back to the pool with the next renewal (LeaseBook.give_back), so the tokens a
+  bucket refilled after its client moved to another member reach that member as credit.
 - A node that stops (SIGTERM, once its connections are gone; a worker retired by a rolling
   restart) gives its shares back in a last renewal; one killed loses them after `lease`.
 - The store unreachable (on-unreachable), once a share's lease ran out without a renewal or a
@@ -437,8 +439,9 @@ class ClusterNode:
         rate, burst = self.book.bucket_share(key.name, now)
         credit = self.book.take_credit(key.name)
         until = math.inf if self.book.hold else (held.expires if held is not None else -math.inf)
-        self.cstore.set_bucket(key.zkey, rate, burst, credit, now, ShareMode.SHARE_LEASED, until,
-                               self.expired_mode)
+        dropped = self.cstore.set_bucket(key.zkey, rate, burst, credit, now, ShareMode.SHARE_LEASED,
+                                         until, self.expired_mode)
+        self.book.give_back(key.name, dropped, now)
         return mode
 
     # ---- observing
