@@ -111,7 +111,11 @@ async def test_a_target_killed_under_load(gateway_factory, admin_for, tmp_path):
         label = dict(api="test", target=tb.label)
         assert value(m, "fastgw_target_up", **label) == 0
         assert value(m, "fastgw_target_up", api="test", target=ta.label) == 1
-        assert value(m, "fastgw_target_dial_failures_total", reason="refused", **label) >= 3
+        # The dials that ejected it: refused, or reset when one was in b's accept queue as
+        # its listening socket closed ("Connection reset by peer", seen in CI).
+        failed = {r: value(m, "fastgw_target_dial_failures_total", reason=r, **label)
+                  for r in ("refused", "reset")}
+        assert failed["refused"] >= 1 and sum(failed.values()) >= 3, failed
         assert value(m, "fastgw_target_health_checks_total", result="failure", **label) >= UNHEALTHY_AFTER
         await asyncio.sleep(0.5)                         # a while longer down: a carries it all
         close_connections(b)
@@ -140,10 +144,10 @@ async def test_a_target_killed_under_load(gateway_factory, admin_for, tmp_path):
     assert load.ok == load.started and load.ok >= 3 * RATE
     assert value(m, "fastgw_target_up", **label) == 1
     assert value(m, "fastgw_target_health_checks_total", result="success", **label) >= served
-    assert value(m, "fastgw_target_dial_failures_total", reason="refused", **label) == \
-        tb.dial_failures["refused"]
+    for reason, n in tb.dial_failures.items():
+        assert value(m, "fastgw_target_dial_failures_total", reason=reason, **label) == n
     assert value(m, "fastgw_target_connections_active", **label) == 0
-    assert set(tb.dial_failures) == {"refused"}
+    assert tb.dial_failures["refused"] > 0 and set(tb.dial_failures) <= {"refused", "reset"}
     events = [json.loads(line) for line in events_path.read_text().splitlines()]
     told = [(e["event"], e["reason"]) for e in events if e["event"].startswith("target_")
             and e["target"] == tb.label]
