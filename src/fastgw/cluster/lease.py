@@ -118,9 +118,10 @@ call that carries them, they stay inside the node's reservation: the shrunk gran
 within its validity, so the entry its call wrote (R_c >= the burst before the clamp, I1) is
 live until the next call of c runs, which is the one that carries them (N1: no older call of c
 runs after it unless stale), and nothing else is granted from that room meanwhile; the script
-checks the entry is live and caps the return at R_c's burst minus what c now applies. And tokens appear only by refill, at the node's applied
-rate or P's unreserved rate, summing to <= L (I2). So admissions over any window of W seconds
-are <= burst + L * W: the cluster is one token bucket, or stricter. A fresh key's first node
+checks the entry is live and caps the return at R_c's burst minus what c now applies. And
+tokens appear only by refill, at the node's applied rate or P's unreserved rate, summing to
+<= L (I2). So admissions over any window of W seconds are <= burst + L * W: the cluster is
+one token bucket, or stricter. A fresh key's first node
 gets the whole burst at once (P full); after a loss the tokens come back by refill. (P does not
 refill while learning: nodes Redis does not know yet may be refilling their own buckets at the
 rate P would count as unreserved.)
@@ -140,7 +141,8 @@ share to the workers' zone — count: the cap for new acquisitions is share(), c
 it stay; bucket: bucket_share() as (rate, burst), a growth adding only take_credit() tokens, a
 shrink clamping them, and the tokens clamped away passed to give_back() (they reach the pool
 with the next call: the tokens an idle node's bucket refilled while its client moved to another
-node are not lost to the cluster, as they would not be in one bucket). A key whose demand exceeds its share may be renewed at once (requests(now, [key])).
+node are not lost to the cluster, as they would not be in one bucket). A key whose demand
+exceeds its share may be renewed at once (requests(now, [key])).
 Between refreshes, once valid(key) is false: exact mode spends 0 (and sheds a count's
 connections, or accepts being outside the guarantee); hold (LeaseBook(hold=True)) keeps the
 last grant. Never overlap two renewals of one key faster than a round trip: only the latest
