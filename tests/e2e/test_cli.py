@@ -256,3 +256,32 @@ async def test_demo_gateway_that_cannot_bind_stops_its_backend(monkeypatch, caps
     assert f"fastgw demo: port {port} is in use (" in err
     assert not alive(int(m.group(1)))
     assert echo_backend_pids(backend_port) == []
+
+
+@pytest.mark.parametrize("env,logged", [({"FASTGW_LOG_LEVEL": "info"}, True), ({}, False)])
+async def test_run_takes_its_log_level_from_fastgw_log_level(tmp_path, env, logged):
+    """FASTGW_LOG_LEVEL is --log-level's default: at info a refused upgrade is logged (README,
+    Logs); at the default (warning) it is not. A plain GET on a WebSocket API gets 426."""
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(gateway_yaml("ws://127.0.0.1:9/"))
+    environ = {k: v for k, v in os.environ.items() if k != "FASTGW_LOG_LEVEL"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**environ, **env})
+    try:
+        m, _ = await wait_for_line(proc, r"listening on ws://127\.0\.0\.1:(\d+)")
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(m[1]))
+        writer.write(b"GET /?token=secret HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 426 "), head
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    refused = [line for line in err.splitlines() if "refused 127.0.0.1: 426" in line]
+    assert bool(refused) == logged, err
+    assert "secret" not in err
