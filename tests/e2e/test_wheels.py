@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def test_build_says_which_tools_are_missing(tmp_path):
 def test_build_makes_a_manylinux_2_17_wheel(dist):
     """One command made the sdist and a wheel tagged manylinux2014 / manylinux_2_17 that
     `auditwheel show` finds consistent with glibc 2.17; the wheel carries the compiled core,
-    the license and the bundled example, not the generated C."""
+    the license and the bundled example, not the generated C; the sdist carries the README,
+    the license and the changelog."""
     tag = "manylinux2014_x86_64.manylinux_2_17_x86_64"
     py = f"cp{sys.version_info.major}{sys.version_info.minor}"
     assert dist.wheel.name == f"fastgw-{VERSION}-{py}-{py}-{tag}.whl"
@@ -162,6 +164,9 @@ def test_build_makes_a_manylinux_2_17_wheel(dist):
     assert f"fastgw-{VERSION}.dist-info/licenses/LICENSE" in names
     assert "fastgw/examples/demo.yaml" in names
     assert not [n for n in names if n.endswith(".c")]
+    with tarfile.open(dist.sdist) as sdist:
+        in_sdist = set(sdist.getnames())
+    assert {f"fastgw-{VERSION}/{n}" for n in ("CHANGELOG.md", "README.md", "LICENSE")} <= in_sdist
     print("\n" + "\n".join(l for l in dist.log.splitlines() if l.endswith(" s")))
     print(f"build: {dist.seconds:.0f} s; {dist.wheel.name} {dist.wheel.stat().st_size:,} bytes; "
           f"{dist.sdist.name} {dist.sdist.stat().st_size:,} bytes")
