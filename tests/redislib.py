@@ -305,14 +305,19 @@ class DelayProxy:
             queue.put_nowait((loop.time() + self.delay, None))
             await sender
 
-    def _abort_all(self) -> None:
+    def _abort_all(self, done: threading.Event | None = None) -> None:
         for w in list(self._transports):
             w.transport.abort()
         self._transports.clear()
+        if done is not None:                # after the sockets' close, which abort() schedules
+            self._loop.call_soon(done.set)
 
     def cut(self) -> None:
-        """Abort every connection open through the proxy (new ones are still accepted)."""
-        self._loop.call_soon_threadsafe(self._abort_all)
+        """Abort every connection open through the proxy (new ones are still accepted); returns
+        once their sockets are closed."""
+        done = threading.Event()
+        self._loop.call_soon_threadsafe(self._abort_all, done)
+        assert done.wait(5), "the proxy's loop did not cut its connections"
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
