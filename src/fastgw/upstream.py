@@ -79,8 +79,8 @@ class HandshakeError(Exception):
 
 
 class _Upgrade(asyncio.Protocol):
-    """The client side of the backend's upgrade: writes the request, reads the
-    response head; the transport then goes to the backend leg of the relay."""
+    """The client side of a health check's upgrade (fastgw.health): writes the request, and
+    `done` gets the response head (or a HandshakeError). Dial is the gateway's own."""
 
     def __init__(self, request: bytes, done: asyncio.Future):
         self.request = request
@@ -178,89 +178,178 @@ def _target(url: str) -> tuple[str, int, bool, str]:
     return host, port, secure, f"GET {path} HTTP/1.1\r\n{fixed}"
 
 
-async def dial(upgrade, url: str, headers: list[tuple[str, str]], offered: list[str],
-               listener, clock, timeout: float | None = None,
-               deflate: list[dict] = ()) -> Dialled | Refusal:
-    """Open the backend leg and hand it to `listener` (the relay's backend leg).
+class Dial(asyncio.Protocol):
+    """One dial of a backend, driven by callbacks rather than a Task: connect (the loop's
+    `create_connection`, stepped by hand), write the upgrade request, read the answer's head,
+    check it, and hand the transport to `listener` (the relay's backend leg).
 
-    `upgrade` is the compiled websocket-upgrade policy (timeout, ssl context,
-    server name); the time-out (`timeout`, default the policy's) runs on `clock`
-    (fastgw.clock). Returns what the backend chose, or the Refusal the client gets
-    (502, 504: the backend's fault) with its `cause` and whether to `retry` elsewhere.
-    `deflate`: the permessage-deflate offers in `headers` (http.extensions); an answer
-    that accepts none of them is a 502, one that does makes both legs allow RSV1.
+    `upgrade` is the compiled websocket-upgrade policy (timeout, ssl context, server name); the
+    time-out (`timeout`, default the policy's) runs on `clock` (fastgw.clock). `start()` begins;
+    `done(result)` then runs once, with a Dialled (what the backend chose) or the Refusal the
+    client gets (502, 504: the backend's fault) with its `cause` and whether to `retry`
+    elsewhere. `cancel()` ends a dial under way without calling `done`. `deflate`: the
+    permessage-deflate offers in `headers` (http.extensions); an answer that accepts none of
+    them is a 502, one that does makes both legs allow RSV1.
     """
-    if timeout is None:
-        timeout = upgrade.timeout
-    host, port, secure, fixed = _target(url)
-    key = new_key()
-    request = _core.upgrade_request(fixed, key, headers)
-    kwargs = {}
-    if secure:
-        kwargs["ssl"] = upgrade.ssl_context      # compiled for every wss:// target
-        if upgrade.server_name:
-            kwargs["server_hostname"] = upgrade.server_name
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    transport = None
-    handed_over = False
-    task = asyncio.current_task()
-    cancelling = task.cancelling()
-    expired = []
 
-    def expire() -> None:
-        expired.append(True)
-        task.cancel()
+    __slots__ = ("upgrade", "offered", "listener", "clock", "done", "timeout", "deflate",
+                 "host", "port", "secure", "key", "request", "coro", "transport", "timer",
+                 "buf", "head")
 
-    timer = clock.call_later(timeout, expire)
-    try:
+    def __init__(self, upgrade, url: str, headers: list[tuple[str, str]], offered: list[str],
+                 listener, clock, done, timeout: float | None = None, deflate: list[dict] = ()):
+        self.upgrade = upgrade
+        self.offered = offered
+        self.listener = listener
+        self.clock = clock
+        self.done = done
+        self.timeout = upgrade.timeout if timeout is None else timeout
+        self.deflate = deflate
+        self.host, self.port, self.secure, fixed = _target(url)
+        self.key = new_key()
+        self.request = _core.upgrade_request(fixed, self.key, headers)
+        self.coro = None             # create_connection, until it returns
+        self.transport = None        # from connection_made until the hand-over
+        self.timer = None
+        self.buf = bytearray()
+        self.head = None             # the answer's head, read before create_connection returned
+
+    def start(self) -> None:
+        kwargs = {}
+        if self.secure:
+            kwargs["ssl"] = self.upgrade.ssl_context      # compiled for every wss:// target
+            if self.upgrade.server_name:
+                kwargs["server_hostname"] = self.upgrade.server_name
+        self.timer = self.clock.call_later(self.timeout, self._expire)
+        loop = asyncio.get_running_loop()
+        self.coro = loop.create_connection(self._protocol, self.host, self.port, **kwargs)
+        self._step()
+
+    def cancel(self) -> None:
+        """End the dial (the client went away): its connection is closed, `done` never runs."""
+        if self.done is not None:
+            self.done = None
+            self._close()
+
+    def _protocol(self):
+        return self
+
+    def _step(self, _waiter=None) -> None:
+        coro = self.coro
+        if coro is None:             # ended meanwhile (cancel, time-out): the transport closed
+            if _waiter is not None and not _waiter.cancelled():
+                _waiter.exception()  # retrieved: its error is expected
+            return
         try:
-            transport, proto = await loop.create_connection(
-                lambda: _Upgrade(request, done), host, port, **kwargs)
-            head = await done
-        except asyncio.CancelledError:
-            if expired and task.uncancel() <= cancelling:    # our time-out, no cancel from outside
-                return _failed(f"backend did not answer within {timeout:g}s", "timeout",
-                               retry=False, status=504)
-            raise
-        except Exception as exc:  # every failure of the dial is the backend's
-            return _failed(*_failure(exc, secure))
-        finally:
-            timer.cancel()
+            waiter = coro.send(None)
+        except StopIteration:
+            self.coro = None         # connected: connection_made has written the request
+            if self.head is not None:
+                self._answered(paused=True)
+            return
+        except (Exception, asyncio.CancelledError) as exc:  # every failure of the dial is the backend's
+            self.coro = None
+            self._finish(_failed(*_failure(exc, self.secure)))
+            return
+        if waiter is None:           # a bare yield: the next turn of the loop
+            asyncio.get_running_loop().call_soon(self._step)
+        else:
+            waiter.add_done_callback(self._step)
+
+    def _expire(self) -> None:
+        self.timer = None
+        self._finish(_failed(f"backend did not answer within {self.timeout:g}s", "timeout",
+                             retry=False, status=504))
+
+    def _close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        coro, self.coro = self.coro, None
+        if coro is not None:
+            coro.close()             # closes the transport it is making
+        elif self.transport is not None:
+            self.transport.close()
+        self.transport = None
+
+    def _finish(self, result) -> None:
+        done = self.done
+        if done is None:
+            return
+        self.done = None
+        self._close()                # after a hand-over, only the timer is left
+        done(result)
+
+    # -- asyncio.Protocol, until the hand-over -----------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes):
+        if self.head is not None or self.done is None:     # after the answer's head
+            self.buf += data
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > MAX_RESPONSE_HEAD:
+                self._finish(_failed(*_failure(HandshakeError("backend response head too large"))))
+            return
+        self.head = bytes(self.buf[:end])
+        del self.buf[:end + 4]
+        if self.coro is None:
+            self._answered(paused=False)
+        else:                        # create_connection has yet to return: _step answers then
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        return None
+
+    def connection_lost(self, exc):
+        self.transport = None
+        self._finish(_failed(*_failure(HandshakeError(
+            "backend closed the connection during the upgrade"))))
+
+    def _answered(self, paused: bool) -> None:
+        """The answer's head is read: check it, and hand the transport over (or refuse).
+        `paused`: its reading was paused until create_connection returned."""
         try:
-            status, response = _parse_response(head)
+            status, response = _parse_response(self.head)
         except HandshakeError as exc:
-            return _failed(str(exc), "handshake")
+            return self._finish(_failed(str(exc), "handshake"))
         if status != 101:
             # A 5xx is the instance's trouble (another may do); a 4xx is its answer.
-            return _failed(f"backend refused the upgrade with HTTP {status}", "status",
-                           retry=status >= 500)
+            return self._finish(_failed(f"backend refused the upgrade with HTTP {status}",
+                                        "status", retry=status >= 500))
         if ("websocket" not in response.get("upgrade", "").lower()
                 or "upgrade" not in response.get("connection", "").lower()):
-            return _failed("backend handshake failed: 101 without Upgrade: websocket", "handshake")
-        if response.get("sec-websocket-accept") != accept_key(key):
-            return _failed("backend handshake failed: wrong Sec-WebSocket-Accept", "handshake")
+            return self._finish(_failed("backend handshake failed: 101 without Upgrade: websocket",
+                                        "handshake"))
+        if response.get("sec-websocket-accept") != accept_key(self.key):
+            return self._finish(_failed("backend handshake failed: wrong Sec-WebSocket-Accept",
+                                        "handshake"))
         chosen = response.get("sec-websocket-protocol")
-        if chosen is not None and chosen not in offered:
-            transport.write(_close_frame(1001, b"subprotocol not offered"))
-            return _failed(f"backend chose subprotocol {chosen!r}, which the client did not offer",
-                           "handshake", retry=False)
+        if chosen is not None and chosen not in self.offered:
+            self.transport.write(_close_frame(1001, b"subprotocol not offered"))
+            return self._finish(_failed(
+                f"backend chose subprotocol {chosen!r}, which the client did not offer",
+                "handshake", retry=False))
         answer = None
         extensions = response.get("sec-websocket-extensions")
         if extensions:
-            answer = check_answer(extensions, list(deflate))
+            answer = check_answer(extensions, list(self.deflate))
             if isinstance(answer, str):
-                transport.write(_close_frame(1001, b"extension not offered"))
-                return _failed(answer, "handshake", retry=False)
-        early = bytes(proto.buf)
+                self.transport.write(_close_frame(1001, b"extension not offered"))
+                return self._finish(_failed(answer, "handshake", retry=False))
+        transport, self.transport = self.transport, None
+        early = bytes(self.buf)
+        self.buf = bytearray()
+        listener = self.listener
         transport.set_protocol(listener)
         if answer is not None:
             listener.set_compression(True)
         listener.connection_made(transport)
-        handed_over = True
         listener.feed(early)
-        transport.resume_reading()
-        return Dialled(chosen, answer)
-    finally:
-        if not handed_over and transport is not None:
-            transport.close()
+        if paused:
+            transport.resume_reading()
+        self._finish(Dialled(chosen, answer))

@@ -87,7 +87,7 @@ class Refusal(Exception):
         self.table_full = table_full
         self.api: str | None = None
         self.client: str | None = None
-        # A failed dial (fastgw.upstream.dial): why (pool.DIAL_FAILURE_REASONS), and whether
+        # A failed dial (fastgw.upstream.Dial): why (pool.DIAL_FAILURE_REASONS), and whether
         # another target of the pool may be tried (not after a time-out or a 4xx answer).
         self.cause: str | None = None
         self.retry = False

@@ -489,7 +489,7 @@ def test_one_input(data: bytes) -> None:
     backend = Side("to-backend", relay.backend, loop, max_frame, masked_input=False)
     sides = (client, backend)
 
-    # The backend leg is attached when its handshake is done (upstream.dial).
+    # The backend leg is attached when its handshake is done (upstream.Dial).
     relay.backend.connection_made(backend.transport)
     backend.attached = True
 

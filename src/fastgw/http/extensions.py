@@ -3,7 +3,7 @@
 With `extensions: pass` the backend is offered the client's permessage-deflate offers (every
 element of Sec-WebSocket-Extensions named permessage-deflate whose parameters are valid; any
 other extension is left out, and so is all of a malformed header), and the client gets the
-backend's answer once it is checked against what was offered (upstream.dial: a bad one is a
+backend's answer once it is checked against what was offered (upstream.Dial: a bad one is a
 502). The gateway never inflates: frames are relayed as they came, RSV1 set (Leg.set_compression).
 
 A flow with a `drop` message policy must not share a compression context across messages

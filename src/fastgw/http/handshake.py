@@ -11,7 +11,7 @@ client gets as its HTTP answer (never a 101 followed by a close):
 3. identify    Origin and credentials (401, 403; admission.identify).
 4. admit       the client's address, count and rate limits (429, 503; admission.admit),
                then the relay is made with the message rules of the client's plan.
-5. dial        the backend (upstream.dial) while client bytes keep being buffered
+5. dial        the backend (upstream.Dial) while client bytes keep being buffered
                (reading pauses past a cap): 502, 504.
 6. answer      the 101 (with the backend's subprotocol and permessage-deflate answer,
                http.extensions); the transport goes to the relay's
@@ -36,7 +36,7 @@ from fastgw.http.forwarding import backend_headers
 from fastgw.http.head import Request, check_upgrade, http_response, parse_head, switching_protocols
 from fastgw.observe.logs import clean, url_without_query
 from fastgw.pool import hash_value
-from fastgw.upstream import accept_key, dial
+from fastgw.upstream import Dial, accept_key
 from fastgw.verdicts import Refusal
 
 # Client bytes buffered while the backend is dialled; reading pauses past this.
@@ -54,7 +54,8 @@ class Handshake(asyncio.Protocol):
         self.state = "head"          # head -> upgrading -> done
         self.paused = False
         self.timer = None
-        self.task = None
+        self.task = None             # the wait for a cluster's shares, if any
+        self.dialing = None          # the upstream.Dial under way, if any
         self.cap_slot = False        # holds a slot of the shared max-connections count (workers)
         self.peer_ip = ""
         self.conn: Connection | None = None
@@ -90,7 +91,7 @@ class Handshake(asyncio.Protocol):
                 return
             self.state = "upgrading"
             self.conn.head_at = self.gw.clock.now()
-            self.task = self.gw.loop.create_task(self._upgrade(end))
+            self._begin(end)
         elif self.state == "upgrading" and not self.paused and len(self.buf) > EARLY_BUFFER:
             self.paused = True
             self.transport.pause_reading()
@@ -104,7 +105,13 @@ class Handshake(asyncio.Protocol):
         if self.state != "done":
             self.state = "done"
             if self.task is not None:
-                self.task.cancel()          # the driver ends it
+                self.task.cancel()          # the cluster's wait ends it
+            elif self.dialing is not None:
+                self.dialing.cancel()
+                self.dialing = None
+                self.target.active -= 1
+                if not self.relay.ended:
+                    self.relay.abort()      # its end of life
             else:
                 self.gw.end_of_life(self.conn)
 
@@ -131,42 +138,68 @@ class Handshake(asyncio.Protocol):
         self.transport.write(http_response(refusal.status, refusal.reason, refusal.headers))
         self.transport.close()
 
-    # -- the phase driver ------------------------------------------------
-    async def _upgrade(self, end: int):
+    # -- the phase driver: callbacks, no Task but for the wait for a cluster's shares ----
+    def _begin(self, end: int) -> None:
+        """Parse, route and identify; then admit and dial (after the cluster's shares)."""
+        self.end = end
         try:
-            try:
-                req = parse_head(bytes(self.buf[:end]))
-                refusal = req if isinstance(req, Refusal) else self._route(req)
-                if refusal is None:
-                    refusal = self._identify(req)
-                if refusal is None and self.gw.cluster is not None:
-                    refusal = await self._shared()
-                if refusal is None:
-                    refusal = self._admit()
-                if refusal is None:
-                    refusal = await self._dial(req)
-                if refusal is None:
-                    if self.state == "upgrading":
-                        self._answer(req, end)
-                        return
-                    self.relay.abort()           # refused meanwhile (the gateway's close)
-            except asyncio.CancelledError:
-                if self.relay is not None and not self.relay.ended:
-                    self.relay.abort()
-                raise
-            except Exception as exc:     # never let a bug take the loop down
-                self.gw.log_throttle.log(logging.ERROR, ("internal", type(exc).__name__),
-                                         "internal error during upgrade", exc_info=exc)
-                if self.state == "done":        # already handed over: no HTTP answer possible
-                    self.transport.abort()
-                refusal = Refusal(500, f"internal error: {type(exc).__name__}")
-            if refusal is not None:
-                self.refuse(refusal)
-                if self.relay is not None and not self.relay.ended:
-                    self.relay.abort()           # its end of life has run: a no-op then
-        finally:
-            if self.relay is None:
-                self.gw.end_of_life(self.conn)  # once: a no-op if it ran already
+            req = parse_head(bytes(self.buf[:end]))
+            if isinstance(req, Refusal):
+                return self._settle(req)
+            self.req = req
+            refusal = self._route(req)
+            if refusal is None:
+                refusal = self._identify(req)
+            if refusal is None and self.gw.cluster is not None:
+                self.task = self.gw.loop.create_task(self._shared_then_admit())
+                return
+        except Exception as exc:     # never let a bug take the loop down
+            refusal = self._internal(exc)
+        if refusal is None:
+            self._admit_and_dial()
+        else:
+            self._settle(refusal)
+
+    async def _shared_then_admit(self) -> None:
+        try:
+            refusal = await self._shared()
+        except asyncio.CancelledError:
+            self.task = None
+            self.gw.end_of_life(self.conn)
+            raise
+        except Exception as exc:
+            refusal = self._internal(exc)
+        self.task = None
+        if refusal is None:
+            self._admit_and_dial()
+        else:
+            self._settle(refusal)
+
+    def _admit_and_dial(self) -> None:
+        try:
+            refusal = self._admit()
+            if refusal is None:
+                refusal = self._dial()
+        except Exception as exc:
+            refusal = self._internal(exc)
+        if refusal is not None:
+            self._settle(refusal)
+
+    def _internal(self, exc: Exception) -> Refusal:
+        """A bug met during the upgrade: logged, and the client's 500."""
+        self.gw.log_throttle.log(logging.ERROR, ("internal", type(exc).__name__),
+                                 "internal error during upgrade", exc_info=exc)
+        if self.state == "done":         # already handed over: no HTTP answer possible
+            self.transport.abort()
+        return Refusal(500, f"internal error: {type(exc).__name__}")
+
+    def _settle(self, refusal: Refusal) -> None:
+        """The upgrade ends refused: the answer, the relay (if made) aborted, the end of life."""
+        self.refuse(refusal)
+        if self.relay is None:
+            self.gw.end_of_life(self.conn)      # once: a no-op as refuse ran it
+        elif not self.relay.ended:
+            self.relay.abort()                  # its end of life has run: a no-op then
 
     def _route(self, req: Request) -> Refusal | None:
         """The route phase: the upgrade checks, the API's schemes, the drain."""
@@ -230,61 +263,92 @@ class Handshake(asyncio.Protocol):
         conn.relay = self.relay = relay
         return None
 
-    async def _dial(self, req: Request) -> Refusal | None:
+    def _dial(self) -> Refusal | None:
         """The dial phase: the backend's 101 (its leg goes to the relay), or 502/504.
         A pool's target is picked for each attempt (fastgw.pool); a failure that another
         target may not share is tried again on one not tried yet, `retries` times at most,
-        within the policy's `timeout` for all the attempts."""
-        conn, up, clock = self.conn, self.api.upgrade, self.gw.clock
-        pool = self.gw.pools[self.api.name]
-        start = clock.now()
-        deadline = start + up.timeout
-        offers = []
+        within the policy's `timeout` for all the attempts. Returns the refusal if no attempt
+        could start; the attempts end in `_dialled`."""
+        req, conn, up = self.req, self.conn, self.api.upgrade
+        self.dial_start = self.gw.clock.now()
+        self.deadline = self.dial_start + up.timeout
+        self.offers = offers = []
         if up.extensions == "pass":
             # A drop in the response flow: the backend must not compress with context takeover.
             response = self.api.response
-            offers = deflate_offers(req.get_all("sec-websocket-extensions"),
-                                    server_no_context_takeover=response is not None and response.drops)
-        headers = backend_headers(req, self.peer_ip, self.secure, self.offered, conn.admission,
-                                  ", ".join(format_deflate(o) for o in offers))
-        key = None
+            offers = self.offers = deflate_offers(
+                req.get_all("sec-websocket-extensions"),
+                server_no_context_takeover=response is not None and response.drops)
+        self.backend_headers = backend_headers(req, self.peer_ip, self.secure, self.offered,
+                                               conn.admission,
+                                               ", ".join(format_deflate(o) for o in offers))
+        self.hash_key = None
+        pool = self.gw.pools[self.api.name]
         if pool.hash_key is not None:
-            key = hash_value(pool.hash_key, conn.admission, req.headers, self.request.query)
-        tried: list = []
-        dialled = None
-        while True:
-            target = pool.pick(key, tried, clock.now())
-            if target is None:       # every target tried, or draining
-                return dialled or Refusal(503, "every backend target is draining", kind="capacity")
-            tried.append(target)
-            url = up.backend_url(self.rest, conn.admission.strip_query, target.endpoint)
-            target.active += 1
-            try:
-                dialled = await dial(up, url, headers, self.offered, self.relay.backend, clock,
-                                     timeout=max(0.0, deadline - clock.now()), deflate=offers)
-            except BaseException:       # the client went away meanwhile
-                target.active -= 1
-                raise
-            if not isinstance(dialled, Refusal):
-                break
+            self.hash_key = hash_value(pool.hash_key, conn.admission, req.headers,
+                                       self.request.query)
+        self.tried = []
+        self.failed = None
+        return self._attempt()
+
+    def _attempt(self) -> Refusal | None:
+        """Dial the next target: None once it is under way, or the refusal if none is left."""
+        clock, up = self.gw.clock, self.api.upgrade
+        target = self.gw.pools[self.api.name].pick(self.hash_key, self.tried, clock.now())
+        if target is None:           # every target tried, or draining
+            return self.failed or Refusal(503, "every backend target is draining", kind="capacity")
+        self.tried.append(target)
+        self.target = target
+        self.url = up.backend_url(self.rest, self.conn.admission.strip_query, target.endpoint)
+        target.active += 1
+        try:
+            self.dialing = Dial(up, self.url, self.backend_headers, self.offered,
+                                self.relay.backend, clock, self._dialled,
+                                timeout=max(0.0, self.deadline - clock.now()), deflate=self.offers)
+            self.dialing.start()     # may end at once, in _dialled
+        except BaseException:
             target.active -= 1
-            self.gw.dial_failed(target, dialled)
-            reason = clean(dialled.reason)
-            self.gw.log_throttle.warning(("upstream", conn.api, dialled.status, reason),
-                                         "api %s: %s -> %d: %s", conn.api, url_without_query(url),
-                                         dialled.status, reason)
-            if (not dialled.retry or len(tried) > up.retries or clock.now() >= deadline
-                    or self.state != "upgrading"):
-                return dialled
-        self.gw.dial_ok(target)
-        conn.target = target
-        conn.subprotocol = dialled.subprotocol
-        if dialled.deflate is not None:
-            # A drop in the request flow: the client must not compress with context takeover.
-            request = self.api.request
-            self.extensions = client_answer(dialled.deflate, request is not None and request.drops)
-        conn.dial_us = (clock.now() - start) * 1e6
+            self.dialing = None
+            raise
         return None
+
+    def _dialled(self, dialled) -> None:
+        """An attempt's end (upstream.Dial's `done`): the answer, another attempt, or the
+        refusal."""
+        self.dialing = None
+        conn, target, gw = self.conn, self.target, self.gw
+        try:
+            if isinstance(dialled, Refusal):
+                target.active -= 1
+                gw.dial_failed(target, dialled)
+                reason = clean(dialled.reason)
+                gw.log_throttle.warning(("upstream", conn.api, dialled.status, reason),
+                                        "api %s: %s -> %d: %s", conn.api,
+                                        url_without_query(self.url), dialled.status, reason)
+                self.failed = dialled
+                if (not dialled.retry or len(self.tried) > self.api.upgrade.retries
+                        or gw.clock.now() >= self.deadline or self.state != "upgrading"):
+                    refusal = dialled
+                else:
+                    refusal = self._attempt()
+                if refusal is not None:
+                    self._settle(refusal)
+                return
+            gw.dial_ok(target)
+            conn.target = target
+            conn.subprotocol = dialled.subprotocol
+            if dialled.deflate is not None:
+                # A drop in the request flow: the client must not compress with context takeover.
+                request = self.api.request
+                self.extensions = client_answer(dialled.deflate,
+                                                request is not None and request.drops)
+            conn.dial_us = (gw.clock.now() - self.dial_start) * 1e6
+            if self.state == "upgrading":
+                self._answer(self.req, self.end)
+            else:
+                self.relay.abort()           # refused meanwhile (the gateway's close)
+        except Exception as exc:
+            self._settle(self._internal(exc))
 
     def _answer(self, req: Request, end: int) -> None:
         """The answer phase: the 101, and the transport handed to the relay."""
