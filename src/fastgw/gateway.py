@@ -28,7 +28,7 @@ from fastgw.admission import SharedLimit
 from fastgw.cluster.node import start_cluster
 from fastgw.accept import (RESERVED_FDS, RESOURCE_ERRNOS, Spares, connect_accepted,
                            derived_max_connections, raise_fd_limit)
-from fastgw.clock import Clock, Deadlines
+from fastgw.clock import Clock, Deadline, Deadlines
 from fastgw.connection import Connection
 from fastgw.health import HealthChecks
 from fastgw.http.handshake import Handshake
@@ -159,6 +159,8 @@ class Gateway:
         self.handshake_timeout = float(config.handshake_timeout)
         # Every handshake's time-out, in one FIFO with one timer (fastgw.clock.Deadlines).
         self.handshake_deadlines = Deadlines(self.clock, self.handshake_timeout)
+        # Every upgrade's dial time-out: one FIFO per policy time-out (dial_deadline).
+        self.dial_deadlines: dict[float, Deadlines] = {}
         # Each Relay keeps its on_end: one bound method for all, not a new one each.
         self.relay_gone = self.relay_gone
         self.max_header_size = int(config.max_header_size)
@@ -590,6 +592,14 @@ class Gateway:
             am.pool = pool
             am.now = self.clock.now
 
+    def dial_deadline(self, timeout: float, callback) -> Deadline:
+        """An upgrade's dial time-out: `callback()` in `timeout` seconds unless cancelled, in
+        the FIFO of that time-out (fastgw.clock.Deadlines), not an event-loop timer each."""
+        deadlines = self.dial_deadlines.get(timeout)
+        if deadlines is None:
+            deadlines = self.dial_deadlines[timeout] = Deadlines(self.clock, timeout)
+        return deadlines.call_later(callback)
+
     def dial_ok(self, target) -> None:
         self.pools[target.api].dial_ok(target, self.clock.now())
 
@@ -882,6 +892,8 @@ class Gateway:
         if self.handshake_timeout != self.handshake_deadlines.delay:
             # New handshakes go to a new FIFO; the old one runs out on its own.
             self.handshake_deadlines = Deadlines(self.clock, self.handshake_timeout)
+        # Empty FIFOs go: one for a time-out no longer configured is not kept.
+        self.dial_deadlines = {t: d for t, d in self.dial_deadlines.items() if len(d)}
         self.max_header_size = int(config.max_header_size)
         self._apply_limits(config)
         for name in names:
@@ -1070,6 +1082,8 @@ class Gateway:
         for hs in list(self.handshakes):
             hs.refuse(Refusal(503, "gateway is shutting down"))
         self.handshake_deadlines.cancel()
+        for deadlines in self.dial_deadlines.values():
+            deadlines.cancel()
         if not await self._wait_live_gone(1.0):
             self._cut()
         self.spares.release()

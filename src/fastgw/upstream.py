@@ -183,34 +183,31 @@ class Dial(asyncio.Protocol):
     `create_connection`, stepped by hand), write the upgrade request, read the answer's head,
     check it, and hand the transport to `listener` (the relay's backend leg).
 
-    `upgrade` is the compiled websocket-upgrade policy (timeout, ssl context, server name); the
-    time-out (`timeout`, default the policy's) runs on `clock` (fastgw.clock). `start()` begins;
-    `done(result)` then runs once, with a Dialled (what the backend chose) or the Refusal the
-    client gets (502, 504: the backend's fault) with its `cause` and whether to `retry`
-    elsewhere. `cancel()` ends a dial under way without calling `done`. `deflate`: the
+    `upgrade` is the compiled websocket-upgrade policy (ssl context, server name). `start()`
+    begins; `done(result)` then runs once, with a Dialled (what the backend chose) or the Refusal
+    the client gets (502, 504: the backend's fault) with its `cause` and whether to `retry`
+    elsewhere. The time-out is the caller's (one shared deadline for all the attempts of an
+    upgrade, fastgw.clock.Deadlines): `expire(timeout)` ends the dial with its 504. `cancel()`
+    ends a dial under way without calling `done`. `deflate`: the
     permessage-deflate offers in `headers` (http.extensions); an answer that accepts none of
     them is a 502, one that does makes both legs allow RSV1.
     """
 
-    __slots__ = ("upgrade", "offered", "listener", "clock", "done", "timeout", "deflate",
-                 "host", "port", "secure", "key", "request", "coro", "transport", "timer",
-                 "buf", "head")
+    __slots__ = ("upgrade", "offered", "listener", "done", "deflate", "host", "port", "secure",
+                 "key", "request", "coro", "transport", "buf", "head")
 
     def __init__(self, upgrade, url: str, headers: list[tuple[str, str]], offered: list[str],
-                 listener, clock, done, timeout: float | None = None, deflate: list[dict] = ()):
+                 listener, done, deflate: list[dict] = ()):
         self.upgrade = upgrade
         self.offered = offered
         self.listener = listener
-        self.clock = clock
         self.done = done
-        self.timeout = upgrade.timeout if timeout is None else timeout
         self.deflate = deflate
         self.host, self.port, self.secure, fixed = _target(url)
         self.key = new_key()
         self.request = _core.upgrade_request(fixed, self.key, headers)
         self.coro = None             # create_connection, until it returns
         self.transport = None        # from connection_made until the hand-over
-        self.timer = None
         self.buf = bytearray()
         self.head = None             # the answer's head, read before create_connection returned
 
@@ -220,7 +217,6 @@ class Dial(asyncio.Protocol):
             kwargs["ssl"] = self.upgrade.ssl_context      # compiled for every wss:// target
             if self.upgrade.server_name:
                 kwargs["server_hostname"] = self.upgrade.server_name
-        self.timer = self.clock.call_later(self.timeout, self._expire)
         loop = asyncio.get_running_loop()
         self.coro = loop.create_connection(self._protocol, self.host, self.port, **kwargs)
         self._step()
@@ -256,15 +252,12 @@ class Dial(asyncio.Protocol):
         else:
             waiter.add_done_callback(self._step)
 
-    def _expire(self) -> None:
-        self.timer = None
-        self._finish(_failed(f"backend did not answer within {self.timeout:g}s", "timeout",
+    def expire(self, timeout: float) -> None:
+        """The upgrade's time-out (`timeout` seconds) came before the backend's answer."""
+        self._finish(_failed(f"backend did not answer within {timeout:g}s", "timeout",
                              retry=False, status=504))
 
     def _close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         coro, self.coro = self.coro, None
         if coro is not None:
             coro.close()             # closes the transport it is making
@@ -277,7 +270,7 @@ class Dial(asyncio.Protocol):
         if done is None:
             return
         self.done = None
-        self._close()                # after a hand-over, only the timer is left
+        self._close()                # after a hand-over: nothing left
         done(result)
 
     # -- asyncio.Protocol, until the hand-over -----------------------------

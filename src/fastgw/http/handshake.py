@@ -56,6 +56,7 @@ class Handshake(asyncio.Protocol):
         self.timer = None
         self.task = None             # the wait for a cluster's shares, if any
         self.dialing = None          # the upstream.Dial under way, if any
+        self.dial_timer = None       # the time-out of all the attempts (gateway.dial_deadline)
         self.cap_slot = False        # holds a slot of the shared max-connections count (workers)
         self.peer_ip = ""
         self.conn: Connection | None = None
@@ -107,6 +108,7 @@ class Handshake(asyncio.Protocol):
             if self.task is not None:
                 self.task.cancel()          # the cluster's wait ends it
             elif self.dialing is not None:
+                self._stop_dial_timer()
                 self.dialing.cancel()
                 self.dialing = None
                 self.target.active -= 1
@@ -195,6 +197,7 @@ class Handshake(asyncio.Protocol):
 
     def _settle(self, refusal: Refusal) -> None:
         """The upgrade ends refused: the answer, the relay (if made) aborted, the end of life."""
+        self._stop_dial_timer()
         self.refuse(refusal)
         if self.relay is None:
             self.gw.end_of_life(self.conn)      # once: a no-op as refuse ran it
@@ -289,7 +292,18 @@ class Handshake(asyncio.Protocol):
                                        self.request.query)
         self.tried = []
         self.failed = None
+        self.dial_timer = self.gw.dial_deadline(up.timeout, self._dial_timed_out)
         return self._attempt()
+
+    def _dial_timed_out(self) -> None:
+        self.dial_timer = None
+        if self.dialing is not None:
+            self.dialing.expire(self.api.upgrade.timeout)      # _dialled: the 504
+
+    def _stop_dial_timer(self) -> None:
+        if self.dial_timer is not None:
+            self.dial_timer.cancel()
+            self.dial_timer = None
 
     def _attempt(self) -> Refusal | None:
         """Dial the next target: None once it is under way, or the refusal if none is left."""
@@ -303,8 +317,7 @@ class Handshake(asyncio.Protocol):
         target.active += 1
         try:
             self.dialing = Dial(up, self.url, self.backend_headers, self.offered,
-                                self.relay.backend, clock, self._dialled,
-                                timeout=max(0.0, self.deadline - clock.now()), deflate=self.offers)
+                                self.relay.backend, self._dialled, deflate=self.offers)
             self.dialing.start()     # may end at once, in _dialled
         except BaseException:
             target.active -= 1
@@ -334,6 +347,7 @@ class Handshake(asyncio.Protocol):
                 if refusal is not None:
                     self._settle(refusal)
                 return
+            self._stop_dial_timer()
             gw.dial_ok(target)
             conn.target = target
             conn.subprotocol = dialled.subprotocol
