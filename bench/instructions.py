@@ -5,6 +5,7 @@ noise does not move, for comparing gateway configurations (bare, policies, obser
     python bench/instructions.py --mode connrate      # instructions per upgrade: one, pool2
     python bench/instructions.py --variants shared,cluster                 # a cluster's cost
     python bench/instructions.py --mode connrate --variants counted,cluster
+    python bench/instructions.py --mode connrate --variants one --peers nginx,haproxy
 
 For each configuration it starts `fastgw run` under callgrind (in front of the bundled echo
 backend), warms up, zeroes the counters (`callgrind_control -z`), runs the load generator
@@ -17,6 +18,10 @@ message, close) and the figure is instructions per upgrade, for the upgrade path
 (a target-url) against ``pool2`` (a pool of two targets, the same echo backend at two URLs,
 least-connections) and ``hash2`` (the same pool, consistent-hash by client-id): the cost of
 picking a target; ``counted`` (a count-limit) against ``cluster`` (the same, cluster-wide).
+
+``--peers nginx,nginx-64k,haproxy`` counts those proxies the same way, one process each with
+bench/peers.py's configuration, in front of the same echo backend (installed from Debian's
+packages if missing, as bench/run.py does): the user-space part of a CPU-time ratio.
 
 ``cluster`` (both modes) shares the limits through a redis-server the bench starts on a free
 loopback port (one node: what a node spends with its leased shares, against ``shared`` or
@@ -41,7 +46,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import peers  # noqa: E402  (bench/peers.py)
+
 PY = sys.executable
+# Peers counted the same way (--peers): one process each, C proxies valgrind can run.
+PEERS = ("nginx", "nginx-64k", "haproxy")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]).strip(os.pathsep))
 
@@ -131,19 +141,40 @@ def messages_of(res: dict) -> int:
 
 def measure(name: str, top: str, flows: str, backend_port: int, args, tmp: Path,
             apis: str = APIS) -> dict:
-    mode = args.mode
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(top.format(events=tmp / f"{name}.events", redis=args.redis_port) +
                    "listeners: [{host: 127.0.0.1, port: 0}]\n" +
                    apis.format(port=backend_port, flows=flows))
+
+    def listening(proc, err: Path) -> int:
+        return int(wait_line(err, r"listening on ws://127\.0\.0\.1:(\d+)", proc, 300).group(1))
+
+    return count(name, [PY, "-m", "fastgw", "run", "-c", str(cfg)], ENV, listening, args, tmp)
+
+
+def measure_peer(name: str, backend_port: int, args, tmp: Path) -> dict:
+    """The same count for a peer of bench/peers.py (nginx, nginx-64k, haproxy), one process."""
+    port = peers.free_port()
+    argv, extra = peers.peer_command(name, port, backend_port, tmp / name)
+
+    def listening(proc, _err: Path) -> int:
+        peers.wait_listening(port, 300, proc)
+        return port
+
+    return count(name, argv, dict(ENV, **extra), listening, args, tmp)
+
+
+def count(name: str, argv: list[str], env: dict, listening, args, tmp: Path) -> dict:
+    """Runs `argv` under callgrind and returns its instructions per message (per upgrade with
+    --mode connrate) over a load generator's run; `listening(proc, stderr_path)` waits for it
+    and returns its port."""
+    mode = args.mode
     out = tmp / f"{name}.callgrind"
     err = tmp / f"{name}.stderr"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                             PY, "-m", "fastgw", "run", "-c", str(cfg)],
-                            stderr=err.open("w"), stdout=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+                            stderr=err.open("w"), stdout=subprocess.DEVNULL, env=env)
     try:
-        port = int(wait_line(err, r"listening on ws://127\.0\.0\.1:(\d+)", proc, 300).group(1))
-        url = f"ws://127.0.0.1:{port}/"
+        url = f"ws://127.0.0.1:{listening(proc, err)}/"
         loadgen(url, args.size, 1.0, mode)                     # warm-up: imports, caches
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
         res = loadgen(url, args.size, args.duration, mode)
@@ -206,7 +237,18 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=None,
                    help=f"throughput: {','.join(VARIANTS)} (default: all); "
                         f"connrate: {','.join(UPGRADE_VARIANTS)}")
+    p.add_argument("--peers", default="",
+                   help=f"also count these proxies in front of the same echo backend, "
+                        f"installed if missing: {','.join(PEERS)}")
     args = p.parse_args(argv)
+    peer_names = [n for n in args.peers.split(",") if n]
+    for n in peer_names:
+        if n not in PEERS:
+            p.error(f"unknown peer {n!r}: one of {','.join(PEERS)}")
+    reasons = peers.ensure_installed(peer_names, log=lambda m: print(m, file=sys.stderr))
+    for n, why in reasons.items():
+        if why is not None:
+            p.error(f"{n}: {why}")
     table = VARIANTS if args.mode == "throughput" else UPGRADE_VARIANTS
     variants = (args.variants or ",".join(table)).split(",")
     for v in variants:
@@ -227,6 +269,7 @@ def main(argv=None) -> int:
         else:
             rows = [measure(v, UPGRADE_VARIANTS[v][0], "", backend_port, args, tmp,
                             apis=UPGRADE_VARIANTS[v][1]) for v in variants]
+        rows += [measure_peer(n, backend_port, args, tmp) for n in peer_names]
     finally:
         backend.terminate()
         backend.wait(10)
