@@ -57,6 +57,24 @@ async def test_pipelined_calls_come_back_in_order(redis_server):
         await store.close()
 
 
+def clients(port: int) -> int:
+    """The server's connected_clients, this query's own connection not counted."""
+    info = command(port, "INFO", "clients").decode()
+    return int(info.split("connected_clients:")[1].split()[0]) - 1
+
+
+async def test_close_closes_the_pools_connections():
+    with RedisServer() as server:
+        store = Store.from_config(url=server.url, timeout=1.0)
+        await asyncio.gather(*(store.run(INCR, calls(keys(3, f"c{i}"))) for i in range(3)))
+        assert clients(server.port) == 3, "a connection per concurrent run"
+        await store.close()
+
+        async def none_left():
+            return clients(server.port) == 0
+        await until(none_left, 2.0)
+
+
 async def test_a_calls_own_error_is_returned_in_its_place(redis_server):
     store = Store.from_config(url=redis_server.url, timeout=1.0)
     try:

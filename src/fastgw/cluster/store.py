@@ -321,4 +321,13 @@ class Store:
             await self.client.connection_pool.disconnect()
 
     async def close(self) -> None:
-        await self.client.aclose()
+        """Close every connection (a Redis client made on a pool of ours leaves the pool open
+        by itself). Each connection's close is bounded by the time-out; so is the whole."""
+        try:
+            async with asyncio.timeout(4 * self.timeout + 1.0):
+                if self.is_cluster:
+                    await self.client.aclose()
+                else:
+                    await self.client.aclose(close_connection_pool=True)
+        except Exception as exc:         # a socket that will not close is dropped with the client
+            self.errors[_kind(exc)] += 1
