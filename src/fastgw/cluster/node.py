@@ -53,7 +53,7 @@ from importlib.resources import files
 
 from fastgw._core import ClusterStore, ShareKind, ShareMode
 from fastgw.cluster.lease import BUCKET, COUNT, LeaseBook
-from fastgw.cluster.refresh import Refresher
+from fastgw.cluster.refresh import Refresher, cancel_and_wait
 from fastgw.cluster.store import Store, StoreError
 from fastgw.observe.metrics import LATENCY_BUCKETS
 from fastgw.verdicts import Refusal
@@ -162,10 +162,7 @@ class ClusterNode:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         await self.refresher.stop()                 # no round under way from here on
         for handle in self._delayed.values():
             handle.cancel()

@@ -26,6 +26,8 @@ from fastgw.cluster.store import Store, StoreError
 
 log = logging.getLogger("fastgw")
 
+STOP_WAIT = 5.0                          # seconds stop() waits for the rounds to end
+
 
 class Refresher:
     """Renews the shares of one node (`book`) through `store`."""
@@ -49,6 +51,7 @@ class Refresher:
         self._inflight: set[str] = set()
         self._task: asyncio.Task | None = None
         self._extra: set[asyncio.Task] = set()
+        self._stopping = False
 
     async def renew(self, keys: Iterable[str] | None = None) -> bool:
         """One round for `keys` (default: every key not in a call already); the keys whose
@@ -104,7 +107,7 @@ class Refresher:
 
     def soon(self, key: str) -> None:
         """Renew `key` now, not at the next round (a demand beyond its share)."""
-        if key in self._inflight or key not in self.book.keys:
+        if self._stopping or key in self._inflight or key not in self.book.keys:
             return
         task = asyncio.get_running_loop().create_task(self._round({key}))
         self._extra.add(task)
@@ -112,7 +115,7 @@ class Refresher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:        # (a cancellation that a library swallowed ends it too)
             began = loop.time()
             try:
                 await self.renew()
@@ -122,11 +125,27 @@ class Refresher:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Cancel the rounds and wait for them to end: a task that swallowed its cancellation
+        (inside a client library) is cancelled again; after `STOP_WAIT` seconds it is left."""
+        self._stopping = True
         tasks = [t for t in (self._task, *self._extra) if t is not None]
         self._task = None
-        for task in tasks:
+        await cancel_and_wait(tasks)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task], wait: float = STOP_WAIT) -> None:
+    """Cancel `tasks` and wait until they ended, cancelling again those that swallowed it
+    (redis-py may); after `wait` seconds the rest is left running, with a warning."""
+    pending = set(tasks)
+    deadline = asyncio.get_running_loop().time() + wait
+    while pending:
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        _, pending = await asyncio.wait(pending, timeout=0.05)
+        if pending and asyncio.get_running_loop().time() >= deadline:
+            log.warning("cluster: %d renewal task(s) did not stop", len(pending))
+            return
